@@ -1,0 +1,168 @@
+"""Settings, task registry and price table, loaded from TOML (the default ships inside the package)."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import date
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from batch_engine.errors import ConfigError
+
+Tier = Literal["cheap", "capable", "premium"]
+Route = Literal["batch", "realtime"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """USD per million tokens at standard (realtime) rates."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write_5m: float = Field(ge=0)
+    cache_write_1h: float = Field(ge=0)
+    cache_read: float = Field(ge=0)
+
+
+class ModelSpec(_Strict):
+    """What the engine must know about one model: limits, parameter rules and prices."""
+
+    max_output_tokens: int = Field(gt=0)
+    context_tokens: int = Field(gt=0)
+    min_cacheable_tokens: int = Field(gt=0)
+    manual_thinking: bool
+    sampling_params: bool
+    thinking_always_on: bool = False
+    price: Price
+    long_prompt_threshold_tokens: int | None = None
+    long_prompt_price: Price | None = None
+    price_source: str
+    price_as_of: date
+
+    @model_validator(mode="after")
+    def _long_prompt_pair(self) -> ModelSpec:
+        if (self.long_prompt_threshold_tokens is None) != (self.long_prompt_price is None):
+            raise ValueError("long_prompt_threshold_tokens and long_prompt_price go together")
+        return self
+
+    def price_for_prompt(self, prompt_tokens: int) -> Price:
+        """The rate card that applies to a request whose whole prompt has `prompt_tokens` tokens."""
+        if (
+            self.long_prompt_price is not None
+            and self.long_prompt_threshold_tokens is not None
+            and prompt_tokens > self.long_prompt_threshold_tokens
+        ):
+            return self.long_prompt_price
+        return self.price
+
+
+class Thinking(_Strict):
+    mode: Literal["off", "adaptive", "manual"] = "off"
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    budget_tokens: int | None = Field(default=None, ge=1024)
+
+    @model_validator(mode="after")
+    def _manual_needs_budget(self) -> Thinking:
+        if self.mode == "manual" and self.budget_tokens is None:
+            raise ValueError("thinking.mode = 'manual' needs budget_tokens")
+        return self
+
+
+class TaskType(_Strict):
+    """One entry of the task registry: how a task type is prompted and routed by default."""
+
+    mode: Route
+    tier: Tier = "capable"
+    max_tokens: int = Field(default=1024, gt=0)
+    system: str = ""
+    user: str
+    cache_system: bool = True
+    stream: bool = False
+    thinking: Thinking = Thinking()
+
+
+class Limits(_Strict):
+    realtime_concurrency: int = Field(default=32, ge=1)
+    rpm: int = Field(default=1000, ge=1)
+    itpm: int = Field(default=2_000_000, ge=1)
+    otpm: int = Field(default=400_000, ge=1)
+    batch_rpm: int = Field(default=1000, ge=1)
+    count_tokens_rpm: int = Field(default=2000, ge=1)
+    batch_poll_initial_s: float = Field(default=5.0, gt=0)
+    batch_poll_interval_s: float = Field(default=60.0, gt=0)
+    batch_timeout_s: float = Field(default=86_400, gt=0)
+    # API limits: 100,000 requests or 256 MB per batch, whichever comes first.
+    max_requests_per_batch: int = Field(default=100_000, ge=1, le=100_000)
+    max_bytes_per_batch: int = Field(default=256_000_000, ge=1024, le=256_000_000)
+    max_row_attempts: int = Field(default=3, ge=1)
+    on_batch_timeout: Literal["realtime", "timed_out"] = "realtime"
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_retry_attempts: int = Field(default=8, ge=1)
+    max_retry_time_s: float = Field(default=300.0, gt=0)
+
+
+class Config(_Strict):
+    """The whole effective configuration of a run."""
+
+    batch_discount: float = Field(default=0.5, gt=0, le=1)
+    batch_sla_s: float = Field(default=86_400, gt=0)
+    tiers: dict[Tier, str]
+    limits: Limits = Limits()
+    models: dict[str, ModelSpec]
+    task_types: dict[str, TaskType]
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        for tier, model in self.tiers.items():
+            if model not in self.models:
+                raise ValueError(f"tiers.{tier}: model {model!r} has no [models.{model}] entry")
+        for tier in ("cheap", "capable", "premium"):
+            if tier not in self.tiers:
+                raise ValueError(f"tiers.{tier}: missing")
+        for name, task_type in self.task_types.items():
+            model = self.tiers[task_type.tier]
+            thinking = task_type.thinking
+            if thinking.mode == "manual":
+                if not self.models[model].manual_thinking:
+                    raise ValueError(
+                        f"task_types.{name}.thinking: {model} rejects manual budget_tokens; use mode = 'adaptive'"
+                    )
+                if thinking.budget_tokens is not None and thinking.budget_tokens >= task_type.max_tokens:
+                    raise ValueError(f"task_types.{name}.thinking.budget_tokens must be < max_tokens")
+        return self
+
+    def model_for_tier(self, tier: Tier) -> str:
+        return self.tiers[tier]
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text; errors name the file and the key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "<root>"
+        raise ConfigError(f"{source}: {key}: {first['msg']}") from exc
+
+
+def default_config_text() -> str:
+    return resources.files("batch_engine").joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load the config at `path`, or the one shipped with the package."""
+    if path is None:
+        return parse_config(default_config_text(), "default_config.toml")
+    from batch_engine.io import read_text
+
+    return parse_config(read_text(Path(path)), str(path))

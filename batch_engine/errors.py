@@ -1,0 +1,71 @@
+"""The one error tree of batch_engine.
+
+    BatchEngineError                  anything the engine reports as one clean line (CLI exit 2 unless noted)
+    ├── InputError                    the task file is not JSON/JSONL at all, is empty, or cannot be read
+    ├── ConfigError                   the TOML config is malformed; the message names the key
+    ├── BudgetError                   the plan's estimated cost is over --max-cost-usd (nothing was sent)
+    ├── LedgerError                   the run ledger is unusable or an ambiguous batch create cannot be resolved
+    └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
+        ├── TransientApiError         worth retrying: 408, 409, 429, 5xx, 529, dropped connections, timeouts
+        └── PermanentApiError         retrying cannot help: 400, 401, 403, 404, 413, spend limits
+            └── SpendLimitError       a 429 whose error_code is a spend limit: stops the realtime lane
+
+Per-record problems in the input are *not* exceptions: they become `Rejection` rows so the rest of the
+file still runs. SDK exceptions are translated into `ApiError` in exactly one place (`batch_engine.client`).
+"""
+
+from __future__ import annotations
+
+
+class BatchEngineError(Exception):
+    """Base of every error batch_engine raises on purpose."""
+
+
+class InputError(BatchEngineError):
+    """The input file as a whole is unusable (not JSON/JSONL, empty, unreadable)."""
+
+
+class ConfigError(BatchEngineError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class BudgetError(BatchEngineError):
+    """The estimated or actual spend would exceed the configured budget."""
+
+
+class LedgerError(BatchEngineError):
+    """The run ledger cannot be used, or its state needs a human decision."""
+
+
+class ApiError(BatchEngineError):
+    """An error answer (or no answer) from the Messages / Batches API."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+        self.error_code = error_code
+
+
+class TransientApiError(ApiError):
+    """Retryable: rate limits, overload, server errors, dropped connections, timeouts."""
+
+
+class PermanentApiError(ApiError):
+    """Not retryable: the request itself is wrong or not allowed."""
+
+
+class SpendLimitError(PermanentApiError):
+    """The organisation's spend limit is reached; sending more cannot succeed until it resets."""

@@ -1,0 +1,102 @@
+"""Wire and file models: what comes in (TaskRequest), what goes out (TaskResult, RunSummary, Rejection)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from batch_engine.config import Route, Tier
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+Mode = Literal["auto", "batch", "realtime"]
+Status = Literal[
+    "succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget"
+]
+
+
+class TaskRequest(BaseModel):
+    """One record of the input file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN, description="Unique in the file; becomes the batch custom_id.")
+    task_type: str = Field(min_length=1, description="A key of the task registry (config task_types).")
+    input_data: dict[str, Any] = Field(default_factory=dict, description="Variables for the prompt template.")
+    model_tier: Tier | None = None
+    model: str | None = Field(default=None, min_length=1, description="Explicit model id; wins over model_tier.")
+    mode: Mode = "auto"
+    deadline: datetime | None = Field(default=None, description="ISO-8601; sooner than the batch SLA → realtime.")
+    max_latency_s: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    system: str | None = Field(default=None, description="Overrides the task type's system prompt.")
+    params: dict[str, Any] | None = Field(
+        default=None, description="Raw Messages API params; bypasses the template (escape hatch)."
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="Passed through to the output untouched.")
+
+
+class Rejection(BaseModel):
+    """A record that could not become a task; the rest of the file still runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="0-based position of the record in the file.")
+    line: int | None = Field(default=None, description="1-based line number (JSONL input).")
+    task_id: str | None = None
+    field: str
+    reason: str
+
+    def one_line(self) -> str:
+        where = f"line {self.line}" if self.line is not None else f"record {self.index}"
+        who = f" (task_id {self.task_id})" if self.task_id else ""
+        return f"{where}{who}: {self.field}: {self.reason}"
+
+
+class Usage(BaseModel):
+    """Token usage of one billed request, flattened from the API's usage object."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    thinking_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """All input the model saw: uncached + cache read + cache written."""
+        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    message: str
+    request_id: str | None = None
+
+
+class TaskResult(BaseModel):
+    """One row of the output: every input task appears exactly once, in input order."""
+
+    task_id: str | None
+    index: int
+    status: Status
+    task_type: str | None = None
+    route: Route | None = None
+    model: str | None = None
+    batch_id: str | None = None
+    attempts: int = 0
+    text: str | None = None
+    content: list[dict[str, Any]] | None = None
+    stop_reason: str | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] | None = None
