@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -47,3 +49,85 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record of a task file: its parsed JSON value, or why it could not be parsed."""
+
+    index: int  # 0-based position in the file
+    line: int | None  # 1-based line number for JSONL
+    value: Any = None
+    error: str | None = None
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def iter_records(path: Path) -> Iterator[RawRecord]:
+    """Read a JSON array or a JSONL file (auto-detected); JSONL is streamed line by line.
+
+    Raises InputError when the file as a whole is unusable: unreadable, empty, or not JSON/JSONL at all.
+    """
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with handle:
+        head = handle.read(4096)
+        start = head[len(_BOM) :] if head.startswith(_BOM) else head
+        if not start.strip():
+            rest = handle.read()
+            if not rest.strip():
+                raise InputError(f"{path}: the file is empty")
+            start = start + rest
+        if start.lstrip().startswith(b"["):
+            yield from _array_records(path, start + handle.read())
+        else:
+            yield from _jsonl_records(path, head, handle)
+
+
+def _array_records(path: Path, data: bytes) -> Iterator[RawRecord]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(value, list):
+        raise InputError(f"{path}: expected a JSON array of task objects")
+    if not value:
+        raise InputError(f"{path}: the JSON array is empty")
+    for index, item in enumerate(value):
+        yield RawRecord(index=index, line=None, value=item)
+
+
+def _jsonl_records(path: Path, head: bytes, handle: IO[bytes]) -> Iterator[RawRecord]:
+    index = 0
+    parsed_any = False
+    pending = head
+    lineno = 0
+    while True:
+        newline = pending.find(b"\n")
+        if newline < 0:
+            more = handle.read(1 << 16)
+            if more:
+                pending += more
+                continue
+            raw, pending = pending, b""
+        else:
+            raw, pending = pending[:newline], pending[newline + 1 :]
+        lineno += 1
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if raw.strip():
+            try:
+                yield RawRecord(index=index, line=lineno, value=orjson.loads(raw))
+                parsed_any = True
+            except orjson.JSONDecodeError as exc:
+                yield RawRecord(index=index, line=lineno, error=f"not valid JSON ({exc.msg})")
+            index += 1
+        if newline < 0:
+            break
+    if index == 0:
+        raise InputError(f"{path}: the file is empty")
+    if not parsed_any:
+        raise InputError(f"{path}: not JSON or JSONL (no line parses as JSON)")

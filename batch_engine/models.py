@@ -12,9 +12,7 @@ from batch_engine.config import Route, Tier
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 Mode = Literal["auto", "batch", "realtime"]
-Status = Literal[
-    "succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget"
-]
+Status = Literal["succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget"]
 
 
 class TaskRequest(BaseModel):

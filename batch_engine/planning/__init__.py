@@ -5,11 +5,16 @@ The types below are the contract between planning and the lanes that execute a p
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from batch_engine.config import Route
+from batch_engine.config import Config, Route
 from batch_engine.models import Rejection
+
+if TYPE_CHECKING:
+    from batch_engine.io import RawRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +55,76 @@ class Plan:
 
     def realtime_tasks(self) -> list[PlannedTask]:
         return [task for task in self.tasks if task.route == "realtime"]
+
+
+def make_plan(records: Iterable[RawRecord], config: Config, now: datetime) -> Plan:
+    """Validate, route, render and chunk every record; bad records become rejections."""
+    from batch_engine.planning.chunking import chunk_tasks
+    from batch_engine.planning.params import TemplateError, build_params, cache_key
+    from batch_engine.planning.routing import route_task
+    from batch_engine.planning.tokens import estimate_params_tokens
+    from batch_engine.planning.validate import validate_record
+
+    tasks: list[PlannedTask] = []
+    rejections: list[Rejection] = []
+    seen: set[str] = set()
+    total = 0
+    for record in records:
+        total += 1
+        if record.error is not None:
+            rejections.append(Rejection(index=record.index, line=record.line, field="<record>", reason=record.error))
+            continue
+        checked = validate_record(record.value, record.index, record.line, config)
+        if isinstance(checked, Rejection):
+            rejections.append(checked)
+            continue
+        if checked.task_id in seen:
+            rejections.append(
+                Rejection(
+                    index=record.index,
+                    line=record.line,
+                    task_id=checked.task_id,
+                    field="task_id",
+                    reason="duplicate task_id (already used by an earlier record)",
+                )
+            )
+            continue
+        task_type = config.task_types[checked.task_type]
+        route, reason = route_task(checked, task_type, now, config.batch_sla_s)
+        try:
+            model, params = build_params(checked, task_type, config, route)
+        except TemplateError as exc:
+            rejections.append(
+                Rejection(
+                    index=record.index,
+                    line=record.line,
+                    task_id=checked.task_id,
+                    field=exc.field,
+                    reason=str(exc),
+                )
+            )
+            continue
+        seen.add(checked.task_id)
+        tasks.append(
+            PlannedTask(
+                index=record.index,
+                task_id=checked.task_id,
+                task_type=checked.task_type,
+                route=route,
+                route_reason=reason,
+                model=model,
+                params=params,
+                estimated_input_tokens=estimate_params_tokens(params),
+                cache_key=cache_key(params),
+                stream=task_type.stream,
+                metadata=checked.metadata,
+            )
+        )
+    batch_positions = [pos for pos, task in enumerate(tasks) if task.route == "batch"]
+    chunks = chunk_tasks(
+        tasks,
+        config.limits.max_requests_per_batch,
+        config.limits.max_bytes_per_batch,
+        positions=batch_positions,
+    )
+    return Plan(tasks=tuple(tasks), rejections=tuple(rejections), chunks=tuple(chunks), total_records=total)

@@ -1,0 +1,227 @@
+"""The `batch-engine` command: thin commands over the library; library errors become one `Error: ...` line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from batch_engine.config import Config, load_config
+from batch_engine.errors import BatchEngineError
+from batch_engine.io import dumps, iter_records
+from batch_engine.planning import Plan, make_plan
+from batch_engine.schema import json_schema
+from batch_engine.summary import plan_summary, render_plan_summary
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Each add_* function registers one noun/verb and sets `func`; keep them in this order.
+    _add_plan_commands(sub)
+    _add_emulator_command(sub)
+    _add_run_command(sub)
+    return parser
+
+
+# --- plan / validate / schema ------------------------------------------------------------------------------
+
+
+def _add_plan_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    plan = sub.add_parser("plan", help="show routes, batches and the estimated cost of a task file")
+    plan.add_argument("input", type=Path)
+    plan.add_argument("--config", type=Path, default=None)
+    plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    plan.set_defaults(func=_plan)
+
+    validate = sub.add_parser("validate", help="check a task file; list rejections")
+    validate.add_argument("input", type=Path)
+    validate.add_argument("--config", type=Path, default=None)
+    validate.set_defaults(func=_validate)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the input or output")
+    schema.add_argument("kind", choices=["input", "output"])
+    schema.set_defaults(func=_schema)
+
+
+def _load_plan(args: argparse.Namespace) -> tuple[Config, Plan]:
+    config = load_config(args.config)
+    return config, make_plan(iter_records(args.input), config, datetime.now(UTC))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config, plan = _load_plan(args)
+    summary = plan_summary(plan, config)
+    if args.json:
+        sys.stdout.write(dumps(summary).decode() + "\n")
+    else:
+        print(render_plan_summary(summary))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    _, plan = _load_plan(args)
+    for rejection in plan.rejections:
+        print(rejection.one_line())
+    print(f"{plan.total_records} records: {len(plan.tasks)} valid, {len(plan.rejections)} rejected")
+    return 1 if plan.rejections else 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(dumps(json_schema(args.kind)).decode() + "\n")
+    return 0
+
+
+# --- emulator ---------------------------------------------------------------------------------------------
+
+
+def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "emulator",
+        help="serve the local Anthropic API emulator (simulated results, no key, no spend)",
+        description="Serve a local emulator of the Anthropic Messages and Message Batches APIs. Point the "
+        "SDK (or `batch-engine run`) at it with ANTHROPIC_BASE_URL. Durations accept 250ms, 2s, 5m, 1h.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    parser.add_argument("--latency", type=_duration, default=0.0, help="added to every Messages call")
+    parser.add_argument("--jitter", type=_duration, default=0.0, help="random extra latency, 0..JITTER")
+    for name in ("rpm", "itpm", "otpm", "batch-rpm", "count-tokens-rpm"):
+        limit = name.replace("-", " ").upper()
+        parser.add_argument(f"--{name}", type=int, help=f"enforce this {limit} limit")
+    parser.add_argument(
+        "--fault-rate",
+        action="append",
+        default=[],
+        type=_fault_rate,
+        metavar="KIND=RATE",
+        help=f"inject faults, repeatable; KIND is one of {', '.join(_FAULT_SETTINGS)}",
+    )
+    parser.add_argument("--fault-endpoints", default="messages", help="endpoints random faults hit (*: all)")
+    parser.add_argument("--row-error-type", default="api_error", help="error type of injected errored rows")
+    parser.add_argument("--batch-duration", type=_duration, default=2.0, help="time a batch takes to end")
+    parser.add_argument("--batch-never-ends", action="store_true", help="batches end only by expiring")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="emulator clock speed (3600: 1 h/s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for faults and jitter")
+    parser.add_argument("--reply-tokens", type=int, help="fixed reply length in tokens (default: varies)")
+    parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
+    parser.add_argument("--config", help="config TOML whose [models] the emulator serves")
+    parser.add_argument("--state-file", help="keep batches, cache and stats in this file across restarts")
+    parser.set_defaults(func=_run_emulator)
+
+
+_FAULT_SETTINGS = {
+    "429": "fault_rate_429",
+    "529": "fault_rate_529",
+    "500": "fault_rate_500",
+    "drop": "fault_rate_drop",
+    "row_error": "batch_row_error_rate",
+    "row_expire": "batch_row_expire_rate",
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds from '2', '2s', '250ms', '5m' or '1h'."""
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            number, scale = text[: -len(unit)], _DURATION_UNITS[unit]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 250ms, 2s, 5m, 1h)") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"negative duration: {text!r}")
+    return seconds
+
+
+def _fault_rate(text: str) -> tuple[str, float]:
+    kind, _, rate = text.partition("=")
+    if kind not in _FAULT_SETTINGS:
+        raise argparse.ArgumentTypeError(f"unknown fault kind {kind!r}; use {', '.join(_FAULT_SETTINGS)}")
+    try:
+        return _FAULT_SETTINGS[kind], float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1") from None
+
+
+def _run_emulator(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pydantic import ValidationError
+
+    from batch_engine.emulator import EmulatorSettings, serve_forever
+    from batch_engine.errors import ConfigError
+
+    options = {
+        "latency_s": args.latency,
+        "jitter_s": args.jitter,
+        "rpm": args.rpm,
+        "itpm": args.itpm,
+        "otpm": args.otpm,
+        "batch_rpm": args.batch_rpm,
+        "count_tokens_rpm": args.count_tokens_rpm,
+        "fault_endpoints": tuple(args.fault_endpoints.split(",")),
+        "batch_row_error_type": args.row_error_type,
+        "batch_duration_s": args.batch_duration,
+        "batch_never_ends": args.batch_never_ends,
+        "time_scale": args.time_scale,
+        "seed": args.seed,
+        "reply_tokens": args.reply_tokens,
+        "api_key": args.api_key,
+        "config_path": args.config,
+        "state_file": args.state_file,
+        **dict(args.fault_rate),
+    }
+    try:
+        settings = EmulatorSettings.model_validate(options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise ConfigError(f"emulator: {where}: {first['msg']}") from None
+
+    def ready(base_url: str) -> None:
+        print(f"Anthropic API emulator listening on {base_url} (simulated: any key works, nothing is billed)")
+        print(f"  export ANTHROPIC_BASE_URL={base_url}", flush=True)
+
+    # Ctrl-C is the normal way to stop it; uvicorn shuts down gracefully (and saves --state-file) first.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_forever(settings, host=args.host, port=args.port, on_ready=ready)
+    print("Emulator stopped.", flush=True)
+    return 0
+
+
+# --- run --------------------------------------------------------------------------------------------------
+
+
+def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pass
+
+
+# --- entry point ------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: exit 0 on success, 1 when some tasks failed, 2 on bad input/config."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except BatchEngineError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

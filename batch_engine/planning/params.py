@@ -1,0 +1,109 @@
+"""Render a task into Messages API params: template, model, thinking rules, prompt-cache breakpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from typing import Any
+
+from batch_engine.config import Config, ModelSpec, Route, TaskType
+from batch_engine.models import TaskRequest
+from batch_engine.planning.tokens import estimate_tokens
+
+MAX_BREAKPOINTS = 4  # the API rejects a request with more than four cache_control blocks
+_FORMATTER = string.Formatter()
+
+
+class TemplateError(ValueError):
+    """A template placeholder cannot be filled from input_data."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+
+
+def render(template: str, variables: dict[str, Any]) -> str:
+    """Fill `{name}` placeholders; attribute access, indexing and format specs are refused.
+
+    str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed.
+    """
+    out: list[str] = []
+    for literal, name, spec, conversion in _FORMATTER.parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise TemplateError("template", f"placeholder {{{name}}} is not a plain name")
+        if name not in variables:
+            raise TemplateError(f"input_data.{name}", "missing template variable")
+        value = variables[name]
+        out.append(value if isinstance(value, str) else str(value))
+    return "".join(out)
+
+
+def _thinking(task_type: TaskType, spec: ModelSpec, max_tokens: int) -> dict[str, Any]:
+    thinking = task_type.thinking
+    if thinking.mode == "off":
+        return {}
+    if thinking.mode == "manual" and spec.manual_thinking and thinking.budget_tokens is not None:
+        if thinking.budget_tokens < max_tokens:
+            return {"thinking": {"type": "enabled", "budget_tokens": thinking.budget_tokens}}
+        return {}
+    # Claude 5 models reject manual budget_tokens: adaptive thinking with an effort level instead.
+    extra: dict[str, Any] = {"thinking": {"type": "adaptive"}}
+    if thinking.effort is not None:
+        extra["output_config"] = {"effort": thinking.effort}
+    return extra
+
+
+def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: Route) -> tuple[str, dict[str, Any]]:
+    """(model, params) for one task; raises TemplateError when the template cannot be filled."""
+    model = task.model or config.model_for_tier(task.model_tier or task_type.tier)
+    spec = config.models[model]
+    if task.params is not None:
+        params = dict(task.params)
+        params.pop("stream", None)
+        params["model"] = model
+        params.setdefault("max_tokens", task.max_tokens or task_type.max_tokens)
+        return model, params
+    max_tokens = min(task.max_tokens or task_type.max_tokens, spec.max_output_tokens)
+    system_text = task.system if task.system is not None else render(task_type.system, task.input_data)
+    user_text = render(task_type.user, task.input_data)
+    params = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": user_text}],
+    }
+    if system_text:
+        block: dict[str, Any] = {"type": "text", "text": system_text}
+        if task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens:
+            # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
+            block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if route == "batch" else {"type": "ephemeral"}
+        params["system"] = [block]
+    params.update(_thinking(task_type, spec, max_tokens))
+    return model, params
+
+
+def count_breakpoints(params: dict[str, Any]) -> int:
+    """Number of cache_control markers in tools, system and messages."""
+    count = 1 if "cache_control" in params else 0
+    for tool in params.get("tools") or []:
+        count += "cache_control" in tool
+    system = params.get("system")
+    if isinstance(system, list):
+        count += sum("cache_control" in block for block in system if isinstance(block, dict))
+    for message in params.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum("cache_control" in block for block in content if isinstance(block, dict))
+    return count
+
+
+def cache_key(params: dict[str, Any]) -> str | None:
+    """A key for the cacheable prefix (model + system with a breakpoint), or None when nothing is cached."""
+    system = params.get("system")
+    if isinstance(system, list) and any(isinstance(b, dict) and "cache_control" in b for b in system):
+        texts = "\x00".join(str(b.get("text", "")) for b in system if isinstance(b, dict))
+        digest = hashlib.blake2b(f"{params.get('model')}\x00{texts}".encode(), digest_size=12)
+        return digest.hexdigest()
+    return None

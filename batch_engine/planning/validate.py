@@ -1,0 +1,41 @@
+"""Turn a parsed record into a TaskRequest, or a Rejection naming the field and the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from batch_engine.config import Config
+from batch_engine.models import Rejection, TaskRequest
+
+
+def _task_id_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        task_id = value.get("task_id")
+        if isinstance(task_id, str) and 0 < len(task_id) <= 64 and task_id.isprintable():
+            return task_id
+    return None
+
+
+def validate_record(value: Any, index: int, line: int | None, config: Config) -> TaskRequest | Rejection:
+    """A TaskRequest, or a Rejection for the first problem found."""
+
+    def reject(field: str, reason: str) -> Rejection:
+        return Rejection(index=index, line=line, task_id=_task_id_of(value), field=field, reason=reason)
+
+    if not isinstance(value, dict):
+        return reject("<record>", f"expected a JSON object, got {type(value).__name__}")
+    try:
+        task = TaskRequest.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "<record>"
+        return reject(field, first["msg"])
+    if task.task_type not in config.task_types:
+        return reject("task_type", f"unknown task type {task.task_type!r}")
+    if task.model is not None and task.model not in config.models:
+        return reject("model", f"unknown model {task.model!r} (not in the config's [models])")
+    if task.params is not None and not isinstance(task.params.get("messages"), list):
+        return reject("params.messages", "raw params need a list of messages")
+    return task

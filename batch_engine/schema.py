@@ -1,0 +1,22 @@
+"""JSON Schemas of the input records and of the output file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from batch_engine.models import TaskRequest, TaskResult
+
+
+class OutputFile(BaseModel):
+    """The merged result file: a run summary and one row per input task, in input order."""
+
+    run: dict[str, Any]
+    results: list[TaskResult]
+
+
+def json_schema(kind: Literal["input", "output"]) -> dict[str, Any]:
+    """The JSON Schema of one input record, or of the whole output file."""
+    model: type[BaseModel] = TaskRequest if kind == "input" else OutputFile
+    return model.model_json_schema()

@@ -1,0 +1,62 @@
+"""What a plan will do and cost: counts per task type / route / model, batches, estimates vs baseline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from batch_engine.config import Config
+from batch_engine.models import Usage
+from batch_engine.planning import Plan
+from batch_engine.planning.pricing import baseline_cost, estimate_cost
+
+
+def plan_summary(plan: Plan, config: Config) -> dict[str, Any]:
+    """A JSON-ready summary of a plan (the `plan` command's output)."""
+    by_type: Counter[str] = Counter()
+    by_route: Counter[str] = Counter()
+    by_model: Counter[str] = Counter()
+    input_tokens = 0
+    estimate = 0.0
+    baseline = 0.0
+    for task in plan.tasks:
+        by_type[task.task_type] += 1
+        by_route[task.route] += 1
+        by_model[task.model] += 1
+        input_tokens += task.estimated_input_tokens
+        spec = config.models[task.model]
+        max_tokens = int(task.params.get("max_tokens", 0))
+        estimate += estimate_cost(task.estimated_input_tokens, max_tokens, spec, task.route, config)
+        baseline += baseline_cost(Usage(input_tokens=task.estimated_input_tokens, output_tokens=max_tokens), spec)
+    return {
+        "records": plan.total_records,
+        "tasks": len(plan.tasks),
+        "rejected": len(plan.rejections),
+        "by_task_type": dict(sorted(by_type.items())),
+        "by_route": dict(sorted(by_route.items())),
+        "by_model": dict(sorted(by_model.items())),
+        "batches": len(plan.chunks),
+        "estimated_input_tokens": input_tokens,
+        # Upper bounds: every task is assumed to use its whole max_tokens, and no cache read is counted.
+        "estimated_cost_usd": round(estimate, 6),
+        "baseline_cost_usd": round(baseline, 6),
+        "rejections": [rejection.one_line() for rejection in plan.rejections],
+    }
+
+
+def render_plan_summary(summary: dict[str, Any]) -> str:
+    """Plain-text rendering for the terminal."""
+    lines = [
+        f"{summary['records']} records: {summary['tasks']} tasks, {summary['rejected']} rejected",
+        "routes:  " + ", ".join(f"{k} {v}" for k, v in summary["by_route"].items()),
+        "models:  " + ", ".join(f"{k} {v}" for k, v in summary["by_model"].items()),
+        "types:   " + ", ".join(f"{k} {v}" for k, v in summary["by_task_type"].items()),
+        f"batches: {summary['batches']}",
+        f"estimated input tokens: {summary['estimated_input_tokens']:,}",
+        f"estimated cost (upper bound): ${summary['estimated_cost_usd']:.4f}"
+        f"  vs all-realtime no-cache baseline ${summary['baseline_cost_usd']:.4f}",
+    ]
+    if summary["rejections"]:
+        lines.append("rejections:")
+        lines.extend(f"  {line}" for line in summary["rejections"])
+    return "\n".join(lines)
