@@ -1,0 +1,24 @@
+"""A local Anthropic API emulator: Messages, count_tokens, Message Batches, caching, rate limits, faults.
+
+The real `anthropic` SDK talks to it unchanged; only `base_url` differs:
+
+    with start_emulator(EmulatorSettings(batch_duration_s=0)) as emu:
+        client = anthropic.AsyncAnthropic(base_url=emu.base_url, api_key="any")
+"""
+
+from batch_engine.emulator.app import EmulatorApp
+from batch_engine.emulator.replies import reply_digest
+from batch_engine.emulator.server import RunningEmulator, serve_forever, start_emulator
+from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
+from batch_engine.planning.tokens import estimate_tokens
+
+__all__ = [
+    "ENDPOINTS",
+    "EmulatorApp",
+    "EmulatorSettings",
+    "RunningEmulator",
+    "estimate_tokens",
+    "reply_digest",
+    "serve_forever",
+    "start_emulator",
+]

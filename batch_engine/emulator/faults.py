@@ -1,0 +1,77 @@
+"""Injected faults: seeded random rates per request, and scripted one-shots for exact test scenarios."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Literal, get_args
+
+from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
+from batch_engine.emulator.wire import ApiFailure
+
+FaultKind = Literal["429", "529", "500", "drop", "error_event"]
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
+
+
+def failure_for(kind: str, retry_after_s: float) -> ApiFailure:
+    """The error answer of a 429/529/500 fault ("drop" and "error_event" happen mid-response instead)."""
+    if kind == "429":
+        return ApiFailure(
+            "rate_limit_error",
+            "Rate limited (injected by the emulator).",
+            headers={"retry-after": _seconds(retry_after_s)},
+        )
+    if kind == "529":
+        return ApiFailure("overloaded_error", "Overloaded")
+    return ApiFailure("api_error", "Internal server error")
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}"
+
+
+class FaultInjector:
+    """Scripted faults fire first, in order; otherwise one seeded draw against the configured rates."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._scripted: dict[str, deque[str]] = {}
+        self.injected: dict[str, int] = {}
+
+    def script(self, endpoint: str, kind: str, count: int = 1) -> None:
+        """Make the next `count` calls to `endpoint` fail with `kind`."""
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; known: {', '.join(ENDPOINTS)}")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        self._scripted.setdefault(endpoint, deque()).extend([kind] * count)
+
+    def draw(self, endpoint: str, settings: EmulatorSettings) -> str | None:
+        queue = self._scripted.get(endpoint)
+        if queue:
+            return self._count(queue.popleft())
+        if endpoint not in settings.fault_endpoints and "*" not in settings.fault_endpoints:
+            return None
+        rates = (
+            ("429", settings.fault_rate_429),
+            ("529", settings.fault_rate_529),
+            ("500", settings.fault_rate_500),
+            ("drop", settings.fault_rate_drop),
+        )
+        if not any(rate for _, rate in rates):
+            return None
+        draw = self._rng.random()
+        for kind, rate in rates:
+            if draw < rate:
+                return self._count(kind)
+            draw -= rate
+        return None
+
+    def _count(self, kind: str) -> str:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        return kind
+
+    def pending(self) -> dict[str, list[str]]:
+        return {endpoint: list(queue) for endpoint, queue in self._scripted.items() if queue}

@@ -1,0 +1,219 @@
+"""Deterministic replies: the text proves which request it answers, output respects max_tokens.
+
+Every text reply starts with `echo:<reply_digest(last user message text)>`, followed by
+` custom_id:<id>` for a batch row, then filler words up to the reply length. The last user message text
+is its string content, or its text blocks (and string tool results) joined with newlines.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batch_engine.emulator.params import MessageRequest
+from batch_engine.emulator.tokenizer import json_tokens
+from batch_engine.emulator.wire import new_id
+from batch_engine.planning.tokens import estimate_tokens
+
+_WORDS = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
+    "dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea "
+    "commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur "
+)
+_FILLER = _WORDS * 64
+_WORD_STARTS = [0, *(index + 1 for index, char in enumerate(_WORDS[:-1]) if char == " ")]
+THINKING_BY_EFFORT = {"low": 64, "medium": 192, "high": 512, "xhigh": 1024, "max": 2048}
+_STREAM_CHUNK_CHARS = 48
+
+
+def reply_digest(text: str) -> str:
+    """The digest every reply carries: the first 12 hex digits of SHA-256 of the last user message text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    content: list[dict[str, Any]]
+    stop_reason: str
+    stop_sequence: str | None
+    output_tokens: int
+    thinking_tokens: int
+
+
+def _filler(chars: int, offset: int) -> str:
+    if chars <= 0:
+        return ""
+    start = _WORD_STARTS[offset % len(_WORD_STARTS)]
+    text = _FILLER[start : start + chars]
+    while len(text) < chars:
+        text += _FILLER[: chars - len(text)]
+    return text
+
+
+def _thinking_tokens(request: MessageRequest, seed: int) -> int:
+    thinking = request.thinking
+    if thinking is None:
+        return 0
+    base = THINKING_BY_EFFORT[thinking.effort] + seed % 32
+    if thinking.budget_tokens is not None:
+        return min(thinking.budget_tokens, base)
+    # Adaptive thinking sizes itself to the request: it leaves at least half of max_tokens for the answer.
+    return min(base, request.max_tokens // 2)
+
+
+def _instance(schema: Any, echo: str, depth: int = 0) -> Any:
+    """A small value that satisfies a simple JSON schema, carrying `echo` in its strings."""
+    if not isinstance(schema, dict) or depth > 8:
+        return echo
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _instance(schema[key][0], echo, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((item for item in kind if item != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {name: _instance(sub, echo, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        minimum = schema.get("minItems")
+        # At most a few items: the reply only has to be valid, not large.
+        count = min(minimum, 3) if isinstance(minimum, int) and not isinstance(minimum, bool) and minimum > 0 else 1
+        return [_instance(schema.get("items", {}), echo, depth + 1) for _ in range(count)]
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return echo
+
+
+def build_reply(request: MessageRequest, *, custom_id: str | None, reply_tokens: int | None) -> Reply:
+    """The content, stop reason and output tokens for a validated request."""
+    digest = reply_digest(request.last_user_text)
+    seed = int(digest[:8], 16)
+    echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
+    thinking_tokens = _thinking_tokens(request, seed)
+    content: list[dict[str, Any]] = []
+    if request.thinking is not None:
+        summary = "" if request.thinking.display == "omitted" else f"Considering the request ({echo})."
+        signature = base64.b64encode(hashlib.sha256(f"{request.model}|{echo}".encode()).digest()).decode()
+        content.append({"type": "thinking", "thinking": summary, "signature": signature})
+    available = request.max_tokens - thinking_tokens
+    if available <= 0:
+        return Reply(content, "max_tokens", None, max(1, request.max_tokens), thinking_tokens)
+
+    if request.forced_tool is not None:
+        tool_input = _instance(request.forced_tool.get("input_schema", {}), echo)
+        block = {
+            "type": "tool_use",
+            "id": new_id("toolu_"),
+            "name": request.forced_tool["name"],
+            "input": tool_input,
+        }
+        used = min(available, json_tokens(tool_input) + 8)
+        content.append(block)
+        return Reply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
+
+    if request.json_schema is not None:
+        text = orjson.dumps(_instance(request.json_schema, echo)).decode()
+    else:
+        target = reply_tokens if reply_tokens is not None else 20 + seed % 41
+        text = echo + " " + _filler(max(0, target * 4 - len(echo) - 1), seed)
+    stop_reason, stop_sequence = "end_turn", None
+    for sequence in request.stop_sequences:
+        position = text.find(sequence)
+        if position >= 0 and (stop_sequence is None or position < text.find(stop_sequence)):
+            stop_sequence = sequence
+    if stop_sequence is not None:
+        text = text[: text.find(stop_sequence)]
+        stop_reason = "stop_sequence"
+    if estimate_tokens(text) > available:
+        # The text is ASCII, so 4 characters are one token.
+        text = text[: available * 4]
+        stop_reason, stop_sequence = "max_tokens", None
+    if text:
+        content.append({"type": "text", "text": text})
+    output_tokens = max(1, thinking_tokens + estimate_tokens(text))
+    return Reply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
+
+
+def message_json(
+    request: MessageRequest, reply: Reply, usage: dict[str, Any], message_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": message_id or new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": request.model,
+        "content": reply.content,
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": reply.stop_sequence,
+        "usage": usage,
+    }
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _chunks(text: str) -> list[str]:
+    return [text[start : start + _STREAM_CHUNK_CHARS] for start in range(0, len(text), _STREAM_CHUNK_CHARS)]
+
+
+def sse_events(message: dict[str, Any]) -> list[bytes]:
+    """The server-sent events that stream `message`, in the API's order."""
+    usage = message["usage"]
+    start_usage = {**usage, "output_tokens": 1}
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
+    events = [
+        _event("message_start", {"type": "message_start", "message": start}),
+        _event("ping", {"type": "ping"}),
+    ]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "thinking":
+            empty: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": piece} for piece in _chunks(block["thinking"])]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind == "tool_use":
+            empty = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}]
+        else:
+            empty = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": piece} for piece in _chunks(block["text"])]
+        events.append(
+            _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": empty})
+        )
+        for delta in deltas:
+            events.append(
+                _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    delta_usage = {key: value for key, value in usage.items() if key != "service_tier"}
+    events.append(
+        _event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                "usage": delta_usage,
+            },
+        )
+    )
+    events.append(_event("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def error_event(error_type: str, message: str) -> bytes:
+    return _event("error", {"type": "error", "error": {"type": error_type, "message": message}})

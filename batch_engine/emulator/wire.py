@@ -1,0 +1,50 @@
+"""Wire details shared by the emulator modules: API-shaped errors, ids and RFC 3339 timestamps."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+# HTTP status of each error type, as the API documents them.
+ERROR_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+class ApiFailure(Exception):
+    """An error answer: becomes `{"type":"error","error":{...},"request_id":...}` with its HTTP status."""
+
+    def __init__(self, error_type: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.status = ERROR_STATUS[error_type]
+        self.headers = headers or {}
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        return error_body(self.error_type, self.message, request_id)
+
+
+def invalid(message: str) -> ApiFailure:
+    return ApiFailure("invalid_request_error", message)
+
+
+def error_body(error_type: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,28 @@
+"""Shared fixtures: one emulator server per test session, reset before every test that uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from batch_engine.emulator import EmulatorSettings, RunningEmulator, start_emulator
+
+# Fast batches by default (a test that needs to watch one in progress configures a longer duration).
+SESSION_EMULATOR_SETTINGS = EmulatorSettings(batch_duration_s=0.1)
+
+
+@pytest.fixture(scope="session")
+def _emulator_server() -> Iterator[RunningEmulator]:
+    with start_emulator(SESSION_EMULATOR_SETTINGS) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def emulator(_emulator_server: RunningEmulator) -> RunningEmulator:
+    """A running emulator with no batches, cache, counters or scripted faults, at the session settings.
+
+    `emulator.configure(...)` changes settings for the current test only; the next test starts from reset.
+    """
+    _emulator_server.reset()
+    return _emulator_server

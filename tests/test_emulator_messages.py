@@ -1,0 +1,367 @@
+"""The emulator's Messages, streaming, count_tokens and models endpoints, driven through the real SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from batch_engine.config import load_config
+from batch_engine.emulator import RunningEmulator, estimate_tokens, reply_digest
+
+HAIKU = "claude-haiku-5-5"  # 5.x: no sampling params, no manual thinking
+OPUS = "claude-opus-5-5"  # thinking always on
+LEGACY = "claude-haiku-4-5"  # manual thinking and sampling params allowed
+
+
+@pytest.fixture
+def client(emulator: RunningEmulator) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=emulator.base_url, api_key="sk-test", max_retries=0) as sdk:
+        yield sdk
+
+
+def _user(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+def _text(message: Any) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_reply_proves_which_request_it_answers(client: anthropic.Anthropic) -> None:
+    first = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"))
+    again = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"))
+    other = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 3 + 3?"))
+
+    assert _text(first).startswith(f"echo:{reply_digest('What is 2 + 2?')}")
+    assert _text(first) == _text(again)
+    assert _text(other).startswith(f"echo:{reply_digest('What is 3 + 3?')}")
+    assert first.id != again.id and first.id.startswith("msg_")
+    assert first.model == HAIKU and first.role == "assistant" and first.stop_reason == "end_turn"
+    assert first.usage.input_tokens == estimate_tokens("What is 2 + 2?")
+    assert first.usage.output_tokens == estimate_tokens(_text(first))
+    assert first.usage.service_tier == "standard"
+
+
+def test_digest_covers_the_last_user_message_only(client: anthropic.Anthropic) -> None:
+    messages: list[Any] = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]},
+    ]
+    reply = client.messages.create(model=HAIKU, max_tokens=100, messages=messages)
+    assert _text(reply).startswith(f"echo:{reply_digest('part one' + chr(10) + 'part two')}")
+
+
+def test_async_client_gets_the_same_reply(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    async def ask() -> Any:
+        async with anthropic.AsyncAnthropic(base_url=emulator.base_url, api_key="sk-test", max_retries=0) as sdk:
+            return await asyncio.gather(
+                *(sdk.messages.create(model=HAIKU, max_tokens=100, messages=_user(f"q{i}")) for i in range(5))
+            )
+
+    replies = asyncio.run(ask())
+    for index, reply in enumerate(replies):
+        expected = client.messages.create(model=HAIKU, max_tokens=100, messages=_user(f"q{index}"))
+        assert _text(reply) == _text(expected)
+    assert emulator.stats()["calls"]["POST /v1/messages"] == {"200": 10}
+
+
+def test_output_never_exceeds_max_tokens(client: anthropic.Anthropic) -> None:
+    reply = client.messages.create(model=HAIKU, max_tokens=3, messages=_user("tell me everything"))
+    assert reply.stop_reason == "max_tokens"
+    assert reply.usage.output_tokens == 3
+    assert len(_text(reply)) <= 12
+
+
+def test_reply_tokens_setting_sets_the_reply_length(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    emulator.configure(reply_tokens=150)
+    reply = client.messages.create(model=HAIKU, max_tokens=1000, messages=_user("long please"))
+    assert reply.usage.output_tokens == 150
+    assert reply.stop_reason == "end_turn"
+
+
+def test_stop_sequence_cuts_the_reply(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    emulator.configure(reply_tokens=400)
+    reply = client.messages.create(model=HAIKU, max_tokens=1000, messages=_user("x"), stop_sequences=["dolor"])
+    assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "dolor"
+    assert "dolor" not in _text(reply)
+
+
+def test_forced_tool_use_returns_input_matching_the_schema(client: anthropic.Anthropic) -> None:
+    tool = {
+        "name": "classify",
+        "description": "Classify a ticket",
+        "input_schema": {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": ["bug", "billing"]}, "reason": {"type": "string"}},
+            "required": ["label", "reason"],
+        },
+    }
+    reply = client.messages.create(
+        model=LEGACY,
+        max_tokens=200,
+        messages=_user("my invoice is wrong"),
+        tools=[tool],  # type: ignore[list-item]
+        tool_choice={"type": "tool", "name": "classify"},
+    )
+    assert reply.stop_reason == "tool_use"
+    (block,) = reply.content
+    assert block.type == "tool_use" and block.name == "classify"
+    assert block.input == {"label": "bug", "reason": f"echo:{reply_digest('my invoice is wrong')}"}
+
+
+def test_json_output_format_gives_parseable_json(client: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}, "score": {"type": "integer"}}}
+    reply = client.messages.create(
+        model=HAIKU,
+        max_tokens=200,
+        messages=_user("summarize"),
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+    )
+    assert orjson.loads(_text(reply)) == {"summary": f"echo:{reply_digest('summarize')}", "score": 0}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"max_tokens": 10, "messages": _user("hi")}, "model: Field required"),
+        ({"model": 123, "max_tokens": 10, "messages": _user("hi")}, "model: Input should be a valid string"),
+        ({"model": HAIKU, "messages": _user("hi")}, "max_tokens: Field required"),
+        ({"model": HAIKU, "max_tokens": 0, "messages": _user("hi")}, "greater than or equal to 1"),
+        ({"model": LEGACY, "max_tokens": 64_001, "messages": _user("hi")}, "maximum allowed number of output tokens"),
+        ({"model": HAIKU, "max_tokens": 10, "messages": []}, "at least one message"),
+        ({"model": HAIKU, "max_tokens": 10, "messages": _user("   ")}, "non-whitespace"),
+        (
+            {"model": HAIKU, "max_tokens": 10, "messages": [{"role": "assistant", "content": "x"}]},
+            'first message must use the "user" role',
+        ),
+        ({"model": HAIKU, "max_tokens": 10, "messages": _user("hi"), "bogus": 1}, "bogus: Extra inputs"),
+        (
+            {
+                "model": HAIKU,
+                "max_tokens": 10,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": f"t{i}", "cache_control": {"type": "ephemeral"}} for i in range(5)
+                        ],
+                    }
+                ],
+            },
+            "A maximum of 4 blocks with cache_control",
+        ),
+        (
+            {
+                "model": HAIKU,
+                "max_tokens": 10,
+                "cache_control": {"type": "ephemeral"},
+                "system": [{"type": "text", "text": f"s{i}", "cache_control": {"type": "ephemeral"}} for i in range(4)],
+                "messages": _user("hi"),
+            },
+            "A maximum of 4 blocks with cache_control",
+        ),
+        (
+            {
+                "model": HAIKU,
+                "max_tokens": 10,
+                "system": [
+                    {"type": "text", "text": "a", "cache_control": {"type": "ephemeral", "ttl": "5m"}},
+                    {"type": "text", "text": "b", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+                ],
+                "messages": _user("hi"),
+            },
+            "ttl='1h' cache entry must come before",
+        ),
+        (
+            {
+                "model": HAIKU,
+                "max_tokens": 4000,
+                "thinking": {"type": "enabled", "budget_tokens": 2000},
+                "messages": _user("hi"),
+            },
+            '"thinking.type.enabled" is not supported for this model',
+        ),
+        (
+            {
+                "model": LEGACY,
+                "max_tokens": 4000,
+                "thinking": {"type": "enabled", "budget_tokens": 1000},
+                "messages": _user("hi"),
+            },
+            "budget_tokens: Input should be greater than or equal to 1024",
+        ),
+        (
+            {
+                "model": LEGACY,
+                "max_tokens": 2000,
+                "thinking": {"type": "enabled", "budget_tokens": 2000},
+                "messages": _user("hi"),
+            },
+            "`max_tokens` must be greater than `thinking.budget_tokens`",
+        ),
+        ({"model": HAIKU, "max_tokens": 10, "temperature": 0.2, "messages": _user("hi")}, "temperature"),
+        ({"model": HAIKU, "max_tokens": 10, "top_k": 5, "messages": _user("hi")}, "top_k"),
+        (
+            {"model": OPUS, "max_tokens": 10, "thinking": {"type": "disabled"}, "messages": _user("hi")},
+            "cannot be disabled",
+        ),
+        (
+            {
+                "model": HAIKU,
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+            },
+            "prefill",
+        ),
+    ],
+)
+def test_invalid_requests_are_400_with_a_useful_message(
+    client: anthropic.Anthropic, body: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.post("/v1/messages", body=body, cast_to=anthropic.types.Message)
+    assert caught.value.status_code == 400
+    assert caught.value.type == "invalid_request_error"
+    assert expected in str(caught.value.api_message)
+
+
+def test_sampling_params_and_prefill_pass_on_models_that_take_them(client: anthropic.Anthropic) -> None:
+    reply = client.messages.create(
+        model=LEGACY,
+        max_tokens=50,
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+        extra_body={"temperature": 0.2, "top_k": 5},
+    )
+    assert reply.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_unknown_model_is_404(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.create(model="claude-nonexistent-9", max_tokens=10, messages=_user("hi"))
+    assert caught.value.type == "not_found_error"
+    assert "claude-nonexistent-9" in str(caught.value.api_message)
+
+
+def test_body_over_the_size_limit_is_413(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    emulator.configure(max_message_body_bytes=4096)
+    with pytest.raises(anthropic.ContentTooLargeError) as caught:
+        client.messages.create(model=HAIKU, max_tokens=10, messages=_user("x" * 5000))
+    assert caught.value.status_code == 413 and caught.value.type == "request_too_large"
+    assert client.messages.create(model=HAIKU, max_tokens=10, messages=_user("x" * 3000)).usage.input_tokens == 750
+
+
+def test_stream_delivers_the_same_message_as_create(client: anthropic.Anthropic) -> None:
+    plain = client.messages.create(model=HAIKU, max_tokens=300, messages=_user("stream me"))
+    with client.messages.stream(model=HAIKU, max_tokens=300, messages=_user("stream me")) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) > 1
+    assert "".join(pieces) == _text(final) == _text(plain)
+    assert final.usage.output_tokens == plain.usage.output_tokens
+    assert final.usage.input_tokens == plain.usage.input_tokens
+    assert final.stop_reason == "end_turn"
+
+
+def test_async_stream_with_thinking_has_signed_thinking_block(emulator: RunningEmulator) -> None:
+    async def run() -> Any:
+        async with (
+            anthropic.AsyncAnthropic(base_url=emulator.base_url, api_key="sk-test", max_retries=0) as sdk,
+            sdk.messages.stream(model=OPUS, max_tokens=4000, messages=_user("think first")) as stream,
+        ):
+            events = [event.type async for event in stream]
+            return events, await stream.get_final_message()
+
+    events, final = asyncio.run(run())
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    thinking, text = final.content
+    assert thinking.type == "thinking" and thinking.signature and reply_digest("think first") in thinking.thinking
+    assert text.type == "text" and text.text.startswith(f"echo:{reply_digest('think first')}")
+    details = final.usage.output_tokens_details
+    assert details is not None and details.thinking_tokens > 0
+    # Thinking is billed as output at its full size, more than the visible summary.
+    assert final.usage.output_tokens == details.thinking_tokens + estimate_tokens(text.text)
+    assert details.thinking_tokens > estimate_tokens(thinking.thinking)
+
+
+def test_manual_thinking_respects_budget_and_omitted_display(client: anthropic.Anthropic) -> None:
+    reply = client.messages.create(
+        model=LEGACY,
+        max_tokens=3000,
+        thinking={"type": "enabled", "budget_tokens": 1024, "display": "omitted"},
+        messages=_user("hard problem"),
+    )
+    thinking = reply.content[0]
+    assert thinking.type == "thinking" and thinking.thinking == "" and thinking.signature
+    details = reply.usage.output_tokens_details
+    assert details is not None and 0 < details.thinking_tokens <= 1024
+
+
+def test_count_tokens_equals_billed_input(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    request: dict[str, Any] = {
+        "model": HAIKU,
+        "system": "You are terse.",
+        "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+        "messages": [
+            {"role": "user", "content": "Look up the weather"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+        ],
+    }
+    counted = client.messages.count_tokens(**request)
+    billed = client.messages.create(max_tokens=50, **request)
+    assert counted.input_tokens == billed.usage.input_tokens > 0
+
+    async def count_async() -> int:
+        async with anthropic.AsyncAnthropic(base_url=emulator.base_url, api_key="k", max_retries=0) as sdk:
+            return (await sdk.messages.count_tokens(**request)).input_tokens
+
+    assert asyncio.run(count_async()) == counted.input_tokens
+
+
+def test_raw_response_carries_request_id_and_rate_limit_headers(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(rpm=50, itpm=10_000, otpm=5_000)
+    raw = client.messages.with_raw_response.create(model=HAIKU, max_tokens=100, messages=_user("headers"))
+    message = raw.parse()
+    headers = raw.headers
+    assert raw.request_id is not None and raw.request_id.startswith("req_")
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "49"
+    assert headers["anthropic-ratelimit-input-tokens-limit"] == "10000"
+    assert int(headers["anthropic-ratelimit-input-tokens-remaining"]) == 10_000 - message.usage.input_tokens
+    assert int(headers["anthropic-ratelimit-output-tokens-remaining"]) == 5_000 - message.usage.output_tokens
+    for name in ("requests", "input-tokens", "output-tokens", "tokens"):
+        reset = datetime.fromisoformat(headers[f"anthropic-ratelimit-{name}-reset"])
+        assert reset.tzinfo is not None
+
+
+def test_every_response_has_a_request_id(emulator: RunningEmulator) -> None:
+    with httpx.Client(base_url=emulator.base_url) as http:
+        for response in (
+            http.get("/v1/models", headers={"x-api-key": "k"}),
+            http.get("/v1/no-such-path", headers={"x-api-key": "k"}),
+            http.post("/v1/messages", content=b"{not json", headers={"x-api-key": "k"}),
+            http.get("/_emulator/stats"),
+        ):
+            assert response.headers["request-id"].startswith("req_"), response.text
+    assert response.status_code == 200
+
+
+def test_models_list_the_configured_models(client: anthropic.Anthropic) -> None:
+    config = load_config()
+    listed = list(client.models.list(limit=3))
+    assert [model.id for model in listed] == list(config.models)
+    opus = client.models.retrieve(OPUS)
+    assert opus.max_tokens == config.models[OPUS].max_output_tokens
+    assert opus.max_input_tokens == config.models[OPUS].context_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("claude-unknown")
