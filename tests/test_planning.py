@@ -183,3 +183,19 @@ def test_merge_is_input_ordered_whatever_the_arrival_order(order: list[int], rej
     assert [row.index for row in merged] == sorted(list(range(30)) + list(rejected))
     assert merged == merge([result(i) for i in range(30)], list(reversed(rejections)))
     assert all(row.status == "rejected" for row in merged if row.index in rejected)
+
+
+def test_raw_params_with_more_than_four_breakpoints_are_rejected(config: Config) -> None:
+    from batch_engine.planning.validate import validate_record
+
+    marked = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}
+    record = {
+        "task_id": "raw",
+        "task_type": "chat",
+        "params": {"system": [marked] * 3, "messages": [{"role": "user", "content": [marked, marked]}]},
+    }
+    rejection = validate_record(record, 0, 1, config)
+    assert isinstance(rejection, Rejection)
+    assert rejection.field == "params"
+    record["params"]["messages"][0]["content"] = [marked]  # type: ignore[index]
+    assert isinstance(validate_record(record, 0, 1, config), TaskRequest)

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from batch_engine.config import Config
 from batch_engine.models import Rejection, TaskRequest
+from batch_engine.planning.params import MAX_BREAKPOINTS, count_breakpoints
 
 
 def _task_id_of(value: Any) -> str | None:
@@ -36,6 +37,9 @@ def validate_record(value: Any, index: int, line: int | None, config: Config) ->
         return reject("task_type", f"unknown task type {task.task_type!r}")
     if task.model is not None and task.model not in config.models:
         return reject("model", f"unknown model {task.model!r} (not in the config's [models])")
-    if task.params is not None and not isinstance(task.params.get("messages"), list):
-        return reject("params.messages", "raw params need a list of messages")
+    if task.params is not None:
+        if not isinstance(task.params.get("messages"), list):
+            return reject("params.messages", "raw params need a list of messages")
+        if count_breakpoints(task.params) > MAX_BREAKPOINTS:
+            return reject("params", f"more than {MAX_BREAKPOINTS} cache_control breakpoints (the API rejects it)")
     return task
