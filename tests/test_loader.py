@@ -90,3 +90,13 @@ def test_any_bytes_give_results_and_rejections_or_one_input_error(tmp_path: Path
     assert len(plan.tasks) + len(plan.rejections) == plan.total_records
     indexes = [t.index for t in plan.tasks] + [r.index for r in plan.rejections]
     assert sorted(indexes) == list(range(plan.total_records))
+
+
+def test_atomic_write_replaces_the_whole_file_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    from batch_engine.io import atomic_write_bytes
+
+    target = tmp_path / "out" / "results.json"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["results.json"]
