@@ -11,7 +11,9 @@ from pathlib import Path
 from batch_engine.config import Config, load_config
 from batch_engine.errors import BatchEngineError
 from batch_engine.io import dumps, iter_records
+from batch_engine.models import RunSummary
 from batch_engine.planning import Plan, make_plan
+from batch_engine.runner import DEFAULT_STATE_DIR
 from batch_engine.schema import json_schema
 from batch_engine.summary import plan_summary, render_plan_summary
 
@@ -202,7 +204,93 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    pass
+    parser = sub.add_parser(
+        "run",
+        help="run a task file through Message Batches and realtime; write one merged result file",
+        description="Run every task of INPUT (batch or realtime per task), resume after a crash from the run "
+        "ledger, and write one merged result file. Needs ANTHROPIC_API_KEY, or --emulate for a simulated run. "
+        "Exit 0: every task succeeded; 1: some failed (all are in the output); 2: bad input or config.",
+    )
+    parser.add_argument("input", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="result file (JSON, or JSONL)")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
+    parser.add_argument("--concurrency", type=_positive_int, help="realtime requests in flight at most")
+    parser.add_argument("--batch-timeout", type=_duration, help="cancel batches not ended by then (e.g. 24h)")
+    parser.add_argument("--poll-interval", type=_duration, help="longest wait between batch polls (e.g. 60s)")
+    routes = parser.add_mutually_exclusive_group()
+    routes.add_argument("--realtime-only", dest="mode", action="store_const", const="realtime")
+    routes.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
+    parser.add_argument("--format", dest="output_format", choices=["json", "jsonl"], default="json")
+    parser.add_argument(
+        "--emulate", action="store_true", help="run against the built-in API emulator (simulated, nothing billed)"
+    )
+    parser.set_defaults(func=_run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
+# Against the emulator a batch ends in seconds; polling every minute would only add waiting.
+_EMULATED_POLL_S = 1.0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from pydantic import SecretStr
+    from rich.console import Console
+
+    from batch_engine.client import ApiSettings, api_from_environment
+    from batch_engine.display import live_progress, render_summary
+    from batch_engine.errors import ConfigError
+    from batch_engine.lanes import Progress
+    from batch_engine.runner import RunOptions, run
+
+    config = load_config(args.config)
+    api = api_from_environment()
+    if api is None and not args.emulate:
+        raise ConfigError(
+            "no API key: set ANTHROPIC_API_KEY to run against the Anthropic API, "
+            "or pass --emulate to dry-run against the built-in emulator (simulated results, nothing billed)"
+        )
+    options = RunOptions(
+        state_dir=args.state_dir,
+        mode=args.mode,
+        concurrency=args.concurrency,
+        batch_timeout_s=args.batch_timeout,
+        poll_interval_s=args.poll_interval or (_EMULATED_POLL_S if args.emulate else None),
+        output_format=args.output_format,
+        simulated=args.emulate,
+    )
+    console = Console(stderr=True)
+    progress = Progress()
+    with contextlib.ExitStack() as stack:
+        if args.emulate:
+            from batch_engine.emulator import EmulatorSettings, start_emulator
+
+            emulator = stack.enter_context(start_emulator(EmulatorSettings(config_path=args.config)))
+            api = ApiSettings(SecretStr("emulated"), emulator.base_url)
+            console.print(
+                f"SIMULATED: running against the built-in emulator at {emulator.base_url}; nothing is billed."
+            )
+        assert api is not None
+
+        async def go() -> RunSummary:
+            async with live_progress(console, progress, total=0):
+                return await run(args.input, args.output, api=api, config=config, options=options, progress=progress)
+
+        summary = asyncio.run(go())
+    print(render_summary(summary))
+    return 0 if summary.all_succeeded else 1
 
 
 # --- entry point ------------------------------------------------------------------------------------------

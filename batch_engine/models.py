@@ -98,3 +98,50 @@ class TaskResult(BaseModel):
     cost_usd: float | None = None
     error: ErrorInfo | None = None
     metadata: dict[str, Any] | None = None
+
+
+class BatchSummary(BaseModel):
+    """One Message Batch of a run, as last seen."""
+
+    id: str
+    chunk: str
+    status: str
+    request_counts: dict[str, int] | None = None
+
+
+class TokenTotals(BaseModel):
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    thinking: int = 0
+
+
+class CostSummary(BaseModel):
+    total_usd: float = 0.0
+    baseline_usd: float = Field(default=0.0, description="Same usage all-realtime with no prompt caching.")
+    savings_usd: float = 0.0
+    savings_pct: float = 0.0
+
+
+class RunSummary(BaseModel):
+    """The `run` section of the output file: what happened, what it cost, and against what baseline."""
+
+    run_key: str
+    input_path: str
+    output_path: str
+    simulated: bool = False
+    started_at: datetime
+    finished_at: datetime
+    counts: dict[str, Any]
+    batches: list[BatchSummary]
+    tokens: TokenTotals
+    cost: CostSummary
+    cache_hit_rate: float = Field(description="Cache read tokens / (read + written + uncached input tokens).")
+    durations_s: dict[str, float]
+
+    @property
+    def all_succeeded(self) -> bool:
+        return bool(self.counts["succeeded"] == self.counts["total"])

@@ -57,8 +57,11 @@ class Plan:
         return [task for task in self.tasks if task.route == "realtime"]
 
 
-def make_plan(records: Iterable[RawRecord], config: Config, now: datetime) -> Plan:
-    """Validate, route, render and chunk every record; bad records become rejections."""
+def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route: Route | None = None) -> Plan:
+    """Validate, route, render and chunk every record; bad records become rejections.
+
+    `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
+    """
     from batch_engine.planning.chunking import chunk_tasks
     from batch_engine.planning.params import TemplateError, build_params, cache_key
     from batch_engine.planning.routing import route_task
@@ -90,9 +93,12 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime) -> Pl
             )
             continue
         task_type = config.task_types[checked.task_type]
-        route, reason = route_task(checked, task_type, now, config.batch_sla_s)
+        if route is None:
+            task_route, reason = route_task(checked, task_type, now, config.batch_sla_s)
+        else:
+            task_route, reason = route, f"every task forced to {route} for this run"
         try:
-            model, params = build_params(checked, task_type, config, route)
+            model, params = build_params(checked, task_type, config, task_route)
         except TemplateError as exc:
             rejections.append(
                 Rejection(
@@ -110,7 +116,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime) -> Pl
                 index=record.index,
                 task_id=checked.task_id,
                 task_type=checked.task_type,
-                route=route,
+                route=task_route,
                 route_reason=reason,
                 model=model,
                 params=params,

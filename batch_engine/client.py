@@ -1,0 +1,329 @@
+"""The only importer of `anthropic`: client construction, SDK error translation, the retry policy, and thin
+calls that hand plain data (dicts, dataclasses) to the lanes so nothing else depends on SDK types."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import anthropic
+from pydantic import SecretStr
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+
+from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
+
+T = TypeVar("T")
+AsyncClient = anthropic.AsyncAnthropic
+
+# 429s whose details.error_code says the money ran out: retrying cannot succeed until the limit resets.
+SPEND_LIMIT_CODES = frozenset(
+    {"enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached"}
+)
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+# The SDK refuses non-streaming calls it expects to take over 10 minutes: 3600 s * max_tokens / 128,000.
+MAX_NONSTREAMING_TOKENS = 21_333
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """Where and how to reach the API. The key stays a SecretStr so no repr or log can show it."""
+
+    api_key: SecretStr = field(repr=False)
+    base_url: str | None = None
+    timeout_s: float = 600.0
+
+
+API_KEY_ENV = "ANTHROPIC_API_KEY"
+BASE_URL_ENV = "ANTHROPIC_BASE_URL"
+
+
+def api_from_environment() -> ApiSettings | None:
+    """`ANTHROPIC_API_KEY` (and `ANTHROPIC_BASE_URL` if set), or None when there is no key."""
+    key = os.environ.get(API_KEY_ENV, "")
+    if not key:
+        return None
+    return ApiSettings(SecretStr(key), os.environ.get(BASE_URL_ENV) or None)
+
+
+def make_client(settings: ApiSettings) -> AsyncClient:
+    """One client per run; `max_retries=0` because our policy owns retries (attempts never multiply)."""
+    return anthropic.AsyncAnthropic(
+        api_key=settings.api_key.get_secret_value(),
+        base_url=settings.base_url,
+        timeout=settings.timeout_s,
+        max_retries=0,
+    )
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if not seconds:
+        return None
+    try:
+        return max(0.0, float(seconds))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(seconds)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def translate(exc: BaseException) -> ApiError:
+    """The one place SDK exceptions become our error tree."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        headers = exc.response.headers
+        body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+        error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
+        details: dict[str, Any] = error["details"] if isinstance(error.get("details"), dict) else {}
+        error_type = str(error.get("type") or "api_error")
+        error_code = details.get("error_code")
+        message = str(error.get("message") or exc.message)
+        kwargs: dict[str, Any] = {
+            "status": status,
+            "error_type": error_type,
+            "request_id": exc.request_id,
+            "retry_after_s": _retry_after_s(headers),
+            "error_code": error_code,
+        }
+        text = f"{status} {error_type}: {message}"
+        if status == 429 and error_code in SPEND_LIMIT_CODES:
+            return SpendLimitError(text, **kwargs)
+        should_retry = headers.get("x-should-retry")
+        retryable = status in _RETRYABLE_STATUS or status >= 500
+        if should_retry in ("true", "false"):
+            retryable = should_retry == "true"
+        return (TransientApiError if retryable else PermanentApiError)(text, **kwargs)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return TransientApiError("request timed out", error_type="timeout_error")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return TransientApiError(f"connection error: {exc.__cause__ or exc}", error_type="connection_error")
+    return PermanentApiError(f"{type(exc).__name__}: {exc}", error_type="client_error")
+
+
+async def _translated(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (anthropic.AnthropicError, ValueError) as exc:
+        raise translate(exc) from exc
+
+
+# --- the retry policy --------------------------------------------------------------------------------------
+
+
+async def _real_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, honoring retry-after; bounded in attempts *and* total time.
+
+    Only `TransientApiError` is retried. `sleep` is the testing seam: tests pass a recorder and assert the
+    sequence of requested waits instead of wall time.
+    """
+
+    attempts: int = 8
+    max_time_s: float = 300.0
+    initial_wait_s: float = 0.5
+    max_wait_s: float = 32.0
+    sleep: Callable[[float], Awaitable[None]] = _real_sleep
+    on_retry: Callable[[ApiError, float], None] | None = None
+
+    def wait_s(self, attempt: int, error: BaseException | None) -> float:
+        """The wait before retry number `attempt` (1-based): the server's retry-after, else jittered backoff."""
+        if isinstance(error, ApiError) and error.retry_after_s is not None:
+            return float(min(error.retry_after_s, self.max_time_s))
+        ceiling: float = min(self.max_wait_s, self.initial_wait_s * 2.0 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        return self.wait_s(state.attempt_number, error)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if self.on_retry is not None and isinstance(error, ApiError) and state.next_action is not None:
+            self.on_retry(error, state.next_action.sleep)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn` under the policy; the last error is re-raised as it was."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_time_s),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientApiError),
+            sleep=self.sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+# --- messages ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A finished Messages call: the message as JSON-ready data and the response headers."""
+
+    message: dict[str, Any]
+    headers: Mapping[str, str]
+    request_id: str | None
+
+
+def error_headers(exc: ApiError) -> Mapping[str, str]:
+    """Response headers behind a translated error (rate-limit state rides on 429s too), or none."""
+    cause = exc.__cause__
+    if isinstance(cause, anthropic.APIStatusError):
+        return cause.response.headers
+    return {}
+
+
+async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: bool) -> Reply:
+    """One Messages request (streamed when asked or when max_tokens needs it); errors are translated."""
+    try:
+        if stream or int(params.get("max_tokens", 0)) > MAX_NONSTREAMING_TOKENS:
+            async with client.messages.stream(**params) as events:
+                message = await events.get_final_message()
+                return Reply(message.model_dump(mode="json"), events.response.headers, events.request_id)
+        raw = await client.messages.with_raw_response.create(**params)
+        parsed = await raw.parse()
+        return Reply(parsed.model_dump(mode="json"), raw.headers, raw.request_id)
+    except (anthropic.AnthropicError, ValueError) as exc:
+        raise translate(exc) from exc
+
+
+async def count_tokens(client: AsyncClient, params: dict[str, Any]) -> int:
+    """Exact input tokens of a request, from `messages.count_tokens` (max_tokens is not part of it)."""
+    body = {key: value for key, value in params.items() if key != "max_tokens"}
+    counted = await _translated(client.messages.count_tokens(**body))
+    return int(counted.input_tokens)
+
+
+# --- message batches ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """What the engine needs of a MessageBatch."""
+
+    id: str
+    status: str  # in_progress | canceling | ended
+    request_counts: dict[str, int]
+    created_at: float
+    ended_at: float | None
+    archived: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.request_counts.values())
+
+
+def _timestamp(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _batch_info(batch: Any) -> BatchInfo:
+    counts = batch.request_counts
+    return BatchInfo(
+        id=batch.id,
+        status=batch.processing_status,
+        request_counts={
+            "processing": counts.processing,
+            "succeeded": counts.succeeded,
+            "errored": counts.errored,
+            "canceled": counts.canceled,
+            "expired": counts.expired,
+        },
+        created_at=batch.created_at.timestamp(),
+        ended_at=_timestamp(batch.ended_at),
+        archived=batch.archived_at is not None,
+    )
+
+
+async def create_batch(client: AsyncClient, requests: list[dict[str, Any]]) -> BatchInfo:
+    """`batches.create`, exactly one HTTP attempt: a retry here could create a second batch."""
+    return _batch_info(await _translated(client.messages.batches.create(requests=requests)))  # type: ignore[arg-type]
+
+
+async def retrieve_batch(client: AsyncClient, batch_id: str) -> BatchInfo:
+    return _batch_info(await _translated(client.messages.batches.retrieve(batch_id)))
+
+
+async def cancel_batch(client: AsyncClient, batch_id: str) -> BatchInfo:
+    return _batch_info(await _translated(client.messages.batches.cancel(batch_id)))
+
+
+async def list_batches(client: AsyncClient, created_after: float) -> list[BatchInfo]:
+    """Batches created at or after `created_after` (epoch seconds); the API lists newest first."""
+    found: list[BatchInfo] = []
+    try:
+        async for batch in client.messages.batches.list(limit=100):
+            info = _batch_info(batch)
+            if info.created_at < created_after:
+                break
+            found.append(info)
+    except anthropic.AnthropicError as exc:
+        raise translate(exc) from exc
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One line of a batch's results: its custom_id, outcome type, and the message or the error."""
+
+    custom_id: str
+    type: str  # succeeded | errored | canceled | expired
+    message: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    request_id: str | None = None
+
+
+def _batch_row(item: Any) -> BatchRow:
+    result = item.result
+    if result.type == "succeeded":
+        return BatchRow(item.custom_id, "succeeded", message=result.message.model_dump(mode="json"))
+    if result.type == "errored":
+        response = result.error
+        inner = getattr(response, "error", None)
+        return BatchRow(
+            item.custom_id,
+            "errored",
+            error_type=str(getattr(inner, "type", "api_error")),
+            error_message=str(getattr(inner, "message", "")),
+            request_id=getattr(response, "request_id", None),
+        )
+    return BatchRow(item.custom_id, str(result.type))
+
+
+async def batch_results(client: AsyncClient, batch_id: str) -> AsyncIterator[BatchRow]:
+    """Stream an ended batch's results row by row (in no particular order: match on custom_id)."""
+    try:
+        decoder = await client.messages.batches.results(batch_id)
+        try:
+            async for item in decoder:
+                yield _batch_row(item)
+        finally:
+            await decoder.close()
+    except anthropic.AnthropicError as exc:
+        raise translate(exc) from exc

@@ -1,0 +1,74 @@
+"""The two lanes that do IO — batch (submit, poll, collect, resubmit) and realtime (workers under rate
+limits) — and what they share for one run: the client, the ledger, attempts so far, and live progress."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from batch_engine.client import AsyncClient, RetryPolicy
+from batch_engine.config import Config
+from batch_engine.lanes.limiter import RateLimiter
+from batch_engine.ledger import Ledger
+from batch_engine.models import TaskResult
+from batch_engine.planning import PlannedTask
+
+
+@dataclass
+class Progress:
+    """Live counters for a progress display; lanes only add to them."""
+
+    batches_submitted: int = 0
+    batches_ended: int = 0
+    batch_rows_done: int = 0
+    batch_rows_failed: int = 0
+    realtime_in_flight: int = 0
+    realtime_done: int = 0
+    realtime_failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, result: TaskResult) -> None:
+        ok = result.status == "succeeded"
+        if result.route == "batch":
+            self.batch_rows_done += ok
+            self.batch_rows_failed += not ok
+        else:
+            self.realtime_done += ok
+            self.realtime_failed += not ok
+        if result.usage is not None:
+            self.input_tokens += result.usage.prompt_tokens
+            self.output_tokens += result.usage.output_tokens
+        self.cost_usd += result.cost_usd or 0.0
+
+
+@dataclass
+class LaneContext:
+    """Everything a lane needs for one run."""
+
+    client: AsyncClient
+    config: Config
+    ledger: Ledger
+    run_key: str
+    tasks: dict[int, PlannedTask]  # by input index
+    attempts: dict[int, int]  # input index → requests sent for it so far (batch rows and realtime calls)
+    policy: RetryPolicy
+    logger: logging.Logger | logging.LoggerAdapter[Any]
+    progress: Progress = field(default_factory=Progress)
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    cached_prefix_tokens: dict[str, int] = field(default_factory=dict)  # cache_key → tokens seen cached
+
+    def record(self, results: list[TaskResult]) -> None:
+        """Make finished rows durable, then count them."""
+        self.ledger.save_results(self.run_key, results)
+        for result in results:
+            self.progress.add(result)
+
+    def limiter(self, model: str) -> RateLimiter:
+        limiter = self.limiters.get(model)
+        if limiter is None:
+            limits = self.config.limits
+            limiter = self.limiters[model] = RateLimiter(limits.rpm, limits.itpm, limits.otpm)
+        return limiter

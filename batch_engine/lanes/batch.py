@@ -1,0 +1,296 @@
+"""The batch lane: for each chunk write the intent, create the batch once, poll with backoff until it ends or
+the lane's deadline (then cancel), stream the results into the ledger, and resubmit what is retryable.
+
+Rows this lane does not finish (cancelled at the deadline under the `realtime` policy, or retryable with no
+time left for another batch) stay unfinished in the ledger; the runner sends them through the realtime lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from batch_engine.client import (
+    BatchInfo,
+    BatchRow,
+    batch_results,
+    cancel_batch,
+    create_batch,
+    list_batches,
+    retrieve_batch,
+)
+from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
+from batch_engine.lanes import LaneContext
+from batch_engine.ledger import ChunkRecord
+from batch_engine.models import ErrorInfo, TaskResult
+from batch_engine.planning import PlannedTask
+from batch_engine.planning.outcome import failed, succeeded
+
+_FLUSH_ROWS = 1000  # ledger transaction size while streaming results
+_POLL_GROWTH = 1.5
+# How far before an intent a matching batch may have been created (clock skew between us and the API).
+_RECONCILE_SKEW_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkWork:
+    """A chunk of batch rows to submit (or re-attach to) under a stable key."""
+
+    key: str
+    task_indexes: tuple[int, ...]
+
+
+async def _sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+class BatchLane:
+    """Submits, waits for and collects the batches of one run."""
+
+    def __init__(
+        self,
+        ctx: LaneContext,
+        *,
+        deadline: float,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = _sleep,
+    ) -> None:
+        self.ctx = ctx
+        self.deadline = deadline  # epoch seconds: past it, unfinished batches are cancelled
+        self.clock = clock
+        self.sleep = sleep
+        limits = ctx.config.limits
+        self.poll_initial_s = min(limits.batch_poll_initial_s, limits.batch_poll_interval_s)
+        self.poll_interval_s = limits.batch_poll_interval_s
+        self.timeout_s = limits.batch_timeout_s
+
+    async def run(self, works: Sequence[ChunkWork]) -> None:
+        """Process every chunk concurrently (each waits on its own batch)."""
+        await asyncio.gather(*(self.process(work) for work in works))
+
+    async def process(self, work: ChunkWork) -> None:
+        record = await self.submit(work)
+        if record is not None:
+            await self.wait_and_collect(record)
+
+    # --- submit --------------------------------------------------------------------------------------------
+
+    async def submit(self, work: ChunkWork) -> ChunkRecord | None:
+        """The chunk's batch: the recorded one, or a new one created exactly once. None if it cannot be created."""
+        ledger, key = self.ctx.ledger, self.ctx.run_key
+        record = ledger.chunk(key, work.key)
+        ambiguous = record is not None and record.status == "intent"
+        if record is None:
+            record = ledger.record_intent(key, work.key, work.task_indexes, self.clock())
+        if record.batch_id is not None or record.status == "failed":
+            return record if record.batch_id is not None else None
+        if ambiguous:
+            # An earlier process wrote the intent and died before recording an id: the batch may exist.
+            adopted = await self._reconcile(record)
+            if adopted is not None:
+                return self._record_batch(record, adopted, adopted=True)
+        try:
+            info = await self.ctx.policy.call(lambda: self._create_once(record))
+        except ApiError as exc:
+            self._create_failed(record, exc)
+            return None
+        return self._record_batch(record, info, adopted=False)
+
+    async def _create_once(self, record: ChunkRecord) -> BatchInfo:
+        requests = [
+            {"custom_id": self.ctx.tasks[index].task_id, "params": self.ctx.tasks[index].params}
+            for index in record.task_indexes
+        ]
+        try:
+            return await create_batch(self.ctx.client, requests)
+        except TransientApiError as exc:
+            if exc.status is None or exc.status in (408, 504):
+                # No clear answer: the create may have landed. Adopt it rather than create a duplicate.
+                adopted = await self._reconcile(record)
+                if adopted is not None:
+                    return adopted
+            raise
+
+    async def _reconcile(self, record: ChunkRecord) -> BatchInfo | None:
+        """A batch created for this chunk that the ledger does not know, if exactly one can be found."""
+        found = await self.ctx.policy.call(
+            lambda: list_batches(self.ctx.client, created_after=record.intent_at - _RECONCILE_SKEW_S)
+        )
+        known = self.ctx.ledger.known_batch_ids()
+        candidates = [b for b in found if b.id not in known and b.total == len(record.task_indexes)]
+        if len(candidates) > 1:
+            ids = ", ".join(b.id for b in candidates)
+            raise LedgerError(
+                f"chunk {record.chunk_key} of run {record.run_key}: its batch create may have succeeded, and "
+                f"{len(candidates)} unrecorded batches match it ({ids}); cancel the extra ones with "
+                "`batch-engine batches cancel BATCH_ID`, then re-run"
+            )
+        if candidates:
+            self.ctx.logger.warning(
+                "chunk %s: adopted batch %s created by an interrupted attempt", record.chunk_key, candidates[0].id
+            )
+            return candidates[0]
+        return None
+
+    def _record_batch(self, record: ChunkRecord, info: BatchInfo, *, adopted: bool) -> ChunkRecord:
+        self.ctx.ledger.record_batch(record.run_key, record.chunk_key, info.id, info.created_at)
+        for index in record.task_indexes:
+            self.ctx.attempts[index] = self.ctx.attempts.get(index, 0) + 1
+        self.ctx.progress.batches_submitted += 1
+        self.ctx.logger.info(
+            "batch %s %s for chunk %s (%d requests)",
+            info.id,
+            "adopted" if adopted else "created",
+            record.chunk_key,
+            len(record.task_indexes),
+        )
+        updated = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
+        assert updated is not None
+        return updated
+
+    def _create_failed(self, record: ChunkRecord, exc: ApiError) -> None:
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="failed")
+        if isinstance(exc, PermanentApiError):
+            # The API refused the whole batch (400, 413...): no row can succeed as sent.
+            error = ErrorInfo(type=exc.error_type or "invalid_request_error", message=exc.message)
+            rows = [
+                failed(self.ctx.tasks[i], "errored", "batch", self.ctx.attempts.get(i, 0), error)
+                for i in record.task_indexes
+            ]
+            self.ctx.record(rows)
+            self.ctx.logger.error("chunk %s: batch create refused: %s", record.chunk_key, exc.message)
+        else:
+            self.ctx.logger.warning(
+                "chunk %s: batch create kept failing (%s); its rows go realtime", record.chunk_key, exc.message
+            )
+
+    # --- wait ----------------------------------------------------------------------------------------------
+
+    async def wait_and_collect(self, record: ChunkRecord) -> None:
+        info = await self.wait(record)
+        await self.collect(record, info)
+
+    async def wait(self, record: ChunkRecord) -> BatchInfo:
+        """Poll until the batch ends; past the deadline cancel it first. Poll errors never fail tasks."""
+        assert record.batch_id is not None
+        batch_id = record.batch_id
+        canceled = record.canceled_by_us
+        delay = self.poll_initial_s
+        last_status: str | None = None
+        while True:
+            try:
+                info = await retrieve_batch(self.ctx.client, batch_id)
+            except TransientApiError as exc:
+                self.ctx.logger.warning("batch %s: poll failed (%s); polling again", batch_id, exc.message)
+            else:
+                if info.status != last_status:
+                    self.ctx.logger.info("batch %s: %s %s", batch_id, info.status, _counts(info))
+                    self.ctx.ledger.update_chunk(
+                        record.run_key,
+                        record.chunk_key,
+                        status="ended" if info.status == "ended" else None,
+                        request_counts=info.request_counts,
+                    )
+                    last_status = info.status
+                if info.status == "ended":
+                    self.ctx.progress.batches_ended += 1
+                    return info
+            now = self.clock()
+            if not canceled and now >= self.deadline:
+                await self._cancel(record)
+                canceled = True
+                delay = self.poll_initial_s
+                continue
+            wait = delay * random.uniform(0.8, 1.2)
+            if not canceled:
+                wait = min(wait, max(0.0, self.deadline - now))
+            await self.sleep(wait)
+            delay = min(delay * _POLL_GROWTH, self.poll_interval_s)
+
+    async def _cancel(self, record: ChunkRecord) -> None:
+        assert record.batch_id is not None
+        batch_id = record.batch_id
+        self.ctx.logger.warning("batch %s: not ended by the batch timeout; cancelling it", batch_id)
+        # Recorded first: a re-run after a crash here must treat cancelled rows as ours, not the API's.
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, canceled_by_us=True)
+        await self.ctx.policy.call(lambda: cancel_batch(self.ctx.client, batch_id))
+
+    # --- collect -------------------------------------------------------------------------------------------
+
+    async def collect(self, record: ChunkRecord, info: BatchInfo) -> None:
+        """Stream the results into the ledger; then resubmit the retryable rows if time allows."""
+        fresh = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
+        record = fresh or record
+        retry = await self.ctx.policy.call(lambda: self._collect_once(record, info))
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
+        if not retry:
+            return
+        remaining = self.deadline - self.clock()
+        if remaining >= self.timeout_s / 2:
+            work = ChunkWork(_next_key(record.chunk_key), tuple(task.index for task in retry))
+            self.ctx.logger.info("chunk %s: resubmitting %d rows as %s", record.chunk_key, len(retry), work.key)
+            await self.process(work)
+        else:
+            self.ctx.logger.info(
+                "chunk %s: %d retryable rows go realtime (%.0fs left of the batch timeout)",
+                record.chunk_key,
+                len(retry),
+                remaining,
+            )
+
+    async def _collect_once(self, record: ChunkRecord, info: BatchInfo) -> list[PlannedTask]:
+        assert record.batch_id is not None
+        expected = {self.ctx.tasks[index].task_id: self.ctx.tasks[index] for index in record.task_indexes}
+        seen: set[str] = set()
+        rows: list[TaskResult] = []
+        retry: list[PlannedTask] = []
+        async for row in batch_results(self.ctx.client, record.batch_id):
+            task = expected.get(row.custom_id)
+            if task is None or row.custom_id in seen:
+                self.ctx.logger.warning("batch %s: unexpected result row for %r", record.batch_id, row.custom_id)
+                continue
+            seen.add(row.custom_id)
+            outcome = self._outcome(task, row, record)
+            if isinstance(outcome, TaskResult):
+                rows.append(outcome)
+            elif outcome == "retry":
+                retry.append(task)
+            if len(rows) >= _FLUSH_ROWS:
+                self.ctx.record(rows)
+                rows = []
+        self.ctx.record(rows)
+        # A row the results never mentioned is treated like an expired one.
+        retry.extend(task for custom_id, task in expected.items() if custom_id not in seen)
+        return retry
+
+    def _outcome(self, task: PlannedTask, row: BatchRow, record: ChunkRecord) -> TaskResult | str | None:
+        """The row's final result, "retry", or None (left for the realtime fallback)."""
+        attempts = self.ctx.attempts.get(task.index, 0)
+        batch_id = record.batch_id
+        if row.type == "succeeded" and row.message is not None:
+            return succeeded(task, row.message, "batch", attempts, self.ctx.config, batch_id=batch_id)
+        error = ErrorInfo(type=row.error_type or row.type, message=row.error_message or "", request_id=row.request_id)
+        if row.type == "errored" and row.error_type == "invalid_request_error":
+            return failed(task, "errored", "batch", attempts, error, batch_id=batch_id)
+        if row.type == "canceled" and record.canceled_by_us:
+            if self.ctx.config.limits.on_batch_timeout == "timed_out":
+                timed_out = ErrorInfo(type="timed_out", message="batch cancelled at the batch timeout")
+                return failed(task, "timed_out", "batch", attempts, timed_out, batch_id=batch_id)
+            return None
+        if attempts < self.ctx.config.limits.max_row_attempts:
+            return "retry"
+        status = row.type if row.type in ("errored", "expired", "canceled") else "errored"
+        return failed(task, status, "batch", attempts, error, batch_id=batch_id)  # type: ignore[arg-type]
+
+
+def _counts(info: BatchInfo) -> str:
+    return " ".join(f"{name}={count}" for name, count in info.request_counts.items() if count)
+
+
+def _next_key(chunk_key: str) -> str:
+    """c3 → c3~1 → c3~2: resubmissions of a chunk get stable keys of their own."""
+    base, _, round_ = chunk_key.partition("~")
+    return f"{base}~{int(round_ or 0) + 1}"

@@ -1,0 +1,89 @@
+"""The realtime lane: a fixed pool of workers (the one place concurrency is bounded) sending Messages requests
+under per-model RPM/ITPM/OTPM buckets, each request under the run's retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from batch_engine.client import Reply, error_headers, send_message
+from batch_engine.errors import ApiError, SpendLimitError
+from batch_engine.lanes import LaneContext
+from batch_engine.models import ErrorInfo, TaskResult
+from batch_engine.planning import PlannedTask
+from batch_engine.planning.outcome import failed, succeeded, usage_from_api
+
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class RealtimeLane:
+    """Sends tasks one request each, `concurrency` at a time."""
+
+    def __init__(self, ctx: LaneContext, concurrency: int) -> None:
+        self.ctx = ctx
+        self.concurrency = concurrency
+        self.spend_limit: SpendLimitError | None = None
+
+    async def run(self, tasks: Sequence[PlannedTask]) -> None:
+        """Send every task; each ends with a row in the ledger, whatever happens to its request."""
+        if not tasks:
+            return
+        pending = iter(tasks)
+
+        async def worker() -> None:
+            # The iterator is shared: each worker takes the next task when it is free.
+            for task in pending:
+                result = await self._send(task)
+                self.ctx.record([result])
+
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
+
+    def _uncached_estimate(self, task: PlannedTask) -> int:
+        # Cache reads do not count toward ITPM: once a prefix is cached, charge only what follows it.
+        cached = self.ctx.cached_prefix_tokens.get(task.cache_key, 0) if task.cache_key else 0
+        return max(1, task.estimated_input_tokens - cached)
+
+    async def _attempt(self, task: PlannedTask) -> Reply:
+        if self.spend_limit is not None:
+            raise self.spend_limit
+        limiter = self.ctx.limiter(task.model)
+        permit = await limiter.acquire(self._uncached_estimate(task))
+        self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
+        self.ctx.progress.realtime_in_flight += 1
+        try:
+            reply = await send_message(self.ctx.client, task.params, stream=task.stream)
+        except ApiError as exc:
+            limiter.observe(error_headers(exc))
+            if exc.status == 429 and not isinstance(exc, SpendLimitError):
+                limiter.pause(exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S)
+            raise
+        finally:
+            self.ctx.progress.realtime_in_flight -= 1
+        limiter.observe(reply.headers)
+        usage = usage_from_api(reply.message.get("usage"))
+        limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
+        if task.cache_key and (usage.cache_read_input_tokens or usage.cache_creation_input_tokens):
+            self.ctx.cached_prefix_tokens[task.cache_key] = (
+                usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+            )
+        return reply
+
+    async def _send(self, task: PlannedTask) -> TaskResult:
+        try:
+            reply = await self.ctx.policy.call(lambda: self._attempt(task))
+        except SpendLimitError as exc:
+            if self.spend_limit is None:
+                self.spend_limit = exc
+                self.ctx.logger.error(
+                    "realtime lane stopped: the organisation's spend limit is reached (%s); "
+                    "remaining realtime tasks are reported as errored and were not sent",
+                    exc.error_code,
+                )
+            return self._failed(task, exc)
+        except ApiError as exc:
+            return self._failed(task, exc)
+        return succeeded(task, reply.message, "realtime", self.ctx.attempts.get(task.index, 0), self.ctx.config)
+
+    def _failed(self, task: PlannedTask, exc: ApiError) -> TaskResult:
+        error = ErrorInfo(type=exc.error_type or "api_error", message=exc.message, request_id=exc.request_id)
+        return failed(task, "errored", "realtime", self.ctx.attempts.get(task.index, 0), error)

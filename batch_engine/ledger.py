@@ -1,0 +1,271 @@
+"""The run ledger: one SQLite file (WAL) in the state directory holding, per run key, the chunk intents written
+before each `batches.create`, the batch ids recorded the moment they return, and every finished task's row.
+
+It is the source of truth for resuming: a re-run re-attaches to recorded batches, skips finished tasks and
+sends only what is left. Batch creation is not idempotent, so the intent row is what stops a second create.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from batch_engine.errors import LedgerError
+from batch_engine.models import TaskResult
+
+SCHEMA_VERSION = 1
+LEDGER_FILE = "ledger.sqlite3"
+
+ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed"]
+RunStatus = Literal["running", "submitted", "complete"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_key TEXT PRIMARY KEY,
+    input_path TEXT NOT NULL,
+    output_path TEXT NOT NULL,
+    options BLOB NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    run_key TEXT NOT NULL,
+    chunk_key TEXT NOT NULL,
+    task_indexes BLOB NOT NULL,
+    intent_at REAL NOT NULL,
+    batch_id TEXT,
+    created_at REAL,
+    status TEXT NOT NULL,
+    request_counts BLOB,
+    canceled_by_us INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_key, chunk_key)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_batch ON chunks (batch_id);
+CREATE TABLE IF NOT EXISTS results (
+    run_key TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    row BLOB NOT NULL,
+    PRIMARY KEY (run_key, idx)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    run_key: str
+    input_path: str
+    output_path: str
+    options: dict[str, Any]
+    started_at: float
+    finished_at: float | None
+    status: RunStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    run_key: str
+    chunk_key: str
+    task_indexes: tuple[int, ...]
+    intent_at: float
+    batch_id: str | None
+    created_at: float | None
+    status: ChunkStatus
+    request_counts: dict[str, int] | None
+    canceled_by_us: bool
+
+    @property
+    def open(self) -> bool:
+        """Still owes results: intended, submitted or ended but not yet collected."""
+        return self.status in ("intent", "submitted", "ended")
+
+
+def _chunk(row: sqlite3.Row) -> ChunkRecord:
+    return ChunkRecord(
+        run_key=row["run_key"],
+        chunk_key=row["chunk_key"],
+        task_indexes=tuple(orjson.loads(row["task_indexes"])),
+        intent_at=row["intent_at"],
+        batch_id=row["batch_id"],
+        created_at=row["created_at"],
+        status=row["status"],
+        request_counts=orjson.loads(row["request_counts"]) if row["request_counts"] else None,
+        canceled_by_us=bool(row["canceled_by_us"]),
+    )
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        run_key=row["run_key"],
+        input_path=row["input_path"],
+        output_path=row["output_path"],
+        options=orjson.loads(row["options"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        status=row["status"],
+    )
+
+
+class Ledger:
+    """The SQLite ledger of every run kept in one state directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            # WAL: a reader never sees half a transaction and a crash never leaves one half-applied.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if version is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(version["value"]) != SCHEMA_VERSION:
+                raise LedgerError(f"{path}: ledger schema {version['value']} is not {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{path}: cannot use the run ledger: {exc}") from exc
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Ledger:
+        return cls(Path(state_dir) / LEDGER_FILE)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- runs ------------------------------------------------------------------------------------------
+
+    def begin(self, run_key: str, input_path: str, output_path: str, options: dict[str, Any], now: float) -> RunRecord:
+        """The run's record, created on first sight; a re-run gets the original start time back."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, NULL, 'running')",
+            (run_key, input_path, output_path, orjson.dumps(options), now),
+        )
+        # The output path may change between re-runs of the same input; the latest wins.
+        self._db.execute("UPDATE runs SET output_path = ? WHERE run_key = ?", (output_path, run_key))
+        record = self.run(run_key)
+        assert record is not None
+        return record
+
+    def run(self, run_key: str) -> RunRecord | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_key = ?", (run_key,)).fetchone()
+        return _run(row) if row else None
+
+    def runs(self, status: RunStatus | None = None) -> list[RunRecord]:
+        if status is None:
+            rows = self._db.execute("SELECT * FROM runs ORDER BY started_at").fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM runs WHERE status = ? ORDER BY started_at", (status,)).fetchall()
+        return [_run(row) for row in rows]
+
+    def set_run_status(self, run_key: str, status: RunStatus, finished_at: float | None = None) -> None:
+        self._db.execute(
+            "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
+        )
+
+    # --- chunks ----------------------------------------------------------------------------------------
+
+    def chunks(self, run_key: str) -> list[ChunkRecord]:
+        rows = self._db.execute("SELECT * FROM chunks WHERE run_key = ? ORDER BY intent_at, chunk_key", (run_key,))
+        return [_chunk(row) for row in rows]
+
+    def chunk(self, run_key: str, chunk_key: str) -> ChunkRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM chunks WHERE run_key = ? AND chunk_key = ?", (run_key, chunk_key)
+        ).fetchone()
+        return _chunk(row) if row else None
+
+    def record_intent(self, run_key: str, chunk_key: str, task_indexes: Iterable[int], now: float) -> ChunkRecord:
+        """Written (and durable) before `batches.create` is called for the chunk."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO chunks (run_key, chunk_key, task_indexes, intent_at, status) "
+            "VALUES (?, ?, ?, ?, 'intent')",
+            (run_key, chunk_key, orjson.dumps(list(task_indexes)), now),
+        )
+        record = self.chunk(run_key, chunk_key)
+        assert record is not None
+        return record
+
+    def record_batch(self, run_key: str, chunk_key: str, batch_id: str, created_at: float) -> None:
+        """Written the moment `batches.create` returns."""
+        self._db.execute(
+            "UPDATE chunks SET batch_id = ?, created_at = ?, status = 'submitted' WHERE run_key = ? AND chunk_key = ?",
+            (batch_id, created_at, run_key, chunk_key),
+        )
+
+    def update_chunk(
+        self,
+        run_key: str,
+        chunk_key: str,
+        *,
+        status: ChunkStatus | None = None,
+        request_counts: dict[str, int] | None = None,
+        canceled_by_us: bool | None = None,
+    ) -> None:
+        sets: list[str] = []
+        values: list[Any] = []
+        if status is not None:
+            sets.append("status = ?")
+            values.append(status)
+        if request_counts is not None:
+            sets.append("request_counts = ?")
+            values.append(orjson.dumps(request_counts))
+        if canceled_by_us is not None:
+            sets.append("canceled_by_us = ?")
+            values.append(int(canceled_by_us))
+        if sets:
+            self._db.execute(
+                f"UPDATE chunks SET {', '.join(sets)} WHERE run_key = ? AND chunk_key = ?",
+                (*values, run_key, chunk_key),
+            )
+
+    def known_batch_ids(self) -> set[str]:
+        rows = self._db.execute("SELECT batch_id FROM chunks WHERE batch_id IS NOT NULL")
+        return {row["batch_id"] for row in rows}
+
+    # --- results ---------------------------------------------------------------------------------------
+
+    def save_results(self, run_key: str, results: Iterable[TaskResult]) -> None:
+        """Store finished rows in one transaction; a later row for the same task replaces the earlier one."""
+        rows = [(run_key, r.index, r.status, orjson.dumps(r.model_dump(mode="json"))) for r in results]
+        if not rows:
+            return
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
+
+    def finished_indexes(self, run_key: str) -> set[int]:
+        return {row["idx"] for row in self._db.execute("SELECT idx FROM results WHERE run_key = ?", (run_key,))}
+
+    def results(self, run_key: str) -> Iterator[TaskResult]:
+        """Every finished row of the run, in input order, read as a stream."""
+        cursor = self._db.execute("SELECT row FROM results WHERE run_key = ? ORDER BY idx", (run_key,))
+        for row in cursor:
+            yield TaskResult.model_validate(orjson.loads(row["row"]))
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

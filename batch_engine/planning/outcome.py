@@ -1,0 +1,87 @@
+"""Pure: turn an API answer (a message, an error, a batch row outcome) into the task's output row with cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batch_engine.config import Config, Route
+from batch_engine.models import ErrorInfo, Status, TaskResult, Usage
+from batch_engine.planning import PlannedTask
+from batch_engine.planning.pricing import cost
+
+
+def usage_from_api(usage: dict[str, Any] | None) -> Usage:
+    """Flatten the API's usage object (cache writes split by TTL, thinking tokens from output details)."""
+    if not usage:
+        return Usage()
+    creation = usage.get("cache_creation") or {}
+    details = usage.get("output_tokens_details") or {}
+    return Usage(
+        input_tokens=int(usage.get("input_tokens") or 0),
+        output_tokens=int(usage.get("output_tokens") or 0),
+        cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0),
+        cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+        cache_write_5m_tokens=int(creation.get("ephemeral_5m_input_tokens") or 0),
+        cache_write_1h_tokens=int(creation.get("ephemeral_1h_input_tokens") or 0),
+        thinking_tokens=int(details.get("thinking_tokens") or 0),
+    )
+
+
+def message_text(content: list[dict[str, Any]]) -> str:
+    """The concatenated text blocks of a message (thinking and tool blocks stay in `content`)."""
+    return "".join(str(block.get("text", "")) for block in content if block.get("type") == "text")
+
+
+def succeeded(
+    task: PlannedTask,
+    message: dict[str, Any],
+    route: Route,
+    attempts: int,
+    config: Config,
+    batch_id: str | None = None,
+) -> TaskResult:
+    """The output row of a task whose request succeeded, costed at the route's price."""
+    usage = usage_from_api(message.get("usage"))
+    content = list(message.get("content") or [])
+    model = str(message.get("model") or task.model)
+    spec = config.models.get(model) or config.models[task.model]
+    return TaskResult(
+        task_id=task.task_id,
+        index=task.index,
+        status="succeeded",
+        task_type=task.task_type,
+        route=route,
+        model=model,
+        batch_id=batch_id,
+        attempts=attempts,
+        text=message_text(content),
+        content=content,
+        stop_reason=message.get("stop_reason"),
+        usage=usage,
+        cost_usd=round(cost(usage, spec, route, config.batch_discount), 10),
+        metadata=task.metadata,
+    )
+
+
+def failed(
+    task: PlannedTask,
+    status: Status,
+    route: Route,
+    attempts: int,
+    error: ErrorInfo | None,
+    batch_id: str | None = None,
+) -> TaskResult:
+    """The output row of a task that ended without a result (nothing billed: cost 0)."""
+    return TaskResult(
+        task_id=task.task_id,
+        index=task.index,
+        status=status,
+        task_type=task.task_type,
+        route=route,
+        model=task.model,
+        batch_id=batch_id,
+        attempts=attempts,
+        cost_usd=0.0,
+        error=error,
+        metadata=task.metadata,
+    )

@@ -1,0 +1,88 @@
+"""Pure: the `run` section of the output — counts, batches, tokens, cost against the all-realtime no-cache
+baseline, cache hit rate by tokens — computed in one pass over the output rows."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from batch_engine.config import Config
+from batch_engine.models import BatchSummary, CostSummary, RunSummary, TaskResult, TokenTotals
+from batch_engine.planning.pricing import baseline_cost
+
+
+def summarize(
+    rows: Iterable[TaskResult],
+    *,
+    run_key: str,
+    input_path: str,
+    output_path: str,
+    simulated: bool,
+    started_at: float,
+    finished_at: float,
+    total: int,
+    batches: Sequence[tuple[str, str, dict[str, int] | None]],
+    durations_s: dict[str, float],
+    config: Config,
+) -> RunSummary:
+    """Summarize the output rows of a run; `batches` are (chunk key, batch id, last request counts)."""
+    by_status: Counter[str] = Counter()
+    by_route: Counter[str] = Counter()
+    tokens = TokenTotals()
+    spent = baseline = 0.0
+    for row in rows:
+        by_status[row.status] += 1
+        if row.route is not None:
+            by_route[row.route] += 1
+        spent += row.cost_usd or 0.0
+        usage = row.usage
+        if usage is None:
+            continue
+        tokens.input += usage.input_tokens
+        tokens.output += usage.output_tokens
+        tokens.cache_read += usage.cache_read_input_tokens
+        tokens.cache_write += usage.cache_creation_input_tokens
+        tokens.cache_write_5m += usage.cache_write_5m_tokens
+        tokens.cache_write_1h += usage.cache_write_1h_tokens
+        tokens.thinking += usage.thinking_tokens
+        spec = config.models.get(row.model or "")
+        if spec is not None:
+            baseline += baseline_cost(usage, spec)
+    prompt = tokens.input + tokens.cache_read + tokens.cache_write
+    succeeded = by_status.get("succeeded", 0)
+    rejected = by_status.get("rejected", 0)
+    return RunSummary(
+        run_key=run_key,
+        input_path=input_path,
+        output_path=output_path,
+        simulated=simulated,
+        started_at=datetime.fromtimestamp(started_at, UTC),
+        finished_at=datetime.fromtimestamp(finished_at, UTC),
+        counts={
+            "total": total,
+            "succeeded": succeeded,
+            "failed": total - succeeded - rejected,
+            "rejected": rejected,
+            "by_route": dict(sorted(by_route.items())),
+            "by_status": dict(sorted(by_status.items())),
+        },
+        batches=[
+            BatchSummary(
+                id=batch_id,
+                chunk=chunk,
+                status="ended" if counts and not counts.get("processing") else "in_progress",
+                request_counts=counts,
+            )
+            for chunk, batch_id, counts in batches
+        ],
+        tokens=tokens,
+        cost=CostSummary(
+            total_usd=round(spent, 6),
+            baseline_usd=round(baseline, 6),
+            savings_usd=round(baseline - spent, 6),
+            savings_pct=round(100 * (baseline - spent) / baseline, 2) if baseline else 0.0,
+        ),
+        cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
+        durations_s=dict(durations_s),
+    )

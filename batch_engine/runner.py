@@ -1,0 +1,304 @@
+"""One run: plan the input, open (or resume) its ledger entry, run both lanes concurrently, send what the batch
+lane left through the realtime lane, then merge everything into one output file in input order."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from batch_engine.client import ApiSettings, RetryPolicy, make_client
+from batch_engine.config import Config, Route
+from batch_engine.io import atomic_write_chunks, file_digest, iter_records
+from batch_engine.lanes import LaneContext, Progress
+from batch_engine.lanes.batch import BatchLane, ChunkWork
+from batch_engine.lanes.realtime import RealtimeLane
+from batch_engine.ledger import Ledger, RunRecord
+from batch_engine.models import Rejection, RunSummary, TaskResult
+from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.planning.merge import rejection_result
+from batch_engine.report import summarize
+
+DEFAULT_STATE_DIR = Path(".batch_engine")
+OutputFormat = Literal["json", "jsonl"]
+log = logging.getLogger("batch_engine")
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Per-run choices on top of the config (CLI flags and flow parameters)."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    mode: Route | None = None  # force every task onto one route
+    concurrency: int | None = None
+    batch_timeout_s: float | None = None
+    poll_interval_s: float | None = None
+    output_format: OutputFormat = "json"
+    simulated: bool = False
+
+
+def effective_config(config: Config, options: RunOptions) -> Config:
+    """The config with the run's overrides applied."""
+    limits: dict[str, Any] = {}
+    if options.concurrency is not None:
+        limits["realtime_concurrency"] = options.concurrency
+    if options.batch_timeout_s is not None:
+        limits["batch_timeout_s"] = options.batch_timeout_s
+    if options.poll_interval_s is not None:
+        limits["batch_poll_interval_s"] = options.poll_interval_s
+    if not limits:
+        return config
+    return config.model_copy(update={"limits": config.limits.model_copy(update=limits)})
+
+
+def run_key(input_digest: str, config: Config, mode: Route | None) -> str:
+    """Hash of the input content and every setting that shapes the requests or the chunks.
+
+    Concurrency, rate limits, polling and timeouts are left out on purpose: re-running after a crash with a
+    different --concurrency must re-attach to the same batches, not start a second run that pays twice.
+    """
+    shaping = config.model_dump(mode="json", exclude={"limits"})
+    shaping["chunking"] = [config.limits.max_requests_per_batch, config.limits.max_bytes_per_batch]
+    shaping["mode"] = mode
+    digest = hashlib.blake2b(digest_size=10)
+    digest.update(input_digest.encode())
+    digest.update(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+@dataclass
+class Run:
+    """A planned run bound to its ledger entry; the phases below are what the CLI and the Prefect flow call."""
+
+    input_path: Path
+    output_path: Path
+    config: Config
+    options: RunOptions
+    plan: Plan
+    ledger: Ledger
+    record: RunRecord
+    durations_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.record.run_key
+
+    @property
+    def completed(self) -> bool:
+        return self.record.status == "complete"
+
+    @classmethod
+    def prepare(cls, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> Run:
+        """Plan the input and open its ledger entry (a re-run gets the same key, start time and plan)."""
+        config = effective_config(config, options)
+        key = run_key(file_digest(input_path), config, options.mode)
+        ledger = Ledger.open(options.state_dir)
+        try:
+            stored = {"mode": options.mode, "output_format": options.output_format, "simulated": options.simulated}
+            record = ledger.begin(key, str(input_path), str(output_path), stored, time.time())
+            # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
+            started = datetime.fromtimestamp(record.started_at, UTC)
+            plan = make_plan(iter_records(input_path), config, started, route=options.mode)
+        except BaseException:
+            ledger.close()
+            raise
+        return cls(input_path, output_path, config, options, plan, ledger, record)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # --- what is left to do (from the plan and the ledger) ---------------------------------------------------
+
+    def tasks_by_index(self) -> dict[int, PlannedTask]:
+        return {task.index: task for task in self.plan.tasks}
+
+    def chunk_works(self) -> list[ChunkWork]:
+        """Batches to re-attach to, plan chunks not yet submitted, and unfinished batch rows no chunk covers."""
+        finished = self.ledger.finished_indexes(self.key)
+        recorded = {chunk.chunk_key: chunk for chunk in self.ledger.chunks(self.key)}
+        works = [ChunkWork(c.chunk_key, c.task_indexes) for c in recorded.values() if c.open]
+        covered = {index for work in works for index in work.task_indexes} | finished
+        for chunk in self.plan.chunks:
+            key = f"c{chunk.number}"
+            if key in recorded:
+                continue
+            indexes = tuple(self.plan.tasks[pos].index for pos in chunk.task_positions)
+            works.append(ChunkWork(key, indexes))
+            covered.update(indexes)
+        # Rows of collected (or failed) chunks still unfinished: their resubmission was cut short by a crash.
+        ever_chunked = {index for chunk in recorded.values() for index in chunk.task_indexes}
+        orphans = tuple(t.index for t in self.plan.tasks if t.index in ever_chunked and t.index not in covered)
+        if orphans and not self._late():
+            works.append(ChunkWork(f"o{len(recorded)}", orphans))
+        return works
+
+    def _late(self) -> bool:
+        return time.time() - self.record.started_at >= self.config.limits.batch_timeout_s / 2
+
+    def realtime_tasks(self) -> list[PlannedTask]:
+        """Realtime-route tasks without a finished row."""
+        finished = self.ledger.finished_indexes(self.key)
+        return [t for t in self.plan.tasks if t.route == "realtime" and t.index not in finished]
+
+    def leftovers(self) -> list[PlannedTask]:
+        """Every task without a finished row and not waiting in an open batch: they go realtime."""
+        finished = self.ledger.finished_indexes(self.key)
+        waiting = {i for c in self.ledger.chunks(self.key) if c.open for i in c.task_indexes}
+        return [t for t in self.plan.tasks if t.index not in finished and t.index not in waiting]
+
+    def attempts_so_far(self) -> dict[int, int]:
+        attempts: dict[int, int] = {}
+        for chunk in self.ledger.chunks(self.key):
+            if chunk.batch_id is not None:
+                for index in chunk.task_indexes:
+                    attempts[index] = attempts.get(index, 0) + 1
+        return attempts
+
+    # --- execution ---------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lanes(
+        self,
+        api: ApiSettings,
+        *,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        progress: Progress | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> AsyncIterator[Lanes]:
+        """Both lanes over one client (closed on exit)."""
+        limits = self.config.limits
+        client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
+        ctx = LaneContext(
+            client=client,
+            config=self.config,
+            ledger=self.ledger,
+            run_key=self.key,
+            tasks=self.tasks_by_index(),
+            attempts=self.attempts_so_far(),
+            policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
+            logger=logger or log,
+            progress=progress or Progress(),
+        )
+        deadline = self.record.started_at + limits.batch_timeout_s
+        try:
+            yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
+        finally:
+            await client.close()
+
+    async def execute(self, lanes: Lanes) -> None:
+        """Both lanes at once; then whatever the batch lane left goes realtime."""
+        await asyncio.gather(lanes.run_batches(self.chunk_works()), lanes.run_realtime(self.realtime_tasks()))
+        leftovers = self.leftovers()
+        if leftovers:
+            lanes.batch.ctx.logger.info("realtime fallback: %d tasks the batch lane did not finish", len(leftovers))
+            await lanes.run_realtime(leftovers)
+
+    # --- output ------------------------------------------------------------------------------------------------
+
+    def rows(self) -> Iterator[TaskResult]:
+        """One row per input record, in input order: ledger results merged with rejections."""
+        rejected = (rejection_result(r) for r in sorted(self.plan.rejections, key=_rejection_index))
+        yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
+
+    def missing(self) -> list[PlannedTask]:
+        finished = self.ledger.finished_indexes(self.key)
+        return [t for t in self.plan.tasks if t.index not in finished]
+
+    def write_output(self) -> RunSummary:
+        """Write the merged output atomically, mark the run complete, and return its summary."""
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
+        finished_at = self.record.finished_at or time.time()
+        batches = [(c.chunk_key, c.batch_id, c.request_counts) for c in self.ledger.chunks(self.key) if c.batch_id]
+        summary = summarize(
+            self.rows(),
+            run_key=self.key,
+            input_path=str(self.input_path),
+            output_path=str(self.output_path),
+            simulated=self.options.simulated,
+            started_at=self.record.started_at,
+            finished_at=finished_at,
+            total=self.plan.total_records,
+            batches=batches,
+            durations_s=self.durations_s,
+            config=self.config,
+        )
+        atomic_write_chunks(self.output_path, _encode(summary, self.rows(), self.options.output_format))
+        self.ledger.set_run_status(self.key, "complete", finished_at)
+        return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Lanes:
+    batch: BatchLane
+    realtime: RealtimeLane
+    run: Run
+
+    async def run_batches(self, works: list[ChunkWork]) -> None:
+        started = time.perf_counter()
+        await self.batch.run(works)
+        self._took("batch", started)
+
+    async def run_realtime(self, tasks: list[PlannedTask]) -> None:
+        started = time.perf_counter()
+        await self.realtime.run(tasks)
+        self._took("realtime", started)
+
+    def _took(self, lane: str, started: float) -> None:
+        durations = self.run.durations_s
+        durations[lane] = round(durations.get(lane, 0.0) + time.perf_counter() - started, 3)
+
+
+def _rejection_index(rejection: Rejection) -> int:
+    return rejection.index
+
+
+def _encode(summary: RunSummary, rows: Iterator[TaskResult], output_format: OutputFormat) -> Iterator[bytes]:
+    run = summary.model_dump(mode="json")
+    if output_format == "jsonl":
+        yield orjson.dumps({"run": run}) + b"\n"
+        for row in rows:
+            yield orjson.dumps(row.model_dump(mode="json")) + b"\n"
+        return
+    yield b'{"run":' + orjson.dumps(run) + b',"results":['
+    for position, row in enumerate(rows):
+        yield (b"," if position else b"") + orjson.dumps(row.model_dump(mode="json"))
+    yield b"]}\n"
+
+
+async def run(
+    input_path: Path | str,
+    output_path: Path | str,
+    *,
+    api: ApiSettings,
+    config: Config,
+    options: RunOptions | None = None,
+    logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    progress: Progress | None = None,
+    policy: RetryPolicy | None = None,
+) -> RunSummary:
+    """Run a task file end to end (or resume it), write the merged output, and return the run summary.
+
+    A completed run is not sent again: its output is rewritten from the ledger without any API call.
+    """
+    prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
+    try:
+        if not prepared.completed:
+            started = time.perf_counter()
+            async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:
+                await prepared.execute(lanes)
+            prepared.durations_s["total"] = round(time.perf_counter() - started, 3)
+        return prepared.write_output()
+    finally:
+        prepared.close()
