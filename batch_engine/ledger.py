@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
     status TEXT NOT NULL,
+    route TEXT,
+    recorded_at REAL NOT NULL,
     row BLOB NOT NULL,
     PRIMARY KEY (run_key, idx)
 );
@@ -239,13 +241,20 @@ class Ledger:
 
     # --- results ---------------------------------------------------------------------------------------
 
-    def save_results(self, run_key: str, results: Iterable[TaskResult]) -> None:
+    def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
         """Store finished rows in one transaction; a later row for the same task replaces the earlier one."""
-        rows = [(run_key, r.index, r.status, orjson.dumps(r.model_dump(mode="json"))) for r in results]
+        rows = [(run_key, r.index, r.status, r.route, now, orjson.dumps(r.model_dump(mode="json"))) for r in results]
         if not rows:
             return
         with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def last_recorded(self, run_key: str) -> dict[str, float]:
+        """When the last row of each route was recorded (epoch seconds); what lane durations are measured by."""
+        rows = self._db.execute(
+            "SELECT route, MAX(recorded_at) AS last FROM results WHERE run_key = ? GROUP BY route", (run_key,)
+        )
+        return {row["route"] or "none": row["last"] for row in rows}
 
     def finished_indexes(self, run_key: str) -> set[int]:
         return {row["idx"] for row in self._db.execute("SELECT idx FROM results WHERE run_key = ?", (run_key,))}

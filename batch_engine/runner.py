@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -87,7 +87,6 @@ class Run:
     plan: Plan
     ledger: Ledger
     record: RunRecord
-    durations_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -219,7 +218,13 @@ class Run:
         missing = self.missing()
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
-        finished_at = self.record.finished_at or time.time()
+        # Everything below comes from the ledger, so any process (a resumed run, `collect`, a re-run of a
+        # completed run) writes the same bytes.
+        last = self.ledger.last_recorded(self.key)
+        started_at = self.record.started_at
+        finished_at = max([started_at, *last.values()])
+        durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
+        durations["total"] = round(finished_at - started_at, 3)
         batches = [(c.chunk_key, c.batch_id, c.request_counts) for c in self.ledger.chunks(self.key) if c.batch_id]
         summary = summarize(
             self.rows(),
@@ -227,11 +232,11 @@ class Run:
             input_path=str(self.input_path),
             output_path=str(self.output_path),
             simulated=self.options.simulated,
-            started_at=self.record.started_at,
+            started_at=started_at,
             finished_at=finished_at,
             total=self.plan.total_records,
             batches=batches,
-            durations_s=self.durations_s,
+            durations_s=durations,
             config=self.config,
         )
         atomic_write_chunks(self.output_path, _encode(summary, self.rows(), self.options.output_format))
@@ -246,18 +251,10 @@ class Lanes:
     run: Run
 
     async def run_batches(self, works: list[ChunkWork]) -> None:
-        started = time.perf_counter()
         await self.batch.run(works)
-        self._took("batch", started)
 
     async def run_realtime(self, tasks: list[PlannedTask]) -> None:
-        started = time.perf_counter()
         await self.realtime.run(tasks)
-        self._took("realtime", started)
-
-    def _took(self, lane: str, started: float) -> None:
-        durations = self.run.durations_s
-        durations[lane] = round(durations.get(lane, 0.0) + time.perf_counter() - started, 3)
 
 
 def _rejection_index(rejection: Rejection) -> int:
@@ -295,10 +292,8 @@ async def run(
     prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
     try:
         if not prepared.completed:
-            started = time.perf_counter()
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:
                 await prepared.execute(lanes)
-            prepared.durations_s["total"] = round(time.perf_counter() - started, 3)
         return prepared.write_output()
     finally:
         prepared.close()

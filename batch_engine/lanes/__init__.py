@@ -4,6 +4,7 @@ limits) — and what they share for one run: the client, the ledger, attempts so
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ class LaneContext:
 
     def record(self, results: list[TaskResult]) -> None:
         """Make finished rows durable, then count them."""
-        self.ledger.save_results(self.run_key, results)
+        self.ledger.save_results(self.run_key, results, time.time())
         for result in results:
             self.progress.add(result)
 
