@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batch_engine.config import Config, load_config
 from batch_engine.errors import BatchEngineError
@@ -16,6 +18,11 @@ from batch_engine.planning import Plan, make_plan
 from batch_engine.runner import DEFAULT_STATE_DIR
 from batch_engine.schema import json_schema
 from batch_engine.summary import plan_summary, render_plan_summary
+
+if TYPE_CHECKING:
+    from batch_engine.client import ApiSettings
+    from batch_engine.telemetry.usage_log import UsageRecord
+    from batch_engine.token_count import TokenCounts
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -27,6 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_plan_commands(sub)
     _add_emulator_command(sub)
     _add_run_command(sub)
+    _add_insight_commands(sub)
     return parser
 
 
@@ -38,6 +46,13 @@ def _add_plan_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     plan.add_argument("input", type=Path)
     plan.add_argument("--config", type=Path, default=None)
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    plan.add_argument(
+        "--count-tokens", action="store_true", help="exact input counts via messages.count_tokens (needs the API)"
+    )
+    plan.add_argument("--emulate", action="store_true", help="count against the built-in emulator")
+    plan.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="its usage log informs output estimates"
+    )
     plan.set_defaults(func=_plan)
 
     validate = sub.add_parser("validate", help="check a task file; list rejections")
@@ -56,13 +71,63 @@ def _load_plan(args: argparse.Namespace) -> tuple[Config, Plan]:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from batch_engine.budget import Estimator
+    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog, output_history
+
     config, plan = _load_plan(args)
-    summary = plan_summary(plan, config)
+    history: dict[tuple[str, str], int] = {}
+    if (args.state_dir / USAGE_FILE).exists():
+        with UsageLog.open(args.state_dir) as log:
+            history = output_history(log.records())
+    counts = _count_tokens(plan, config, args) if args.count_tokens else None
+    estimator = Estimator(config, counts.by_index if counts else {}, history)
+    summary = plan_summary(plan, config, estimator, counts)
     if args.json:
         sys.stdout.write(dumps(summary).decode() + "\n")
     else:
         print(render_plan_summary(summary))
     return 0
+
+
+def _count_tokens(plan: Plan, config: Config, args: argparse.Namespace) -> TokenCounts:
+    import asyncio
+
+    from batch_engine.client import make_client
+    from batch_engine.token_count import count_plan_tokens
+
+    async def count(api: ApiSettings) -> TokenCounts:
+        client = make_client(api)
+        try:
+            return await count_plan_tokens(client, plan.tasks, config.limits.count_tokens_rpm)
+        finally:
+            await client.close()
+
+    with api_settings(args.emulate, args.config) as api:
+        return asyncio.run(count(api))
+
+
+@contextlib.contextmanager
+def api_settings(emulate: bool, config_path: Path | None) -> Iterator[ApiSettings]:
+    """The API to talk to: the built-in emulator (started here) with --emulate, else the environment's key."""
+    from pydantic import SecretStr
+
+    from batch_engine.client import ApiSettings, api_from_environment
+    from batch_engine.errors import ConfigError
+
+    if emulate:
+        from batch_engine.emulator import EmulatorSettings, start_emulator
+
+        with start_emulator(EmulatorSettings(config_path=config_path)) as emulator:
+            print(f"SIMULATED: using the built-in emulator at {emulator.base_url}; nothing is billed.", file=sys.stderr)
+            yield ApiSettings(SecretStr("emulated"), emulator.base_url)
+        return
+    api = api_from_environment()
+    if api is None:
+        raise ConfigError(
+            "no API key: set ANTHROPIC_API_KEY to use the Anthropic API, "
+            "or pass --emulate to use the built-in emulator (simulated results, nothing billed)"
+        )
+    yield api
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -223,6 +288,12 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     routes.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
     parser.add_argument("--format", dest="output_format", choices=["json", "jsonl"], default="json")
     parser.add_argument(
+        "--max-cost-usd", type=float, metavar="USD", help="refuse a plan estimated over this; stop sending at it"
+    )
+    parser.add_argument(
+        "--count-tokens", action="store_true", help="count input tokens exactly (messages.count_tokens) first"
+    )
+    parser.add_argument(
         "--emulate", action="store_true", help="run against the built-in API emulator (simulated, nothing billed)"
     )
     parser.set_defaults(func=_run)
@@ -270,6 +341,8 @@ def _run(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval or (_EMULATED_POLL_S if args.emulate else None),
         output_format=args.output_format,
         simulated=args.emulate,
+        max_cost_usd=args.max_cost_usd,
+        count_tokens=args.count_tokens,
     )
     console = Console(stderr=True)
     progress = Progress()
@@ -291,6 +364,83 @@ def _run(args: argparse.Namespace) -> int:
         summary = asyncio.run(go())
     print(render_summary(summary))
     return 0 if summary.all_succeeded else 1
+
+
+# --- cache-stats / report ---------------------------------------------------------------------------------
+
+
+def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    stats = sub.add_parser("cache-stats", help="prompt-cache hit rate by tokens, savings, and why it is low")
+    stats.add_argument("--days", type=float, default=7.0, help="look back this many days (default 7)")
+    stats.add_argument("--by", choices=["task_type", "model", "route"], default="task_type")
+    stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    stats.add_argument("--config", type=Path, default=None, help="price table (default: the shipped one)")
+    stats.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    stats.set_defaults(func=_cache_stats)
+
+    report = sub.add_parser("report", help="optimization report from the usage log (Markdown)")
+    report.add_argument("--days", type=float, default=30.0, help="look back this many days (default 30)")
+    report.add_argument("--output", type=Path, default=Path("report.md"), help="where to write it")
+    report.add_argument("--analyze-only", action="store_true", help="print the report instead of writing a file")
+    report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
+    report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    report.set_defaults(func=_report)
+
+
+def _usage_records(state_dir: Path, days: float) -> list[UsageRecord]:
+    import time
+
+    from batch_engine.errors import ConfigError
+    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog
+
+    if not (state_dir / USAGE_FILE).exists():
+        raise ConfigError(f"{state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
+    with UsageLog.open(state_dir) as log:
+        return log.records(since=time.time() - days * 86_400)
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from batch_engine.telemetry.cache_stats import cache_stats
+
+    rows = cache_stats(_usage_records(args.state_dir, args.days), args.by, load_config(args.config))
+    if args.json:
+        sys.stdout.write(dumps([row.as_json() for row in rows]).decode() + "\n")
+        return 0
+    table = Table(title=f"Prompt cache, last {args.days:g} days, by {args.by}", title_justify="left")
+    for column in (args.by, "requests", "hit rate (tokens)", "read", "written", "uncached", "saved"):
+        table.add_column(column, justify="left" if column == args.by else "right")
+    for row in rows:
+        table.add_row(
+            row.group,
+            str(row.requests),
+            f"{row.hit_rate:.1%}",
+            f"{row.cache_read:,}",
+            f"{row.cache_write:,}",
+            f"{row.uncached_input:,}",
+            f"${row.saved_usd:.4f}",
+        )
+    console = Console()
+    console.print(table)
+    for row in rows:
+        for reason in row.diagnosis:
+            console.print(f"[bold]{row.group}[/bold] ({row.hit_rate:.0%}): {reason}", highlight=False)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from batch_engine.io import atomic_write_bytes
+    from batch_engine.telemetry.advice import render_report
+
+    markdown = render_report(_usage_records(args.state_dir, args.days), load_config(args.config), args.days)
+    if args.analyze_only:
+        sys.stdout.write(markdown)
+    else:
+        atomic_write_bytes(args.output, markdown.encode())
+        print(f"wrote {args.output}")
+    return 0
 
 
 # --- entry point ------------------------------------------------------------------------------------------

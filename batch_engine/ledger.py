@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS results (
     idx INTEGER NOT NULL,
     status TEXT NOT NULL,
     route TEXT,
+    cost_usd REAL NOT NULL,
     recorded_at REAL NOT NULL,
     row BLOB NOT NULL,
     PRIMARY KEY (run_key, idx)
@@ -243,11 +244,19 @@ class Ledger:
 
     def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
         """Store finished rows in one transaction; a later row for the same task replaces the earlier one."""
-        rows = [(run_key, r.index, r.status, r.route, now, orjson.dumps(r.model_dump(mode="json"))) for r in results]
+        rows = [
+            (run_key, r.index, r.status, r.route, r.cost_usd or 0.0, now, orjson.dumps(r.model_dump(mode="json")))
+            for r in results
+        ]
         if not rows:
             return
         with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def spent(self, run_key: str) -> float:
+        """USD billed so far for the run's finished rows."""
+        row = self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM results WHERE run_key = ?", (run_key,))
+        return float(row.fetchone()[0])
 
     def last_recorded(self, run_key: str) -> dict[str, float]:
         """When the last row of each route was recorded (epoch seconds); what lane durations are measured by."""

@@ -10,15 +10,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-from batch_engine.client import ApiSettings, RetryPolicy, make_client
-from batch_engine.config import Config, Route
+from batch_engine.budget import Budget, Estimator
+from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
+from batch_engine.config import Config, Route, load_config
+from batch_engine.errors import BudgetError, LedgerError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress
 from batch_engine.lanes.batch import BatchLane, ChunkWork
@@ -28,8 +30,11 @@ from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.merge import rejection_result
 from batch_engine.report import summarize
+from batch_engine.telemetry.usage_log import UsageLog, output_history
+from batch_engine.token_count import count_plan_tokens
 
 DEFAULT_STATE_DIR = Path(".batch_engine")
+HISTORY_DAYS = 30  # how far back the usage log informs output estimates
 OutputFormat = Literal["json", "jsonl"]
 log = logging.getLogger("batch_engine")
 
@@ -45,6 +50,16 @@ class RunOptions:
     poll_interval_s: float | None = None
     output_format: OutputFormat = "json"
     simulated: bool = False
+    max_cost_usd: float | None = None  # refuse before sending, and stop sending, past this spend
+    count_tokens: bool = False  # exact input counts (messages.count_tokens) for the pre-flight estimate
+    config_path: Path | None = None  # recorded with the run so another process (`collect`) can reopen it
+
+
+def _stored_options(options: RunOptions) -> dict[str, Any]:
+    # Everything but the state dir (the ledger lives in it): what `Run.reopen` needs to rebuild the run.
+    stored = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "state_dir"}
+    stored["config_path"] = None if options.config_path is None else str(options.config_path.resolve())
+    return stored
 
 
 def effective_config(config: Config, options: RunOptions) -> Config:
@@ -103,8 +118,7 @@ class Run:
         key = run_key(file_digest(input_path), config, options.mode)
         ledger = Ledger.open(options.state_dir)
         try:
-            stored = {"mode": options.mode, "output_format": options.output_format, "simulated": options.simulated}
-            record = ledger.begin(key, str(input_path), str(output_path), stored, time.time())
+            record = ledger.begin(key, str(input_path), str(output_path), _stored_options(options), time.time())
             # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
             started = datetime.fromtimestamp(record.started_at, UTC)
             plan = make_plan(iter_records(input_path), config, started, route=options.mode)
@@ -112,6 +126,23 @@ class Run:
             ledger.close()
             raise
         return cls(input_path, output_path, config, options, plan, ledger, record)
+
+    @classmethod
+    def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
+        """A recorded run, opened again in another process with the options it started with (`collect`)."""
+        known = {f.name for f in fields(RunOptions)} - {"state_dir"}
+        stored = {name: value for name, value in record.options.items() if name in known}
+        config_path = stored.pop("config_path", None)
+        options = RunOptions(state_dir=state_dir, config_path=Path(config_path) if config_path else None, **stored)
+        config = load_config(options.config_path)
+        input_path = Path(record.input_path)
+        # Checked before `prepare`, which would otherwise open a second run for the changed file.
+        if run_key(file_digest(input_path), effective_config(config, options), options.mode) != record.run_key:
+            raise LedgerError(
+                f"run {record.run_key}: {input_path} or its config changed since the run started; "
+                "re-run the new file instead"
+            )
+        return cls.prepare(input_path, Path(record.output_path), config, options)
 
     def close(self) -> None:
         self.ledger.close()
@@ -189,10 +220,64 @@ class Run:
             progress=progress or Progress(),
         )
         deadline = self.record.started_at + limits.batch_timeout_s
+        usage_log = ctx.usage_log = UsageLog.open(self.options.state_dir)
         try:
             yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
         finally:
+            usage_log.close()
             await client.close()
+
+    async def preflight(self, lanes: Lanes) -> float:
+        """Count tokens if asked, estimate what is left to send, and refuse a plan over the budget.
+
+        Returns the estimate. Past this point the lanes enforce the budget request by request.
+        """
+        ctx = lanes.batch.ctx
+        counted: dict[int, int] = {}
+        if self.options.count_tokens:
+            counts = await count_plan_tokens(ctx.client, self.plan.tasks, self.config.limits.count_tokens_rpm)
+            counted = counts.by_index
+            if counts.note:
+                ctx.logger.warning("%s", counts.note)
+        assert ctx.usage_log is not None
+        history = output_history(ctx.usage_log.records(since=time.time() - HISTORY_DAYS * 86_400))
+        ctx.estimator = estimator = Estimator(self.config, counted, history)
+        finished = self.ledger.finished_indexes(self.key)
+        spent = self.ledger.spent(self.key)
+        estimate = spent + sum(estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
+        limit = self.options.max_cost_usd
+        if limit is None:
+            return estimate
+        if estimate > limit:
+            raise BudgetError(
+                f"estimated cost ${estimate:.4f} is over --max-cost-usd ${limit:.4f} "
+                f"({len(self.plan.tasks) - len(finished)} tasks to send; nothing was sent)"
+            )
+        # Open batches already hold their rows: reserve their estimate until they are collected.
+        waiting = {i for c in self.ledger.chunks(self.key) if c.open and c.batch_id for i in c.task_indexes}
+        ctx.budget = Budget(limit, spent_usd=spent)
+        ctx.budget.reserved_usd = sum(estimator.cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
+        ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
+        return estimate
+
+    async def batches_ended(self, lanes: Lanes) -> bool:
+        """One poll per open batch: True when none is still running, so finishing the run will not wait.
+
+        Also True past the batch timeout: waiting then cancels what is left and collects it.
+        """
+        if time.time() >= lanes.batch.deadline:
+            return True
+        ctx = lanes.batch.ctx
+        for chunk in self.ledger.chunks(self.key):
+            if not chunk.open:
+                continue
+            batch_id = chunk.batch_id
+            if batch_id is None:
+                return False
+            info = await ctx.policy.call(lambda batch_id=batch_id: retrieve_batch(ctx.client, batch_id))
+            if info.status != "ended":
+                return False
+        return True
 
     async def execute(self, lanes: Lanes) -> None:
         """Both lanes at once; then whatever the batch lane left goes realtime."""
@@ -293,6 +378,7 @@ async def run(
     try:
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:
+                await prepared.preflight(lanes)
                 await prepared.execute(lanes)
         return prepared.write_output()
     finally:

@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from batch_engine.budget import Estimator
 from batch_engine.config import Config
 from batch_engine.models import Usage
 from batch_engine.planning import Plan
 from batch_engine.planning.pricing import baseline_cost, estimate_cost
 
+if TYPE_CHECKING:
+    from batch_engine.token_count import TokenCounts
 
-def plan_summary(plan: Plan, config: Config) -> dict[str, Any]:
-    """A JSON-ready summary of a plan (the `plan` command's output)."""
+
+def plan_summary(
+    plan: Plan, config: Config, estimator: Estimator | None = None, counts: TokenCounts | None = None
+) -> dict[str, Any]:
+    """A JSON-ready summary of a plan (the `plan` command's output).
+
+    Two cost figures: the upper bound (offline input estimate, every task using all of max_tokens) and the
+    expected cost from `estimator` (counted input when asked, output from the usage log's history).
+    """
+    estimator = estimator or Estimator(config)
     by_type: Counter[str] = Counter()
     by_route: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
     input_tokens = 0
+    counted_tokens = 0
     estimate = 0.0
+    expected = 0.0
     baseline = 0.0
     for task in plan.tasks:
         by_type[task.task_type] += 1
         by_route[task.route] += 1
         by_model[task.model] += 1
         input_tokens += task.estimated_input_tokens
+        counted_tokens += estimator.input_tokens(task)
+        expected += estimator.cost(task, task.route)
         spec = config.models[task.model]
         max_tokens = int(task.params.get("max_tokens", 0))
         estimate += estimate_cost(task.estimated_input_tokens, max_tokens, spec, task.route, config)
@@ -37,6 +52,15 @@ def plan_summary(plan: Plan, config: Config) -> dict[str, Any]:
         "by_model": dict(sorted(by_model.items())),
         "batches": len(plan.chunks),
         "estimated_input_tokens": input_tokens,
+        "input_tokens_source": "counted" if counts and counts.by_index else "offline estimate",
+        "input_tokens": counted_tokens,
+        "estimate_error_pct": round(100 * (input_tokens - counted_tokens) / counted_tokens, 2)
+        if counts and counts.by_index and counted_tokens
+        else None,
+        "distinct_prompts_counted": counts.distinct_prompts if counts else None,
+        "note": counts.note if counts else None,
+        "expected_cost_usd": round(expected, 6),
+        "output_history_task_types": sorted({t for t, _ in estimator.output_history}),
         # Upper bounds: every task is assumed to use its whole max_tokens, and no cache read is counted.
         "estimated_cost_usd": round(estimate, 6),
         "baseline_cost_usd": round(baseline, 6),
@@ -53,9 +77,23 @@ def render_plan_summary(summary: dict[str, Any]) -> str:
         "types:   " + ", ".join(f"{k} {v}" for k, v in summary["by_task_type"].items()),
         f"batches: {summary['batches']}",
         f"estimated input tokens: {summary['estimated_input_tokens']:,}",
+        f"input tokens ({summary['input_tokens_source']}): {summary['input_tokens']:,}"
+        + (
+            f"  (offline estimate off by {summary['estimate_error_pct']:+.2f}%)"
+            if summary["estimate_error_pct"] is not None
+            else ""
+        ),
+        f"expected cost: ${summary['expected_cost_usd']:.4f}"
+        + (
+            f"  (output from history for {len(summary['output_history_task_types'])} task types)"
+            if summary["output_history_task_types"]
+            else "  (output assumed to use all of max_tokens)"
+        ),
         f"estimated cost (upper bound): ${summary['estimated_cost_usd']:.4f}"
         f"  vs all-realtime no-cache baseline ${summary['baseline_cost_usd']:.4f}",
     ]
+    if summary["note"]:
+        lines.append(f"note: {summary['note']}")
     if summary["rejections"]:
         lines.append("rejections:")
         lines.extend(f"  {line}" for line in summary["rejections"])

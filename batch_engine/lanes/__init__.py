@@ -8,12 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch_engine.budget import Budget, Estimator
 from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
 from batch_engine.planning import PlannedTask
+from batch_engine.telemetry.usage_log import UsageLog, usage_record
 
 
 @dataclass
@@ -60,10 +62,25 @@ class LaneContext:
     progress: Progress = field(default_factory=Progress)
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     cached_prefix_tokens: dict[str, int] = field(default_factory=dict)  # cache_key → tokens seen cached
+    usage_log: UsageLog | None = None
+    budget: Budget | None = None
+    estimator: Estimator | None = None
+    latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
 
-    def record(self, results: list[TaskResult]) -> None:
-        """Make finished rows durable, then count them."""
-        self.ledger.save_results(self.run_key, results, time.time())
+    def record(self, results: list[TaskResult], at: float | None = None) -> None:
+        """Log the billed rows, make every row durable, then count them (as finished `at`, default now).
+
+        The usage log goes first: if the process dies between the two writes, the task is sent again on resume
+        and really is billed twice, which the log then shows.
+        """
+        now = time.time() if at is None else at
+        if self.usage_log is not None:
+            self.usage_log.append(
+                usage_record(self.tasks[r.index], r, self.run_key, now, self.latencies.pop(r.index, None), self.config)
+                for r in results
+                if r.status == "succeeded"
+            )
+        self.ledger.save_results(self.run_key, results, now)
         for result in results:
             self.progress.add(result)
 

@@ -84,7 +84,10 @@ class BatchLane:
         record = ledger.chunk(key, work.key)
         ambiguous = record is not None and record.status == "intent"
         if record is None:
-            record = ledger.record_intent(key, work.key, work.task_indexes, self.clock())
+            indexes = self._within_budget(work)
+            if not indexes:
+                return None
+            record = ledger.record_intent(key, work.key, indexes, self.clock())
         if record.batch_id is not None or record.status == "failed":
             return record if record.batch_id is not None else None
         if ambiguous:
@@ -98,6 +101,35 @@ class BatchLane:
             self._create_failed(record, exc)
             return None
         return self._record_batch(record, info, adopted=False)
+
+    def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
+        """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
+        budget, estimator = self.ctx.budget, self.ctx.estimator
+        if budget is None or estimator is None:
+            return work.task_indexes
+        kept = 0
+        for index in work.task_indexes:
+            if not budget.reserve(estimator.cost(self.ctx.tasks[index], "batch")):
+                break
+            kept += 1
+        skipped = work.task_indexes[kept:]
+        if skipped:
+            refusal = budget.refusal()
+            self.ctx.record(
+                [
+                    failed(self.ctx.tasks[i], "skipped_budget", "batch", self.ctx.attempts.get(i, 0), refusal)
+                    for i in skipped
+                ]
+            )
+            self.ctx.logger.warning("chunk %s: %d rows skipped to stay within the budget", work.key, len(skipped))
+        return work.task_indexes[:kept]
+
+    def _settle(self, record: ChunkRecord, actual_usd: float) -> None:
+        """Swap the chunk's reservation for what its rows really cost."""
+        budget, estimator = self.ctx.budget, self.ctx.estimator
+        if budget is not None and estimator is not None:
+            estimate = sum(estimator.cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
+            budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
         requests = [
@@ -153,6 +185,7 @@ class BatchLane:
 
     def _create_failed(self, record: ChunkRecord, exc: ApiError) -> None:
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="failed")
+        self._settle(record, 0.0)
         if isinstance(exc, PermanentApiError):
             # The API refused the whole batch (400, 413...): no row can succeed as sent.
             error = ErrorInfo(type=exc.error_type or "invalid_request_error", message=exc.message)
@@ -224,8 +257,9 @@ class BatchLane:
         """Stream the results into the ledger; then resubmit the retryable rows if time allows."""
         fresh = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
         record = fresh or record
-        retry = await self.ctx.policy.call(lambda: self._collect_once(record, info))
+        retry, spent = await self.ctx.policy.call(lambda: self._collect_once(record, info))
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
+        self._settle(record, spent)
         if not retry:
             return
         remaining = self.deadline - self.clock()
@@ -241,12 +275,16 @@ class BatchLane:
                 remaining,
             )
 
-    async def _collect_once(self, record: ChunkRecord, info: BatchInfo) -> list[PlannedTask]:
+    async def _collect_once(self, record: ChunkRecord, info: BatchInfo) -> tuple[list[PlannedTask], float]:
         assert record.batch_id is not None
         expected = {self.ctx.tasks[index].task_id: self.ctx.tasks[index] for index in record.task_indexes}
         seen: set[str] = set()
         rows: list[TaskResult] = []
+        # Rows finish when their batch ended, not when someone collected them: the waiting flow and a later
+        # `collect` then write the same output, and the batch duration does not depend on polling.
+        ended_at = self.clock() if info.ended_at is None else min(info.ended_at, self.clock())
         retry: list[PlannedTask] = []
+        spent = 0.0
         async for row in batch_results(self.ctx.client, record.batch_id):
             task = expected.get(row.custom_id)
             if task is None or row.custom_id in seen:
@@ -256,15 +294,16 @@ class BatchLane:
             outcome = self._outcome(task, row, record)
             if isinstance(outcome, TaskResult):
                 rows.append(outcome)
+                spent += outcome.cost_usd or 0.0
             elif outcome == "retry":
                 retry.append(task)
             if len(rows) >= _FLUSH_ROWS:
-                self.ctx.record(rows)
+                self.ctx.record(rows, at=ended_at)
                 rows = []
-        self.ctx.record(rows)
+        self.ctx.record(rows, at=ended_at)
         # A row the results never mentioned is treated like an expired one.
         retry.extend(task for custom_id, task in expected.items() if custom_id not in seen)
-        return retry
+        return retry, spent
 
     def _outcome(self, task: PlannedTask, row: BatchRow, record: ChunkRecord) -> TaskResult | str | None:
         """The row's final result, "retry", or None (left for the realtime fallback)."""

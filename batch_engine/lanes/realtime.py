@@ -4,6 +4,7 @@ under per-model RPM/ITPM/OTPM buckets, each request under the run's retry policy
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from batch_engine.client import Reply, error_headers, send_message
@@ -50,6 +51,7 @@ class RealtimeLane:
         permit = await limiter.acquire(self._uncached_estimate(task))
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
         self.ctx.progress.realtime_in_flight += 1
+        started = time.perf_counter()
         try:
             reply = await send_message(self.ctx.client, task.params, stream=task.stream)
         except ApiError as exc:
@@ -59,6 +61,7 @@ class RealtimeLane:
             raise
         finally:
             self.ctx.progress.realtime_in_flight -= 1
+        self.ctx.latencies[task.index] = time.perf_counter() - started
         limiter.observe(reply.headers)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
@@ -69,6 +72,17 @@ class RealtimeLane:
         return reply
 
     async def _send(self, task: PlannedTask) -> TaskResult:
+        budget, estimator = self.ctx.budget, self.ctx.estimator
+        if budget is None or estimator is None:
+            return await self._send_unbudgeted(task)
+        estimate = estimator.cost(task, "realtime")
+        if not budget.reserve(estimate):
+            return failed(task, "skipped_budget", "realtime", self.ctx.attempts.get(task.index, 0), budget.refusal())
+        result = await self._send_unbudgeted(task)
+        budget.settle(estimate, result.cost_usd or 0.0)
+        return result
+
+    async def _send_unbudgeted(self, task: PlannedTask) -> TaskResult:
         try:
             reply = await self.ctx.policy.call(lambda: self._attempt(task))
         except SpendLimitError as exc:

@@ -107,3 +107,39 @@ def cache_key(params: dict[str, Any]) -> str | None:
         digest = hashlib.blake2b(f"{params.get('model')}\x00{texts}".encode(), digest_size=12)
         return digest.hexdigest()
     return None
+
+
+def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
+    """(digest, estimated tokens, breakpoint TTL) of the system prompt; digest None when there is none.
+
+    Unlike `cache_key` this sees prompts that were *not* marked for caching, which is what the optimization
+    report needs to spot a repeated prefix nobody cached.
+    """
+    system = params.get("system")
+    if isinstance(system, str):
+        blocks: list[Any] = [{"type": "text", "text": system}]
+    elif isinstance(system, list):
+        blocks = system
+    else:
+        return None, 0, None
+    texts = "\x00".join(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
+    if not texts:
+        return None, 0, None
+    ttl: str | None = None
+    for block in blocks:
+        control = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(control, dict):
+            ttl = str(control.get("ttl", "5m"))
+    digest = hashlib.blake2b(f"{params.get('model')}\x00{texts}".encode(), digest_size=12).hexdigest()
+    return digest, estimate_tokens(texts), ttl
+
+
+def thinking_label(params: dict[str, Any]) -> str | None:
+    """'adaptive:<effort>', 'manual:<budget>' or None: how much thinking a request asked for."""
+    thinking = params.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") in (None, "disabled"):
+        return None
+    if thinking.get("type") == "enabled":
+        return f"manual:{thinking.get('budget_tokens')}"
+    effort = (params.get("output_config") or {}).get("effort", "default")
+    return f"{thinking.get('type')}:{effort}"

@@ -1,0 +1,68 @@
+"""The run's spending limit: what is spent, what is reserved by requests in flight, and whether one more fits.
+
+Pure bookkeeping (no IO): the lanes reserve an estimate before sending, settle it with the real cost after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from batch_engine.config import Config, Route
+from batch_engine.models import ErrorInfo
+from batch_engine.planning import PlannedTask
+from batch_engine.planning.pricing import estimate_cost
+
+
+@dataclass(frozen=True, slots=True)
+class Estimator:
+    """Cost estimate of one task before it is sent.
+
+    Input: the exact count when `messages.count_tokens` was asked, else the offline estimate. Output: the
+    task type's observed high-water mark (p95 from the usage log) when there is history, else all of max_tokens.
+    """
+
+    config: Config
+    counted_input: Mapping[int, int] = field(default_factory=dict)  # input index → counted tokens
+    output_history: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (task type, model) → tokens
+
+    def output_tokens(self, task: PlannedTask) -> int:
+        max_tokens = int(task.params.get("max_tokens", 0))
+        seen = self.output_history.get((task.task_type, task.model))
+        return min(max_tokens, seen) if seen is not None else max_tokens
+
+    def input_tokens(self, task: PlannedTask) -> int:
+        return self.counted_input.get(task.index, task.estimated_input_tokens)
+
+    def cost(self, task: PlannedTask, route: Route) -> float:
+        spec = self.config.models[task.model]
+        return estimate_cost(self.input_tokens(task), self.output_tokens(task), spec, route, self.config)
+
+
+@dataclass
+class Budget:
+    """A hard limit in USD. Once one reservation is refused the budget stays stopped: no later task is sent."""
+
+    limit_usd: float
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    stopped: bool = False
+
+    def reserve(self, estimate_usd: float) -> bool:
+        if self.stopped or self.spent_usd + self.reserved_usd + estimate_usd > self.limit_usd:
+            self.stopped = True
+            return False
+        self.reserved_usd += estimate_usd
+        return True
+
+    def settle(self, estimate_usd: float, actual_usd: float) -> None:
+        self.reserved_usd = max(0.0, self.reserved_usd - estimate_usd)
+        self.spent_usd += actual_usd
+
+    def refusal(self) -> ErrorInfo:
+        """The error of a task that was not sent because of the budget."""
+        return ErrorInfo(
+            type="budget_exceeded",
+            message=f"not sent: the run's budget of ${self.limit_usd:.4f} would be exceeded "
+            f"(spent ${self.spent_usd:.4f}, in flight ${self.reserved_usd:.4f})",
+        )

@@ -1,0 +1,169 @@
+"""The usage log: one SQLite row per billed request (both lanes, every billed attempt), across runs, in the
+state directory. `cache-stats`, `report` and the budget's output history read it."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from batch_engine.config import Config
+from batch_engine.errors import LedgerError
+from batch_engine.models import TaskResult, Usage
+from batch_engine.planning import PlannedTask
+from batch_engine.planning.params import system_prefix, thinking_label
+from batch_engine.planning.pricing import baseline_cost
+
+SCHEMA_VERSION = 1
+USAGE_FILE = "usage.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One billed request: who, where, how many tokens of each kind, what it cost, how long it took."""
+
+    at: float  # epoch seconds
+    run_key: str
+    task_id: str
+    task_type: str
+    route: str  # batch | realtime
+    model: str
+    status: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    thinking_tokens: int
+    cost_usd: float
+    baseline_usd: float  # the same tokens realtime, no caching
+    latency_s: float | None  # realtime only; a batch row has no per-request latency
+    max_tokens: int
+    prefix_key: str | None  # digest of the system prompt, whether or not it was marked for caching
+    prefix_tokens: int  # estimated tokens of that system prompt
+    cache_ttl: str | None  # TTL of the system prompt's breakpoint: "5m", "1h", or None when not marked
+    thinking: str | None  # "adaptive:<effort>", "manual:<budget>", or None
+    route_reason: str
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+
+_COLUMNS = [f.name for f in fields(UsageRecord)]
+_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
+
+
+def _column(name: str, annotation: str) -> str:
+    base = annotation.split("|")[0].strip()
+    nullable = "None" in annotation
+    return f"{name} {_TYPES[base]}{'' if nullable else ' NOT NULL'}"
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
+    "CREATE TABLE IF NOT EXISTS usage (\n    "
+    + ",\n    ".join(_column(f.name, str(f.type)) for f in fields(UsageRecord))
+    + "\n);\nCREATE INDEX IF NOT EXISTS usage_by_time ON usage (at);\n"
+)
+
+
+class UsageLog:
+    """Append-only log of billed requests."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if version is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(version[0]) != SCHEMA_VERSION:
+                raise LedgerError(f"{path}: usage log schema {version[0]} is not {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{path}: cannot use the usage log: {exc}") from exc
+
+    @classmethod
+    def open(cls, state_dir: Path) -> UsageLog:
+        return cls(Path(state_dir) / USAGE_FILE)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> UsageLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def append(self, records: Iterable[UsageRecord]) -> None:
+        rows = [astuple(record) for record in records]
+        if rows:
+            placeholders = ", ".join("?" * len(_COLUMNS))
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows)
+            self._db.execute("COMMIT")
+
+    def records(self, since: float = 0.0, run_key: str | None = None) -> list[UsageRecord]:
+        """Records at or after `since` (epoch seconds), optionally of one run, oldest first."""
+        query = f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE at >= ?"
+        args: list[object] = [since]
+        if run_key is not None:
+            query += " AND run_key = ?"
+            args.append(run_key)
+        return [UsageRecord(*row) for row in self._db.execute(query + " ORDER BY at", args)]
+
+
+def usage_record(
+    task: PlannedTask, result: TaskResult, run_key: str, at: float, latency_s: float | None, config: Config
+) -> UsageRecord:
+    """The usage-log row of a billed (succeeded) result."""
+    usage = result.usage or Usage()
+    spec = config.models.get(result.model or task.model) or config.models[task.model]
+    prefix_key, prefix_tokens, ttl = system_prefix(task.params)
+    split = usage.cache_write_5m_tokens + usage.cache_write_1h_tokens
+    return UsageRecord(
+        at=at,
+        run_key=run_key,
+        task_id=task.task_id,
+        task_type=task.task_type,
+        route=result.route or task.route,
+        model=result.model or task.model,
+        status=result.status,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_input_tokens,
+        cache_write_5m_tokens=usage.cache_write_5m_tokens if split else usage.cache_creation_input_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        thinking_tokens=usage.thinking_tokens,
+        cost_usd=result.cost_usd or 0.0,
+        baseline_usd=baseline_cost(usage, spec),
+        latency_s=latency_s,
+        max_tokens=int(task.params.get("max_tokens", 0)),
+        prefix_key=prefix_key,
+        prefix_tokens=prefix_tokens,
+        cache_ttl=ttl,
+        thinking=thinking_label(task.params),
+        route_reason=task.route_reason,
+    )
+
+
+def output_history(records: Iterable[UsageRecord], quantile: float = 0.95) -> dict[tuple[str, str], int]:
+    """Per (task type, model): the `quantile` of observed output tokens — the budget's output estimate."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for record in records:
+        seen.setdefault((record.task_type, record.model), []).append(record.output_tokens)
+    history: dict[tuple[str, str], int] = {}
+    for key, values in seen.items():
+        values.sort()
+        history[key] = values[min(len(values) - 1, int(quantile * len(values)))]
+    return history

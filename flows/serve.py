@@ -1,0 +1,100 @@
+"""Serve the batch-orchestrator deployments from one process, no work pool needed: `python -m flows.serve`.
+
+The deployments match `prefect.yaml` (the work-pool path): `nightly` on a cron schedule, `on-demand` with no
+schedule, and `collect` every few minutes. Needs a running `prefect server start` and `PREFECT_API_URL`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron, Interval
+
+from flows.batch_orchestrator import batch_orchestrator, collect
+
+NIGHTLY_CRON = "0 2 * * *"
+DEFAULT_TIMEZONE = "UTC"
+COLLECT_EVERY_S = 300
+TIMEZONE_ENV = "BATCH_ENGINE_TIMEZONE"
+DEFAULT_STATE_DIR = ".batch_engine"
+
+NIGHTLY_PARAMETERS: dict[str, Any] = {
+    "input_path": "samples/nightly_tasks.json",
+    "output_path": "out/nightly_results.json",
+    "config_path": "samples/config.toml",
+    "state_dir": DEFAULT_STATE_DIR,
+}
+
+
+def build_deployments(
+    *,
+    cron: str = NIGHTLY_CRON,
+    timezone: str = DEFAULT_TIMEZONE,
+    collect_every_s: float = COLLECT_EVERY_S,
+    nightly_parameters: dict[str, Any] | None = None,
+) -> list[RunnerDeployment]:
+    """The three deployments `prefect.yaml` also declares, ready for `serve(...)`."""
+    # Module entrypoints load the flows the same way from any working directory.
+    module = EntrypointType.MODULE_PATH
+    return [
+        batch_orchestrator.to_deployment(
+            name="nightly",
+            description="Nightly run of the task file through Message Batches and realtime.",
+            schedules=[Cron(cron, timezone=timezone)],
+            parameters=dict(NIGHTLY_PARAMETERS if nightly_parameters is None else nightly_parameters),
+            # Two nightly runs never overlap; a late one waits for the previous one to finish.
+            concurrency_limit=1,
+            tags=["batch-engine", "nightly"],
+            entrypoint_type=module,
+        ),
+        batch_orchestrator.to_deployment(
+            name="on-demand",
+            description="Run a task file now.",
+            tags=["batch-engine", "on-demand"],
+            entrypoint_type=module,
+        ),
+        collect.to_deployment(
+            name="collect",
+            description="Merge and write every run whose batches have ended; a no-op when none has.",
+            schedules=[Interval(collect_every_s)],
+            parameters={"state_dir": DEFAULT_STATE_DIR},
+            concurrency_limit=1,
+            tags=["batch-engine", "collect"],
+            entrypoint_type=module,
+        ),
+    ]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"nightly schedule (default {NIGHTLY_CRON!r})")
+    parser.add_argument(
+        "--timezone",
+        default=os.environ.get(TIMEZONE_ENV, DEFAULT_TIMEZONE),
+        help=f"IANA timezone of the cron schedule (default ${TIMEZONE_ENV} or {DEFAULT_TIMEZONE})",
+    )
+    parser.add_argument(
+        "--collect-every",
+        type=float,
+        default=COLLECT_EVERY_S,
+        metavar="SECONDS",
+        help=f"how often the collect deployment runs (default {COLLECT_EVERY_S})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Register the deployments and run their flow runs until interrupted."""
+    args = _parse_args(argv)
+    deployments = build_deployments(cron=args.cron, timezone=args.timezone, collect_every_s=args.collect_every)
+    # Restarting this process (an upgrade, a reboot) must not silently pause the nightly schedule.
+    serve(*deployments, pause_on_shutdown=False)
+
+
+if __name__ == "__main__":
+    main()

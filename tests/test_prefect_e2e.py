@@ -1,0 +1,270 @@
+"""What a user does, non-interactively: a Prefect server, the deployments, `prefect deployment run ... --watch`.
+
+One `prefect server start` per module (a fresh SQLite DB takes ~11 s to migrate). Every process these tests
+start is stopped by PID in a `finally`, and anything left carrying the module's temporary PREFECT_HOME is
+killed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import orjson
+import pytest
+import yaml
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import WorkPoolCreate
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).with_name("prefect")
+SAMPLES = ROOT / "samples"
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@dataclass(frozen=True)
+class Server:
+    api_url: str
+    home: Path
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    # A session of its own, so stopping it also stops whatever it spawned (uvicorn, flow-run processes).
+    return subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with _suppress_missing():
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with _suppress_missing():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    else:
+        # The leader is gone; its group may not be.
+        with _suppress_missing():
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return exc_type is ProcessLookupError or exc_type is PermissionError
+
+
+def _pids_with_env(marker: bytes) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _sweep(home: Path) -> list[int]:
+    """Kill (and return) every process still running with this module's PREFECT_HOME."""
+    leftovers = _pids_with_env(f"PREFECT_HOME={home}".encode())
+    for pid in leftovers:
+        with _suppress_missing():
+            os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
+def _wait_healthy(api_url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{api_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The serve process looks for scheduled runs every second instead of every ten.
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
+    log = home / "server.log"
+    proc = _start([str(PREFECT), "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    try:
+        _wait_healthy(api_url, proc, log)
+        yield Server(api_url=api_url, home=home, env=env)
+    finally:
+        _stop(proc)
+        _sweep(home)
+
+
+def _client(server: Server) -> PrefectClient:
+    return PrefectClient(api=server.api_url)
+
+
+async def _wait_for_deployment(server: Server, name: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
+    async with _client(server) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:
+                await asyncio.sleep(0.3)
+    pytest.fail(f"deployment {name} not registered after 60 s:\n{log.read_text()[-3000:]}")
+
+
+def _flow_run_id(cli_output: str) -> UUID:
+    match = re.search(r"UUID: ([0-9a-f-]{36})", cli_output)
+    assert match, cli_output
+    return UUID(match.group(1))
+
+
+async def _run_state_and_artifacts(server: Server, flow_run_id: UUID) -> tuple[str, dict[str, Any]]:
+    async with _client(server) as client:
+        flow_run = await client.read_flow_run(flow_run_id)
+        artifacts = await client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert flow_run.state is not None
+    return flow_run.state.type.value, {artifact.key: artifact for artifact in artifacts if artifact.key}
+
+
+def test_nightly_deployment_runs_end_to_end_with_deployment_run_watch(
+    server: Server, emulator: Any, tmp_path: Path
+) -> None:
+    output = tmp_path / "nightly_results.json"
+    state_dir = tmp_path / "state"
+    env = dict(server.env, ANTHROPIC_BASE_URL=emulator.base_url, ANTHROPIC_API_KEY="sk-ant-e2e-test")
+    serve_log = tmp_path / "serve.log"
+    serve = _start([sys.executable, "-m", "flows.serve"], env, serve_log)
+    try:
+        deployment = asyncio.run(_wait_for_deployment(server, "batch-orchestrator/nightly", serve, serve_log))
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == "0 2 * * *"
+        assert schedule.schedule.timezone == "UTC"
+        assert schedule.active
+
+        run = subprocess.run(
+            [
+                str(PREFECT),
+                "deployment",
+                "run",
+                "batch-orchestrator/nightly",
+                "--param",
+                f"input_path={SAMPLES / 'nightly_tasks.json'}",
+                "--param",
+                f"output_path={output}",
+                "--param",
+                f"state_dir={state_dir}",
+                "--param",
+                "poll_interval_s=0.2",
+                "--watch",
+                "--watch-timeout",
+                "90",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            # `--watch` has been seen hanging after the run completed (prefect #19989, #17817).
+            timeout=110,
+        )
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- serve log ---\n{serve_log.read_text()[-4000:]}"
+    finally:
+        _stop(serve)
+
+    state, artifacts = asyncio.run(_run_state_and_artifacts(server, _flow_run_id(run.stdout)))
+    assert state == "COMPLETED"
+    assert {"batch-orchestrator-summary", "batch-orchestrator-by-task-type"} <= artifacts.keys()
+    assert "| batch |" in artifacts["batch-orchestrator-by-task-type"].data or artifacts[
+        "batch-orchestrator-by-task-type"
+    ].data
+
+    inputs = orjson.loads((SAMPLES / "nightly_tasks.json").read_bytes())
+    written = orjson.loads(output.read_bytes())
+    assert [row["task_id"] for row in written["results"]] == [task["task_id"] for task in inputs]
+    assert all(row["status"] == "succeeded" for row in written["results"])
+    assert {row["route"] for row in written["results"]} == {"batch", "realtime"}
+
+
+def test_prefect_yaml_registers_nightly_on_demand_and_collect_on_the_process_pool(server: Server) -> None:
+    async def create_pool() -> None:
+        async with _client(server) as client:
+            await client.create_work_pool(WorkPoolCreate(name="batch-engine", type="process"))
+
+    asyncio.run(create_pool())
+    deploy = subprocess.run(
+        [str(PREFECT), "--no-prompt", "deploy", "--all"],
+        cwd=ROOT,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert deploy.returncode == 0, f"{deploy.stdout}\n{deploy.stderr}"
+
+    async def read(name: str) -> Any:
+        async with _client(server) as client:
+            return await client.read_deployment_by_name(name)
+
+    nightly = asyncio.run(read("batch-orchestrator/nightly"))
+    on_demand = asyncio.run(read("batch-orchestrator/on-demand"))
+    collect = asyncio.run(read("batch-collect/collect"))
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    yaml_nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "0 2 * * *"
+    assert schedule.schedule.timezone == yaml_nightly["schedules"][0]["timezone"] == "UTC"
+    assert nightly.work_pool_name == on_demand.work_pool_name == collect.work_pool_name == "batch-engine"
+    assert nightly.parameters["input_path"] == "samples/nightly_tasks.json"
+    assert on_demand.schedules == []
+    (collect_schedule,) = collect.schedules
+    assert collect_schedule.schedule.interval.total_seconds() == 300
+    # The pull step recorded the repository, so relative sample paths resolve on the worker.
+    assert str(ROOT) in orjson.dumps(nightly.pull_steps).decode()
