@@ -1,4 +1,4 @@
-"""Pure: what a run looks like in the Prefect UI — the Markdown run summary, the task type × route table and the
+"""Pure: what a run looks like in the Prefect UI — the Markdown run summary, the table by task type and route and the
 progress figure — built from the run summary, the output rows and the live counters. No Prefect, no IO.
 
 Artifact keys are stable (the same for every run) so the UI can show one run next to the previous ones.
@@ -78,7 +78,7 @@ class RunBreakdown:
         group.cost_usd += row.cost_usd or 0.0
 
     def table(self) -> list[dict[str, Any]]:
-        """The table artifact: one row per task type × route, sorted, with a total row last."""
+        """The table artifact: one row per (task type, route), sorted, with a total row last."""
         rows: list[dict[str, Any]] = []
         total = _Group()
         for (task_type, route), group in sorted(self.groups.items()):
@@ -94,10 +94,8 @@ class RunBreakdown:
 
     def failures(self) -> list[FailureReason]:
         """Failure reasons, most frequent first."""
-        return [
-            FailureReason(status, error_type, message, count, tuple(self._examples.get((status, error_type, message), ())))
-            for (status, error_type, message), count in sorted(self._failures.items(), key=lambda kv: (-kv[1], kv[0]))
-        ]
+        ranked = sorted(self._failures.items(), key=lambda item: (-item[1], item[0]))
+        return [FailureReason(*reason, count, tuple(self._examples.get(reason, ()))) for reason, count in ranked]
 
 
 def _table_row(task_type: str, route: str, group: _Group) -> dict[str, Any]:
@@ -170,18 +168,19 @@ def summary_markdown(summary: RunSummary, failures: Sequence[FailureReason]) -> 
     return "\n".join(lines) + "\n"
 
 
-def progress_percent(progress: Progress, total: int) -> float:
-    """Share of the run's tasks with a result so far, 0–100."""
+def progress_percent(progress: Progress, total: int, done_before: int = 0) -> float:
+    """Share of the run's tasks with a result, 0 to 100: `done_before` (a resumed run) plus this process's rows."""
     if total <= 0:
         return 100.0
     done = progress.batch_rows_done + progress.batch_rows_failed + progress.realtime_done + progress.realtime_failed
-    return round(min(100.0, 100.0 * done / total), 1)
+    return round(min(100.0, 100.0 * (done_before + done) / total), 1)
 
 
-def progress_description(progress: Progress, total: int) -> str:
+def progress_description(progress: Progress, total: int, done_before: int = 0) -> str:
     """One line for the progress artifact: batches, rows finished per lane, cost so far."""
+    resumed = f" ({done_before} done before this process)" if done_before else ""
     return (
-        f"{total} tasks · batches {progress.batches_ended}/{progress.batches_submitted} ended · "
+        f"{total} tasks{resumed} · batches {progress.batches_ended}/{progress.batches_submitted} ended · "
         f"batch rows {progress.batch_rows_done} ok / {progress.batch_rows_failed} failed · "
         f"realtime {progress.realtime_done} ok / {progress.realtime_failed} failed "
         f"({progress.realtime_in_flight} in flight) · ${progress.cost_usd:.4f} so far"

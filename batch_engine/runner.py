@@ -25,7 +25,7 @@ from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.ledger import Ledger, RunRecord
+from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.merge import rejection_result
@@ -260,22 +260,31 @@ class Run:
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
         return estimate
 
-    async def batches_ended(self, lanes: Lanes) -> bool:
-        """One poll per open batch: True when none is still running, so finishing the run will not wait.
+    def open_batches(self) -> list[ChunkRecord]:
+        """Recorded batches still owing results (submitted or ended, not yet collected)."""
+        return [chunk for chunk in self.ledger.chunks(self.key) if chunk.open and chunk.batch_id is not None]
 
-        Also True past the batch timeout: waiting then cancels what is left and collects it.
-        """
+    def unsubmitted_works(self) -> list[ChunkWork]:
+        """Chunks with no batch recorded yet: never submitted, or a create interrupted by a crash."""
+        submitted = {chunk.chunk_key for chunk in self.open_batches()}
+        return [work for work in self.chunk_works() if work.key not in submitted]
+
+    async def batches_ended(self, lanes: Lanes) -> bool:
+        """One poll per open batch: True when every chunk has a batch and none is still running, so finishing
+        the run will not wait. Also True past the batch timeout: waiting then cancels what is left."""
+        if self.unsubmitted_works():
+            return False
         if time.time() >= lanes.batch.deadline:
             return True
         ctx = lanes.batch.ctx
-        for chunk in self.ledger.chunks(self.key):
-            if not chunk.open:
-                continue
-            batch_id = chunk.batch_id
-            if batch_id is None:
-                return False
-            info = await ctx.policy.call(lambda batch_id=batch_id: retrieve_batch(ctx.client, batch_id))
-            if info.status != "ended":
+
+        async def status(batch_id: str) -> str:
+            info = await ctx.policy.call(lambda: retrieve_batch(ctx.client, batch_id))
+            return info.status
+
+        for chunk in self.open_batches():
+            assert chunk.batch_id is not None
+            if await status(chunk.batch_id) != "ended":
                 return False
         return True
 

@@ -1,16 +1,24 @@
-"""Where a flow run gets its Anthropic API key: a Prefect `Secret` block if one exists, else the environment."""
+"""Where a flow run gets its API: a Prefect `Secret` block if one exists, else the environment, or the built-in
+emulator when the run is simulated. The key is never a flow parameter, never returned by a task, never logged."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
+from batch_engine.client import API_KEY_ENV, BASE_URL_ENV, ApiSettings
+from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.errors import ConfigError
 
 DEFAULT_SECRET_BLOCK = "anthropic-api-key"
-ENV_VAR = "ANTHROPIC_API_KEY"
+ENV_VAR = API_KEY_ENV
+# In the state dir: emulated batches outlive the flow run that created them, so `collect` can finish them.
+EMULATOR_STATE_FILE = "emulator-state.json"
 
 
 async def resolve_api_key(block_name: str = DEFAULT_SECRET_BLOCK) -> SecretStr | None:
@@ -29,3 +37,22 @@ async def resolve_api_key(block_name: str = DEFAULT_SECRET_BLOCK) -> SecretStr |
         return SecretStr(value)
     from_env = os.environ.get(ENV_VAR, "")
     return SecretStr(from_env) if from_env else None
+
+
+@asynccontextmanager
+async def api_settings(
+    *, emulate: bool, state_dir: Path, config_path: Path | None, block_name: str = DEFAULT_SECRET_BLOCK
+) -> AsyncIterator[ApiSettings]:
+    """The API for one run: the emulator started here (simulated), or the real key and `$ANTHROPIC_BASE_URL`."""
+    if emulate:
+        settings = EmulatorSettings(config_path=config_path, state_file=state_dir / EMULATOR_STATE_FILE)
+        with start_emulator(settings) as emulator:
+            yield ApiSettings(SecretStr("emulated"), emulator.base_url)
+        return
+    key = await resolve_api_key(block_name)
+    if key is None:
+        raise ConfigError(
+            f"no API key: create the Prefect Secret block {block_name!r} or set {ENV_VAR} for the process that "
+            "runs the flow, or pass emulate=true for a simulated run (nothing billed)"
+        )
+    yield ApiSettings(key, os.environ.get(BASE_URL_ENV) or None)

@@ -66,6 +66,9 @@ class BatchLane:
         self.poll_initial_s = min(limits.batch_poll_initial_s, limits.batch_poll_interval_s)
         self.poll_interval_s = limits.batch_poll_interval_s
         self.timeout_s = limits.batch_timeout_s
+        # False in `collect`: a resubmitted batch is only created, and a later collect finishes it, so no
+        # process waits hours for it.
+        self.wait_for_resubmissions = True
 
     async def run(self, works: Sequence[ChunkWork]) -> None:
         """Process every chunk concurrently (each waits on its own batch)."""
@@ -266,7 +269,10 @@ class BatchLane:
         if remaining >= self.timeout_s / 2:
             work = ChunkWork(_next_key(record.chunk_key), tuple(task.index for task in retry))
             self.ctx.logger.info("chunk %s: resubmitting %d rows as %s", record.chunk_key, len(retry), work.key)
-            await self.process(work)
+            if self.wait_for_resubmissions:
+                await self.process(work)
+            else:
+                await self.submit(work)
         else:
             self.ctx.logger.info(
                 "chunk %s: %d retryable rows go realtime (%.0fs left of the batch timeout)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _HEADER_BUCKETS = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
 
@@ -48,9 +48,12 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class Permit:
-    """What `acquire` charged, so `settle` can correct it with the real usage."""
+    """What `acquire` charged, so `settle` can correct it with the real usage, and when: the headers of its
+    response describe the server's buckets as they were when it arrived, before anything sent after it."""
 
     input_tokens: int
+    at: float = 0.0
+    taken: Mapping[str, float] = field(default_factory=dict)  # the limiter's running totals, this one included
 
 
 class RateLimiter:
@@ -70,6 +73,8 @@ class RateLimiter:
         now = clock()
         self.buckets = {"rpm": Bucket(rpm, now), "itpm": Bucket(itpm, now), "otpm": Bucket(otpm, now)}
         self._paused_until = 0.0
+        # Running totals of what acquire took: what was sent after a given request is the difference.
+        self._taken = {"rpm": 0.0, "itpm": 0.0}
 
     def _wait(self, input_tokens: int, now: float) -> float:
         waits = [
@@ -89,7 +94,9 @@ class RateLimiter:
             if wait <= 0:
                 self.buckets["rpm"].take(1, now)
                 self.buckets["itpm"].take(input_tokens, now)
-                return Permit(input_tokens)
+                self._taken["rpm"] += 1
+                self._taken["itpm"] += input_tokens
+                return Permit(input_tokens, now, dict(self._taken))
             await self._sleep(wait)
 
     def settle(self, permit: Permit, input_tokens: int, output_tokens: int) -> None:
@@ -98,18 +105,24 @@ class RateLimiter:
         self.buckets["itpm"].take(input_tokens - permit.input_tokens, now)
         self.buckets["otpm"].take(output_tokens, now)
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Correct every bucket from a response's `anthropic-ratelimit-<kind>-limit/remaining` headers."""
+    def observe(self, headers: Mapping[str, str], permit: Permit | None = None) -> None:
+        """Correct every bucket from a response's `anthropic-ratelimit-<kind>-limit/remaining` headers.
+
+        With the request's `permit`, the server's figure is first brought up to now: refilled for the time since
+        the request was sent, less what was sent after it (in flight or answered, the header does not count it).
+        Without that, every answer at the end of a burst says there is room for the requests already on the wire.
+        """
         now = self._clock()
         for kind, name in _HEADER_BUCKETS.items():
-            limit = headers.get(f"anthropic-ratelimit-{kind}-limit")
-            remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining")
-            if limit is None or remaining is None:
-                continue
             try:
-                self.buckets[name].correct(float(limit), float(remaining), now)
-            except ValueError:
+                limit = float(headers[f"anthropic-ratelimit-{kind}-limit"])
+                remaining = float(headers[f"anthropic-ratelimit-{kind}-remaining"])
+            except (KeyError, ValueError):
                 continue
+            if permit is not None and name in permit.taken and limit > 0:
+                refilled = min(limit, remaining + max(0.0, now - permit.at) * limit / 60.0)
+                remaining = refilled - (self._taken[name] - permit.taken[name])
+            self.buckets[name].correct(limit, remaining, now)
 
     def pause(self, seconds: float) -> None:
         """A 429 means the server's bucket is empty: every worker holds off, not just the one that got it."""

@@ -55,14 +55,14 @@ class RealtimeLane:
         try:
             reply = await send_message(self.ctx.client, task.params, stream=task.stream)
         except ApiError as exc:
-            limiter.observe(error_headers(exc))
+            limiter.observe(error_headers(exc), permit)
             if exc.status == 429 and not isinstance(exc, SpendLimitError):
                 limiter.pause(exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S)
             raise
         finally:
             self.ctx.progress.realtime_in_flight -= 1
         self.ctx.latencies[task.index] = time.perf_counter() - started
-        limiter.observe(reply.headers)
+        limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
         if task.cache_key and (usage.cache_read_input_tokens or usage.cache_creation_input_tokens):

@@ -1,0 +1,399 @@
+"""The `batch-orchestrator` flow (one run of a task file) and the `batch-collect` flow (finishes runs started with
+wait=false once their batches have ended).
+
+Prefect task runs are per phase and per batch, never per request: plan, budget, submit each chunk, wait for and
+collect each batch, the realtime lane, the realtime leftovers, merge + write, artifacts. Every task body is one
+or two calls into batch_engine, which stays usable without Prefect. The run ledger, not Prefect's cache, decides
+what is done: a retried task or a new flow run with the same inputs re-attaches to the batches already created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+from pydantic import Field
+
+from batch_engine.artifacts import (
+    PROGRESS_KEY,
+    SUMMARY_KEY,
+    TABLE_KEY,
+    RunBreakdown,
+    progress_description,
+    progress_percent,
+    summary_markdown,
+)
+from batch_engine.config import Route, load_config
+from batch_engine.io import iter_records
+from batch_engine.lanes import Progress
+from batch_engine.lanes.batch import BatchLane, ChunkWork
+from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
+from batch_engine.models import RunSummary
+from batch_engine.runner import DEFAULT_STATE_DIR, Lanes, OutputFormat, Run, RunOptions
+from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+# Against the emulator a batch ends in seconds; polling every minute would only add waiting.
+EMULATED_POLL_S = 1.0
+PROGRESS_EVERY_S = 5.0
+
+
+def run_options(
+    *,
+    state_dir: str,
+    config_path: str | None,
+    mode: Route | None,
+    concurrency: int | None,
+    batch_timeout_s: float | None,
+    poll_interval_s: float | None,
+    output_format: OutputFormat,
+    emulate: bool,
+    max_cost_usd: float | None,
+    count_tokens: bool,
+) -> RunOptions:
+    """The engine's options from the flow's parameters."""
+    return RunOptions(
+        state_dir=Path(state_dir),
+        mode=mode,
+        concurrency=concurrency,
+        batch_timeout_s=batch_timeout_s,
+        poll_interval_s=poll_interval_s or (EMULATED_POLL_S if emulate else None),
+        output_format=output_format,
+        simulated=emulate,
+        max_cost_usd=max_cost_usd,
+        count_tokens=count_tokens,
+        config_path=Path(config_path) if config_path else None,
+    )
+
+
+def check_inputs(input_path: Path, config_path: Path | None) -> None:
+    """Raise ConfigError / InputError for a bad config or an unusable input file, before Prefect starts."""
+    load_config(config_path)
+    for _ in iter_records(input_path):
+        pass
+
+
+# --- tasks: each body is one or two calls into batch_engine ------------------------------------------------
+# NO_CACHE everywhere: results hold live objects (the ledger, the lanes) and the ledger is what makes a retry safe.
+# Arguments that carry the whole plan are passed as `quote(...)` so Prefect does not walk them (~1 s per call
+# for 10,000 tasks).
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+async def plan_run(input_path: str, output_path: str, options: RunOptions) -> Run:
+    """Load the config, plan the input and open (or re-open) its ledger entry."""
+    return Run.prepare(Path(input_path), Path(output_path), load_config(options.config_path), options)
+
+
+@task(name="find-waiting-runs", cache_policy=NO_CACHE)
+async def find_waiting_runs(state_dir: str, include_running: bool) -> list[RunRecord]:
+    """Runs left for `collect`: submitted with wait=false (and, if asked, runs whose process died)."""
+    with Ledger.open(Path(state_dir)) as ledger:
+        return ledger.runs("submitted") + (ledger.runs("running") if include_running else [])
+
+
+@task(name="reopen", task_run_name="reopen-{record.run_key}", cache_policy=NO_CACHE)
+async def reopen_run(record: RunRecord, state_dir: str) -> Run:
+    """Open a recorded run again with the options it started with."""
+    return Run.reopen(record, Path(state_dir))
+
+
+@task(name="estimate-and-budget", cache_policy=NO_CACHE)
+async def estimate_and_budget(lanes: Lanes) -> float:
+    """Estimate what is left to send; refuse a run over max_cost_usd before anything is sent."""
+    return await lanes.run.preflight(lanes)
+
+
+@task(name="submit-batch", task_run_name="submit-{work.key}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+async def submit_chunk(batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
+    """The chunk's batch, created exactly once: the ledger's intent row makes a retry re-attach, not re-create."""
+    return await batch.submit(work)
+
+
+@task(
+    name="wait-and-collect",
+    task_run_name="collect-{record.chunk_key}",
+    retries=2,
+    retry_delay_seconds=30,
+    cache_policy=NO_CACHE,
+)
+async def wait_and_collect(batch: BatchLane, record: ChunkRecord) -> None:
+    """Poll the batch until it ends (cancel it at the batch timeout), then stream its results into the ledger."""
+    await batch.wait_and_collect(record)
+
+
+@task(name="realtime-lane", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+async def realtime_lane(lanes: Lanes) -> int:
+    """Send the realtime-route tasks that have no result yet (a retry sends only what is still missing)."""
+    tasks = lanes.run.realtime_tasks()
+    await lanes.run_realtime(tasks)
+    return len(tasks)
+
+
+@task(name="realtime-leftovers", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+async def realtime_leftovers(lanes: Lanes) -> int:
+    """Send realtime whatever the batch lane did not finish (cancelled at the timeout, retries out of time)."""
+    tasks = lanes.run.leftovers()
+    await lanes.run_realtime(tasks)
+    return len(tasks)
+
+
+@task(name="merge-and-write", cache_policy=NO_CACHE)
+async def merge_and_write(run: Run) -> RunSummary:
+    """Merge the ledger's rows with the rejections in input order, write the output atomically."""
+    return run.write_output()
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+async def publish_artifacts(run: Run, summary: RunSummary) -> None:
+    """The run summary (Markdown) and the task type x route table, under keys that stay the same across runs."""
+    breakdown = RunBreakdown.of(run.rows())
+    await acreate_markdown_artifact(
+        summary_markdown(summary, breakdown.failures()), key=SUMMARY_KEY, description="batch_engine run summary"
+    )
+    await acreate_table_artifact(
+        breakdown.table(), key=TABLE_KEY, description="Tasks, results, tokens and cost by task type and route"
+    )
+
+
+# --- flows ----------------------------------------------------------------------------------------------------
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+@flow(name="batch-orchestrator", description="Run a task file through Message Batches and realtime; write one file.")
+async def batch_orchestrator(
+    input_path: str,
+    output_path: str,
+    config_path: str | None = None,
+    state_dir: str = str(DEFAULT_STATE_DIR),
+    batch_timeout_s: PositiveFloat | None = None,
+    poll_interval_s: PositiveFloat | None = None,
+    concurrency: PositiveInt | None = None,
+    mode: Route | None = None,
+    max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
+    count_tokens: bool = False,
+    emulate: bool = False,
+    wait: bool = True,
+    output_format: OutputFormat = "json",
+    api_key_block: str = DEFAULT_SECRET_BLOCK,
+) -> RunSummary | None:
+    """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
+
+    Returns the run summary, or None when the run was left for `batch-collect`. Paths are relative to the
+    directory the flow runs in. `mode` forces one route; `max_cost_usd` refuses a plan estimated over it and
+    stops sending at it; `emulate` runs against the built-in emulator (simulated, nothing billed).
+    """
+    logger = get_run_logger()
+    options = run_options(
+        state_dir=state_dir,
+        config_path=config_path,
+        mode=mode,
+        concurrency=concurrency,
+        batch_timeout_s=batch_timeout_s,
+        poll_interval_s=poll_interval_s,
+        output_format=output_format,
+        emulate=emulate,
+        max_cost_usd=max_cost_usd,
+        count_tokens=count_tokens,
+    )
+    run = await plan_run(input_path, output_path, options)
+    try:
+        plan = run.plan
+        logger.info(
+            "run %s: %d tasks (%d batch, %d realtime), %d rejected, %d chunks",
+            run.key,
+            len(plan.tasks),
+            sum(task.route == "batch" for task in plan.tasks),
+            sum(task.route == "realtime" for task in plan.tasks),
+            len(plan.rejections),
+            len(plan.chunks),
+        )
+        if run.completed:
+            logger.info("run %s is already complete: its output is rewritten from the ledger, nothing is sent", run.key)
+        elif not await _send(run, logger, wait=wait, block=api_key_block):
+            logger.info("run %s: batches submitted; the `batch-collect` flow finishes it once they end", run.key)
+            return None
+        return await _finish(run, logger)
+    finally:
+        run.close()
+
+
+@flow(name="batch-collect", description="Finish every run started with wait=false whose batches have ended.")
+async def collect(
+    state_dir: str = str(DEFAULT_STATE_DIR),
+    include_running: bool = False,
+    api_key_block: str = DEFAULT_SECRET_BLOCK,
+) -> list[RunSummary]:
+    """Collect, send leftovers realtime, write and publish each waiting run whose batches have all ended.
+
+    A run whose batches are still running is left for the next collect, so no process waits on a batch.
+    `include_running` also takes runs left `running` by a flow run that died; only use it when no flow run is
+    working on this state dir.
+    """
+    logger = get_run_logger()
+    records = await find_waiting_runs(state_dir, include_running)
+    finished: list[RunSummary] = []
+    for record in records:
+        run = await reopen_run(quote(record), state_dir)
+        try:
+            summary = await _collect_one(run, logger, block=api_key_block)
+        finally:
+            run.close()
+        if summary is not None:
+            finished.append(summary)
+    logger.info("collect: %d of %d waiting runs finished", len(finished), len(records))
+    return finished
+
+
+# --- flow steps (composition only) ----------------------------------------------------------------------------
+
+
+async def _send(run: Run, logger: Logger, *, wait: bool, block: str) -> bool:
+    """Both lanes; True when every batch has been collected, False when some were left waiting (wait=false)."""
+    progress = Progress()
+    options = run.options
+    async with (
+        api_settings(
+            emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
+        ) as api,
+        run.lanes(api, logger=logger, progress=progress) as lanes,
+        _progress_artifact(run, progress),
+    ):
+        if options.simulated:
+            logger.warning("SIMULATED: running against the built-in emulator at %s; nothing is billed", api.base_url)
+        await estimate_and_budget(quote(lanes))
+        run.ledger.set_run_status(run.key, "running")
+        batch_lane = _batch_lane(lanes.batch, run.chunk_works(), wait, logger)
+        realtime = _realtime(lanes, progress, logger)
+        await asyncio.gather(batch_lane, realtime)
+        if run.open_batches():
+            run.ledger.set_run_status(run.key, "submitted")
+            return False
+        await _leftovers(lanes, logger)
+    return True
+
+
+async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | None:
+    options = run.options
+    progress = Progress()
+    async with (
+        api_settings(
+            emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
+        ) as api,
+        run.lanes(api, logger=logger, progress=progress) as lanes,
+    ):
+        # A submission that died half-way left chunks without a batch: create them now, collect them later.
+        await asyncio.gather(*(submit_chunk(lanes.batch, work) for work in run.unsubmitted_works()))
+        if not await run.batches_ended(lanes):
+            logger.info("run %s: batches still running; left for the next collect", run.key)
+            return None
+        await estimate_and_budget(quote(lanes))
+        run.ledger.set_run_status(run.key, "running")
+        # Retryable rows are resubmitted but not waited for: the next collect finishes that batch.
+        lanes.batch.wait_for_resubmissions = False
+        await asyncio.gather(*(wait_and_collect(lanes.batch, record) for record in run.open_batches()))
+        if run.open_batches():
+            run.ledger.set_run_status(run.key, "submitted")
+            logger.info("run %s: rows resubmitted in a new batch; left for the next collect", run.key)
+            return None
+        await _leftovers(lanes, logger)
+    return await _finish(run, logger)
+
+
+async def _batch_lane(batch: BatchLane, works: list[ChunkWork], wait: bool, logger: Logger) -> None:
+    async def chunk(work: ChunkWork) -> None:
+        record = await submit_chunk(batch, work)
+        if record is not None and wait:
+            await wait_and_collect(batch, record)
+
+    if works:
+        await asyncio.gather(*(chunk(work) for work in works))
+        progress = batch.ctx.progress
+        logger.info(
+            "batch lane: %d batches submitted, %d ended; %d rows succeeded, %d failed",
+            progress.batches_submitted,
+            progress.batches_ended,
+            progress.batch_rows_done,
+            progress.batch_rows_failed,
+        )
+
+
+async def _realtime(lanes: Lanes, progress: Progress, logger: Logger) -> None:
+    if lanes.run.realtime_tasks():
+        sent = await realtime_lane(quote(lanes))
+        logger.info(
+            "realtime lane: %d tasks, %d succeeded, %d failed", sent, progress.realtime_done, progress.realtime_failed
+        )
+
+
+async def _leftovers(lanes: Lanes, logger: Logger) -> None:
+    if lanes.run.leftovers():
+        sent = await realtime_leftovers(quote(lanes))
+        logger.info("realtime fallback: %d tasks the batch lane did not finish were sent realtime", sent)
+
+
+async def _finish(run: Run, logger: Logger) -> RunSummary:
+    summary = await merge_and_write(quote(run))
+    await publish_artifacts(quote(run), summary)
+    counts, cost = summary.counts, summary.cost
+    log = logger.info if summary.all_succeeded else logger.warning
+    log(
+        "run %s: %d tasks, %d succeeded, %d failed, %d rejected; cost $%.4f vs baseline $%.4f (saved %.1f%%); "
+        "output %s",
+        summary.run_key,
+        counts["total"],
+        counts["succeeded"],
+        counts["failed"],
+        counts["rejected"],
+        cost.total_usd,
+        cost.baseline_usd,
+        cost.savings_pct,
+        summary.output_path,
+    )
+    return summary
+
+
+@asynccontextmanager
+async def _progress_artifact(run: Run, progress: Progress) -> AsyncIterator[None]:
+    """A progress artifact refreshed every few seconds while the lanes run, and once more at the end."""
+    total = len(run.plan.tasks)
+    before = len(run.ledger.finished_indexes(run.key))
+
+    def figures() -> tuple[float, str]:
+        return progress_percent(progress, total, before), progress_description(progress, total, before)
+
+    percent, description = figures()
+    artifact_id = await acreate_progress_artifact(percent, key=PROGRESS_KEY, description=description)
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            percent, description = figures()
+            await aupdate_progress_artifact(artifact_id, percent, description=description)
+
+    ticker = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        percent, description = figures()
+        await aupdate_progress_artifact(artifact_id, percent, description=description)
