@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from batch_engine.config import Config, load_config
 from batch_engine.errors import BatchEngineError
 from batch_engine.io import dumps, iter_records
-from batch_engine.models import RunSummary
 from batch_engine.planning import Plan, make_plan
 from batch_engine.runner import DEFAULT_STATE_DIR
 from batch_engine.schema import json_schema
@@ -309,61 +308,78 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# Against the emulator a batch ends in seconds; polling every minute would only add waiting.
-_EMULATED_POLL_S = 1.0
-
-
 def _run(args: argparse.Namespace) -> int:
+    """Run the `batch-orchestrator` Prefect flow in this process, exactly as a deployment run would."""
     import asyncio
-    import contextlib
 
-    from pydantic import SecretStr
-    from rich.console import Console
+    from batch_engine.display import render_summary
 
-    from batch_engine.client import ApiSettings, api_from_environment
-    from batch_engine.display import live_progress, render_summary
+    # Bad config or input: one `Error:` line and exit 2 before Prefect (and its temporary server) starts.
+    load_config(args.config)
+    for _ in iter_records(args.input):
+        pass
+    _check_api_key(args.emulate)
+
+    from flows.batch_orchestrator import batch_orchestrator
+
+    _quiet_prefect_console()
+    summary = asyncio.run(
+        batch_orchestrator(
+            input_path=str(args.input),
+            output_path=str(args.output),
+            config_path=None if args.config is None else str(args.config),
+            state_dir=str(args.state_dir),
+            batch_timeout_s=args.batch_timeout,
+            poll_interval_s=args.poll_interval,
+            concurrency=args.concurrency,
+            mode=args.mode,
+            max_cost_usd=args.max_cost_usd,
+            count_tokens=args.count_tokens,
+            emulate=args.emulate,
+            output_format=args.output_format,
+        )
+    )
+    assert summary is not None  # only wait=false leaves a run unfinished
+    print(render_summary(summary))
+    return 0 if summary.all_succeeded else 1
+
+
+def _check_api_key(emulate: bool) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from batch_engine.client import api_from_environment
     from batch_engine.errors import ConfigError
-    from batch_engine.lanes import Progress
-    from batch_engine.runner import RunOptions, run
 
-    config = load_config(args.config)
-    api = api_from_environment()
-    if api is None and not args.emulate:
+    # With a Prefect server the key may be in its Secret block, which only the flow can read.
+    if not emulate and api_from_environment() is None and not PREFECT_API_URL.value():
         raise ConfigError(
             "no API key: set ANTHROPIC_API_KEY to run against the Anthropic API, "
             "or pass --emulate to dry-run against the built-in emulator (simulated results, nothing billed)"
         )
-    options = RunOptions(
-        state_dir=args.state_dir,
-        mode=args.mode,
-        concurrency=args.concurrency,
-        batch_timeout_s=args.batch_timeout,
-        poll_interval_s=args.poll_interval or (_EMULATED_POLL_S if args.emulate else None),
-        output_format=args.output_format,
-        simulated=args.emulate,
-        max_cost_usd=args.max_cost_usd,
-        count_tokens=args.count_tokens,
-    )
-    console = Console(stderr=True)
-    progress = Progress()
-    with contextlib.ExitStack() as stack:
-        if args.emulate:
-            from batch_engine.emulator import EmulatorSettings, start_emulator
 
-            emulator = stack.enter_context(start_emulator(EmulatorSettings(config_path=args.config)))
-            api = ApiSettings(SecretStr("emulated"), emulator.base_url)
-            console.print(
-                f"SIMULATED: running against the built-in emulator at {emulator.base_url}; nothing is billed."
-            )
-        assert api is not None
 
-        async def go() -> RunSummary:
-            async with live_progress(console, progress, total=0):
-                return await run(args.input, args.output, api=api, config=config, options=options, progress=progress)
+def _quiet_prefect_console() -> None:
+    """On the terminal, show the run's lines (batch state changes, lane summaries) and nothing of Prefect's own.
 
-        summary = asyncio.run(go())
-    print(render_summary(summary))
-    return 0 if summary.all_succeeded else 1
+    Prefect's engine and temporary-server messages (start/stop banners, task state lines, event-flush warnings at
+    exit) would otherwise bury the closing summary. They still reach the Prefect API; only the console drops them.
+    """
+    import logging
+    import os
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    import batch_engine
+    import flows
+
+    roots = tuple(str(Path(str(package.__file__)).parent) + os.sep for package in (batch_engine, flows))
+
+    def run_lines_only(record: logging.LogRecord) -> bool:
+        return record.pathname.startswith(roots)
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(run_lines_only)
 
 
 # --- cache-stats / report ---------------------------------------------------------------------------------
@@ -384,6 +400,7 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     report.add_argument("--analyze-only", action="store_true", help="print the report instead of writing a file")
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    report.add_argument("--plan", type=Path, metavar="INPUT", help="also analyse this task file before it runs")
     report.set_defaults(func=_report)
 
 
@@ -431,10 +448,18 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from batch_engine.budget import Estimator
     from batch_engine.io import atomic_write_bytes
     from batch_engine.telemetry.advice import render_report
+    from batch_engine.telemetry.usage_log import output_history
 
-    markdown = render_report(_usage_records(args.state_dir, args.days), load_config(args.config), args.days)
+    records = _usage_records(args.state_dir, args.days)
+    config = load_config(args.config)
+    planned = None
+    if args.plan is not None:
+        plan = make_plan(iter_records(args.plan), config, datetime.now(UTC))
+        planned = (str(args.plan), plan, Estimator(config, output_history=output_history(records)))
+    markdown = render_report(records, config, args.days, planned)
     if args.analyze_only:
         sys.stdout.write(markdown)
     else:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import anthropic
+import httpx2
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
@@ -27,6 +28,9 @@ SPEND_LIMIT_CODES = frozenset(
     {"enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached"}
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# What a call can raise: the SDK's errors, and transport errors it lets through unwrapped once a streamed body
+# (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway through.
+_CALL_ERRORS = (anthropic.AnthropicError, httpx2.TransportError)
 # The SDK refuses non-streaming calls it expects to take over 10 minutes: 3600 s * max_tokens / 128,000.
 MAX_NONSTREAMING_TOKENS = 21_333
 
@@ -110,17 +114,19 @@ def translate(exc: BaseException) -> ApiError:
         if should_retry in ("true", "false"):
             retryable = should_retry == "true"
         return (TransientApiError if retryable else PermanentApiError)(text, **kwargs)
-    if isinstance(exc, anthropic.APITimeoutError):
+    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
         return TransientApiError("request timed out", error_type="timeout_error")
     if isinstance(exc, anthropic.APIConnectionError):
         return TransientApiError(f"connection error: {exc.__cause__ or exc}", error_type="connection_error")
+    if isinstance(exc, httpx2.TransportError):
+        return TransientApiError(f"connection error: {exc}", error_type="connection_error")
     return PermanentApiError(f"{type(exc).__name__}: {exc}", error_type="client_error")
 
 
 async def _translated(call: Awaitable[T]) -> T:
     try:
         return await call
-    except (anthropic.AnthropicError, ValueError) as exc:
+    except (*_CALL_ERRORS, ValueError) as exc:
         raise translate(exc) from exc
 
 
@@ -208,7 +214,7 @@ async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: b
         raw = await client.messages.with_raw_response.create(**params)
         parsed = await raw.parse()
         return Reply(parsed.model_dump(mode="json"), raw.headers, raw.request_id)
-    except (anthropic.AnthropicError, ValueError) as exc:
+    except (*_CALL_ERRORS, ValueError) as exc:
         raise translate(exc) from exc
 
 
@@ -282,7 +288,7 @@ async def list_batches(client: AsyncClient, created_after: float) -> list[BatchI
             if info.created_at < created_after:
                 break
             found.append(info)
-    except anthropic.AnthropicError as exc:
+    except _CALL_ERRORS as exc:
         raise translate(exc) from exc
     return found
 
@@ -325,5 +331,5 @@ async def batch_results(client: AsyncClient, batch_id: str) -> AsyncIterator[Bat
                 yield _batch_row(item)
         finally:
             await decoder.close()
-    except anthropic.AnthropicError as exc:
+    except _CALL_ERRORS as exc:
         raise translate(exc) from exc

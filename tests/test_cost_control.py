@@ -164,8 +164,8 @@ def test_the_cli_refuses_an_over_budget_plan_with_exit_2(
     args = ["run", str(ROOT / "samples" / "nightly_tasks.json"), "-o", str(tmp_path / "o.json")]
     args += ["--config", str(ROOT / "samples" / "config.toml"), "--state-dir", str(tmp_path / "s")]
     assert main([*args, "--max-cost-usd", "0.01"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("Error: estimated cost $") and "nothing was sent" in err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("Error: estimated cost $") and "nothing was sent" in last
     assert "POST /v1/messages" not in emulator.stats()["calls"]
 
 
@@ -314,3 +314,17 @@ def test_plan_falls_back_to_the_estimate_when_counting_fails(
     out = capsys.readouterr().out
     assert "input tokens (offline estimate)" in out
     assert "note: token counting failed for" in out and "the offline estimate is used" in out
+
+
+def test_report_with_a_plan_prices_its_recommendations(
+    emulator: RunningEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = _low_hit_rate_run(emulator, tmp_path)
+    capsys.readouterr()
+    plan = ROOT / "samples" / "nightly_tasks.json"
+    args = ["report", "--state-dir", str(state), "--analyze-only", "--plan", str(plan)]
+    assert main([*args, "--config", str(ROOT / "samples" / "config.toml")]) == 0
+    text = capsys.readouterr().out
+    assert f"## Plan: {plan}" in text and "304 tasks (241 batch, 63 realtime)" in text
+    # The sample's realtime task types (chat, user_query) default to realtime: the plan says what batching saves.
+    assert re.search(r"\*\*Plan: send `user_query` through Message Batches\*\* — \$0\.\d{4}", text)

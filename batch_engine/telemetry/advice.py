@@ -9,8 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from batch_engine.budget import Estimator
 from batch_engine.config import Config, ModelSpec, Route
 from batch_engine.models import Usage
+from batch_engine.planning import Plan, PlannedTask
+from batch_engine.planning.params import system_prefix
 from batch_engine.planning.pricing import cost
 from batch_engine.telemetry.cache_stats import caching_saved
 from batch_engine.telemetry.usage_log import UsageRecord
@@ -215,12 +218,64 @@ def _thinking_spend(records: Sequence[UsageRecord], config: Config) -> list[Reco
     return out
 
 
+def plan_recommendations(plan: Plan, estimator: Estimator) -> list[Recommendation]:
+    """What a plan could save before it runs, from the same estimates the budget uses."""
+    config = estimator.config
+    found: list[Recommendation] = []
+    by_default = [t for t in plan.tasks if t.route == "realtime" and t.route_reason.startswith("task type ")]
+    for task_type, group in sorted(_by_task_type(by_default).items()):
+        realtime = sum(estimator.cost(t, "realtime") for t in group)
+        batch = sum(estimator.cost(t, "batch") for t in group)
+        found.append(
+            Recommendation(
+                f"Plan: send `{task_type}` through Message Batches",
+                f"{len(group)} tasks of this plan go realtime only by the task type's default; estimated "
+                f"${realtime:.4f} realtime vs ${batch:.4f} as batch rows.",
+                realtime - batch,
+            )
+        )
+    uncached: dict[str, list[PlannedTask]] = defaultdict(list)
+    for task in plan.tasks:
+        key, tokens, ttl = system_prefix(task.params)
+        if key is not None and ttl is None and tokens >= config.models[task.model].min_cacheable_tokens:
+            uncached[f"{task.task_type}\x00{key}"].append(task)
+    for _, group in sorted(uncached.items()):
+        if len(group) < 2:
+            continue
+        first = group[0]
+        tokens = system_prefix(first.params)[1]
+        spec = config.models[first.model]
+        discount = config.batch_discount if first.route == "batch" else 1.0
+        usd = _cache_gain(spec, tokens, len(group), "1h" if first.route == "batch" else "5m") * discount
+        found.append(
+            Recommendation(
+                f"Plan: cache the system prompt of `{first.task_type}`",
+                f"{len(group)} tasks share a ~{tokens}-token system prompt with no cache breakpoint.",
+                usd,
+            )
+        )
+    return sorted((r for r in found if r.usd > 0), key=lambda r: -r.usd)
+
+
+def _by_task_type(tasks: Sequence[PlannedTask]) -> dict[str, list[PlannedTask]]:
+    groups: dict[str, list[PlannedTask]] = defaultdict(list)
+    for task in tasks:
+        groups[task.task_type].append(task)
+    return dict(groups)
+
+
 def _attribute(name: str, record: UsageRecord) -> str:
     return str(getattr(record, name))
 
 
-def render_report(records: Sequence[UsageRecord], config: Config, days: float) -> str:
-    """The Markdown report: spend tables, baseline and savings, recommendations with figures."""
+def render_report(
+    records: Sequence[UsageRecord],
+    config: Config,
+    days: float,
+    plan: tuple[str, Plan, Estimator] | None = None,
+) -> str:
+    """The Markdown report: spend tables, baseline and savings, recommendations with figures; with `plan`
+    (its name, the plan, its estimator) also what that plan will cost and could save."""
     spent = sum(r.cost_usd for r in records)
     baseline = sum(r.baseline_usd for r in records)
     lines = [
@@ -247,7 +302,18 @@ def render_report(records: Sequence[UsageRecord], config: Config, days: float) -
             lines.append(f"| {name} | {len(group)} | ${c:.4f} | ${b:.4f} | ${b - c:.4f} |")
         lines.append("")
     found = recommendations(records, config)
-    lines += ["## Recommendations", ""]
+    if plan is not None:
+        name, planned, estimator = plan
+        expected = sum(estimator.cost(t, t.route) for t in planned.tasks)
+        lines += [
+            "",
+            f"## Plan: {name}",
+            "",
+            f"{len(planned.tasks)} tasks ({len(planned.batch_tasks())} batch, {len(planned.realtime_tasks())} "
+            f"realtime), estimated ${expected:.4f} before caching.",
+        ]
+        found += plan_recommendations(planned, estimator)
+    lines += ["", "## Recommendations", ""]
     if not found:
         lines.append("None: no change the usage log supports would save money.")
     for number, rec in enumerate(found, 1):
