@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
 import os
 import random
 import time
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import anthropic
 import httpx2
+from anthropic.resources.messages import AsyncMessages
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
@@ -204,14 +206,39 @@ def error_headers(exc: ApiError) -> Mapping[str, str]:
     return {}
 
 
+def _api_fields(method: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(method).parameters) - {
+        "self",
+        "extra_headers",
+        "extra_query",
+        "extra_body",
+        "timeout",
+    }
+
+
+_CREATE_FIELDS = _api_fields(AsyncMessages.create)
+_STREAM_FIELDS = _api_fields(AsyncMessages.stream)
+_COUNT_FIELDS = _api_fields(AsyncMessages.count_tokens)
+
+
+def _keywords(params: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so raw params reach
+    the API as given: SDK 2 dropped temperature/top_p/top_k from the signatures, yet older models accept them,
+    and the API, not a TypeError, should judge the rest."""
+    extra = {key: value for key, value in params.items() if key not in fields}
+    if not extra:
+        return params
+    return {key: value for key, value in params.items() if key in fields} | {"extra_body": extra}
+
+
 async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: bool) -> Reply:
     """One Messages request (streamed when asked or when max_tokens needs it); errors are translated."""
     try:
         if stream or int(params.get("max_tokens", 0)) > MAX_NONSTREAMING_TOKENS:
-            async with client.messages.stream(**params) as events:
+            async with client.messages.stream(**_keywords(params, _STREAM_FIELDS)) as events:
                 message = await events.get_final_message()
                 return Reply(message.model_dump(mode="json"), events.response.headers, events.request_id)
-        raw = await client.messages.with_raw_response.create(**params)
+        raw = await client.messages.with_raw_response.create(**_keywords(params, _CREATE_FIELDS))
         parsed = await raw.parse()
         return Reply(parsed.model_dump(mode="json"), raw.headers, raw.request_id)
     except (*_CALL_ERRORS, ValueError) as exc:
@@ -221,7 +248,7 @@ async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: b
 async def count_tokens(client: AsyncClient, params: dict[str, Any]) -> int:
     """Exact input tokens of a request, from `messages.count_tokens` (max_tokens is not part of it)."""
     body = {key: value for key, value in params.items() if key != "max_tokens"}
-    counted = await _translated(client.messages.count_tokens(**body))
+    counted = await _translated(client.messages.count_tokens(**_keywords(body, _COUNT_FIELDS)))
     return int(counted.input_tokens)
 
 

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import orjson
 
-from batch_engine.errors import LedgerError
 from batch_engine.models import TaskResult
+from batch_engine.store import SqliteStore
 
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite3"
@@ -25,7 +25,6 @@ ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed"]
 RunStatus = Literal["running", "submitted", "complete"]
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_key TEXT PRIMARY KEY,
     input_path TEXT NOT NULL,
@@ -116,39 +115,15 @@ def _run(row: sqlite3.Row) -> RunRecord:
     )
 
 
-class Ledger:
+class Ledger(SqliteStore):
     """The SQLite ledger of every run kept in one state directory."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
-            self._db.row_factory = sqlite3.Row
-            # WAL: a reader never sees half a transaction and a crash never leaves one half-applied.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if version is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(version["value"]) != SCHEMA_VERSION:
-                raise LedgerError(f"{path}: ledger schema {version['value']} is not {SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{path}: cannot use the run ledger: {exc}") from exc
+        super().__init__(path, _SCHEMA, SCHEMA_VERSION, "run ledger")
 
     @classmethod
     def open(cls, state_dir: Path) -> Ledger:
         return cls(Path(state_dir) / LEDGER_FILE)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # --- runs ------------------------------------------------------------------------------------------
 

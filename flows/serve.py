@@ -11,9 +11,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import serve
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect import Flow, serve
+from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval
+from prefect.types.entrypoint import EntrypointType
 
 from flows.batch_orchestrator import batch_orchestrator, collect
 
@@ -39,10 +40,9 @@ def build_deployments(
     nightly_parameters: dict[str, Any] | None = None,
 ) -> list[RunnerDeployment]:
     """The three deployments `prefect.yaml` also declares, ready for `serve(...)`."""
-    # Module entrypoints load the flows the same way from any working directory.
-    module = EntrypointType.MODULE_PATH
     return [
-        batch_orchestrator.to_deployment(
+        _deployment(
+            batch_orchestrator,
             name="nightly",
             description="Nightly run of the task file through Message Batches and realtime.",
             schedules=[Cron(cron, timezone=timezone)],
@@ -50,24 +50,31 @@ def build_deployments(
             # Two nightly runs never overlap; a late one waits for the previous one to finish.
             concurrency_limit=1,
             tags=["batch-engine", "nightly"],
-            entrypoint_type=module,
         ),
-        batch_orchestrator.to_deployment(
+        _deployment(
+            batch_orchestrator,
             name="on-demand",
             description="Run a task file now.",
             tags=["batch-engine", "on-demand"],
-            entrypoint_type=module,
         ),
-        collect.to_deployment(
+        _deployment(
+            collect,
             name="collect",
             description="Merge and write every run whose batches have ended; a no-op when none has.",
             schedules=[Interval(collect_every_s)],
             parameters={"state_dir": DEFAULT_STATE_DIR},
             concurrency_limit=1,
             tags=["batch-engine", "collect"],
-            entrypoint_type=module,
         ),
     ]
+
+
+def _deployment(flow: Flow[..., Any], **options: Any) -> RunnerDeployment:
+    # Module entrypoints load the flows the same way from any working directory.
+    deployment = flow.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **options)
+    # Outside an event loop `to_deployment` is the sync variant; inside one it would hand back a coroutine.
+    assert isinstance(deployment, RunnerDeployment), "build_deployments() must be called outside an event loop"
+    return deployment
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

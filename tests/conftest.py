@@ -26,3 +26,16 @@ def emulator(_emulator_server: RunningEmulator) -> RunningEmulator:
     """
     _emulator_server.reset()
     return _emulator_server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API for the whole session (~10 s to start), for tests that run flows or blocks."""
+    import os
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    # No internet in CI: without this the temporary server logs a telemetry DNS error on every start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -47,11 +47,11 @@ def write_jsonl(path: Path, tasks: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
-def generated_tasks(count: int, *, realtime_every: int = 3, prefix: str = "t") -> list[dict[str, Any]]:
-    """`count` distinct tasks; every `realtime_every`-th one is a realtime task type, the rest batch types."""
+def generated_tasks(count: int, *, realtime_every: int | None = 3, prefix: str = "t") -> list[dict[str, Any]]:
+    """`count` distinct tasks; every `realtime_every`-th one is a realtime task type (None: none), the rest batch."""
     tasks = []
     for i in range(count):
-        if i % realtime_every == 0:
+        if realtime_every and i % realtime_every == 0:
             tasks.append({"task_id": f"{prefix}{i}", "task_type": "user_query", "input_data": {"question": f"q {i}?"}})
         else:
             tasks.append({"task_id": f"{prefix}{i}", "task_type": "classify_bulk", "input_data": {"text": f"t {i}"}})

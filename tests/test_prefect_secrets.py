@@ -62,10 +62,3 @@ def test_a_block_holding_a_json_object_is_a_config_error(block_name: str) -> Non
         asyncio.run(resolve_api_key(block_name))
     assert "sk-nested" not in str(raised.value)
 
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield

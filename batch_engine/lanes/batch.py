@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, overload
 
 from batch_engine.client import (
     BatchInfo,
@@ -24,11 +25,14 @@ from batch_engine.client import (
 )
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
 from batch_engine.lanes import LaneContext
+from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import ChunkRecord
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
 
+T = TypeVar("T")
+_UNLIMITED = 10**12  # the Batches API limits requests per minute only
 _FLUSH_ROWS = 1000  # ledger transaction size while streaming results
 _POLL_GROWTH = 1.5
 # How far before an intent a matching batch may have been created (clock skew between us and the API).
@@ -66,9 +70,20 @@ class BatchLane:
         self.poll_initial_s = min(limits.batch_poll_initial_s, limits.batch_poll_interval_s)
         self.poll_interval_s = limits.batch_poll_interval_s
         self.timeout_s = limits.batch_timeout_s
+        self.rpm = RateLimiter(limits.batch_rpm, _UNLIMITED, _UNLIMITED)
         # False in `collect`: a resubmitted batch is only created, and a later collect finishes it, so no
         # process waits hours for it.
         self.wait_for_resubmissions = True
+
+    @overload
+    async def _slot(self, call: None = None, requests: int = 1) -> None: ...
+    @overload
+    async def _slot(self, call: Awaitable[T], requests: int = 1) -> T: ...
+    async def _slot(self, call: Awaitable[T] | None = None, requests: int = 1) -> T | None:
+        """Wait for room under the Batches RPM (shared by every batch endpoint, polling included), then call."""
+        for _ in range(requests):
+            await self.rpm.acquire(0)
+        return None if call is None else await call
 
     async def run(self, works: Sequence[ChunkWork]) -> None:
         """Process every chunk concurrently (each waits on its own batch)."""
@@ -140,6 +155,7 @@ class BatchLane:
             for index in record.task_indexes
         ]
         try:
+            await self._slot()
             return await create_batch(self.ctx.client, requests)
         except TransientApiError as exc:
             if exc.status is None or exc.status in (408, 504):
@@ -152,7 +168,7 @@ class BatchLane:
     async def _reconcile(self, record: ChunkRecord) -> BatchInfo | None:
         """A batch created for this chunk that the ledger does not know, if exactly one can be found."""
         found = await self.ctx.policy.call(
-            lambda: list_batches(self.ctx.client, created_after=record.intent_at - _RECONCILE_SKEW_S)
+            lambda: self._slot(list_batches(self.ctx.client, created_after=record.intent_at - _RECONCILE_SKEW_S))
         )
         known = self.ctx.ledger.known_batch_ids()
         candidates = [b for b in found if b.id not in known and b.total == len(record.task_indexes)]
@@ -218,7 +234,7 @@ class BatchLane:
         last_status: str | None = None
         while True:
             try:
-                info = await retrieve_batch(self.ctx.client, batch_id)
+                info = await self._slot(retrieve_batch(self.ctx.client, batch_id))
             except TransientApiError as exc:
                 self.ctx.logger.warning("batch %s: poll failed (%s); polling again", batch_id, exc.message)
             else:
@@ -252,7 +268,7 @@ class BatchLane:
         self.ctx.logger.warning("batch %s: not ended by the batch timeout; cancelling it", batch_id)
         # Recorded first: a re-run after a crash here must treat cancelled rows as ours, not the API's.
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, canceled_by_us=True)
-        await self.ctx.policy.call(lambda: cancel_batch(self.ctx.client, batch_id))
+        await self.ctx.policy.call(lambda: self._slot(cancel_batch(self.ctx.client, batch_id)))
 
     # --- collect -------------------------------------------------------------------------------------------
 
@@ -291,6 +307,7 @@ class BatchLane:
         ended_at = self.clock() if info.ended_at is None else min(info.ended_at, self.clock())
         retry: list[PlannedTask] = []
         spent = 0.0
+        await self._slot(requests=2)  # the SDK retrieves the batch, then downloads its results
         async for row in batch_results(self.ctx.client, record.batch_id):
             task = expected.get(row.custom_id)
             if task is None or row.custom_id in seen:

@@ -3,17 +3,16 @@ state directory. `cache-stats`, `report` and the budget's output history read it
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from batch_engine.config import Config
-from batch_engine.errors import LedgerError
 from batch_engine.models import TaskResult, Usage
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.params import system_prefix, thinking_label
 from batch_engine.planning.pricing import baseline_cost
+from batch_engine.store import SqliteStore
 
 SCHEMA_VERSION = 1
 USAGE_FILE = "usage.sqlite3"
@@ -66,44 +65,21 @@ def _column(name: str, annotation: str) -> str:
 
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
     "CREATE TABLE IF NOT EXISTS usage (\n    "
     + ",\n    ".join(_column(f.name, str(f.type)) for f in fields(UsageRecord))
     + "\n);\nCREATE INDEX IF NOT EXISTS usage_by_time ON usage (at);\n"
 )
 
 
-class UsageLog:
+class UsageLog(SqliteStore):
     """Append-only log of billed requests."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if version is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(version[0]) != SCHEMA_VERSION:
-                raise LedgerError(f"{path}: usage log schema {version[0]} is not {SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{path}: cannot use the usage log: {exc}") from exc
+        super().__init__(path, _SCHEMA, SCHEMA_VERSION, "usage log")
 
     @classmethod
     def open(cls, state_dir: Path) -> UsageLog:
         return cls(Path(state_dir) / USAGE_FILE)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> UsageLog:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     def append(self, records: Iterable[UsageRecord]) -> None:
         rows = [astuple(record) for record in records]
