@@ -3,7 +3,6 @@ lane left through the realtime lane, then merge everything into one output file 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import heapq
 import logging
@@ -22,7 +21,7 @@ from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_
 from batch_engine.config import Config, Route, load_config
 from batch_engine.errors import BudgetError, LedgerError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
-from batch_engine.lanes import LaneContext, Progress
+from batch_engine.lanes import LaneContext, Progress, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
@@ -290,7 +289,7 @@ class Run:
 
     async def execute(self, lanes: Lanes) -> None:
         """Both lanes at once; then whatever the batch lane left goes realtime."""
-        await asyncio.gather(lanes.run_batches(self.chunk_works()), lanes.run_realtime(self.realtime_tasks()))
+        await all_or_none(lanes.run_batches(self.chunk_works()), lanes.run_realtime(self.realtime_tasks()))
         leftovers = self.leftovers()
         if leftovers:
             lanes.batch.ctx.logger.info("realtime fallback: %d tasks the batch lane did not finish", len(leftovers))

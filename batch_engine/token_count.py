@@ -3,7 +3,6 @@ concurrently, under the endpoint's own RPM limit; anything that cannot be counte
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import orjson
 
 from batch_engine.client import AsyncClient, RetryPolicy, count_tokens
 from batch_engine.errors import ApiError
+from batch_engine.lanes import all_or_none
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.planning import PlannedTask
 
@@ -60,7 +60,7 @@ async def count_plan_tokens(
             for task in group:
                 by_index[task.index] = counted
 
-    await asyncio.gather(*(worker() for _ in range(min(COUNT_CONCURRENCY, len(groups)) or 1)))
+    await all_or_none(*(worker() for _ in range(min(COUNT_CONCURRENCY, len(groups)) or 1)))
     note = None
     if failures:
         note = (

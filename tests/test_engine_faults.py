@@ -100,9 +100,10 @@ def test_invalid_requests_end_errored_after_exactly_one_attempt_in_both_lanes(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
     # Claude 5 models refuse sampling parameters: a 400 invalid_request_error, realtime or as a batch row.
+    # Older models take them (the SDK's typed signature no longer names them: they must still be sent).
     tasks = [
         _raw("bad-rt", "realtime", temperature=0.5),
-        _raw("good-rt", "realtime"),
+        _raw("good-rt", "realtime", temperature=0.5) | {"model": "claude-sonnet-4-6"},
         _raw("bad-batch", "batch", temperature=0.5),
         _raw("good-batch", "batch"),
     ]

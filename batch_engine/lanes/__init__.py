@@ -3,8 +3,10 @@ limits) — and what they share for one run: the client, the ledger, attempts so
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,18 @@ from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.telemetry.usage_log import UsageLog, usage_record
+
+
+async def all_or_none(*calls: Awaitable[None]) -> None:
+    """Run `calls` concurrently; if one fails, cancel the others (the ledger keeps what they finished)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass

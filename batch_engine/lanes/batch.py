@@ -24,7 +24,7 @@ from batch_engine.client import (
     retrieve_batch,
 )
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
-from batch_engine.lanes import LaneContext
+from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import ChunkRecord
 from batch_engine.models import ErrorInfo, TaskResult
@@ -87,7 +87,7 @@ class BatchLane:
 
     async def run(self, works: Sequence[ChunkWork]) -> None:
         """Process every chunk concurrently (each waits on its own batch)."""
-        await asyncio.gather(*(self.process(work) for work in works))
+        await all_or_none(*(self.process(work) for work in works))
 
     async def process(self, work: ChunkWork) -> None:
         record = await self.submit(work)

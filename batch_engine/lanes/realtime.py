@@ -3,13 +3,12 @@ under per-model RPM/ITPM/OTPM buckets, each request under the run's retry policy
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 
 from batch_engine.client import Reply, error_headers, send_message
 from batch_engine.errors import ApiError, SpendLimitError
-from batch_engine.lanes import LaneContext
+from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded, usage_from_api
@@ -37,7 +36,7 @@ class RealtimeLane:
                 result = await self._send(task)
                 self.ctx.record([result])
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
+        await all_or_none(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
 
     def _uncached_estimate(self, task: PlannedTask) -> int:
         # Cache reads do not count toward ITPM: once a prefix is cached, charge only what follows it.
