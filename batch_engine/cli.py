@@ -321,8 +321,10 @@ def _run(args: argparse.Namespace) -> int:
     _check_api_key(args.emulate)
 
     from flows.batch_orchestrator import batch_orchestrator
+    from flows.ephemeral import start_ephemeral_server
 
     _quiet_prefect_console()
+    start_ephemeral_server()
     summary = asyncio.run(
         batch_orchestrator(
             input_path=str(args.input),

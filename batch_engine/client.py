@@ -9,7 +9,7 @@ import inspect
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -349,7 +349,7 @@ def _batch_row(item: Any) -> BatchRow:
     return BatchRow(item.custom_id, str(result.type))
 
 
-async def batch_results(client: AsyncClient, batch_id: str) -> AsyncIterator[BatchRow]:
+async def batch_results(client: AsyncClient, batch_id: str) -> AsyncGenerator[BatchRow, None]:
     """Stream an ended batch's results row by row (in no particular order: match on custom_id)."""
     try:
         decoder = await client.messages.batches.results(batch_id)

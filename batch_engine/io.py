@@ -12,6 +12,7 @@ from typing import IO, Any
 
 import orjson
 
+from batch_engine.crashpoints import crash_point
 from batch_engine.errors import InputError
 
 
@@ -144,8 +145,10 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
+                crash_point("output.partial")
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point("output.before_rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

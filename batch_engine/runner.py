@@ -19,6 +19,7 @@ import orjson
 from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
 from batch_engine.config import Config, Route, load_config
+from batch_engine.crashpoints import crash_point
 from batch_engine.errors import BudgetError, LedgerError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, all_or_none
@@ -118,12 +119,14 @@ class Run:
         ledger = Ledger.open(options.state_dir)
         try:
             record = ledger.begin(key, str(input_path), str(output_path), _stored_options(options), time.time())
+            crash_point("plan.started")
             # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
             started = datetime.fromtimestamp(record.started_at, UTC)
             plan = make_plan(iter_records(input_path), config, started, route=options.mode)
         except BaseException:
             ledger.close()
             raise
+        crash_point("plan.done")
         return cls(input_path, output_path, config, options, plan, ledger, record)
 
     @classmethod
@@ -183,7 +186,10 @@ class Run:
         """Every task without a finished row and not waiting in an open batch: they go realtime."""
         finished = self.ledger.finished_indexes(self.key)
         waiting = {i for c in self.ledger.chunks(self.key) if c.open for i in c.task_indexes}
-        return [t for t in self.plan.tasks if t.index not in finished and t.index not in waiting]
+        leftovers = [t for t in self.plan.tasks if t.index not in finished and t.index not in waiting]
+        if leftovers:
+            crash_point("leftovers.before")
+        return leftovers
 
     def attempts_so_far(self) -> dict[int, int]:
         attempts: dict[int, int] = {}
@@ -245,6 +251,7 @@ class Run:
         spent = self.ledger.spent(self.key)
         estimate = spent + sum(estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
         limit = self.options.max_cost_usd
+        crash_point("preflight.done")
         if limit is None:
             return estimate
         if estimate > limit:
@@ -311,6 +318,7 @@ class Run:
         missing = self.missing()
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
+        crash_point("output.before")
         # Everything below comes from the ledger, so any process (a resumed run, `collect`, a re-run of a
         # completed run) writes the same bytes.
         last = self.ledger.last_recorded(self.key)
@@ -333,7 +341,9 @@ class Run:
             config=self.config,
         )
         atomic_write_chunks(self.output_path, _encode(summary, self.rows(), self.options.output_format))
+        crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
+        crash_point("run.complete")
         return summary
 
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: one emulator server per test session, reset before every test that uses it."""
+"""Shared fixtures: one emulator server per test session, reset before every test that uses it; one Prefect
+test harness and one migrated Prefect database per session for the Prefect tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,21 @@ def prefect_harness() -> Iterator[None]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def migrated_prefect_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Prefect SQLite database with every migration applied (~9 s once); copy it into a test's PREFECT_HOME so
+    the servers a test starts skip migrating a fresh database (11-40 s on a busy 2-core machine)."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("prefect-migrated")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    prefect = Path(sys.executable).with_name("prefect")
+    subprocess.run(
+        [str(prefect), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True, timeout=120
+    )
+    return home / "prefect.db"

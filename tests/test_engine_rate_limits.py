@@ -19,7 +19,9 @@ BURST = RPM + 50
 def test_realtime_run_sustains_the_server_rpm_with_few_429s(emulator: RunningEmulator, tmp_path: Path) -> None:
     # The config seeds the buckets at 1,000 RPM: the lane must learn the real 600 from the response headers.
     emulator.configure(rpm=RPM)
-    tasks = [{"task_id": f"r{i}", "task_type": "user_query", "input_data": {"question": f"q {i}?"}} for i in range(TASKS)]
+    tasks = [
+        {"task_id": f"r{i}", "task_type": "user_query", "input_data": {"question": f"q {i}?"}} for i in range(TASKS)
+    ]
     progress = TimedProgress()
     started = time.monotonic()
 

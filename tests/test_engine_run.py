@@ -131,7 +131,9 @@ def test_jsonl_output_has_the_run_line_then_one_line_per_task(
     calls = emulator.stats()["calls"]
 
     options = RunOptions(state_dir=tmp_path / "state", output_format="jsonl")
-    as_jsonl = run_engine(emulator, SAMPLE_TASKS, tmp_path, config=sample_config, options=options, output_name="o.jsonl")
+    as_jsonl = run_engine(
+        emulator, SAMPLE_TASKS, tmp_path, config=sample_config, options=options, output_name="o.jsonl"
+    )
 
     lines = as_jsonl.path.read_bytes().splitlines()
     assert len(lines) == 1 + 304

@@ -6,7 +6,15 @@ from pathlib import Path
 
 from batch_engine.emulator import RunningEmulator
 from batch_engine.runner import RunOptions
-from engine_support import Output, expected_text_prefix, fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
+from engine_support import (
+    Output,
+    expected_text_prefix,
+    fast_config,
+    generated_tasks,
+    messages_calls,
+    run_engine,
+    write_jsonl,
+)
 
 BATCH_TIMEOUT_S = 1.0
 CANCEL = "POST /v1/messages/batches/{id}/cancel"

@@ -1,6 +1,6 @@
 """What a user does, non-interactively: a Prefect server, the deployments, `prefect deployment run ... --watch`.
 
-One `prefect server start` per module (a fresh SQLite DB takes ~11 s to migrate). Every process these tests
+One `prefect server start` per module, on a copy of the session's migrated database. Every process these tests
 start is stopped by PID in a `finally`, and anything left carrying the module's temporary PREFECT_HOME is
 killed at the end.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +27,10 @@ import orjson
 import pytest
 import yaml
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import WorkPoolCreate
+
+from batch_engine.artifacts import PROGRESS_KEY, SUMMARY_KEY, TABLE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).with_name("prefect")
@@ -41,6 +44,7 @@ class Server:
     api_url: str
     home: Path
     env: dict[str, str]
+    pid: int
 
 
 def _free_port() -> int:
@@ -119,8 +123,9 @@ def _wait_healthy(api_url: str, proc: subprocess.Popen[bytes], log: Path, timeou
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("prefect-home")
+    shutil.copy(migrated_prefect_db, home / "prefect.db")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
@@ -135,7 +140,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     proc = _start([str(PREFECT), "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
         _wait_healthy(api_url, proc, log)
-        yield Server(api_url=api_url, home=home, env=env)
+        yield Server(api_url=api_url, home=home, env=env, pid=proc.pid)
     finally:
         _stop(proc)
         _sweep(home)
@@ -145,16 +150,19 @@ def _client(server: Server) -> PrefectClient:
     return PrefectClient(api=server.api_url)
 
 
-async def _wait_for_deployment(server: Server, name: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
-    async with _client(server) as client:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                return await client.read_deployment_by_name(name)
-            except Exception:
-                await asyncio.sleep(0.3)
+def _wait_for_deployment(server: Server, name: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
+    async def read() -> Any:
+        async with _client(server) as client:
+            return await client.read_deployment_by_name(name)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return asyncio.run(read())
+        except Exception:
+            time.sleep(0.3)
     pytest.fail(f"deployment {name} not registered after 60 s:\n{log.read_text()[-3000:]}")
 
 
@@ -167,9 +175,7 @@ def _flow_run_id(cli_output: str) -> UUID:
 async def _run_state_and_artifacts(server: Server, flow_run_id: UUID) -> tuple[str, dict[str, Any]]:
     async with _client(server) as client:
         flow_run = await client.read_flow_run(flow_run_id)
-        artifacts = await client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+        artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state is not None
     return flow_run.state.type.value, {artifact.key: artifact for artifact in artifacts if artifact.key}
 
@@ -183,7 +189,7 @@ def test_nightly_deployment_runs_end_to_end_with_deployment_run_watch(
     serve_log = tmp_path / "serve.log"
     serve = _start([sys.executable, "-m", "flows.serve"], env, serve_log)
     try:
-        deployment = asyncio.run(_wait_for_deployment(server, "batch-orchestrator/nightly", serve, serve_log))
+        deployment = _wait_for_deployment(server, "batch-orchestrator/nightly", serve, serve_log)
         (schedule,) = deployment.schedules
         assert schedule.schedule.cron == "0 2 * * *"
         assert schedule.schedule.timezone == "UTC"
@@ -217,13 +223,16 @@ def test_nightly_deployment_runs_end_to_end_with_deployment_run_watch(
         assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- serve log ---\n{serve_log.read_text()[-4000:]}"
     finally:
         _stop(serve)
+    # The serve process and every flow-run process it started are gone; only the server is left.
+    assert _pids_with_env(f"PREFECT_HOME={server.home}".encode()) == [server.pid]
 
     state, artifacts = asyncio.run(_run_state_and_artifacts(server, _flow_run_id(run.stdout)))
     assert state == "COMPLETED"
-    assert {"batch-orchestrator-summary", "batch-orchestrator-by-task-type"} <= artifacts.keys()
-    assert "| batch |" in artifacts["batch-orchestrator-by-task-type"].data or artifacts[
-        "batch-orchestrator-by-task-type"
-    ].data
+    assert {SUMMARY_KEY, TABLE_KEY, PROGRESS_KEY} <= artifacts.keys()
+    assert "304: 304 succeeded, 0 failed, 0 rejected" in artifacts[SUMMARY_KEY].data
+    table = orjson.loads(artifacts[TABLE_KEY].data)
+    assert [row["tasks"] for row in table if row["task_type"] == "total"] == [304]
+    assert artifacts[PROGRESS_KEY].data == 100.0
 
     inputs = orjson.loads((SAMPLES / "nightly_tasks.json").read_bytes())
     written = orjson.loads(output.read_bytes())

@@ -249,7 +249,7 @@ def test_logs_carry_batch_state_changes_and_lane_summaries_but_no_key_or_prompt(
     api_env: RunningEmulator, tmp_path: Path
 ) -> None:
     flow_run_id, _ = _run_flow(batch_orchestrator(**_params(tmp_path), return_state=True))
-    APILogHandler.flush()
+    asyncio.run(APILogHandler.aflush())
 
     async def read() -> list[str]:
         async with get_client() as client:

@@ -61,4 +61,3 @@ def test_a_block_holding_a_json_object_is_a_config_error(block_name: str) -> Non
     with pytest.raises(ConfigError, match=block_name) as raised:
         asyncio.run(resolve_api_key(block_name))
     assert "sk-nested" not in str(raised.value)
-

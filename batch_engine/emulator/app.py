@@ -283,7 +283,7 @@ class EmulatorApp:
     def _fault(self, endpoint: str) -> str | None:
         """Draw a fault: error faults raise here; "drop" and "error_event" are left to the handler."""
         kind = self.state.faults.draw(endpoint, self.state.settings)
-        if kind in ("429", "529", "500") or (kind == "error_event" and endpoint != "messages"):
+        if kind in ("429", "529", "500", "spend_limit") or (kind == "error_event" and endpoint != "messages"):
             raise failure_for("529" if kind == "error_event" else kind, self.state.settings.fault_retry_after_s)
         return kind
 

@@ -9,12 +9,19 @@ from typing import Literal, get_args
 from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
 from batch_engine.emulator.wire import ApiFailure
 
-FaultKind = Literal["429", "529", "500", "drop", "error_event"]
+FaultKind = Literal["429", "529", "500", "drop", "error_event", "spend_limit"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
 def failure_for(kind: str, retry_after_s: float) -> ApiFailure:
-    """The error answer of a 429/529/500 fault ("drop" and "error_event" happen mid-response instead)."""
+    """The error answer of a 429/529/500/spend_limit fault ("drop" and "error_event" happen mid-response)."""
+    if kind == "spend_limit":
+        # A 429 that waiting does not cure: the organisation's spend limit; `details.error_code` says which.
+        return ApiFailure(
+            "rate_limit_error",
+            "You have reached your specified API usage limits. You will regain access when the limit resets.",
+            details={"error_code": "enforced_spend_limit_reached"},
+        )
     if kind == "429":
         return ApiFailure(
             "rate_limit_error",

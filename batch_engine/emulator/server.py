@@ -144,7 +144,7 @@ class RunningEmulator:
         self._call(self.state.reset)
 
     def script_fault(self, endpoint: str, kind: str, count: int = 1) -> None:
-        """Make the next `count` calls to `endpoint` fail: "429", "529", "500", "drop" or "error_event"."""
+        """Make the next `count` calls to `endpoint` fail: "429", "529", "500", "drop", "error_event", "spend_limit"."""
         self._call(lambda: self.state.faults.script(endpoint, kind, count))
 
     def advance_clock(self, seconds: float) -> None:

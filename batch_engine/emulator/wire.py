@@ -23,15 +23,26 @@ ERROR_STATUS: dict[str, int] = {
 class ApiFailure(Exception):
     """An error answer: becomes `{"type":"error","error":{...},"request_id":...}` with its HTTP status."""
 
-    def __init__(self, error_type: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status = ERROR_STATUS[error_type]
         self.headers = headers or {}
+        self.details = details
 
     def body(self, request_id: str) -> dict[str, Any]:
-        return error_body(self.error_type, self.message, request_id)
+        body = error_body(self.error_type, self.message, request_id)
+        if self.details is not None:
+            body["error"]["details"] = self.details
+        return body
 
 
 def invalid(message: str) -> ApiFailure:

@@ -13,6 +13,7 @@ from typing import Any
 from batch_engine.budget import Budget, Estimator
 from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
+from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
@@ -94,6 +95,7 @@ class LaneContext:
                 for r in results
                 if r.status == "succeeded"
             )
+            crash_point("usage.logged")
         self.ledger.save_results(self.run_key, results, now)
         for result in results:
             self.progress.add(result)

@@ -8,6 +8,7 @@ time left for another batch) stay unfinished in the ledger; the runner sends the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ from batch_engine.client import (
     list_batches,
     retrieve_batch,
 )
+from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.lanes.limiter import RateLimiter
@@ -37,6 +39,9 @@ _FLUSH_ROWS = 1000  # ledger transaction size while streaming results
 _POLL_GROWTH = 1.5
 # How far before an intent a matching batch may have been created (clock skew between us and the API).
 _RECONCILE_SKEW_S = 300.0
+# Result rows read to tell whose an unrecorded batch is: a foreign batch fails on its first row, and a batch
+# whose first thousand custom_ids are all this chunk's is this chunk's.
+_VERIFY_ROWS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,7 @@ class BatchLane:
             if not indexes:
                 return None
             record = ledger.record_intent(key, work.key, indexes, self.clock())
+            crash_point("batch.intent")
         if record.batch_id is not None or record.status == "failed":
             return record if record.batch_id is not None else None
         if ambiguous:
@@ -156,7 +162,8 @@ class BatchLane:
         ]
         try:
             await self._slot()
-            return await create_batch(self.ctx.client, requests)
+            crash_point("batch.create.before")
+            info = await create_batch(self.ctx.client, requests)
         except TransientApiError as exc:
             if exc.status is None or exc.status in (408, 504):
                 # No clear answer: the create may have landed. Adopt it rather than create a duplicate.
@@ -164,30 +171,88 @@ class BatchLane:
                 if adopted is not None:
                     return adopted
             raise
+        crash_point("batch.create.after")
+        return info
 
     async def _reconcile(self, record: ChunkRecord) -> BatchInfo | None:
-        """A batch created for this chunk that the ledger does not know, if exactly one can be found."""
+        """The batch an interrupted create made for this chunk, or None when the API has none.
+
+        Candidates are batches the ledger does not know, created since the intent (less clock skew), with the
+        chunk's request count. An ended candidate is checked by its results' custom_ids, so a batch of the same
+        size from another chunk or job is told apart; a lone running candidate is adopted (its results are
+        matched by custom_id when collected). Several running candidates are waited for until they end (at most
+        until the lane deadline). Two batches that both carry the chunk's rows need a human: LedgerError.
+        """
         found = await self.ctx.policy.call(
             lambda: self._slot(list_batches(self.ctx.client, created_after=record.intent_at - _RECONCILE_SKEW_S))
         )
         known = self.ctx.ledger.known_batch_ids()
         candidates = [b for b in found if b.id not in known and b.total == len(record.task_indexes)]
-        if len(candidates) > 1:
-            ids = ", ".join(b.id for b in candidates)
-            raise LedgerError(
-                f"chunk {record.chunk_key} of run {record.run_key}: its batch create may have succeeded, and "
-                f"{len(candidates)} unrecorded batches match it ({ids}); cancel the extra ones with "
-                "`batch-engine batches cancel BATCH_ID`, then re-run"
-            )
-        if candidates:
+        custom_ids = {self.ctx.tasks[index].task_id for index in record.task_indexes}
+        while candidates:
+            matches: list[BatchInfo] = []
+            running: list[BatchInfo] = []
+            for candidate in candidates:
+                if candidate.status != "ended":
+                    running.append(candidate)
+                elif not candidate.archived and await self._carries(candidate.id, custom_ids):
+                    matches.append(candidate)
+            if len(matches) > 1:
+                ids = ", ".join(b.id for b in matches)
+                raise LedgerError(
+                    f"chunk {record.chunk_key} of run {record.run_key}: {len(matches)} batches the ledger does not "
+                    f"know carry its rows ({ids}), so its create ran more than once; keep one and record nothing: "
+                    "cancel or delete the others (`batch-engine batches cancel BATCH_ID`), then re-run"
+                )
+            adopted = matches[0] if matches else running[0] if len(running) == 1 else None
+            if adopted is not None:
+                self.ctx.logger.warning(
+                    "chunk %s: adopted batch %s created by an interrupted attempt", record.chunk_key, adopted.id
+                )
+                return adopted
+            if not running:
+                return None
+            if self.clock() >= self.deadline:
+                ids = ", ".join(b.id for b in running)
+                raise LedgerError(
+                    f"chunk {record.chunk_key} of run {record.run_key}: its create may have landed, and "
+                    f"{len(running)} unrecorded batches of its size are still running ({ids}); re-run once they "
+                    "have ended (their results tell which is its own), or cancel them with "
+                    "`batch-engine batches cancel BATCH_ID` and re-run"
+                )
             self.ctx.logger.warning(
-                "chunk %s: adopted batch %s created by an interrupted attempt", record.chunk_key, candidates[0].id
+                "chunk %s: %d unrecorded batches of its size are running; waiting for them to end to tell which, "
+                "if any, an interrupted create made",
+                record.chunk_key,
+                len(running),
             )
-            return candidates[0]
+            await self.sleep(self.poll_interval_s)
+            candidates = [await self._retrieve(b.id) for b in running]
         return None
+
+    async def _retrieve(self, batch_id: str) -> BatchInfo:
+        return await self.ctx.policy.call(lambda: self._slot(retrieve_batch(self.ctx.client, batch_id)))
+
+    async def _carries(self, batch_id: str, custom_ids: set[str]) -> bool:
+        """Whether an ended batch's results are rows of `custom_ids` (the first _VERIFY_ROWS rows are read)."""
+
+        async def check() -> bool:
+            await self._slot(requests=2)
+            read = 0
+            async with contextlib.aclosing(batch_results(self.ctx.client, batch_id)) as rows:
+                async for row in rows:
+                    if row.custom_id not in custom_ids:
+                        return False
+                    read += 1
+                    if read >= _VERIFY_ROWS:
+                        break
+            return True
+
+        return await self.ctx.policy.call(check)
 
     def _record_batch(self, record: ChunkRecord, info: BatchInfo, *, adopted: bool) -> ChunkRecord:
         self.ctx.ledger.record_batch(record.run_key, record.chunk_key, info.id, info.created_at)
+        crash_point("batch.resubmit.recorded" if "~" in record.chunk_key else "batch.recorded")
         for index in record.task_indexes:
             self.ctx.attempts[index] = self.ctx.attempts.get(index, 0) + 1
         self.ctx.progress.batches_submitted += 1
@@ -230,6 +295,8 @@ class BatchLane:
         assert record.batch_id is not None
         batch_id = record.batch_id
         canceled = record.canceled_by_us
+        # A cancel recorded by a process that died before sending it is sent again if the batch still runs.
+        resend_cancel = canceled
         delay = self.poll_initial_s
         last_status: str | None = None
         while True:
@@ -247,10 +314,15 @@ class BatchLane:
                         request_counts=info.request_counts,
                     )
                     last_status = info.status
+                crash_point("batch.polled")
                 if info.status == "ended":
                     self.ctx.progress.batches_ended += 1
+                    crash_point("batch.ended")
                     return info
             now = self.clock()
+            if resend_cancel and last_status == "in_progress":
+                resend_cancel = False
+                await self._cancel(record)
             if not canceled and now >= self.deadline:
                 await self._cancel(record)
                 canceled = True
@@ -268,7 +340,9 @@ class BatchLane:
         self.ctx.logger.warning("batch %s: not ended by the batch timeout; cancelling it", batch_id)
         # Recorded first: a re-run after a crash here must treat cancelled rows as ours, not the API's.
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, canceled_by_us=True)
+        crash_point("batch.cancel.recorded")
         await self.ctx.policy.call(lambda: self._slot(cancel_batch(self.ctx.client, batch_id)))
+        crash_point("batch.canceled")
 
     # --- collect -------------------------------------------------------------------------------------------
 
@@ -276,8 +350,13 @@ class BatchLane:
         """Stream the results into the ledger; then resubmit the retryable rows if time allows."""
         fresh = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
         record = fresh or record
+        if info.archived:
+            self._archived(record)
+            return
         retry, spent = await self.ctx.policy.call(lambda: self._collect_once(record, info))
+        crash_point("batch.results.stored")
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
+        crash_point("batch.collected")
         self._settle(record, spent)
         if not retry:
             return
@@ -285,6 +364,7 @@ class BatchLane:
         if remaining >= self.timeout_s / 2:
             work = ChunkWork(_next_key(record.chunk_key), tuple(task.index for task in retry))
             self.ctx.logger.info("chunk %s: resubmitting %d rows as %s", record.chunk_key, len(retry), work.key)
+            crash_point("batch.resubmit.before")
             if self.wait_for_resubmissions:
                 await self.process(work)
             else:
@@ -296,6 +376,26 @@ class BatchLane:
                 len(retry),
                 remaining,
             )
+
+    def _archived(self, record: ChunkRecord) -> None:
+        """Results past the API's 29-day retention cannot be fetched: the chunk's unfinished rows end errored."""
+        finished = self.ctx.ledger.finished_indexes(record.run_key)
+        error = ErrorInfo(
+            type="results_archived",
+            message=f"batch {record.batch_id} ended, but its results are past the API's 29-day retention window "
+            "and can no longer be downloaded; run these tasks again",
+        )
+        rows = [
+            failed(self.ctx.tasks[i], "errored", "batch", self.ctx.attempts.get(i, 0), error, batch_id=record.batch_id)
+            for i in record.task_indexes
+            if i not in finished
+        ]
+        self.ctx.record(rows)
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
+        self._settle(record, 0.0)
+        self.ctx.logger.error(
+            "batch %s: results archived (older than 29 days); %d rows reported errored", record.batch_id, len(rows)
+        )
 
     async def _collect_once(self, record: ChunkRecord, info: BatchInfo) -> tuple[list[PlannedTask], float]:
         assert record.batch_id is not None
@@ -323,6 +423,7 @@ class BatchLane:
             if len(rows) >= _FLUSH_ROWS:
                 self.ctx.record(rows, at=ended_at)
                 rows = []
+                crash_point("batch.results.partial")
         self.ctx.record(rows, at=ended_at)
         # A row the results never mentioned is treated like an expired one.
         retry.extend(task for custom_id, task in expected.items() if custom_id not in seen)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 from batch_engine.client import Reply, error_headers, send_message
+from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, SpendLimitError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.models import ErrorInfo, TaskResult
@@ -35,6 +36,7 @@ class RealtimeLane:
             for task in pending:
                 result = await self._send(task)
                 self.ctx.record([result])
+                crash_point("realtime.recorded")
 
         await all_or_none(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
 
@@ -51,6 +53,7 @@ class RealtimeLane:
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
         self.ctx.progress.realtime_in_flight += 1
         started = time.perf_counter()
+        crash_point("realtime.sending")
         try:
             reply = await send_message(self.ctx.client, task.params, stream=task.stream)
         except ApiError as exc:
@@ -60,6 +63,7 @@ class RealtimeLane:
             raise
         finally:
             self.ctx.progress.realtime_in_flight -= 1
+        crash_point("realtime.answered")
         self.ctx.latencies[task.index] = time.perf_counter() - started
         limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))

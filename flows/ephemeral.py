@@ -1,0 +1,83 @@
+"""Prefect's temporary server for a `batch-engine run` without PREFECT_API_URL, made to die with the CLI.
+
+Prefect's ephemeral mode starts a uvicorn subprocess and stops it at exit, but a CLI killed with SIGKILL or
+SIGTERM never reaches its exit handlers and leaves that server running. So the CLI starts the same server up
+front and tells its pid to a tiny reaper process that reads a pipe from the CLI: when the pipe closes without
+the line "done" (the CLI died), the reaper stops the server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# A first run migrates a fresh Prefect database, which takes well over Prefect's default 20 s on a busy machine.
+STARTUP_TIMEOUT_S = 90
+
+_REAPER = """
+import os, signal, sys, time
+pid = None
+for line in sys.stdin.buffer:
+    if line.strip() == b"done":
+        sys.exit(0)
+    pid = int(line)
+if pid is not None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            time.sleep(0.1)
+            os.kill(pid, 0)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def start_ephemeral_server() -> None:
+    """Start Prefect's temporary server now (a no-op with PREFECT_API_URL) and make sure it dies with us."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    # The instance ephemeral mode itself uses: the flow's client finds it running and reuses it.
+    server = SubprocessASGIServer()
+    timeout = max(STARTUP_TIMEOUT_S, settings.server.ephemeral.startup_timeout_seconds)
+    if os.name != "posix":
+        server.start(timeout)
+        return
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", _REAPER],
+        stdin=subprocess.PIPE,
+        # Its own session: killing the CLI's process group must not take the reaper with it.
+        start_new_session=True,
+    )
+    assert reaper.stdin is not None
+    pipe = reaper.stdin
+
+    def tell(pid: int) -> None:
+        pipe.write(f"{pid}\n".encode())
+        pipe.flush()
+
+    def release() -> None:
+        # Registered before the server starts, so it runs after Prefect's own exit handler has stopped it.
+        pipe.write(b"done\n")
+        pipe.close()
+        reaper.wait(timeout=10)
+
+    atexit.register(release)
+    # The server process exists long before it answers /health (~5-10 s): tell its pid as soon as it exists.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        starting = pool.submit(server.start, timeout)
+        while server.server_process is None and not starting.done():
+            time.sleep(0.01)
+        if server.server_process is not None:
+            tell(server.server_process.pid)
+        starting.result()
+    if server.server_process is not None:
+        tell(server.server_process.pid)  # again: Prefect restarts it on another port if the first was taken
