@@ -38,7 +38,8 @@ from batch_engine.artifacts import (
     summary_markdown,
 )
 from batch_engine.config import Route, load_config
-from batch_engine.lanes import Progress
+from batch_engine.errors import BatchEngineError
+from batch_engine.lanes import Progress, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
@@ -245,22 +246,31 @@ async def collect(
 ) -> list[RunSummary]:
     """Collect, send leftovers realtime, write and publish each waiting run whose batches have all ended.
 
-    A run whose batches are still running is left for the next collect, so no process waits on a batch.
-    `include_running` also takes runs left `running` by a flow run that died; only use it when no flow run is
-    working on this state dir.
+    A run whose batches are still running is left for the next collect, so no process waits on a batch. One
+    run that cannot be finished (its input changed, over budget...) does not hold up the others; the flow fails
+    at the end, naming it. `include_running` also takes runs left `running` by a flow run that died; only use
+    it when no flow run is working on this state dir.
     """
     logger = get_run_logger()
     records = await find_waiting_runs(state_dir, include_running)
     finished: list[RunSummary] = []
+    failed: list[str] = []
     for record in records:
-        run = await reopen_run(record, state_dir)
         try:
-            summary = await _collect_one(run, logger, block=api_key_block)
-        finally:
-            run.close()
+            run = await reopen_run(record, state_dir)
+            try:
+                summary = await _collect_one(run, logger, block=api_key_block)
+            finally:
+                run.close()
+        except BatchEngineError as exc:
+            logger.error("run %s: cannot be finished: %s", record.run_key, exc)
+            failed.append(record.run_key)
+            continue
         if summary is not None:
             finished.append(summary)
     logger.info("collect: %d of %d waiting runs finished", len(finished), len(records))
+    if failed:
+        raise BatchEngineError(f"collect: could not finish {len(failed)} of {len(records)} runs: {', '.join(failed)}")
     return finished
 
 
@@ -284,7 +294,7 @@ async def _send(run: Run, logger: Logger, *, wait: bool, block: str) -> bool:
         run.ledger.set_run_status(run.key, "running")
         batch_lane = _batch_lane(lanes.batch, run.chunk_works(), wait, logger)
         realtime = _realtime(lanes, progress, logger)
-        await asyncio.gather(batch_lane, realtime)
+        await all_or_none(batch_lane, realtime)
         if run.open_batches():
             run.ledger.set_run_status(run.key, "submitted")
             return False
@@ -301,8 +311,11 @@ async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | 
         ) as api,
         run.lanes(api, logger=logger, progress=progress) as lanes,
     ):
+        if options.simulated:
+            logger.warning("SIMULATED: collecting from the built-in emulator at %s; nothing is billed", api.base_url)
         # A submission that died half-way left chunks without a batch: create them now, collect them later.
-        await asyncio.gather(*(submit_chunk(lanes.batch, work) for work in run.unsubmitted_works()))
+        for work in run.unsubmitted_works():
+            await submit_chunk(lanes.batch, work)
         if not await run.batches_ended(lanes):
             logger.info("run %s: batches still running; left for the next collect", run.key)
             return None
@@ -310,7 +323,7 @@ async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | 
         run.ledger.set_run_status(run.key, "running")
         # Retryable rows are resubmitted but not waited for: the next collect finishes that batch.
         lanes.batch.wait_for_resubmissions = False
-        await asyncio.gather(*(wait_and_collect(lanes.batch, record) for record in run.open_batches()))
+        await all_or_none(*(wait_and_collect(lanes.batch, record) for record in run.open_batches()))
         if run.open_batches():
             run.ledger.set_run_status(run.key, "submitted")
             logger.info("run %s: rows resubmitted in a new batch; left for the next collect", run.key)
@@ -326,7 +339,7 @@ async def _batch_lane(batch: BatchLane, works: list[ChunkWork], wait: bool, logg
             await wait_and_collect(batch, record)
 
     if works:
-        await asyncio.gather(*(chunk(work) for work in works))
+        await all_or_none(*(chunk(work) for work in works))
         progress = batch.ctx.progress
         logger.info(
             "batch lane: %d batches submitted, %d ended; %d rows succeeded, %d failed",

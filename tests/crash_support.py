@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,27 +70,39 @@ def run_process(args: Sequence[str], env: dict[str, str], cwd: Path, timeout: fl
 # Workers are forked from a server process that imported the engine once (see crash_driver.py).
 _FORKSERVER = multiprocessing.get_context("forkserver")
 _FORKSERVER.set_forkserver_preload(["crash_driver"])
+# Reading a worker's exit code consumes it from the forkserver's pipe, and `Process.start()` polls every other
+# live worker: done from two threads at once, one of them reads EOF and reports 255. So both happen under this.
+_EXIT_CODES = threading.Lock()
+
+
+def _exit_code(worker: multiprocessing.process.BaseProcess, timeout: float | None) -> int | None:
+    multiprocessing.connection.wait([worker.sentinel], timeout)
+    with _EXIT_CODES:
+        return worker.exitcode
 
 
 def run_driver(cwd: Path, base_url: str, args: Sequence[str], crash_at: str | None = None) -> Finished:
     """`crash_driver.py ARGS` in its own process against `base_url`, armed to die at `crash_at`."""
     from crash_driver import forked
 
-    out, err = cwd / f".driver-{os.getpid()}-{time.monotonic_ns()}.out", cwd / f".driver-{time.monotonic_ns()}.err"
+    out, err = (cwd / f".driver-{time.monotonic_ns()}.{name}" for name in ("out", "err"))
     env = engine_env(base_url)
     worker = _FORKSERVER.Process(target=forked, args=(list(args), str(cwd), env, crash_at or "", str(out), str(err)))
-    worker.start()
-    try:
-        worker.join(RUN_TIMEOUT_S)
-    finally:
-        if worker.exitcode is None:
-            worker.kill()
-            worker.join()
-    assert worker.exitcode is not None
+    t0 = time.monotonic()
+    with _EXIT_CODES:
+        worker.start()
+    t1 = time.monotonic()
+    code = _exit_code(worker, RUN_TIMEOUT_S)
+    with open("/tmp/ct/timings.log", "a") as log:
+        log.write(f"{t0:.2f} start={t1 - t0:.2f} run={time.monotonic() - t1:.2f} {cwd.name} {crash_at}\n")
+    if code is None:
+        worker.kill()
+        code = _exit_code(worker, None)
+    assert code is not None
     stdout, stderr = out.read_text(), err.read_text()
     out.unlink()
     err.unlink()
-    return Finished(worker.exitcode, stdout, stderr)
+    return Finished(code, stdout, stderr)
 
 
 def run_driver_process(cwd: Path, base_url: str, args: Sequence[str], crash_at: str | None = None) -> Finished:

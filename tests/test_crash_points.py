@@ -46,12 +46,12 @@ class Shape:
 
 
 SHAPES = {
-    # 200 batch rows in two chunks (10% of rows error and are resubmitted) + 100 realtime tasks.
-    "mixed": Shape(300, 100, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}),
+    # 100 batch rows in two chunks (10% of rows error and are resubmitted) + 50 realtime tasks.
+    "mixed": Shape(150, 50, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}),
     # One 1,200-row batch: its results are stored in two transactions, so a kill can fall between them.
     "big": Shape(1200, 2000, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}, ("--batch-only",)),
-    # A batch that cannot end before the 2 s batch timeout: cancelled, its rows sent realtime.
-    "timeout": Shape(60, 100, {"batch_duration_s": 60.0}, ("--batch-timeout", "2")),
+    # A batch that cannot end before the 1.5 s batch timeout: cancelled, its rows sent realtime.
+    "timeout": Shape(60, 100, {"batch_duration_s": 60.0}, ("--batch-timeout", "1.5")),
 }
 
 # (BATCH_ENGINE_CRASH_AT, shape): every crash point once; `:N` dies on the N-th hit.
@@ -109,7 +109,7 @@ def _settled_stats(emulator: Any) -> dict[str, Any]:
     # A request the killed process sent may still be answered (and billed) just after it died.
     previous = emulator.stats()
     while True:
-        time.sleep(0.2)
+        time.sleep(0.1)
         current = emulator.stats()
         if current["messages_succeeded"] == previous["messages_succeeded"]:
             return current

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from engine_support import expected_text_prefix, fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
+
 from batch_engine.emulator import RunningEmulator
 from batch_engine.ledger import ChunkRecord, Ledger
-from engine_support import expected_text_prefix, fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
 
 FAULT_TASKS = 2000
 

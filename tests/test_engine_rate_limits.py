@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from engine_support import TimedProgress, messages_calls, run_engine, write_jsonl
+
 from batch_engine.emulator import RunningEmulator
 from batch_engine.runner import RunOptions
-from engine_support import TimedProgress, messages_calls, run_engine, write_jsonl
 
 RPM = 600
 TASKS = 1000

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from engine_support import expected_text_prefix, fast_config, generated_tasks, read_output, write_jsonl
 
 from batch_engine.ledger import Ledger
-from engine_support import expected_text_prefix, fast_config, generated_tasks, read_output, write_jsonl
 
 WAIT_S = 60.0
 

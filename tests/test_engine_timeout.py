@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batch_engine.emulator import RunningEmulator
-from batch_engine.runner import RunOptions
 from engine_support import (
     Output,
     expected_text_prefix,
@@ -15,6 +13,9 @@ from engine_support import (
     run_engine,
     write_jsonl,
 )
+
+from batch_engine.emulator import RunningEmulator
+from batch_engine.runner import RunOptions
 
 BATCH_TIMEOUT_S = 1.0
 CANCEL = "POST /v1/messages/batches/{id}/cancel"

@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from batch_engine.artifacts import PROGRESS_KEY, SUMMARY_KEY, TABLE_KEY
 from batch_engine.client import ApiSettings
 from batch_engine.emulator import RunningEmulator
+from batch_engine.errors import BatchEngineError
 from batch_engine.ledger import Ledger
 from batch_engine.runner import RunOptions
 from flows.batch_orchestrator import batch_orchestrator, collect, plan_run, submit_chunk
@@ -282,3 +283,31 @@ def test_the_nightly_deployment_carries_the_cron_schedule() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (yaml_schedule,) = next(d for d in spec["deployments"] if d["name"] == "nightly")["schedules"]
     assert yaml_schedule["cron"] == NIGHTLY_CRON
+
+
+def test_collect_finishes_the_other_runs_when_one_cannot_be_finished(api_env: RunningEmulator, tmp_path: Path) -> None:
+    tasks = orjson.loads(SAMPLE_TASKS.read_bytes())
+    changed, intact = tmp_path / "changed.json", tmp_path / "intact.json"
+    changed.write_bytes(orjson.dumps(tasks[:40]))
+    intact.write_bytes(orjson.dumps(tasks[40:80]))
+    state_dir = tmp_path / "state"
+    for path in (changed, intact):
+        params = _params(tmp_path, input_path=str(path), output_path=str(path.with_suffix(".out.json")))
+        _run_flow(batch_orchestrator(**dict(params, state_dir=str(state_dir)), wait=False, return_state=True))
+    changed.write_bytes(orjson.dumps(tasks[:39]))  # edited while its batches were out
+
+    async def go() -> State[Any]:
+        return await collect(state_dir=str(state_dir), return_state=True)
+
+    deadline = time.monotonic() + 15
+    while not intact.with_suffix(".out.json").exists() and time.monotonic() < deadline:
+        state = asyncio.run(go())
+        time.sleep(0.3)
+
+    assert state.is_failed()
+    with pytest.raises(BatchEngineError, match=r"could not finish 1 of \d runs"):
+        state.result()
+    assert not changed.with_suffix(".out.json").exists()
+    assert len(orjson.loads(intact.with_suffix(".out.json").read_bytes())["results"]) == 40
+    with Ledger.open(state_dir) as ledger:
+        assert sorted(run.status for run in ledger.runs()) == ["complete", "submitted"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_support import generated_tasks, messages_calls, run_engine, write_jsonl
 from pydantic import SecretStr
 
 from batch_engine.client import (
@@ -20,10 +21,9 @@ from batch_engine.client import (
     retrieve_batch,
     send_message,
 )
-from batch_engine.errors import ApiError, PermanentApiError, TransientApiError
 from batch_engine.emulator import RunningEmulator
+from batch_engine.errors import ApiError, PermanentApiError, TransientApiError
 from batch_engine.runner import RunOptions
-from engine_support import generated_tasks, messages_calls, run_engine, write_jsonl
 
 HAIKU = "claude-haiku-5-5"
 HELLO: dict[str, Any] = {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}

@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 _HEADER_BUCKETS = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
+# Refill is float arithmetic: a bucket can come out a hair short of what it should hold after a computed wait,
+# which would ask for another wait of femtoseconds (forever, on a clock that cannot advance by so little).
+_EPSILON = 1e-6
 
 
 class Bucket:
@@ -32,7 +35,7 @@ class Bucket:
         """Seconds until `amount` is available; a request larger than the bucket needs it full."""
         self.refill(now)
         needed = min(amount, self.limit)
-        return 0.0 if self.level >= needed else (needed - self.level) * 60.0 / self.limit
+        return 0.0 if self.level >= needed - _EPSILON else (needed - self.level) * 60.0 / self.limit
 
     def take(self, amount: float, now: float) -> None:
         self.refill(now)
