@@ -306,18 +306,24 @@ async def cancel_batch(client: AsyncClient, batch_id: str) -> BatchInfo:
     return _batch_info(await _translated(client.messages.batches.cancel(batch_id)))
 
 
-async def list_batches(client: AsyncClient, created_after: float) -> list[BatchInfo]:
-    """Batches created at or after `created_after` (epoch seconds); the API lists newest first."""
+async def list_batches(client: AsyncClient, created_after: float, limit: int | None = None) -> list[BatchInfo]:
+    """Batches created at or after `created_after` (epoch seconds), newest first as the API lists them; at most
+    `limit` of them."""
     found: list[BatchInfo] = []
     try:
-        async for batch in client.messages.batches.list(limit=100):
+        async for batch in client.messages.batches.list(limit=100 if limit is None else min(limit, 100)):
             info = _batch_info(batch)
-            if info.created_at < created_after:
+            if info.created_at < created_after or (limit is not None and len(found) >= limit):
                 break
             found.append(info)
     except _CALL_ERRORS as exc:
         raise translate(exc) from exc
     return found
+
+
+async def delete_batch(client: AsyncClient, batch_id: str) -> None:
+    """`batches.delete`: only an ended batch can be deleted; its results go with it."""
+    await _translated(client.messages.batches.delete(batch_id))
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,11 @@ class Ledger(SqliteStore):
                 (*values, run_key, chunk_key),
             )
 
+    def chunk_by_batch(self, batch_id: str) -> ChunkRecord | None:
+        """The chunk a batch id is recorded under (in any run), or None."""
+        row = self._db.execute("SELECT * FROM chunks WHERE batch_id = ?", (batch_id,)).fetchone()
+        return _chunk(row) if row else None
+
     def known_batch_ids(self) -> set[str]:
         rows = self._db.execute("SELECT batch_id FROM chunks WHERE batch_id IS NOT NULL")
         return {row["batch_id"] for row in rows}

@@ -37,20 +37,20 @@ if pid is not None:
 """
 
 
-def start_ephemeral_server() -> None:
-    """Start Prefect's temporary server now (a no-op with PREFECT_API_URL) and make sure it dies with us."""
+def start_ephemeral_server() -> int | None:
+    """Start Prefect's temporary server now and make sure it dies with us; its pid (None with PREFECT_API_URL)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
-        return
+        return None
     # The instance ephemeral mode itself uses: the flow's client finds it running and reuses it.
     server = SubprocessASGIServer()
     timeout = max(STARTUP_TIMEOUT_S, settings.server.ephemeral.startup_timeout_seconds)
     if os.name != "posix":
         server.start(timeout)
-        return
+        return None
     reaper = subprocess.Popen(
         [sys.executable, "-c", _REAPER],
         stdin=subprocess.PIPE,
@@ -79,5 +79,6 @@ def start_ephemeral_server() -> None:
         if server.server_process is not None:
             tell(server.server_process.pid)
         starting.result()
-    if server.server_process is not None:
-        tell(server.server_process.pid)  # again: Prefect restarts it on another port if the first was taken
+    assert server.server_process is not None
+    tell(server.server_process.pid)  # again: Prefect restarts it on another port if the first was taken
+    return server.server_process.pid

@@ -88,13 +88,9 @@ def run_driver(cwd: Path, base_url: str, args: Sequence[str], crash_at: str | No
     out, err = (cwd / f".driver-{time.monotonic_ns()}.{name}" for name in ("out", "err"))
     env = engine_env(base_url)
     worker = _FORKSERVER.Process(target=forked, args=(list(args), str(cwd), env, crash_at or "", str(out), str(err)))
-    t0 = time.monotonic()
     with _EXIT_CODES:
         worker.start()
-    t1 = time.monotonic()
     code = _exit_code(worker, RUN_TIMEOUT_S)
-    with open("/tmp/ct/timings.log", "a") as log:
-        log.write(f"{t0:.2f} start={t1 - t0:.2f} run={time.monotonic() - t1:.2f} {cwd.name} {crash_at}\n")
     if code is None:
         worker.kill()
         code = _exit_code(worker, None)

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_support import config_file, emulator_batches, run_driver
+from engine_support import expected_text_prefix, generated_tasks, read_output, write_jsonl
 
 from batch_engine.config import load_config
 from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.ledger import Ledger
-from crash_support import config_file, emulator_batches, run_driver
-from engine_support import expected_text_prefix, generated_tasks, read_output, write_jsonl
 
 PARALLEL = 4
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prefect.blocks.system import Secret
 
+from batch_engine.client import ApiSettings
 from batch_engine.errors import ConfigError
-from flows.secrets import resolve_api_key
+from flows.secrets import api_settings, resolve_api_key
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -61,3 +63,33 @@ def test_a_block_holding_a_json_object_is_a_config_error(block_name: str) -> Non
     with pytest.raises(ConfigError, match=block_name) as raised:
         asyncio.run(resolve_api_key(block_name))
     assert "sk-nested" not in str(raised.value)
+
+
+def test_the_run_gets_the_environment_base_url_and_a_key_no_repr_shows(
+    block_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-from-env")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
+
+    async def settings() -> ApiSettings:
+        async with api_settings(emulate=False, state_dir=tmp_path, config_path=None, block_name=block_name) as api:
+            return api
+
+    api = asyncio.run(settings())
+
+    assert api.base_url == "http://127.0.0.1:9"
+    assert api.api_key.get_secret_value() == "sk-from-env"
+    assert "sk-from-env" not in repr(api)
+
+
+def test_no_block_and_no_environment_key_is_a_config_error_that_says_what_to_do(
+    block_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+    async def settings() -> None:
+        async with api_settings(emulate=False, state_dir=tmp_path, config_path=None, block_name=block_name):
+            pass
+
+    with pytest.raises(ConfigError, match=rf"Secret block '{block_name}'.*ANTHROPIC_API_KEY.*emulate=true"):
+        asyncio.run(settings())

@@ -201,8 +201,8 @@ class BatchLane:
                 ids = ", ".join(b.id for b in matches)
                 raise LedgerError(
                     f"chunk {record.chunk_key} of run {record.run_key}: {len(matches)} batches the ledger does not "
-                    f"know carry its rows ({ids}), so its create ran more than once; keep one and record nothing: "
-                    "cancel or delete the others (`batch-engine batches cancel BATCH_ID`), then re-run"
+                    f"know carry its rows ({ids}), so it was submitted more than once; delete all but one with "
+                    "`batch-engine batches delete BATCH_ID`, then re-run: the one left is adopted"
                 )
             adopted = matches[0] if matches else running[0] if len(running) == 1 else None
             if adopted is not None:
