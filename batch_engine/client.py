@@ -206,14 +206,11 @@ def error_headers(exc: ApiError) -> Mapping[str, str]:
     return {}
 
 
+_SDK_ONLY_PARAMETERS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
+
+
 def _api_fields(method: Callable[..., Any]) -> frozenset[str]:
-    return frozenset(inspect.signature(method).parameters) - {
-        "self",
-        "extra_headers",
-        "extra_query",
-        "extra_body",
-        "timeout",
-    }
+    return frozenset(inspect.signature(method).parameters) - _SDK_ONLY_PARAMETERS
 
 
 _CREATE_FIELDS = _api_fields(AsyncMessages.create)

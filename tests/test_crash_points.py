@@ -16,6 +16,7 @@ Scenarios run a few at a time, each with its own emulator; `-k POINT` runs only 
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,12 +27,13 @@ import pytest
 from crash_support import config_file, emulator_batches, run_driver
 from engine_support import expected_text_prefix, generated_tasks, read_output, write_jsonl
 
+from batch_engine import crashpoints
 from batch_engine.config import load_config
 from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.ledger import Ledger
 
-PARALLEL = 4
+PARALLEL = 3
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Shape:
 
 
 SHAPES = {
-    # 100 batch rows in two chunks (10% of rows error and are resubmitted) + 50 realtime tasks.
-    "mixed": Shape(150, 50, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}),
+    # 90 batch rows in two chunks (10% of rows error and are resubmitted) + 30 realtime tasks.
+    "mixed": Shape(120, 45, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}, realtime_every=4),
     # One 1,200-row batch: its results are stored in two transactions, so a kill can fall between them.
     "big": Shape(1200, 2000, {"batch_duration_s": 0.1, "batch_row_error_rate": 0.1}, ("--batch-only",)),
     # A batch that cannot end before the 1.5 s batch timeout: cancelled, its rows sent realtime.
@@ -72,13 +74,13 @@ SCENARIOS = {
     "batch.resubmit.recorded": "mixed",
     "batch.cancel.recorded": "timeout",
     "batch.canceled": "timeout",
-    "realtime.sending:30": "mixed",
-    "realtime.answered:30": "mixed",
-    "realtime.recorded:30": "mixed",
+    "realtime.sending:10": "mixed",
+    "realtime.answered:10": "mixed",
+    "realtime.recorded:10": "mixed",
     "usage.logged:3": "mixed",
     "leftovers.before": "timeout",
     "output.before": "mixed",
-    "output.partial:50": "mixed",
+    "output.partial:40": "mixed",
     "output.before_rename": "mixed",
     "output.renamed": "mixed",
     "run.complete": "mixed",
@@ -178,8 +180,17 @@ def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         return {point: future.result() for point, future in futures.items()}
 
 
-def test_every_crash_point_has_a_scenario() -> None:
+def test_every_crash_point_is_in_the_code_and_has_a_scenario() -> None:
+    package = Path(crashpoints.__file__).parent
+    called = {
+        name
+        for path in package.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if "crash_point(" in line and "def crash_point" not in line
+        for name in re.findall(r'"([a-z_.]+)"', line)
+    }
     assert len(CRASH_POINTS) >= 20
+    assert called == set(CRASH_POINTS)
     assert {point.partition(":")[0] for point in SCENARIOS} == set(CRASH_POINTS)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,8 @@ def _stop(process: subprocess.Popen[Any]) -> None:
 
 
 def _kill_processes_marked(marker: str) -> list[int]:
-    """SIGKILL every process whose environment carries `marker` (what a killed CLI may leave: `run` executes a
-    Prefect flow, whose temporary server is a child process that outlives a SIGKILLed parent)."""
+    """SIGKILL every process whose environment carries `marker` (what a killed CLI may leave behind: its
+    ephemeral Prefect server is a child process that can outlive a SIGKILLed parent)."""
     killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -73,7 +74,9 @@ def _wait_until(what: str, check: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_run_resumes_on_the_same_batch_and_sends_nothing_twice(emulator_process: str, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_on_the_same_batch_and_sends_nothing_twice(
+    emulator_process: str, tmp_path: Path, migrated_prefect_db: Path
+) -> None:
     base_url = emulator_process
     tasks = generated_tasks(40, realtime_every=4)
     realtime = {i for i, task in enumerate(tasks) if task["task_type"] == "user_query"}
@@ -81,9 +84,13 @@ def test_a_killed_run_resumes_on_the_same_batch_and_sends_nothing_twice(emulator
     output_path, state_dir = tmp_path / "out.json", tmp_path / "state"
     command = [sys.executable, "-m", "batch_engine.cli", "run", str(input_path), "-o", str(output_path)]
     command += ["--state-dir", str(state_dir), "--poll-interval", "200ms"]
-    marker = f"BATCH_ENGINE_RESUME_TEST={tmp_path}"
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env |= {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-test", "BATCH_ENGINE_RESUME_TEST": str(tmp_path)}
+    # `run` executes the Prefect flow on an ephemeral Prefect server: give it a home (and database) of its own.
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    shutil.copy(migrated_prefect_db, home / "prefect.db")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env |= {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-test"}
 
     def stats() -> dict[str, Any]:
         return dict(httpx.get(f"{base_url}/_emulator/stats").json())
@@ -109,9 +116,9 @@ def test_a_killed_run_resumes_on_the_same_batch_and_sends_nothing_twice(emulator
         assert not output_path.exists()
 
         httpx.post(f"{base_url}/_emulator/clock", json={"advance_s": 3600}).raise_for_status()
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WAIT_S, check=False)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=2 * WAIT_S, check=False)
     finally:
-        _kill_processes_marked(marker)
+        _kill_processes_marked(f"PREFECT_HOME={home}")
 
     assert second.returncode == 0, second.stderr
     after = stats()
