@@ -76,6 +76,9 @@ class BatchLane:
         self.poll_interval_s = limits.batch_poll_interval_s
         self.timeout_s = limits.batch_timeout_s
         self.rpm = RateLimiter(limits.batch_rpm, _UNLIMITED, _UNLIMITED)
+        # One create (or reconciliation) at a time: while a create's answer is in doubt, no other chunk's
+        # fresh, not-yet-recorded batch of the same size can be mistaken for it.
+        self._creating = asyncio.Lock()
         # False in `collect`: a resubmitted batch is only created, and a later collect finishes it, so no
         # process waits hours for it.
         self.wait_for_resubmissions = True
@@ -114,17 +117,18 @@ class BatchLane:
             crash_point("batch.intent")
         if record.batch_id is not None or record.status == "failed":
             return record if record.batch_id is not None else None
-        if ambiguous:
-            # An earlier process wrote the intent and died before recording an id: the batch may exist.
-            adopted = await self._reconcile(record)
-            if adopted is not None:
-                return self._record_batch(record, adopted, adopted=True)
-        try:
-            info = await self.ctx.policy.call(lambda: self._create_once(record))
-        except ApiError as exc:
-            self._create_failed(record, exc)
-            return None
-        return self._record_batch(record, info, adopted=False)
+        async with self._creating:
+            if ambiguous:
+                # An earlier process wrote the intent and died before recording an id: the batch may exist.
+                adopted = await self._reconcile(record)
+                if adopted is not None:
+                    return self._record_batch(record, adopted, adopted=True)
+            try:
+                info = await self.ctx.policy.call(lambda: self._create_once(record))
+            except ApiError as exc:
+                self._create_failed(record, exc)
+                return None
+            return self._record_batch(record, info, adopted=False)
 
     def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
         """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
