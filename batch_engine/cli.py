@@ -21,6 +21,7 @@ from batch_engine.summary import plan_summary, render_plan_summary
 if TYPE_CHECKING:
     from batch_engine.client import ApiSettings, AsyncClient
     from batch_engine.ledger import Ledger
+    from batch_engine.models import RunSummary
     from batch_engine.operations import BatchView
     from batch_engine.telemetry.usage_log import UsageRecord
     from batch_engine.token_count import TokenCounts
@@ -316,35 +317,42 @@ def _run(args: argparse.Namespace) -> int:
     """Run the `batch-orchestrator` Prefect flow in this process, exactly as a deployment run would."""
     import asyncio
 
-    from batch_engine.display import render_summary
+    from rich.console import Console
+
+    from batch_engine.display import live_progress, render_summary
+    from batch_engine.lanes import Progress
 
     # Bad config or input: one `Error:` line and exit 2 before Prefect (and its temporary server) starts.
     load_config(args.config)
-    for _ in iter_records(args.input):
-        pass
+    records = sum(1 for _ in iter_records(args.input))
     _check_api_key(args.emulate)
 
-    from flows.batch_orchestrator import batch_orchestrator
+    from flows import batch_orchestrator as orchestrator
     from flows.ephemeral import start_ephemeral_server
 
     _quiet_prefect_console()
     start_ephemeral_server()
-    summary = asyncio.run(
-        batch_orchestrator(
-            input_path=str(args.input),
-            output_path=str(args.output),
-            config_path=None if args.config is None else str(args.config),
-            state_dir=str(args.state_dir),
-            batch_timeout_s=args.batch_timeout,
-            poll_interval_s=args.poll_interval,
-            concurrency=args.concurrency,
-            mode=args.mode,
-            max_cost_usd=args.max_cost_usd,
-            count_tokens=args.count_tokens,
-            emulate=args.emulate,
-            output_format=args.output_format,
-        )
-    )
+    progress = Progress()
+    orchestrator.live_progress.set(progress)
+
+    async def go() -> RunSummary | None:  # None only for wait=false
+        async with live_progress(Console(stderr=True), progress, records):
+            return await orchestrator.batch_orchestrator(
+                input_path=str(args.input),
+                output_path=str(args.output),
+                config_path=None if args.config is None else str(args.config),
+                state_dir=str(args.state_dir),
+                batch_timeout_s=args.batch_timeout,
+                poll_interval_s=args.poll_interval,
+                concurrency=args.concurrency,
+                mode=args.mode,
+                max_cost_usd=args.max_cost_usd,
+                count_tokens=args.count_tokens,
+                emulate=args.emulate,
+                output_format=args.output_format,
+            )
+
+    summary = asyncio.run(go())
     assert summary is not None  # only wait=false leaves a run unfinished
     print(render_summary(summary))
     return 0 if summary.all_succeeded else 1

@@ -23,6 +23,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
 
 T = TypeVar("T")
+# A generator of our own: jitter must not disturb (or depend on) the global random state.
+_JITTER = random.Random()
 AsyncClient = anthropic.AsyncAnthropic
 
 # 429s whose details.error_code says the money ran out: retrying cannot succeed until the limit resets.
@@ -159,7 +161,7 @@ class RetryPolicy:
         if isinstance(error, ApiError) and error.retry_after_s is not None:
             return float(min(error.retry_after_s, self.max_time_s))
         ceiling: float = min(self.max_wait_s, self.initial_wait_s * 2.0 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return ceiling / 2 + _JITTER.uniform(0, ceiling / 2)
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
@@ -277,9 +278,13 @@ async def collect(
 # --- flow steps (composition only) ----------------------------------------------------------------------------
 
 
+# The CLI's live display reads the lanes' counters; a flow run without one counts into a private Progress.
+live_progress: ContextVar[Progress | None] = ContextVar("live_progress", default=None)
+
+
 async def _send(run: Run, logger: Logger, *, wait: bool, block: str) -> bool:
     """Both lanes; True when every batch has been collected, False when some were left waiting (wait=false)."""
-    progress = Progress()
+    progress = live_progress.get() or Progress()
     options = run.options
     async with (
         api_settings(

@@ -34,6 +34,8 @@ from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
 
 T = TypeVar("T")
+# A generator of our own: jitter must not disturb (or depend on) the global random state.
+_JITTER = random.Random()
 _UNLIMITED = 10**12  # the Batches API limits requests per minute only
 _FLUSH_ROWS = 1000  # ledger transaction size while streaming results
 _POLL_GROWTH = 1.5
@@ -332,7 +334,7 @@ class BatchLane:
                 canceled = True
                 delay = self.poll_initial_s
                 continue
-            wait = delay * random.uniform(0.8, 1.2)
+            wait = delay * _JITTER.uniform(0.8, 1.2)
             if not canceled:
                 wait = min(wait, max(0.0, self.deadline - now))
             await self.sleep(wait)
