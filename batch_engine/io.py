@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -140,6 +141,9 @@ def file_digest(path: Path) -> str:
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     """Stream `chunks` to a temporary file beside `path`, fsync, then rename over it (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed mid-write left its temporary file behind; this write replaces what it was writing.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -118,7 +118,9 @@ class Run:
         key = run_key(file_digest(input_path), config, options.mode)
         ledger = Ledger.open(options.state_dir)
         try:
-            record = ledger.begin(key, str(input_path), str(output_path), _stored_options(options), time.time())
+            # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
+            paths = str(input_path.resolve()), str(output_path.resolve())
+            record = ledger.begin(key, *paths, _stored_options(options), time.time())
             crash_point("plan.started")
             # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
             started = datetime.fromtimestamp(record.started_at, UTC)
@@ -330,8 +332,8 @@ class Run:
         summary = summarize(
             self.rows(),
             run_key=self.key,
-            input_path=str(self.input_path),
-            output_path=str(self.output_path),
+            input_path=self.record.input_path,
+            output_path=self.record.output_path,
             simulated=self.options.simulated,
             started_at=started_at,
             finished_at=finished_at,

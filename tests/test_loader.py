@@ -100,3 +100,13 @@ def test_atomic_write_replaces_the_whole_file_and_leaves_no_temp_files(tmp_path:
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    from batch_engine.io import atomic_write_bytes
+
+    target = tmp_path / "results.json"
+    (tmp_path / ".results.json.abc123.tmp").write_bytes(b"half a fil")
+    (tmp_path / ".other.json.abc123.tmp").write_bytes(b"someone else's")
+    atomic_write_bytes(target, b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abc123.tmp", "results.json"]
