@@ -1,11 +1,15 @@
-"""Benchmarks that print numbers (they are not tests):
+"""Benchmarks that print numbers (they are not tests), each a Markdown table and one JSON line:
 
-    python -m batch_engine.bench plan --tasks 100000
+    python -m batch_engine.bench plan --tasks 10000,100000,1000000
+    python -m batch_engine.bench batch --tasks 100000
+    python -m batch_engine.bench cost
     python -m batch_engine.bench realtime --requests 2000 --concurrency 32
     python -m batch_engine.bench ratelimit --requests 1000 --rpm 600
+    python -m batch_engine.bench prefect --tasks 10000
 
-`realtime` and `ratelimit` serve the emulator from its own process (`batch-engine emulator`), so it does not
-share a core's worth of GIL with the client being measured.
+Every benchmark that talks to the API serves the emulator from its own process (`batch-engine emulator`), so
+it does not share a core's worth of GIL with the client being measured. `plan`, `batch` and `cost` live in
+`batch_engine.bench_pipeline`; `prefect` is `flows.bench`, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import asyncio
 import logging
 import os
 import re
-import resource
 import signal
 import statistics
 import subprocess
@@ -39,7 +42,6 @@ from batch_engine.io import iter_records
 from batch_engine.lanes import Progress
 from batch_engine.models import TaskResult
 from batch_engine.planning import make_plan
-from batch_engine.planning.chunking import row_bytes
 from batch_engine.runner import RunOptions, run
 
 _TYPES = [
@@ -56,32 +58,6 @@ def _write_tasks(path: Path, count: int) -> None:
         for i in range(count):
             task_type, data = _TYPES[i % len(_TYPES)]
             handle.write(orjson.dumps({"task_id": f"t{i}", "task_type": task_type, "input_data": data}) + b"\n")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_plan(tasks: int, config_path: Path | None) -> dict[str, float]:
-    """Generate `tasks` tasks, then load + plan + size every batch payload; time, CPU/task, peak RSS."""
-    config = load_config(config_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tasks.jsonl"
-        _write_tasks(path, tasks)
-        size_mib = path.stat().st_size / 2**20
-        wall, cpu = time.perf_counter(), time.process_time()
-        plan = make_plan(iter_records(path), config, datetime.now(UTC))
-        payload = sum(row_bytes(plan.tasks[pos]) for chunk in plan.chunks for pos in chunk.task_positions)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {
-        "tasks": tasks,
-        "input_mib": round(size_mib, 1),
-        "batches": len(plan.chunks),
-        "batch_payload_mib": round(payload / 2**20, 1),
-        "wall_s": round(wall, 2),
-        "cpu_ms_per_task": round(cpu * 1000 / tasks, 4),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-    }
 
 
 # --- realtime: the engine against a bare SDK loop --------------------------------------------------------------
@@ -279,7 +255,7 @@ def _print_realtime(result: dict[str, Any]) -> None:
     print(orjson.dumps(result).decode())
 
 
-def _print(result: dict[str, float]) -> None:
+def _print(result: dict[str, Any]) -> None:
     keys = list(result)
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
@@ -287,13 +263,25 @@ def _print(result: dict[str, float]) -> None:
     print(orjson.dumps(result).decode())
 
 
+def _sizes(text: str) -> list[int]:
+    return [int(part.replace("_", "")) for part in text.split(",") if part]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one benchmark and print a Markdown table plus a JSON line."""
     parser = argparse.ArgumentParser(prog="python -m batch_engine.bench")
     sub = parser.add_subparsers(dest="name", required=True)
-    plan = sub.add_parser("plan", help="load + plan + size batch payloads for N generated tasks")
-    plan.add_argument("--tasks", type=int, default=100_000)
+    plan = sub.add_parser("plan", help="load, plan, build batch bodies, store results, merge and write the output")
+    plan.add_argument("--tasks", type=_sizes, default=[100_000], help="one size or several: 10000,100000")
     plan.add_argument("--config", type=Path, default=None)
+    plan.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    batch = sub.add_parser("batch", help="N tasks through the batch lane; the emulator ends batches at once")
+    batch.add_argument("--tasks", type=int, default=100_000)
+    batch.add_argument("--poll-interval", type=float, default=0.2, help="seconds between batch polls (max)")
+    cost = sub.add_parser("cost", help="the sample nightly workload: billed cost vs the all-realtime baseline")
+    cost.add_argument("--tasks-file", type=Path, default=None, help="default: samples/nightly_tasks.json")
+    cost.add_argument("--config", type=Path, default=None, help="default: samples/config.toml")
+    cost.add_argument("--poll-interval", type=float, default=0.2)
     realtime = sub.add_parser("realtime", help="engine realtime lane vs a bare AsyncAnthropic + semaphore loop")
     realtime.add_argument("--requests", type=int, default=2000)
     realtime.add_argument("--concurrency", type=int, default=32)
@@ -302,11 +290,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratelimit.add_argument("--requests", type=int, default=1000)
     ratelimit.add_argument("--rpm", type=int, default=600)
     ratelimit.add_argument("--concurrency", type=int, default=32)
+    prefect = sub.add_parser("prefect", help="the Prefect flow vs the engine alone (python -m flows.bench)")
+    prefect.add_argument("--tasks", type=int, default=10_000)
+    prefect.add_argument("--rounds", type=int, default=3)
+    prefect.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
     # The engine logs each lane's progress; a benchmark prints only its figures.
     logging.getLogger("batch_engine").setLevel(logging.WARNING)
-    if args.name == "plan":
-        _print(bench_plan(args.tasks, args.config))
+    if args.name == "prefect":
+        # Prefect takes seconds to import and is an optional layer on top: only this benchmark loads it.
+        from flows.bench import main as prefect_main
+
+        return prefect_main(
+            ["--tasks", str(args.tasks), "--rounds", str(args.rounds), "--concurrency", str(args.concurrency)]
+        )
+    if args.name in ("plan", "batch", "cost"):
+        from batch_engine import bench_pipeline as pipeline
+
+        if args.name == "plan":
+            results = pipeline.bench_plan(args.tasks, args.config)
+            if args.json_only:
+                print(orjson.dumps(results[0]).decode())
+            else:
+                pipeline.print_plan(results)
+        elif args.name == "batch":
+            _print(pipeline.bench_batch(args.tasks, args.poll_interval))
+        else:
+            tasks_file = args.tasks_file or pipeline.SAMPLES / "nightly_tasks.json"
+            config = args.config or pipeline.SAMPLES / "config.toml"
+            _print(pipeline.bench_cost(tasks_file, config, args.poll_interval))
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds))
     else:

@@ -157,3 +157,19 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def iter_record_lines(path: Path) -> Iterator[bytes]:
+    """Each record of a task file as one JSONL line (no newline), in file order, with the indexes `iter_records`
+    gives: a JSON array's items re-encoded, a JSONL file's non-blank lines byte for byte (unparsable ones too, so
+    a shard rejects them as the whole file would)."""
+    data = read_bytes(path)
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    if data.lstrip().startswith(b"["):
+        for record in _array_records(path, data):
+            yield orjson.dumps(record.value)
+        return
+    for raw in data.split(b"\n"):
+        if raw.strip():
+            yield raw

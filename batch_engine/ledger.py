@@ -248,6 +248,11 @@ class Ledger(SqliteStore):
     def finished_indexes(self, run_key: str) -> set[int]:
         return {row["idx"] for row in self._db.execute("SELECT idx FROM results WHERE run_key = ?", (run_key,))}
 
+    def iter_finished_indexes(self, run_key: str) -> Iterator[int]:
+        """The finished indexes in ascending order, read as a stream."""
+        for row in self._db.execute("SELECT idx FROM results WHERE run_key = ? ORDER BY idx", (run_key,)):
+            yield row["idx"]
+
     def results(self, run_key: str) -> Iterator[TaskResult]:
         """Every finished row of the run, in input order, read as a stream."""
         cursor = self._db.execute("SELECT row FROM results WHERE run_key = ? ORDER BY idx", (run_key,))

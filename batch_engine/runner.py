@@ -22,7 +22,7 @@ from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import BudgetError, LedgerError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
-from batch_engine.lanes import LaneContext, Progress, all_or_none
+from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
@@ -211,8 +211,9 @@ class Run:
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         progress: Progress | None = None,
         policy: RetryPolicy | None = None,
+        shared_limit: SharedLimit | None = None,
     ) -> AsyncIterator[Lanes]:
-        """Both lanes over one client (closed on exit)."""
+        """Both lanes over one client (closed on exit); `shared_limit` throttles realtime across processes."""
         limits = self.config.limits
         client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
         ctx = LaneContext(
@@ -225,6 +226,7 @@ class Run:
             policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
             logger=logger or log,
             progress=progress or Progress(),
+            shared_limit=shared_limit,
         )
         deadline = self.record.started_at + limits.batch_timeout_s
         usage_log = ctx.usage_log = UsageLog.open(self.options.state_dir)
@@ -312,8 +314,18 @@ class Run:
         yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
 
     def missing(self) -> list[PlannedTask]:
-        finished = self.ledger.finished_indexes(self.key)
-        return [t for t in self.plan.tasks if t.index not in finished]
+        """Planned tasks without a finished row."""
+        # Both sides walked in index order: a set of every finished index would make writing the output
+        # grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
+        finished = self.ledger.iter_finished_indexes(self.key)
+        done = next(finished, None)
+        missing: list[PlannedTask] = []
+        for task in self.plan.tasks:  # in input (index) order
+            while done is not None and done < task.index:
+                done = next(finished, None)
+            if done != task.index:
+                missing.append(task)
+        return missing
 
     def write_output(self) -> RunSummary:
         """Write the merged output atomically, mark the run complete, and return its summary."""

@@ -45,6 +45,7 @@ from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import DEFAULT_STATE_DIR, Lanes, OutputFormat, Run, RunOptions
+from flows.limits import shared_rate_limit
 from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -197,12 +198,15 @@ async def batch_orchestrator(
     wait: bool = True,
     output_format: OutputFormat = "json",
     api_key_block: str = DEFAULT_SECRET_BLOCK,
+    global_rate_limit: str | None = None,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
     Returns the run summary, or None when the run was left for `batch-collect`. Paths are relative to the
     directory the flow runs in. `mode` forces one route; `max_cost_usd` refuses a plan estimated over it and
     stops sending at it; `emulate` runs against the built-in emulator (simulated, nothing billed).
+    `global_rate_limit` names a Prefect global concurrency limit with slot decay (e.g. `anthropic-rpm`) that
+    realtime requests also take slots from, shared by every worker and flow run.
     """
     logger = get_run_logger()
     options = run_options(
@@ -231,7 +235,7 @@ async def batch_orchestrator(
         )
         if run.completed:
             logger.info("run %s is already complete: its output is rewritten from the ledger, nothing is sent", run.key)
-        elif not await _send(run, logger, wait=wait, block=api_key_block):
+        elif not await _send(run, logger, wait=wait, block=api_key_block, global_rate_limit=global_rate_limit):
             logger.info("run %s: batches submitted; the `batch-collect` flow finishes it once they end", run.key)
             return None
         return await _finish(run, logger)
@@ -282,15 +286,19 @@ async def collect(
 live_progress: ContextVar[Progress | None] = ContextVar("live_progress", default=None)
 
 
-async def _send(run: Run, logger: Logger, *, wait: bool, block: str) -> bool:
+async def _send(run: Run, logger: Logger, *, wait: bool, block: str, global_rate_limit: str | None = None) -> bool:
     """Both lanes; True when every batch has been collected, False when some were left waiting (wait=false)."""
     progress = live_progress.get() or Progress()
     options = run.options
+    shared = None
+    if global_rate_limit:
+        shared = await shared_rate_limit(global_rate_limit, run.config.limits.realtime_concurrency)
+        logger.info("realtime: also under global rate limit %r, %d slots at a time", global_rate_limit, shared.block)
     async with (
         api_settings(
             emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
         ) as api,
-        run.lanes(api, logger=logger, progress=progress) as lanes,
+        run.lanes(api, logger=logger, progress=progress, shared_limit=shared) as lanes,
         _progress_artifact(run, progress),
     ):
         if options.simulated:

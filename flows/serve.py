@@ -1,7 +1,9 @@
 """Serve the batch-orchestrator deployments from one process, no work pool needed: `python -m flows.serve`.
 
 The deployments match `prefect.yaml` (the work-pool path): `nightly` on a cron schedule, `on-demand` with no
-schedule, and `collect` every few minutes. Needs a running `prefect server start` and `PREFECT_API_URL`.
+schedule, `collect` every few minutes, and `batch-sharded/sharded`, which fans a large file out over on-demand
+runs (start this process on several machines to share them). Needs a running `prefect server start` and
+`PREFECT_API_URL`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prefect.schedules import Cron, Interval
 from prefect.types.entrypoint import EntrypointType
 
 from flows.batch_orchestrator import batch_orchestrator, collect
+from flows.sharded import batch_sharded
 
 NIGHTLY_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
@@ -69,6 +72,18 @@ def build_deployments(
     ]
 
 
+def scale_out_deployments() -> list[RunnerDeployment]:
+    """`batch-sharded/sharded`: splits a file into shards run as `batch-orchestrator/on-demand` runs."""
+    return [
+        _deployment(
+            batch_sharded,
+            name="sharded",
+            description="Split a large task file into shards, run each as an on-demand run, merge the outputs.",
+            tags=["batch-engine", "sharded"],
+        )
+    ]
+
+
 def _deployment(flow: Flow[..., Any], **options: Any) -> RunnerDeployment:
     # Module entrypoints load the flows the same way from any working directory.
     deployment = flow.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **options)
@@ -100,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     deployments = build_deployments(cron=args.cron, timezone=args.timezone, collect_every_s=args.collect_every)
     # Restarting this process (an upgrade, a reboot) must not silently pause the nightly schedule.
-    serve(*deployments, pause_on_shutdown=False)
+    serve(*deployments, *scale_out_deployments(), pause_on_shutdown=False)
 
 
 if __name__ == "__main__":

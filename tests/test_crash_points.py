@@ -216,7 +216,10 @@ def test_a_run_killed_here_completes_on_rerun_without_duplicates(point: str, out
     assert set(outcome.emulator_batches) == set(outcome.chunk_batches)
     assert len(outcome.chunk_batches) == len(set(outcome.chunk_batches))
     assert stats["batches_created"] == len(outcome.chunk_batches)
-    assert stats["duplicate_batch_payloads"] == 0
+    # The same rows in two batches happens legitimately when every row of a resubmission failed again; each of
+    # those batches is a chunk of its own (checked above), so the emulator's count must be just those repeats.
+    payloads = [frozenset(ids) for ids in outcome.emulator_batches.values()]
+    assert stats["duplicate_batch_payloads"] == len(payloads) - len(set(payloads))
     assert stats["duplicate_succeeded_custom_ids"] == 0
 
     # Nothing finished before the kill was sent again, and its row is the one recorded then.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,19 @@ class Progress:
         self.cost_usd += result.cost_usd or 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class SharedLimit:
+    """A request-rate limit shared with other processes (e.g. a Prefect global concurrency limit).
+
+    `take(n)` waits until `n` request slots are free and takes them. Each take is a round trip to whatever keeps
+    the limit (~0.2 s against a Prefect server), so the realtime lane takes `block` slots at a time, not one per
+    request.
+    """
+
+    take: Callable[[int], Awaitable[None]]
+    block: int
+
+
 @dataclass
 class LaneContext:
     """Everything a lane needs for one run."""
@@ -81,6 +94,7 @@ class LaneContext:
     budget: Budget | None = None
     estimator: Estimator | None = None
     latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
+    shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
 
     def record(self, results: list[TaskResult], at: float | None = None) -> None:
         """Log the billed rows, make every row durable, then count them (as finished `at`, default now).

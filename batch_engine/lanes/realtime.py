@@ -3,6 +3,7 @@ under per-model RPM/ITPM/OTPM buckets, each request under the run's retry policy
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ class RealtimeLane:
         self.ctx = ctx
         self.concurrency = concurrency
         self.spend_limit: SpendLimitError | None = None
+        self._shared_left = 0  # slots taken from the shared limit and not yet used
+        self._shared_lock = asyncio.Lock()
 
     async def run(self, tasks: Sequence[PlannedTask]) -> None:
         """Send every task; each ends with a row in the ledger, whatever happens to its request."""
@@ -45,9 +48,22 @@ class RealtimeLane:
         cached = self.ctx.cached_prefix_tokens.get(task.cache_key, 0) if task.cache_key else 0
         return max(1, task.estimated_input_tokens - cached)
 
+    async def _shared_slot(self) -> None:
+        shared = self.ctx.shared_limit
+        if shared is None:
+            return
+        # One worker takes a block for everyone; the others wait for it rather than each paying a round trip.
+        async with self._shared_lock:
+            if self._shared_left == 0:
+                await shared.take(shared.block)
+                self._shared_left = shared.block
+            self._shared_left -= 1
+
     async def _attempt(self, task: PlannedTask) -> Reply:
         if self.spend_limit is not None:
             raise self.spend_limit
+        # Every attempt (a retry too) is a request the API counts, so each one takes a shared slot.
+        await self._shared_slot()
         limiter = self.ctx.limiter(task.model)
         permit = await limiter.acquire(self._uncached_estimate(task))
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1

@@ -4,7 +4,8 @@ state directory. `cache-stats`, `report` and the budget's output history read it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from pathlib import Path
 
 from batch_engine.config import Config
@@ -55,6 +56,8 @@ class UsageRecord:
 
 
 _COLUMNS = [f.name for f in fields(UsageRecord)]
+# `dataclasses.astuple` deep-copies every field: a measurable share of the realtime lane's CPU per request.
+_ROW = attrgetter(*_COLUMNS)
 _TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
 
 
@@ -82,7 +85,7 @@ class UsageLog(SqliteStore):
         return cls(Path(state_dir) / USAGE_FILE)
 
     def append(self, records: Iterable[UsageRecord]) -> None:
-        rows = [astuple(record) for record in records]
+        rows = [_ROW(record) for record in records]
         if rows:
             placeholders = ", ".join("?" * len(_COLUMNS))
             self._db.execute("BEGIN")
