@@ -269,6 +269,11 @@ def test_logs_carry_batch_state_changes_and_lane_summaries_but_no_key_or_prompt(
     assert API_KEY not in text
     first_prompt = orjson.loads(SAMPLE_TASKS.read_bytes())[0]["input_data"]
     assert all(str(value) not in text for value in first_prompt.values() if len(str(value)) > 12)
+    # Nor in the artifacts, nor in any byte the run wrote (output, ledger, usage log).
+    published = "\n".join(f"{a.data} {a.description}" for a in _artifacts(flow_run_id).values())
+    assert published and API_KEY not in published
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and not [path for path in written if API_KEY.encode() in path.read_bytes()]
 
 
 def test_the_nightly_deployment_carries_the_cron_schedule() -> None:
