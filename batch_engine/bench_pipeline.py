@@ -30,7 +30,7 @@ from pydantic import SecretStr
 
 from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks
 from batch_engine.client import ApiSettings
-from batch_engine.config import load_config
+from batch_engine.config import Config, load_config
 from batch_engine.io import iter_records
 from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
@@ -87,7 +87,7 @@ def _phase(phases: list[_Phase], name: str) -> Iterator[None]:
     phases.append(phase)
 
 
-def _synthetic_result(task: PlannedTask, config: Any) -> TaskResult:
+def _synthetic_result(task: PlannedTask, config: Config) -> TaskResult:
     """What the batch lane records for a succeeded row (same constructor, a fixed reply)."""
     message = {
         "model": task.model,

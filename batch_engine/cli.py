@@ -39,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub)
     _add_batches_commands(sub)
     _add_insight_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -660,6 +661,23 @@ def _batches_collect(args: argparse.Namespace) -> int:
         return _STILL_RUNNING
     print(render_summary(collected.summary))
     return 0 if collected.summary.all_succeeded else 1
+
+
+# --- bench ------------------------------------------------------------------------------------------------
+
+
+def _add_bench_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Everything after the name goes to the benchmark's own parser (`batch-engine bench plan --help`).
+    bench = sub.add_parser("bench", help="benchmarks: plan, batch, cost, realtime, ratelimit, prefect")
+    bench.add_argument("benchmark", help="plan, batch, cost, realtime, ratelimit or prefect")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from batch_engine.bench import main as bench_main
+
+    return bench_main([args.benchmark, *args.arguments])
 
 
 # --- entry point ------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_logs_carry_batch_state_changes_and_lane_summaries_but_no_key_or_prompt(
     def both_lanes_logged(found: list[str]) -> bool:
         return any(m.startswith("realtime lane:") for m in found) and any(m.startswith("batch lane:") for m in found)
 
-    messages = _eventually(read, both_lanes_logged)
+    messages = _eventually(read, both_lanes_logged, timeout_s=60)
     text = "\n".join(messages)
     assert any(m.startswith("batch msgbatch_") and m.endswith("created for chunk c0 (241 requests)") for m in messages)
     assert any(": ended succeeded=241" in m for m in messages)
