@@ -334,9 +334,10 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_prefect_console()
     start_ephemeral_server()
     progress = Progress()
-    orchestrator.live_progress.set(progress)
 
     async def go() -> RunSummary | None:  # None only for wait=false
+        # Set inside the task asyncio.run makes, so it ends with this run (tests call `main` again in-process).
+        orchestrator.live_progress.set(progress)
         async with live_progress(Console(stderr=True), progress, records):
             return await orchestrator.batch_orchestrator(
                 input_path=str(args.input),
