@@ -125,6 +125,17 @@ class CostSummary(BaseModel):
     savings_usd: float = 0.0
     savings_pct: float = 0.0
 
+    @classmethod
+    def of(cls, spent_usd: float, baseline_usd: float) -> CostSummary:
+        """Spend against the baseline, rounded to the micro-dollar."""
+        saved = baseline_usd - spent_usd
+        return cls(
+            total_usd=round(spent_usd, 6),
+            baseline_usd=round(baseline_usd, 6),
+            savings_usd=round(saved, 6),
+            savings_pct=round(100 * saved / baseline_usd, 2) if baseline_usd else 0.0,
+        )
+
 
 class RunSummary(BaseModel):
     """The `run` section of the output file: what happened, what it cost, and against what baseline."""

@@ -4,8 +4,11 @@ baseline, cache hit rate by tokens — computed in one pass over the output rows
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Literal
+
+import orjson
 
 from batch_engine.config import Config
 from batch_engine.models import BatchSummary, CostSummary, RunSummary, TaskResult, TokenTotals
@@ -77,12 +80,23 @@ def summarize(
             for chunk, batch_id, counts in batches
         ],
         tokens=tokens,
-        cost=CostSummary(
-            total_usd=round(spent, 6),
-            baseline_usd=round(baseline, 6),
-            savings_usd=round(baseline - spent, 6),
-            savings_pct=round(100 * (baseline - spent) / baseline, 2) if baseline else 0.0,
-        ),
+        cost=CostSummary.of(spent, baseline),
         cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
         durations_s=dict(durations_s),
     )
+
+
+def encode_output(
+    summary: RunSummary, rows: Iterable[TaskResult], output_format: Literal["json", "jsonl"]
+) -> Iterator[bytes]:
+    """The output file's bytes, in the same shape a single run writes."""
+    run = summary.model_dump(mode="json")
+    if output_format == "jsonl":
+        yield orjson.dumps({"run": run}) + b"\n"
+        for row in rows:
+            yield orjson.dumps(row.model_dump(mode="json")) + b"\n"
+        return
+    yield b'{"run":' + orjson.dumps(run) + b',"results":['
+    for position, row in enumerate(rows):
+        yield (b"," if position else b"") + orjson.dumps(row.model_dump(mode="json"))
+    yield b"]}\n"

@@ -29,7 +29,7 @@ from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.merge import rejection_result
-from batch_engine.report import summarize
+from batch_engine.report import encode_output, summarize
 from batch_engine.telemetry.usage_log import UsageLog, output_history
 from batch_engine.token_count import count_plan_tokens
 
@@ -354,7 +354,7 @@ class Run:
             durations_s=durations,
             config=self.config,
         )
-        atomic_write_chunks(self.output_path, _encode(summary, self.rows(), self.options.output_format))
+        atomic_write_chunks(self.output_path, encode_output(summary, self.rows(), self.options.output_format))
         crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
         crash_point("run.complete")
@@ -376,19 +376,6 @@ class Lanes:
 
 def _rejection_index(rejection: Rejection) -> int:
     return rejection.index
-
-
-def _encode(summary: RunSummary, rows: Iterator[TaskResult], output_format: OutputFormat) -> Iterator[bytes]:
-    run = summary.model_dump(mode="json")
-    if output_format == "jsonl":
-        yield orjson.dumps({"run": run}) + b"\n"
-        for row in rows:
-            yield orjson.dumps(row.model_dump(mode="json")) + b"\n"
-        return
-    yield b'{"run":' + orjson.dumps(run) + b',"results":['
-    for position, row in enumerate(rows):
-        yield (b"," if position else b"") + orjson.dumps(row.model_dump(mode="json"))
-    yield b"]}\n"
 
 
 async def run(

@@ -11,7 +11,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
@@ -137,12 +137,7 @@ def merged_summary(outputs: Sequence[ShardOutput], *, input_path: str, output_pa
             for b in o.summary.batches
         ],
         tokens=tokens,
-        cost=CostSummary(
-            total_usd=round(spent, 6),
-            baseline_usd=round(baseline, 6),
-            savings_usd=round(baseline - spent, 6),
-            savings_pct=round(100 * (baseline - spent) / baseline, 2) if baseline else 0.0,
-        ),
+        cost=CostSummary.of(spent, baseline),
         cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
         durations_s=durations,
         shards=[
@@ -166,19 +161,3 @@ def _max_by_key(mappings: Iterable[dict[str, float]]) -> dict[str, float]:
         for key, value in mapping.items():
             merged[key] = max(merged.get(key, 0.0), value)
     return merged
-
-
-def encode_output(
-    summary: RunSummary, rows: Iterable[TaskResult], output_format: Literal["json", "jsonl"]
-) -> Iterator[bytes]:
-    """The output file's bytes, in the same shape a single run writes."""
-    run = summary.model_dump(mode="json")
-    if output_format == "jsonl":
-        yield orjson.dumps({"run": run}) + b"\n"
-        for row in rows:
-            yield orjson.dumps(row.model_dump(mode="json")) + b"\n"
-        return
-    yield b'{"run":' + orjson.dumps(run) + b',"results":['
-    for position, row in enumerate(rows):
-        yield (b"," if position else b"") + orjson.dumps(row.model_dump(mode="json"))
-    yield b"]}\n"

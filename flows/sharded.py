@@ -23,12 +23,12 @@ from prefect.deployments import run_deployment
 from batch_engine import io
 from batch_engine.config import Route
 from batch_engine.errors import BatchEngineError
+from batch_engine.report import encode_output
 from batch_engine.runner import DEFAULT_STATE_DIR, OutputFormat
 from batch_engine.shards import (
     ShardedRunSummary,
     ShardOutput,
     ShardSpec,
-    encode_output,
     merged_rows,
     merged_summary,
     parse_output,

@@ -16,10 +16,10 @@ from batch_engine.emulator import RunningEmulator
 from batch_engine.io import iter_record_lines, iter_records
 from batch_engine.lanes import SharedLimit
 from batch_engine.models import CostSummary, RunSummary, TaskResult, TokenTotals, Usage
+from batch_engine.report import encode_output
 from batch_engine.runner import Run, RunOptions
 from batch_engine.shards import (
     ShardOutput,
-    encode_output,
     merged_rows,
     merged_summary,
     parse_output,
