@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,9 @@ def _wait_healthy(api_url: str, proc: subprocess.Popen[bytes], log: Path, timeou
     pytest.fail(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextmanager
+def running_server(home: Path, migrated_prefect_db: Path) -> Iterator[Server]:
+    """A `prefect server start` on a free port over a copy of the migrated DB; stopped (and swept) on exit."""
     shutil.copy(migrated_prefect_db, home / "prefect.db")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -133,7 +134,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path) 
         PREFECT_HOME=str(home),
         PREFECT_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        # The serve process looks for scheduled runs every second instead of every ten.
+        # Serve processes look for scheduled runs every second instead of every ten.
         PREFECT_RUNNER_POLL_FREQUENCY="1",
     )
     log = home / "server.log"
@@ -144,6 +145,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path) 
     finally:
         _stop(proc)
         _sweep(home)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("prefect-home"), migrated_prefect_db) as started:
+        yield started
 
 
 def _client(server: Server) -> PrefectClient:

@@ -8,9 +8,7 @@ Every process is stopped by PID in a `finally`; anything left with the test's PR
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +23,7 @@ import pytest
 from engine_support import messages_calls, write_jsonl
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from test_prefect_e2e import PREFECT, ROOT, _free_port, _pids_with_env, _start, _stop, _sweep, _wait_healthy
+from test_prefect_e2e import PREFECT, ROOT, _pids_with_env, _start, _stop, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,24 +90,8 @@ def worst_window_excess(samples: list[tuple[float, int]], limit_per_minute: floa
 def prefect_server(tmp_path: Path, migrated_prefect_db: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
     home = tmp_path / "prefect-home"
     home.mkdir()
-    shutil.copy(migrated_prefect_db, home / "prefect.db")
-    api_url = f"http://127.0.0.1:{_free_port()}/api"
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHR"))}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_RUNNER_POLL_FREQUENCY="1",
-    )
-    log = home / "server.log"
-    port = api_url.rsplit(":", 1)[1].split("/")[0]
-    proc = _start([str(PREFECT), "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", port], env, log)
-    try:
-        _wait_healthy(api_url, proc, log)
-        yield api_url, env, home
-    finally:
-        _stop(proc)
-        _sweep(home)
+    with running_server(home, migrated_prefect_db) as server:
+        yield server.api_url, server.env, server.home
 
 
 def _start_emulator(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
