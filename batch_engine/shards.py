@@ -2,15 +2,18 @@
 input order, with one `run` summary over all of them.
 
 Each shard is an ordinary task file with its own run key, so no batch is ever shared by two shards, and the
-same input split the same way gives the same shard bytes, hence the same run keys: a re-run re-attaches.
+same input split the same way gives the same shard bytes, hence the same run keys: a re-run re-attaches. A cost
+cap for the whole input is split into one cap per shard, which each shard run enforces on its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -58,6 +61,31 @@ def shard_specs(total: int, shards: int) -> list[ShardSpec]:
         specs.append(ShardSpec(number, offset, length))
         offset += length
     return specs
+
+
+MICRO_USD = 1_000_000  # shares are whole micro-dollars, so adding them up is exact
+
+
+def split_budget(limit_usd: float, specs: Sequence[ShardSpec]) -> list[float]:
+    """Each shard's share of a cost cap, proportional to its records, in whole micro-dollars; never more in
+    total than the cap.
+
+    Each shard run enforces its share on its own: a shard cannot borrow what another leaves unspent, so a
+    shard of expensive tasks may stop (or be refused up front) while the whole input would have fit the cap.
+    """
+    if not 0 <= limit_usd < math.inf:
+        raise ValueError(f"a cost cap must be a finite amount of at least 0, not {limit_usd!r}")
+    total = sum(spec.count for spec in specs)
+    if total == 0:
+        return [0.0] * len(specs)
+    # Exact decimal value of the cap as written (0.3, not 0.29999999999999998890), rounded down to the micro-dollar.
+    cap = int(Decimal(repr(limit_usd)) * MICRO_USD)
+    shares = [cap * spec.count // total for spec in specs]
+    # Rounding each share down leaves fewer micro-dollars than shards: hand them out, largest remainder first.
+    by_remainder = sorted(range(len(specs)), key=lambda i: (-(cap * specs[i].count % total), i))
+    for i in by_remainder[: cap - sum(shares)]:
+        shares[i] += 1
+    return [share / MICRO_USD for share in shares]
 
 
 def split_lines(lines: Sequence[bytes], shards: int) -> list[tuple[ShardSpec, bytes]]:

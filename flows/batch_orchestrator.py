@@ -40,12 +40,12 @@ from batch_engine.artifacts import (
 )
 from batch_engine.config import Route, load_config
 from batch_engine.errors import BatchEngineError
-from batch_engine.lanes import Progress, all_or_none
+from batch_engine.lanes import Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import DEFAULT_STATE_DIR, Lanes, OutputFormat, Run, RunOptions
-from flows.limits import shared_rate_limit
+from flows.limits import GlobalRateLimit, check_models, shared_rate_limit
 from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -198,7 +198,7 @@ async def batch_orchestrator(
     wait: bool = True,
     output_format: OutputFormat = "json",
     api_key_block: str = DEFAULT_SECRET_BLOCK,
-    global_rate_limit: str | None = None,
+    global_rate_limit: GlobalRateLimit | None = None,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
@@ -206,7 +206,9 @@ async def batch_orchestrator(
     directory the flow runs in. `mode` forces one route; `max_cost_usd` refuses a plan estimated over it and
     stops sending at it; `emulate` runs against the built-in emulator (simulated, nothing billed).
     `global_rate_limit` names a Prefect global concurrency limit with slot decay (e.g. `anthropic-rpm`) that
-    realtime requests also take slots from, shared by every worker and flow run.
+    realtime requests also take slots from, shared by every worker and flow run; or maps each model to its own
+    limit (`{"claude-haiku-4-5": "anthropic-rpm-haiku", "*": "anthropic-rpm"}`; a model with no entry and no
+    `"*"` takes no shared slot).
     """
     logger = get_run_logger()
     options = run_options(
@@ -248,15 +250,19 @@ async def collect(
     state_dir: str = str(DEFAULT_STATE_DIR),
     include_running: bool = False,
     api_key_block: str = DEFAULT_SECRET_BLOCK,
+    global_rate_limit: GlobalRateLimit | None = None,
 ) -> list[RunSummary]:
     """Collect, send leftovers realtime, write and publish each waiting run whose batches have all ended.
 
     A run whose batches are still running is left for the next collect, so no process waits on a batch. One
     run that cannot be finished (its input changed, over budget...) does not hold up the others; the flow fails
     at the end, naming it. `include_running` also takes runs left `running` by a flow run that died; only use
-    it when no flow run is working on this state dir.
+    it when no flow run is working on this state dir. `global_rate_limit` is as for `batch-orchestrator`: the
+    realtime leftovers take slots from it; it is checked before any run is looked at.
     """
     logger = get_run_logger()
+    shared = await _shared_limit(global_rate_limit)
+    described: set[str] = set()
     records = await find_waiting_runs(state_dir, include_running)
     finished: list[RunSummary] = []
     failed: list[str] = []
@@ -264,7 +270,7 @@ async def collect(
         try:
             run = await reopen_run(record, state_dir)
             try:
-                summary = await _collect_one(run, logger, block=api_key_block)
+                summary = await _collect_one(run, logger, block=api_key_block, shared=shared, described=described)
             finally:
                 run.close()
         except BatchEngineError as exc:
@@ -286,14 +292,15 @@ async def collect(
 live_progress: ContextVar[Progress | None] = ContextVar("live_progress", default=None)
 
 
-async def _send(run: Run, logger: Logger, *, wait: bool, block: str, global_rate_limit: str | None = None) -> bool:
+async def _send(
+    run: Run, logger: Logger, *, wait: bool, block: str, global_rate_limit: GlobalRateLimit | None = None
+) -> bool:
     """Both lanes; True when every batch has been collected, False when some were left waiting (wait=false)."""
     progress = live_progress.get() or Progress()
     options = run.options
-    shared = None
-    if global_rate_limit:
-        shared = await shared_rate_limit(global_rate_limit, run.config.limits.realtime_concurrency)
-        logger.info("realtime: also under global rate limit %r, %d slots at a time", global_rate_limit, shared.block)
+    shared = await _shared_limit(global_rate_limit)
+    if shared is not None:
+        _describe_shared_limit(shared, run, logger, described=set())
     async with (
         api_settings(
             emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
@@ -315,14 +322,16 @@ async def _send(run: Run, logger: Logger, *, wait: bool, block: str, global_rate
     return True
 
 
-async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | None:
+async def _collect_one(
+    run: Run, logger: Logger, *, block: str, shared: SharedLimit | None, described: set[str]
+) -> RunSummary | None:
     options = run.options
     progress = Progress()
     async with (
         api_settings(
             emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
         ) as api,
-        run.lanes(api, logger=logger, progress=progress) as lanes,
+        run.lanes(api, logger=logger, progress=progress, shared_limit=shared) as lanes,
     ):
         if options.simulated:
             logger.warning("SIMULATED: collecting from the built-in emulator at %s; nothing is billed", api.base_url)
@@ -332,6 +341,8 @@ async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | 
         if not await run.batches_ended(lanes):
             logger.info("run %s: batches still running; left for the next collect", run.key)
             return None
+        if shared is not None:
+            _describe_shared_limit(shared, run, logger, described=described)
         await estimate_and_budget(unwalked(lanes))
         run.ledger.set_run_status(run.key, "running")
         # Retryable rows are resubmitted but not waited for: the next collect finishes that batch.
@@ -343,6 +354,28 @@ async def _collect_one(run: Run, logger: Logger, *, block: str) -> RunSummary | 
             return None
         await _leftovers(lanes, logger)
     return await _finish(run, logger)
+
+
+async def _shared_limit(spec: GlobalRateLimit | None) -> SharedLimit | None:
+    """The global rate limits `spec` names, each checked before anything is sent; None without a spec."""
+    return None if spec is None else await shared_rate_limit(spec)
+
+
+def _describe_shared_limit(shared: SharedLimit, run: Run, logger: Logger, *, described: set[str]) -> None:
+    """Refuse a limit for a model the config lacks; log once per model (not in `described`) what limits it."""
+    check_models(shared, run.config.models)
+    concurrency = run.config.limits.realtime_concurrency
+    for model in sorted({planned.model for planned in run.plan.tasks} - described):
+        described.add(model)
+        name = shared.limit_for(model)
+        if name is None:
+            logger.info(
+                'realtime: %s is under no global rate limit (global_rate_limit has no entry for it and no "*")',
+                model,
+            )
+        else:
+            block = min(shared.blocks[name], concurrency)
+            logger.info("realtime: %s also under global rate limit %r, %d slots at a time", model, name, block)
 
 
 async def _batch_lane(batch: BatchLane, works: list[ChunkWork], wait: bool, logger: Logger) -> None:

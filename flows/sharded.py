@@ -4,13 +4,14 @@ shard outputs into one file in input order.
 
 Each shard is its own task file, hence its own run key: no batch is shared by two shards. The shard files go
 to `<state_dir>/shards/<input digest>-<N>/`, a path every worker must see; the same input split the same way
-gives the same bytes, so a re-run of this flow re-attaches every shard to its ledger entry.
+gives the same bytes, so a re-run of this flow re-attaches every shard to its ledger entry. A `max_cost_usd`
+is split between the shards by their share of the records, and each shard run enforces its own part.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,9 +33,11 @@ from batch_engine.shards import (
     merged_rows,
     merged_summary,
     parse_output,
+    split_budget,
     split_lines,
 )
 from flows.batch_orchestrator import NonNegativeFloat, PositiveInt
+from flows.limits import GlobalRateLimit
 from flows.secrets import DEFAULT_SECRET_BLOCK
 
 DEFAULT_DEPLOYMENT = "batch-orchestrator/on-demand"
@@ -60,6 +63,37 @@ async def split_input(input_path: str, state_dir: str, shards: int) -> list[Shar
             io.atomic_write_bytes(path, content)
         files.append(ShardFile(spec, path, directory / f"shard-{spec.number:03d}.results.json"))
     return files
+
+
+def shard_parameters(
+    files: Sequence[ShardFile],
+    common: Mapping[str, Any],
+    *,
+    state_dir: str,
+    shard_state_dir: str | None,
+    max_cost_usd: float | None,
+) -> list[dict[str, Any]]:
+    """The deployment parameters of each shard run: `common` (None values left out), the shard's own paths and
+    its share of `max_cost_usd`."""
+    budgets: list[float | None] = [None] * len(files)
+    if max_cost_usd is not None:
+        budgets = list(split_budget(max_cost_usd, [shard.spec for shard in files]))
+    runs = []
+    for shard, budget in zip(files, budgets, strict=True):
+        number = shard.spec.number
+        parameters = {
+            **{key: value for key, value in common.items() if value is not None},
+            "input_path": str(shard.input_path),
+            "output_path": str(shard.output_path),
+            "state_dir": f"{shard_state_dir}/shard-{number:03d}" if shard_state_dir else state_dir,
+            # The parent merges the shards' outputs, so every shard runs to the end.
+            "wait": True,
+            "output_format": "json",
+        }
+        if budget is not None:
+            parameters["max_cost_usd"] = budget
+        runs.append(parameters)
+    return runs
 
 
 @task(name="merge-shards", cache_policy=NO_CACHE)
@@ -89,16 +123,19 @@ async def batch_sharded(
     poll_interval_s: NonNegativeFloat | None = None,
     concurrency: PositiveInt | None = None,
     mode: Route | None = None,
+    max_cost_usd: NonNegativeFloat | None = None,
     emulate: bool = False,
     output_format: OutputFormat = "json",
     api_key_block: str = DEFAULT_SECRET_BLOCK,
-    global_rate_limit: str | None = None,
+    global_rate_limit: GlobalRateLimit | None = None,
 ) -> ShardedRunSummary:
     """Run `input_path` as `shards` runs of `deployment` side by side and write one merged output.
 
     Paths must be ones every worker sees (absolute, on a shared filesystem). The shard runs keep their ledger in
     `state_dir`, or each in `<shard_state_dir>/shard-NNN` when given (e.g. a local-disk path on each worker:
     SQLite must not live on a network filesystem). `global_rate_limit` is passed to every shard run.
+    `max_cost_usd` caps the whole input: each shard run gets a share proportional to its records (the shares add
+    up to at most the cap) and enforces it on its own, so a shard cannot spend what another leaves unused.
     """
     logger = get_run_logger()
     files = await split_input(input_path, state_dir, shards)
@@ -114,17 +151,15 @@ async def batch_sharded(
         "global_rate_limit": global_rate_limit,
     }
 
-    async def run_shard(shard: ShardFile) -> None:
+    runs = shard_parameters(
+        files, common, state_dir=state_dir, shard_state_dir=shard_state_dir, max_cost_usd=max_cost_usd
+    )
+    if max_cost_usd is not None:
+        shares = ", ".join(f"${parameters['max_cost_usd']:.6f}" for parameters in runs)
+        logger.info("max_cost_usd $%.6f split by records into per-shard caps: %s", max_cost_usd, shares)
+
+    async def run_shard(shard: ShardFile, parameters: dict[str, Any]) -> None:
         number = shard.spec.number
-        parameters = {
-            **{key: value for key, value in common.items() if value is not None},
-            "input_path": str(shard.input_path),
-            "output_path": str(shard.output_path),
-            "state_dir": f"{shard_state_dir}/shard-{number:03d}" if shard_state_dir else state_dir,
-            # The parent merges the shards' outputs, so every shard runs to the end.
-            "wait": True,
-            "output_format": "json",
-        }
         # Async-dispatched: called from async code it returns a coroutine (typed as either).
         flow_run = await cast(Awaitable[FlowRun], run_deployment(deployment, parameters=parameters, timeout=None))
         state = flow_run.state
@@ -134,7 +169,9 @@ async def batch_sharded(
             )
         logger.info("shard %d: %d records done by flow run %s", number, shard.spec.count, flow_run.name)
 
-    results = await asyncio.gather(*(run_shard(shard) for shard in files), return_exceptions=True)
+    results = await asyncio.gather(
+        *(run_shard(shard, parameters) for shard, parameters in zip(files, runs, strict=True)), return_exceptions=True
+    )
     failures = [result for result in results if isinstance(result, BaseException)]
     if failures:
         # Every shard ran to its end first: the finished ones are in their ledgers, and a re-run re-attaches.

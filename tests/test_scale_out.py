@@ -1,6 +1,7 @@
 """Scale-out, as a user would run it on one machine: a Prefect server, two serve processes (two "workers"), one
 emulator enforcing an RPM limit as its own process, a global rate limit in Prefect, and a sharded realtime-heavy
-run of 2,000 tasks through `prefect deployment run batch-sharded/sharded`.
+run of 2,000 tasks through `prefect deployment run batch-sharded/sharded`; and, without any server, what the
+sharded flow hands each shard run (its share of the cost cap) and what the served deployments default to.
 
 Every process is stopped by PID in a `finally`; anything left with the test's PREFECT_HOME is killed at the end.
 """
@@ -25,6 +26,11 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from test_prefect_e2e import PREFECT, ROOT, _pids_with_env, _start, _stop, running_server
 
+from batch_engine.ledger import Ledger
+from batch_engine.shards import shard_specs
+from flows.serve import _parse_args, build_deployments, scale_out_deployments
+from flows.sharded import ShardFile, shard_parameters
+
 pytestmark = pytest.mark.timeout(180)
 
 TASKS = 2000
@@ -34,6 +40,8 @@ EMULATOR_RPM = 1500
 GLOBAL_RPM = 1320
 LIMIT_NAME = "anthropic-rpm"
 BATCH_EVERY = 20  # every 20th task is a batch task; the rest go realtime
+MODEL = "claude-haiku-5-5"  # what both task types run on (the "cheap" tier)
+MAX_COST_USD = 100.0  # far above the run's estimate: split into two caps of $50, one per shard
 
 
 def _tasks() -> list[dict[str, Any]]:
@@ -169,7 +177,9 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
             "state_dir": str(state_dir),
             "config_path": str(ROOT / "samples" / "config.toml"),
             "poll_interval_s": 0.3,
-            "global_rate_limit": LIMIT_NAME,
+            # The per-model form: the model both task types run on, under the one limit.
+            "global_rate_limit": {MODEL: LIMIT_NAME},
+            "max_cost_usd": MAX_COST_USD,
         }
         with StatsSampler(base_url) as sampler:
             run = subprocess.run(
@@ -204,6 +214,9 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
     assert summary["counts"]["total"] == summary["counts"]["succeeded"] == TASKS
     assert len(summary["shards"]) == SHARDS
     assert len({shard["run_key"] for shard in summary["shards"]}) == SHARDS
+    # Each shard run got (and recorded) its half of the cap, not the whole of it.
+    with Ledger.open(state_dir) as ledger:
+        assert sorted(run.options["max_cost_usd"] for run in ledger.runs()) == [MAX_COST_USD / SHARDS] * SHARDS
 
     # No batch duplicated across shards: one batch per shard, each custom_id in exactly one batch.
     assert stats["batches_created"] == SHARDS
@@ -226,3 +239,35 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
         f"sending {last - first:.1f} s (avg {60 * requests / (last - first):.0f}/min), global limit {GLOBAL_RPM}/min "
         f"+ burst, worst window excess {excess:.0f}, test {time.monotonic() - started:.1f} s"
     )
+
+
+def test_each_shard_run_gets_its_share_of_max_cost_usd_and_the_common_parameters(tmp_path: Path) -> None:
+    files = [
+        ShardFile(spec, tmp_path / f"shard-{spec.number}.jsonl", tmp_path / f"shard-{spec.number}.results.json")
+        for spec in shard_specs(10, 3)
+    ]
+    limit = {"claude-haiku-5-5": "haiku-rpm"}
+    common = {"mode": None, "global_rate_limit": limit, "emulate": False}
+
+    runs = shard_parameters(files, common, state_dir="/state", shard_state_dir=None, max_cost_usd=1.0)
+
+    # 4, 3 and 3 records of 10: never more than the cap in total, each shard enforcing its own part.
+    assert [run["max_cost_usd"] for run in runs] == [0.4, 0.3, 0.3]
+    assert all(run["global_rate_limit"] == limit and "mode" not in run and run["wait"] for run in runs)
+    assert [run["input_path"] for run in runs] == [str(f.input_path) for f in files]
+    uncapped = shard_parameters(files, common, state_dir="/state", shard_state_dir="/local", max_cost_usd=None)
+    assert not [run for run in uncapped if "max_cost_usd" in run]
+    assert [run["state_dir"] for run in uncapped] == ["/local/shard-000", "/local/shard-001", "/local/shard-002"]
+
+
+def test_served_deployments_default_to_the_global_rate_limit_given_to_serve() -> None:
+    limit = {"claude-haiku-5-5": "haiku-rpm", "*": "anthropic-rpm"}
+    assert _parse_args(["--global-rate-limit", orjson.dumps(limit).decode()]).global_rate_limit == limit
+    assert _parse_args(["--global-rate-limit", "anthropic-rpm"]).global_rate_limit == "anthropic-rpm"
+
+    deployments = [*build_deployments(global_rate_limit=limit), *scale_out_deployments(limit)]
+
+    assert {d.name: d.parameters["global_rate_limit"] for d in deployments} == dict.fromkeys(
+        ("nightly", "on-demand", "collect", "sharded"), limit
+    )
+    assert not [d for d in (*build_deployments(), *scale_out_deployments()) if "global_rate_limit" in d.parameters]

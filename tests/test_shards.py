@@ -1,9 +1,10 @@
-"""Sharding (pure split and merge) and the realtime lane's shared rate limit, without Prefect."""
+"""Sharding (pure split, budget split and merge) and the realtime lane's shared rate limit, without Prefect."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -24,6 +25,7 @@ from batch_engine.shards import (
     merged_summary,
     parse_output,
     shard_specs,
+    split_budget,
     split_lines,
 )
 
@@ -38,6 +40,38 @@ def test_shards_are_contiguous_near_equal_and_cover_every_record_once(total: int
     if specs:
         assert max(s.count for s in specs) - min(s.count for s in specs) <= 1
         assert min(s.count for s in specs) >= 1
+
+
+MICRO = Decimal("0.000001")
+
+
+@given(
+    cap=st.floats(min_value=0, max_value=1e7, allow_nan=False),
+    total=st.integers(min_value=0, max_value=500),
+    shards=st.integers(min_value=1, max_value=40),
+)
+def test_budget_shares_follow_the_record_counts_and_never_add_up_to_more_than_the_cap(
+    cap: float, total: int, shards: int
+) -> None:
+    specs = shard_specs(total, shards)
+    shares = [Decimal(repr(share)) for share in split_budget(cap, specs)]
+    limit = Decimal(repr(cap))  # the cap as the user wrote it
+    assert len(shares) == len(specs)
+    assert all(share >= 0 and share % MICRO == 0 for share in shares)
+    assert sum(shares) <= limit
+    if total:
+        # Nothing is held back but the rounding to whole micro-dollars.
+        assert limit - sum(shares) < MICRO
+        for spec, share in zip(specs, shares, strict=True):
+            assert abs(share - limit * spec.count / total) < MICRO
+
+
+def test_a_cap_is_split_by_records_to_the_micro_dollar() -> None:
+    assert split_budget(10.0, shard_specs(7, 3)) == [4.285714, 2.857143, 2.857143]
+    assert split_budget(0.3, shard_specs(5, 2)) == [0.18, 0.12]
+    assert split_budget(0.3, shard_specs(9, 1)) == [0.3]
+    with pytest.raises(ValueError, match="finite amount"):
+        split_budget(float("inf"), shard_specs(3, 2))
 
 
 def test_split_of_a_json_array_and_of_the_same_jsonl_gives_identical_shard_bytes(tmp_path: Path) -> None:
@@ -158,11 +192,11 @@ def test_the_same_shard_bytes_give_the_same_run_key_so_a_rerun_reattaches(tmp_pa
 
 class CountingLimit:
     def __init__(self) -> None:
-        self.takes: list[int] = []
+        self.takes: list[tuple[str, int]] = []
 
-    async def take(self, slots: int) -> None:
+    async def take(self, name: str, slots: int) -> None:
         await asyncio.sleep(0.01)  # a round trip: workers arriving meanwhile must not take a block each
-        self.takes.append(slots)
+        self.takes.append((name, slots))
 
 
 def test_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
@@ -179,7 +213,7 @@ def test_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
         from batch_engine.client import ApiSettings
 
         api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
-        async with run.lanes(api, shared_limit=SharedLimit(take=counting.take, block=8)) as lanes:
+        async with run.lanes(api, shared_limit=SharedLimit.single("rpm", counting.take, 8)) as lanes:
             await run.execute(lanes)
 
     try:
@@ -189,4 +223,4 @@ def test_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
         run.close()
     assert summary.counts["succeeded"] == 50
     # 50 requests in blocks of 8: 7 blocks, not 50 round trips, and never fewer slots than requests.
-    assert counting.takes == [8] * 7
+    assert counting.takes == [("rpm", 8)] * 7

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from batch_engine.budget import Budget, Estimator
 from batch_engine.client import AsyncClient, RetryPolicy
@@ -64,15 +64,34 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class SharedLimit:
-    """A request-rate limit shared with other processes (e.g. a Prefect global concurrency limit).
+    """Request-rate limits shared with other processes (e.g. Prefect global concurrency limits), chosen by model.
 
-    `take(n)` waits until `n` request slots are free and takes them. Each take is a round trip to whatever keeps
-    the limit (~0.2 s against a Prefect server), so the realtime lane takes `block` slots at a time, not one per
-    request.
+    Anthropic's rate limits are per model class, so each model's requests take slots from the limit `names` gives
+    it; `"*"` covers every model without an entry of its own, and a model with neither takes no shared slot.
+    `take(name, n)` waits until `n` slots of limit `name` are free and takes them. Each take is a round trip to
+    whatever keeps the limit (~0.2 s against a Prefect server), so the realtime lane takes up to `blocks[name]`
+    slots at a time, not one per request.
     """
 
-    take: Callable[[int], Awaitable[None]]
-    block: int
+    ANY_MODEL: ClassVar[str] = "*"
+
+    take: Callable[[str, int], Awaitable[None]]
+    names: Mapping[str, str]  # model, or "*" for every other model → limit name
+    blocks: Mapping[str, int]  # limit name → slots per take
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.names.values()) - set(self.blocks))
+        if missing:
+            raise ValueError(f"no block size for shared limits {missing}")
+
+    @classmethod
+    def single(cls, name: str, take: Callable[[str, int], Awaitable[None]], block: int) -> SharedLimit:
+        """One limit for every model."""
+        return cls(take=take, names={cls.ANY_MODEL: name}, blocks={name: block})
+
+    def limit_for(self, model: str) -> str | None:
+        """The limit `model`'s requests take slots from; None when they take none."""
+        return self.names.get(model, self.names.get(self.ANY_MODEL))
 
 
 @dataclass

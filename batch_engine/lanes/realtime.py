@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from batch_engine.client import Reply, error_headers, send_message
 from batch_engine.crashpoints import crash_point
@@ -18,6 +18,45 @@ from batch_engine.planning.outcome import failed, succeeded, usage_from_api
 DEFAULT_RETRY_AFTER_S = 1.0
 
 
+class _GroupRecorder:
+    """Records the rows that finish in the same turn of the event loop in one write, on the next turn.
+
+    The worker that finished a row goes on to its next request meanwhile: the row is durable one loop turn after
+    its answer arrived either way, and one commit per turn replaces one per row. A failed write fails the lane
+    (at the next row, or at `drain`).
+    """
+
+    def __init__(self, record: Callable[[list[TaskResult]], None]) -> None:
+        self._record = record
+        self._rows: list[TaskResult] = []
+        self._error: BaseException | None = None
+
+    def add(self, result: TaskResult) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._rows:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._rows.append(result)
+
+    def drain(self) -> None:
+        """Write what is pending now; raise a write's failure."""
+        self._flush()
+        if self._error is not None:
+            raise self._error
+
+    def _flush(self) -> None:
+        rows, self._rows = self._rows, []
+        if not rows or self._error is not None:
+            return
+        try:
+            self._record(rows)
+        except BaseException as exc:
+            self._error = exc
+            return
+        for _ in rows:
+            crash_point("realtime.recorded")
+
+
 class RealtimeLane:
     """Sends tasks one request each, `concurrency` at a time."""
 
@@ -25,45 +64,54 @@ class RealtimeLane:
         self.ctx = ctx
         self.concurrency = concurrency
         self.spend_limit: SpendLimitError | None = None
-        self._shared_left = 0  # slots taken from the shared limit and not yet used
-        self._shared_lock = asyncio.Lock()
+        self._shared_left: dict[str, int] = {}  # shared limit name → slots taken and not yet used
+        self._shared_locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, tasks: Sequence[PlannedTask]) -> None:
         """Send every task; each ends with a row in the ledger, whatever happens to its request."""
         if not tasks:
             return
         pending = iter(tasks)
+        recorder = _GroupRecorder(self.ctx.record)
 
         async def worker() -> None:
             # The iterator is shared: each worker takes the next task when it is free.
             for task in pending:
-                result = await self._send(task)
-                self.ctx.record([result])
-                crash_point("realtime.recorded")
+                recorder.add(await self._send(task))
 
-        await all_or_none(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
+        try:
+            await all_or_none(*(worker() for _ in range(min(self.concurrency, len(tasks)))))
+        finally:
+            recorder.drain()
 
     def _uncached_estimate(self, task: PlannedTask) -> int:
         # Cache reads do not count toward ITPM: once a prefix is cached, charge only what follows it.
         cached = self.ctx.cached_prefix_tokens.get(task.cache_key, 0) if task.cache_key else 0
         return max(1, task.estimated_input_tokens - cached)
 
-    async def _shared_slot(self) -> None:
+    async def _shared_slot(self, model: str) -> None:
         shared = self.ctx.shared_limit
-        if shared is None:
+        name = None if shared is None else shared.limit_for(model)
+        if shared is None or name is None:
             return
-        # One worker takes a block for everyone; the others wait for it rather than each paying a round trip.
-        async with self._shared_lock:
-            if self._shared_left == 0:
-                await shared.take(shared.block)
-                self._shared_left = shared.block
-            self._shared_left -= 1
+        # One worker takes a block for everyone on this limit; the others wait for it rather than each paying a
+        # round trip. A lock per limit: waiting on one model's limit never holds up another model's requests.
+        lock = self._shared_locks.get(name)
+        if lock is None:
+            lock = self._shared_locks[name] = asyncio.Lock()
+        async with lock:
+            if not self._shared_left.get(name):
+                # Never more than the workers can use soon: unused slots would only make other processes wait.
+                block = min(shared.blocks[name], self.concurrency)
+                await shared.take(name, block)
+                self._shared_left[name] = block
+            self._shared_left[name] -= 1
 
     async def _attempt(self, task: PlannedTask) -> Reply:
         if self.spend_limit is not None:
             raise self.spend_limit
         # Every attempt (a retry too) is a request the API counts, so each one takes a shared slot.
-        await self._shared_slot()
+        await self._shared_slot(task.model)
         limiter = self.ctx.limiter(task.model)
         permit = await limiter.acquire(self._uncached_estimate(task))
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
