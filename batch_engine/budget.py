@@ -27,7 +27,7 @@ class Estimator:
     output_history: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (task type, model) → tokens
 
     def output_tokens(self, task: PlannedTask) -> int:
-        max_tokens = int(task.params.get("max_tokens", 0))
+        max_tokens = int(task.frame.get("max_tokens", 0))
         seen = self.output_history.get((task.task_type, task.model))
         return min(max_tokens, seen) if seen is not None else max_tokens
 

@@ -40,7 +40,7 @@ def plan_summary(
         counted_tokens += estimator.input_tokens(task)
         expected += estimator.cost(task, task.route)
         spec = config.models[task.model]
-        max_tokens = int(task.params.get("max_tokens", 0))
+        max_tokens = int(task.frame.get("max_tokens", 0))
         estimate += estimate_cost(task.estimated_input_tokens, max_tokens, spec, task.route, config)
         baseline += baseline_cost(Usage(input_tokens=task.estimated_input_tokens, output_tokens=max_tokens), spec)
     return {

@@ -132,11 +132,8 @@ def planned(i: int, size: int, key: str | None) -> PlannedTask:
         route="batch",
         route_reason="",
         model="claude-haiku-5-5",
-        params={
-            "model": "claude-haiku-5-5",
-            "max_tokens": 10,
-            "messages": [{"role": "user", "content": "x" * size}],
-        },
+        frame={"model": "claude-haiku-5-5", "max_tokens": 10, "messages": None},
+        user_text="x" * size,
         estimated_input_tokens=size // 4,
         cache_key=key,
         stream=False,

@@ -5,6 +5,7 @@ The types below are the contract between planning and the lanes that execute a p
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
     from batch_engine.io import RawRecord
 
 
+def with_user_text(frame: dict[str, Any], user_text: str | None) -> dict[str, Any]:
+    """The params of a frame and a user text (a new dict each time; the frame's own values are shared)."""
+    if user_text is None:
+        return frame
+    params = dict(frame)
+    params["messages"] = [{"role": "user", "content": user_text}]
+    return params
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedTask:
     """A validated task with its route decided and its Messages API params rendered."""
@@ -27,11 +37,17 @@ class PlannedTask:
     route: Route
     route_reason: str
     model: str
-    params: dict[str, Any]  # ready for messages.create / a batch row's params (never contains "stream")
+    frame: dict[str, Any]  # the params around the user message, shared by tasks that render the same (never mutate)
+    user_text: str | None  # the user message; None when the input gave raw params (then `frame` is all of them)
     estimated_input_tokens: int
     cache_key: str | None  # digest of the cacheable prefix; rows sharing it are kept adjacent in batches
     stream: bool  # send with messages.stream on the realtime lane
     metadata: dict[str, Any] | None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Ready for messages.create / a batch row's params (never contains "stream"); built on each access."""
+        return with_user_text(self.frame, self.user_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +79,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
     """
     from batch_engine.planning.chunking import chunk_tasks
-    from batch_engine.planning.params import TemplateError, build_params, cache_key
+    from batch_engine.planning.params import TemplateError, build_request, cache_key
     from batch_engine.planning.routing import route_task
     from batch_engine.planning.tokens import estimate_params_tokens
     from batch_engine.planning.validate import validate_record
@@ -98,7 +114,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
         else:
             task_route, reason = route, f"every task forced to {route} for this run"
         try:
-            model, params = build_params(checked, task_type, config, task_route)
+            model, frame, user_text = build_request(checked, task_type, config, task_route)
         except TemplateError as exc:
             rejections.append(
                 Rejection(
@@ -111,17 +127,20 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
             )
             continue
         seen.add(checked.task_id)
+        params = with_user_text(frame, user_text)
         tasks.append(
             PlannedTask(
                 index=record.index,
                 task_id=checked.task_id,
-                task_type=checked.task_type,
+                # One string per distinct type and reason, not one per task: a plan of 1M tasks keeps them all.
+                task_type=sys.intern(checked.task_type),
                 route=task_route,
-                route_reason=reason,
+                route_reason=sys.intern(reason),
                 model=model,
-                params=params,
+                frame=frame,
+                user_text=user_text,
                 estimated_input_tokens=estimate_params_tokens(params),
-                cache_key=cache_key(params),
+                cache_key=cache_key(frame),
                 stream=task_type.stream,
                 metadata=checked.metadata,
             )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import string
 from typing import Any
 
 from batch_engine.config import Config, ModelSpec, Route, TaskType
 from batch_engine.models import TaskRequest
+from batch_engine.planning import with_user_text
 from batch_engine.planning.tokens import estimate_tokens
 
 MAX_BREAKPOINTS = 4  # the API rejects a request with more than four cache_control blocks
@@ -42,23 +42,29 @@ def render(template: str, variables: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _thinking(task_type: TaskType, spec: ModelSpec, max_tokens: int) -> dict[str, Any]:
+def _thinking(task_type: TaskType, spec: ModelSpec, max_tokens: int) -> tuple[tuple[str, Any], ...]:
     thinking = task_type.thinking
     if thinking.mode == "off":
-        return {}
+        return ()
     if thinking.mode == "manual" and spec.manual_thinking and thinking.budget_tokens is not None:
         if thinking.budget_tokens < max_tokens:
-            return {"thinking": {"type": "enabled", "budget_tokens": thinking.budget_tokens}}
-        return {}
+            return (("thinking", {"type": "enabled", "budget_tokens": thinking.budget_tokens}),)
+        return ()
     # Claude 5 models reject manual budget_tokens: adaptive thinking with an effort level instead.
-    extra: dict[str, Any] = {"thinking": {"type": "adaptive"}}
     if thinking.effort is not None:
-        extra["output_config"] = {"effort": thinking.effort}
-    return extra
+        return ("thinking", {"type": "adaptive"}), ("output_config", {"effort": thinking.effort})
+    return (("thinking", {"type": "adaptive"}),)
 
 
-def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: Route) -> tuple[str, dict[str, Any]]:
-    """(model, params) for one task; raises TemplateError when the template cannot be filled."""
+def build_request(
+    task: TaskRequest, task_type: TaskType, config: Config, route: Route
+) -> tuple[str, dict[str, Any], str | None]:
+    """(model, frame, user text) for one task; raises TemplateError when the template cannot be filled.
+
+    The frame is the params around the user message (model, max_tokens, system, thinking), shared by every task
+    that renders the same one: a plan of 1M tasks holds each task's user text, not a params tree per task. Raw
+    `params` from the input are their own frame, with no user text. `with_user_text` puts the two together.
+    """
     model = task.model or config.model_for_tier(task.model_tier or task_type.tier)
     spec = config.models[model]
     if task.params is not None:
@@ -66,33 +72,46 @@ def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: 
         params.pop("stream", None)
         params["model"] = model
         params.setdefault("max_tokens", task.max_tokens or task_type.max_tokens)
-        return model, params
+        return model, params, None
     max_tokens = min(task.max_tokens or task_type.max_tokens, spec.max_output_tokens)
     system_text = task.system if task.system is not None else render(task_type.system, task.input_data)
     user_text = render(task_type.user, task.input_data)
-    params = {
-        "model": model,
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": user_text}],
-    }
-    if system_text:
-        cached = task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens
+    ttl = None
+    if system_text and task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens:
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
-        params["system"] = _system_blocks(system_text, ("1h" if route == "batch" else "5m") if cached else None)
-    params.update(_thinking(task_type, spec, max_tokens))
-    return model, params
+        ttl = "1h" if route == "batch" else "5m"
+    return model, _frame(model, max_tokens, system_text, ttl, _thinking(task_type, spec, max_tokens)), user_text
 
 
-@functools.lru_cache(maxsize=1024)
-def _system_blocks(text: str, ttl: str | None) -> list[dict[str, Any]]:
-    # One list per distinct system prompt, shared by every task that renders it: a plan of 1M tasks holds each
-    # task's params for the whole run, and a block per task was ~0.5 KiB of it. Params are never mutated.
-    block: dict[str, Any] = {"type": "text", "text": text}
-    if ttl == "1h":
-        block["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
-    elif ttl is not None:
-        block["cache_control"] = {"type": "ephemeral"}
-    return [block]
+def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: Route) -> tuple[str, dict[str, Any]]:
+    """(model, params) for one task; raises TemplateError when the template cannot be filled."""
+    model, frame, user_text = build_request(task, task_type, config, route)
+    return model, with_user_text(frame, user_text)
+
+
+def _frame(
+    model: str, max_tokens: int, system_text: str, ttl: str | None, thinking: tuple[tuple[str, Any], ...]
+) -> dict[str, Any]:
+    key = (model, max_tokens, system_text, ttl, repr(thinking))
+    frame = _FRAMES.get(key)
+    if frame is None:
+        # "messages" is a placeholder that keeps the key order of the params (model, max_tokens, messages, ...).
+        frame = {"model": model, "max_tokens": max_tokens, "messages": None}
+        if system_text:
+            block: dict[str, Any] = {"type": "text", "text": system_text}
+            if ttl is not None:
+                block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+            frame["system"] = [block]
+        frame.update(thinking)
+        if len(_FRAMES) >= _MAX_FRAMES:
+            _FRAMES.pop(next(iter(_FRAMES)))
+        _FRAMES[key] = frame
+    return frame
+
+
+# Frames by what they are made of; bounded, so per-task system prompts do not grow it without end.
+_FRAMES: dict[tuple[Any, ...], dict[str, Any]] = {}
+_MAX_FRAMES = 1024
 
 
 def count_breakpoints(params: dict[str, Any]) -> int:

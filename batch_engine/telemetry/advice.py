@@ -236,14 +236,14 @@ def plan_recommendations(plan: Plan, estimator: Estimator) -> list[Recommendatio
         )
     uncached: dict[str, list[PlannedTask]] = defaultdict(list)
     for task in plan.tasks:
-        key, tokens, ttl = system_prefix(task.params)
+        key, tokens, ttl = system_prefix(task.frame)
         if key is not None and ttl is None and tokens >= config.models[task.model].min_cacheable_tokens:
             uncached[f"{task.task_type}\x00{key}"].append(task)
     for _, group in sorted(uncached.items()):
         if len(group) < 2:
             continue
         first = group[0]
-        tokens = system_prefix(first.params)[1]
+        tokens = system_prefix(first.frame)[1]
         spec = config.models[first.model]
         discount = config.batch_discount if first.route == "batch" else 1.0
         usd = _cache_gain(spec, tokens, len(group), "1h" if first.route == "batch" else "5m") * discount

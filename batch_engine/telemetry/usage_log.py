@@ -108,7 +108,7 @@ def usage_record(
     """The usage-log row of a billed (succeeded) result."""
     usage = result.usage or Usage()
     spec = config.models.get(result.model or task.model) or config.models[task.model]
-    prefix_key, prefix_tokens, ttl = system_prefix(task.params)
+    prefix_key, prefix_tokens, ttl = system_prefix(task.frame)
     split = usage.cache_write_5m_tokens + usage.cache_write_1h_tokens
     return UsageRecord(
         at=at,
@@ -127,11 +127,11 @@ def usage_record(
         cost_usd=result.cost_usd or 0.0,
         baseline_usd=baseline_cost(usage, spec),
         latency_s=latency_s,
-        max_tokens=int(task.params.get("max_tokens", 0)),
+        max_tokens=int(task.frame.get("max_tokens", 0)),
         prefix_key=prefix_key,
         prefix_tokens=prefix_tokens,
         cache_ttl=ttl,
-        thinking=thinking_label(task.params),
+        thinking=thinking_label(task.frame),
         route_reason=task.route_reason,
     )
 
