@@ -238,7 +238,9 @@ async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: b
         if stream or int(params.get("max_tokens", 0)) > MAX_NONSTREAMING_TOKENS:
             async with client.messages.stream(**_keywords(params, _STREAM_FIELDS)) as events:
                 message = await events.get_final_message()
-                return Reply(message.model_dump(mode="json"), events.response.headers, events.request_id)
+                # exclude_unset: the fields the API sent, as a non-streamed reply or a batch row has them.
+                reply = message.model_dump(mode="json", exclude_unset=True)
+                return Reply(reply, events.response.headers, events.request_id)
         raw = await client.messages.with_raw_response.create(**_keywords(params, _CREATE_FIELDS))
         # The body as the API sent it: building the SDK's Message model only to dump it again costs more CPU
         # per request than everything else the engine does with the reply.
@@ -340,21 +342,22 @@ class BatchRow:
     request_id: str | None = None
 
 
-def _batch_row(item: Any) -> BatchRow:
-    result = item.result
-    if result.type == "succeeded":
-        return BatchRow(item.custom_id, "succeeded", message=result.message.model_dump(mode="json"))
-    if result.type == "errored":
-        response = result.error
-        inner = getattr(response, "error", None)
+def _batch_row(item: dict[str, Any]) -> BatchRow:
+    result = item.get("result") or {}
+    custom_id = str(item.get("custom_id"))
+    if result.get("type") == "succeeded":
+        return BatchRow(custom_id, "succeeded", message=result.get("message"))
+    if result.get("type") == "errored":
+        response = result.get("error") or {}
+        inner = response.get("error") or {}
         return BatchRow(
-            item.custom_id,
+            custom_id,
             "errored",
-            error_type=str(getattr(inner, "type", "api_error")),
-            error_message=str(getattr(inner, "message", "")),
-            request_id=getattr(response, "request_id", None),
+            error_type=str(inner.get("type", "api_error")),
+            error_message=str(inner.get("message", "")),
+            request_id=response.get("request_id"),
         )
-    return BatchRow(item.custom_id, str(result.type))
+    return BatchRow(custom_id, str(result.get("type")))
 
 
 async def batch_results(client: AsyncClient, batch_id: str) -> AsyncGenerator[BatchRow, None]:
@@ -362,9 +365,17 @@ async def batch_results(client: AsyncClient, batch_id: str) -> AsyncGenerator[Ba
     try:
         decoder = await client.messages.batches.results(batch_id)
         try:
-            async for item in decoder:
-                yield _batch_row(item)
+            # Lines decoded as the API sent them (like realtime replies), not through the SDK's models.
+            pending = b""
+            async for chunk in decoder.http_response.aiter_bytes():
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        yield _batch_row(orjson.loads(line))
+            if pending.strip():
+                yield _batch_row(orjson.loads(pending))
         finally:
             await decoder.close()
-    except _CALL_ERRORS as exc:
+    except (*_CALL_ERRORS, ValueError) as exc:
         raise translate(exc) from exc

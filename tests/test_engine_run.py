@@ -13,9 +13,11 @@ from engine_support import (
     Output,
     expected_text_prefix,
     fast_config,
+    generated_tasks,
     messages_calls,
     read_output,
     run_engine,
+    write_jsonl,
 )
 
 from batch_engine.config import Config, load_config
@@ -145,3 +147,20 @@ def test_jsonl_output_has_the_run_line_then_one_line_per_task(
         k: v for k, v in as_json.run.items() if k != "output_path"
     }
     assert emulator.stats()["calls"] == calls  # the same completed run: rewritten from the ledger
+
+
+def test_content_blocks_have_one_shape_whichever_way_the_reply_came(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # Realtime replies are decoded from the raw body, streamed ones rebuilt by the SDK, batch rows read line by
+    # line: all three must write the blocks as the API sent them (no fields the SDK adds as null).
+    base = fast_config()
+    streamed = base.task_types["user_query"].model_copy(update={"stream": True})
+    config = base.model_copy(update={"task_types": {**base.task_types, "user_query": streamed}})
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(6))
+    shapes: dict[str, set[tuple[str, ...]]] = {}
+    for mode, run_config in (("realtime", base), ("batch", base), ("realtime-streamed", config)):
+        options = RunOptions(state_dir=tmp_path / mode, mode="batch" if mode == "batch" else "realtime")
+        output = run_engine(emulator, tasks, tmp_path / mode, config=run_config, options=options)
+        assert output.summary.all_succeeded
+        shapes[mode] = {tuple(sorted(block)) for row in output.rows for block in row["content"]}
+        assert all(value is not None for row in output.rows for block in row["content"] for value in block.values())
+    assert shapes["realtime"] == shapes["batch"] == shapes["realtime-streamed"] == {("text", "type")}
