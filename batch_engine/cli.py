@@ -83,7 +83,7 @@ def _plan(args: argparse.Namespace) -> int:
     history: dict[tuple[str, str], int] = {}
     if (args.state_dir / USAGE_FILE).exists():
         with UsageLog.open(args.state_dir) as log:
-            history = output_history(log.records())
+            history = output_history(log.recent_outputs())
     counts = _count_tokens(plan, config, args) if args.count_tokens else None
     estimator = Estimator(config, counts.by_index if counts else {}, history)
     summary = plan_summary(plan, config, estimator, counts)
@@ -467,14 +467,14 @@ def _report(args: argparse.Namespace) -> int:
     from batch_engine.budget import Estimator
     from batch_engine.io import atomic_write_bytes
     from batch_engine.telemetry.advice import render_report
-    from batch_engine.telemetry.usage_log import output_history
+    from batch_engine.telemetry.usage_log import observations, output_history
 
     records = _usage_records(args.state_dir, args.days)
     config = load_config(args.config)
     planned = None
     if args.plan is not None:
         plan = make_plan(iter_records(args.plan), config, datetime.now(UTC))
-        planned = (str(args.plan), plan, Estimator(config, output_history=output_history(records)))
+        planned = (str(args.plan), plan, Estimator(config, output_history=output_history(observations(records))))
     markdown = render_report(records, config, args.days, planned)
     if args.analyze_only:
         sys.stdout.write(markdown)

@@ -249,7 +249,7 @@ class Run:
             if counts.note:
                 ctx.logger.warning("%s", counts.note)
         assert ctx.usage_log is not None
-        history = output_history(ctx.usage_log.records(since=time.time() - HISTORY_DAYS * 86_400))
+        history = output_history(ctx.usage_log.recent_outputs(since=time.time() - HISTORY_DAYS * 86_400))
         ctx.estimator = estimator = Estimator(self.config, counted, history)
         finished = self.ledger.finished_indexes(self.key)
         spent = self.ledger.spent(self.key)

@@ -20,7 +20,7 @@ from batch_engine.errors import BudgetError
 from batch_engine.models import RunSummary
 from batch_engine.runner import RunOptions, run
 from batch_engine.telemetry.cache_stats import cache_stats
-from batch_engine.telemetry.usage_log import UsageLog
+from batch_engine.telemetry.usage_log import UsageLog, UsageRecord, output_history
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_SYSTEM = "You are a careful reviewer. Follow every house rule listed here exactly. " * 60  # ~1,100 tokens
@@ -328,3 +328,29 @@ def test_report_with_a_plan_prices_its_recommendations(
     assert f"## Plan: {plan}" in text and "304 tasks (241 batch, 63 realtime)" in text
     # The sample's realtime task types (chat, user_query) default to realtime: the plan says what batching saves.
     assert re.search(r"\*\*Plan: send `user_query` through Message Batches\*\* — \$0\.\d{4}", text)
+
+
+def _usage(at: float, task_type: str, output_tokens: int) -> UsageRecord:
+    return UsageRecord(
+        at, "run", f"t{at}", task_type, "batch", "claude-haiku-5-5", "succeeded", 10, output_tokens, 0, 0, 0, 0,
+        0.0, 0.0, None, 512, None, 0, None, None, "",
+    )  # fmt: skip
+
+
+def test_the_output_history_is_the_newest_observations_of_each_task_type(tmp_path: Path) -> None:
+    with UsageLog.open(tmp_path) as log:
+        # Long ago "a" answered 500 tokens; lately 20. "b" was seen once, before the newest rows.
+        log.append([_usage(float(at), "a", 500) for at in range(0, 50)])
+        log.append([_usage(50.0, "b", 77)])
+        log.append([_usage(float(at), "a", 20) for at in range(100, 110)])
+
+        assert [row[2] for row in log.recent_outputs(limit=3)] == [20, 20, 20]
+        assert list(log.recent_outputs(since=105, limit=100)) == [("a", "claude-haiku-5-5", 20)] * 5
+        assert output_history(log.recent_outputs(), per_key=10) == {
+            ("a", "claude-haiku-5-5"): 20,
+            ("b", "claude-haiku-5-5"): 77,
+        }
+        # Uncapped, the old answers of "a" still dominate its 95th percentile.
+        assert output_history(log.recent_outputs())[("a", "claude-haiku-5-5")] == 500
+        # Capped by rows: "b" falls out of a window of the 10 newest.
+        assert output_history(log.recent_outputs(limit=10)) == {("a", "claude-haiku-5-5"): 20}

@@ -3,7 +3,7 @@ state directory. `cache-stats`, `report` and the budget's output history read it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -17,6 +17,11 @@ from batch_engine.store import SqliteStore
 
 SCHEMA_VERSION = 1
 USAGE_FILE = "usage.sqlite3"
+
+# The output history is the newest observations: enough for a stable 95th percentile, and bounded, so a log of
+# months of nightly runs (tens of millions of rows) costs a run's pre-flight a fraction of a second, not gigabytes.
+HISTORY_ROWS = 200_000
+HISTORY_PER_KEY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,13 @@ class UsageLog(SqliteStore):
             self._db.executemany(f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows)
             self._db.execute("COMMIT")
 
+    def recent_outputs(self, since: float = 0.0, limit: int = HISTORY_ROWS) -> Iterator[tuple[str, str, int]]:
+        """(task type, model, output tokens) of the newest `limit` records at or after `since`, newest first,
+        read as a stream."""
+        query = "SELECT task_type, model, output_tokens FROM usage WHERE at >= ? ORDER BY at DESC LIMIT ?"
+        for row in self._db.execute(query, (since, limit)):
+            yield row[0], row[1], row[2]
+
     def records(self, since: float = 0.0, run_key: str | None = None) -> list[UsageRecord]:
         """Records at or after `since` (epoch seconds), optionally of one run, oldest first."""
         query = f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE at >= ?"
@@ -136,13 +148,27 @@ def usage_record(
     )
 
 
-def output_history(records: Iterable[UsageRecord], quantile: float = 0.95) -> dict[tuple[str, str], int]:
-    """Per (task type, model): the `quantile` of observed output tokens — the budget's output estimate."""
+def output_history(
+    observations: Iterable[tuple[str, str, int]], quantile: float = 0.95, per_key: int = HISTORY_PER_KEY
+) -> dict[tuple[str, str], int]:
+    """Per (task type, model): the `quantile` of observed output tokens — the budget's output estimate.
+
+    `observations` are (task type, model, output tokens), newest first; only the first `per_key` of each
+    (task type, model) count.
+    """
     seen: dict[tuple[str, str], list[int]] = {}
-    for record in records:
-        seen.setdefault((record.task_type, record.model), []).append(record.output_tokens)
+    for task_type, model, tokens in observations:
+        values = seen.setdefault((task_type, model), [])
+        if len(values) < per_key:
+            values.append(tokens)
     history: dict[tuple[str, str], int] = {}
     for key, values in seen.items():
         values.sort()
         history[key] = values[min(len(values) - 1, int(quantile * len(values)))]
     return history
+
+
+def observations(records: Iterable[UsageRecord]) -> Iterator[tuple[str, str, int]]:
+    """`output_history`'s input from records already loaded (newest first)."""
+    for record in sorted(records, key=attrgetter("at"), reverse=True):
+        yield record.task_type, record.model, record.output_tokens
