@@ -29,7 +29,7 @@ import orjson
 from pydantic import SecretStr
 
 from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks
-from batch_engine.client import ApiSettings
+from batch_engine.client import ApiSettings, batch_body
 from batch_engine.config import Config, load_config
 from batch_engine.io import iter_records
 from batch_engine.ledger import Ledger
@@ -111,15 +111,13 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
         with _phase(phases, "load + plan"):
             plan = make_plan(iter_records(path), config, datetime.now(UTC))
         with _phase(phases, "batch request bodies"):
-            # Exactly what `BatchLane._create_once` hands to `batches.create`, serialized one batch at a time.
+            # Exactly the body `BatchLane._create_once` sends to `batches.create`, one batch at a time.
             body_bytes = 0
             for chunk in plan.chunks:
-                requests = [
-                    {"custom_id": plan.tasks[pos].task_id, "params": plan.tasks[pos].params}
-                    for pos in chunk.task_positions
-                ]
-                body_bytes += len(orjson.dumps({"requests": requests}))
-                del requests
+                rows = (plan.tasks[pos] for pos in chunk.task_positions)
+                body = batch_body((row.task_id, row.params) for row in rows)
+                body_bytes += len(body)
+                del body
         options = RunOptions(state_dir=work / "state")
         ledger = Ledger.open(options.state_dir)
         try:

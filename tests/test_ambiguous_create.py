@@ -129,7 +129,7 @@ def _create(base_url: str, custom_ids: list[str]) -> str:
     async def create() -> str:
         client = make_client(ApiSettings(SecretStr("sk-test"), base_url))
         try:
-            info = await create_batch(client, [{"custom_id": cid, "params": params} for cid in custom_ids])
+            info = await create_batch(client, [(cid, params) for cid in custom_ids])
             return info.id
         finally:
             await client.close()

@@ -162,10 +162,8 @@ class BatchLane:
             budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
-        requests = [
-            {"custom_id": self.ctx.tasks[index].task_id, "params": self.ctx.tasks[index].params}
-            for index in record.task_indexes
-        ]
+        tasks = self.ctx.tasks
+        requests = ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes)
         try:
             await self._slot()
             crash_point("batch.create.before")
