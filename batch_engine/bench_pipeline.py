@@ -13,6 +13,7 @@ Peak RSS is per phase: the kernel's high-water mark (VmHWM) is reset at the star
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
 import tempfile
@@ -29,12 +30,12 @@ import orjson
 from pydantic import SecretStr
 
 from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks
-from batch_engine.client import ApiSettings, batch_body
+from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
 from batch_engine.io import iter_records
 from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
-from batch_engine.planning import PlannedTask, make_plan
+from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.outcome import succeeded
 from batch_engine.runner import Run, RunOptions, run
 
@@ -98,6 +99,10 @@ def _synthetic_result(task: PlannedTask, config: Config) -> TaskResult:
     return succeeded(task, message, "batch", 1, config, batch_id="msgbatch_bench")
 
 
+def _rows(plan: Plan, positions: tuple[int, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    return ((plan.tasks[pos].task_id, plan.tasks[pos].params) for pos in positions)
+
+
 def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
     """All offline phases of a run for `tasks` generated tasks, in this process."""
     config = load_config(config_path)
@@ -111,13 +116,14 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
         with _phase(phases, "load + plan"):
             plan = make_plan(iter_records(path), config, datetime.now(UTC))
         with _phase(phases, "batch request bodies"):
-            # Exactly the body `BatchLane._create_once` sends to `batches.create`, one batch at a time.
+            # The body `BatchLane._create_once` streams to `batches.create`, one batch at a time: measured for its
+            # Content-Length, then produced again block by block as the upload reads it.
             body_bytes = 0
             for chunk in plan.chunks:
-                rows = (plan.tasks[pos] for pos in chunk.task_positions)
-                body = batch_body((row.task_id, row.params) for row in rows)
+                body = BatchBody(functools.partial(_rows, plan, chunk.task_positions))
                 body_bytes += len(body)
-                del body
+                for _ in body.blocks():
+                    pass
         options = RunOptions(state_dir=work / "state")
         ledger = Ledger.open(options.state_dir)
         try:

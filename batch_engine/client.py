@@ -9,7 +9,7 @@ import inspect
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
@@ -299,26 +299,49 @@ def _batch_info(batch: Any) -> BatchInfo:
     )
 
 
-def batch_body(requests: Iterable[tuple[str, dict[str, Any]]]) -> bytes:
-    """The JSON body of `batches.create` from (custom_id, params) pairs, serialized a block of rows at a time: a
-    batch of up to 100,000 rows (256 MB) is held as its bytes, not also as a list of request dicts and the SDK's
-    encoding of it. (Not row by row: orjson gives each result a buffer of its own, and 100k of them cost ten
-    times the body.)"""
-    rows = iter(requests)
-    parts = [b'{"requests":[']
-    while block := [{"custom_id": custom_id, "params": params} for custom_id, params in islice(rows, 1000)]:
-        if len(parts) > 1:
-            parts.append(b",")
-        parts.append(orjson.dumps(block)[1:-1])  # the rows without the list's brackets
-    parts.append(b"]}")
-    return b"".join(parts)  # one copy: the body is held twice, briefly
+class BatchBody:
+    """The JSON body of `batches.create` from (custom_id, params) pairs, produced 1,000 rows at a time.
+
+    A batch of up to 100,000 rows (256 MB) is never held whole: its length is measured in one pass and the body
+    streamed in a second, under that Content-Length. (Blocks, not rows: orjson gives each result a buffer of its
+    own, and 100k of them cost ten times the body.) `rows` must give the same rows on every call.
+    """
+
+    BLOCK_ROWS = 1000
+
+    def __init__(self, rows: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+        self._rows = rows
+        self._length: int | None = None
+
+    def blocks(self) -> Iterator[bytes]:
+        yield b'{"requests":['
+        rows = iter(self._rows())
+        first = True
+        while block := [{"custom_id": cid, "params": params} for cid, params in islice(rows, self.BLOCK_ROWS)]:
+            if not first:
+                yield b","
+            first = False
+            yield orjson.dumps(block)[1:-1]  # the rows without the list's brackets
+        yield b"]}"
+
+    def __len__(self) -> int:
+        if self._length is None:
+            self._length = sum(len(block) for block in self.blocks())
+        return self._length
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for block in self.blocks():
+            yield block
 
 
-async def create_batch(client: AsyncClient, requests: Iterable[tuple[str, dict[str, Any]]]) -> BatchInfo:
-    """`batches.create` (the SDK's own path and model; the body pre-serialized), exactly one HTTP attempt: a
-    retry here could create a second batch."""
-    body = batch_body(requests)
-    return _batch_info(await _translated(client.post("/v1/messages/batches", cast_to=MessageBatch, content=body)))
+async def create_batch(client: AsyncClient, body: BatchBody) -> BatchInfo:
+    """`batches.create` (the SDK's own path and model, the body streamed), exactly one HTTP attempt: a retry here
+    could create a second batch."""
+    headers = {"Content-Length": str(len(body))}
+    created = client.post(
+        "/v1/messages/batches", cast_to=MessageBatch, content=body.stream(), options={"headers": headers}
+    )
+    return _batch_info(await _translated(created))
 
 
 async def retrieve_batch(client: AsyncClient, batch_id: str) -> BatchInfo:

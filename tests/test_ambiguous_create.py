@@ -18,7 +18,7 @@ from crash_support import config_file, emulator_batches, engine_env, run_driver,
 from engine_support import generated_tasks, read_output, write_jsonl
 from pydantic import SecretStr
 
-from batch_engine.client import ApiSettings, create_batch, make_client
+from batch_engine.client import ApiSettings, BatchBody, create_batch, make_client
 from batch_engine.emulator import RunningEmulator
 from batch_engine.ledger import Ledger
 
@@ -129,7 +129,7 @@ def _create(base_url: str, custom_ids: list[str]) -> str:
     async def create() -> str:
         client = make_client(ApiSettings(SecretStr("sk-test"), base_url))
         try:
-            info = await create_batch(client, [(cid, params) for cid in custom_ids])
+            info = await create_batch(client, BatchBody(lambda: ((cid, params) for cid in custom_ids)))
             return info.id
         finally:
             await client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from batch_engine.client import batch_body
+from batch_engine.client import BatchBody
 
 
 @pytest.mark.parametrize("rows", [0, 1, 999, 1000, 1001, 2500])
@@ -13,7 +13,9 @@ def test_the_batch_body_is_the_requests_document_whatever_the_block_boundaries(r
     requests = [(f"c{i}", {"model": "m", "max_tokens": i, "messages": [{"role": "user", "content": "é" * i}]})
                 for i in range(rows)]  # fmt: skip
 
-    body = batch_body(iter(requests))
+    body = BatchBody(lambda: iter(requests))
 
-    expected = {"requests": [{"custom_id": custom_id, "params": params} for custom_id, params in requests]}
-    assert body == orjson.dumps(expected)
+    expected = orjson.dumps({"requests": [{"custom_id": c, "params": p} for c, p in requests]})
+    assert b"".join(body.blocks()) == expected
+    assert len(body) == len(expected)
+    assert b"".join(body.blocks()) == expected  # every pass gives the same bytes

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar, overload
 
 from batch_engine.client import (
+    BatchBody,
     BatchInfo,
     BatchRow,
     batch_results,
@@ -163,11 +164,11 @@ class BatchLane:
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
         tasks = self.ctx.tasks
-        requests = ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes)
+        body = BatchBody(lambda: ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes))
         try:
             await self._slot()
             crash_point("batch.create.before")
-            info = await create_batch(self.ctx.client, requests)
+            info = await create_batch(self.ctx.client, body)
         except TransientApiError as exc:
             if exc.status is None or exc.status in (408, 504):
                 # No clear answer: the create may have landed. Adopt it rather than create a duplicate.
