@@ -327,7 +327,9 @@ def bench_ratelimit(
     }
 
 
-def _print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
+def print_table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> None:
+    """Rows as a Markdown table (None shows as n/a); the columns are `keys`, default the first row's."""
+    keys = list(rows[0]) if keys is None else keys
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
@@ -342,7 +344,7 @@ def _print_realtime(result: dict[str, Any]) -> None:
         f"ms, physical limit {'n/a' if limit is None else f'{limit} requests/s'}, {result['cpus']} CPUs, "
         f"median of {result['rounds']} rounds"
     )
-    _print_table(rows, [key for key in rows[0] if key != "concurrency"])
+    print_table(rows, [key for key in rows[0] if key != "concurrency"])
     print(f"engine / bare throughput: {result['engine_vs_bare']} (by round: {result['engine_vs_bare_by_round']})")
     print(orjson.dumps(result).decode())
 
@@ -355,13 +357,14 @@ def _print_ratelimit(result: dict[str, Any]) -> None:
         f"of padding each), emulator RPM {result['server_rpm']}{itpm}; rates in {unit} per minute, each client "
         f"against a fresh emulator, {result['cpus']} CPUs"
     )
-    _print_table(result["rows"], list(result["rows"][0]))
+    print_table(result["rows"])
     print(f"engine meets >= 0.95 of the limit with <= 1 % 429s: {result['engine_meets_target']}")
     print(orjson.dumps(result).decode())
 
 
-def _print(result: dict[str, Any]) -> None:
-    _print_table([result], list(result))
+def print_result(result: dict[str, Any]) -> None:
+    """One result as a one-row Markdown table, then as a JSON line."""
+    print_table([result])
     print(orjson.dumps(result).decode())
 
 
@@ -424,11 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 pipeline.print_plan(results)
         elif args.name == "batch":
-            _print(pipeline.bench_batch(args.tasks, args.poll_interval))
+            print_result(pipeline.bench_batch(args.tasks, args.poll_interval))
         else:
             tasks_file = args.tasks_file or pipeline.SAMPLES / "nightly_tasks.json"
             config = args.config or pipeline.SAMPLES / "config.toml"
-            _print(pipeline.bench_cost(tasks_file, config, args.poll_interval))
+            print_result(pipeline.bench_cost(tasks_file, config, args.poll_interval))
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks
+from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks, print_table
 from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
 from batch_engine.io import iter_records
@@ -179,18 +179,10 @@ def bench_plan(sizes: list[int], config_path: Path | None) -> list[dict[str, Any
 
 def print_plan(results: list[dict[str, Any]]) -> None:
     summary_keys = [key for key in results[0] if key not in ("bench", "phases")]
-    _table([{key: result[key] for key in summary_keys} for result in results])
+    print_table([{key: result[key] for key in summary_keys} for result in results])
     print()
-    _table([row for result in results for row in result["phases"]])
+    print_table([row for result in results for row in result["phases"]])
     print(orjson.dumps({"bench": "plan", "sizes": results}).decode())
-
-
-def _table(rows: list[dict[str, Any]]) -> None:
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join("n/a" if row[key] is None else str(row[key]) for key in keys) + " |")
 
 
 # --- batch: the batch lane end to end against the emulator -----------------------------------------------------

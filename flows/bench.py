@@ -30,6 +30,7 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
+from batch_engine.bench import print_result
 from batch_engine.client import ApiSettings
 from batch_engine.config import default_config_text, load_config
 from batch_engine.runner import RunOptions, run
@@ -185,14 +186,6 @@ async def _flow(flow: Any, input_path: Path, work: Path, number: int, config_pat
     )
 
 
-def _print(result: dict[str, Any]) -> None:
-    keys = list(result)
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    print("| " + " | ".join(str(result[k]) for k in keys) + " |")
-    print(orjson.dumps(result).decode())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a Markdown table plus a JSON line."""
     parser = argparse.ArgumentParser(prog="python -m flows.bench", description=__doc__)
@@ -200,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="engine and flow runs each, alternating")
     parser.add_argument("--concurrency", type=int, default=64, help="realtime requests in flight")
     args = parser.parse_args(argv)
-    _print(bench_prefect(args.tasks, args.rounds, args.concurrency))
+    print_result(bench_prefect(args.tasks, args.rounds, args.concurrency))
     return 0
 
 

@@ -16,11 +16,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings
-from batch_engine.config import load_config
+from batch_engine.config import Config, load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ConfigError
 from batch_engine.lanes import SharedLimit
 from batch_engine.ledger import Ledger
+from batch_engine.models import RunSummary
 from batch_engine.runner import Run, RunOptions
 from flows.batch_orchestrator import _describe_shared_limit, batch_orchestrator, collect
 from flows.limits import check_models, create_command, limit_names, shared_rate_limit
@@ -130,6 +131,38 @@ class CountingLimit:
         self.takes.setdefault(name, []).append(slots)
 
 
+def _run_with_shared_limit(
+    emulator: RunningEmulator, source: Path, tmp_path: Path, shared: SharedLimit, config: Config
+) -> RunSummary:
+    """A run's lanes against the emulator with `shared` on top of the local buckets; the output written."""
+    run = Run.prepare(source, tmp_path / "out.json", config, RunOptions(state_dir=tmp_path / "state"))
+
+    async def go() -> None:
+        async with run.lanes(ApiSettings(SecretStr("sk-test"), emulator.base_url), shared_limit=shared) as lanes:
+            await run.execute(lanes)
+
+    try:
+        asyncio.run(go())
+        return run.write_output()
+    finally:
+        run.close()
+
+
+def test_the_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    source = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(50, realtime_every=1))
+    counting = CountingLimit()
+
+    summary = _run_with_shared_limit(
+        emulator, source, tmp_path, SharedLimit.single("rpm", counting.take, 8), fast_config()
+    )
+
+    assert summary.counts["succeeded"] == 50
+    # 50 requests in blocks of 8: 7 blocks, not 50 round trips, and never fewer slots than requests.
+    assert counting.takes == {"rpm": [8] * 7}
+
+
 def test_the_realtime_lane_takes_each_models_slots_from_its_own_limit(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
@@ -147,20 +180,8 @@ def test_the_realtime_lane_takes_each_models_slots_from_its_own_limit(
         names={"claude-haiku-4-5": "haiku-rpm", "claude-sonnet-4-6": "sonnet-rpm"},
         blocks={"haiku-rpm": 50, "sonnet-rpm": 3},
     )
-    run = Run.prepare(
-        source, tmp_path / "out.json", fast_config(realtime_concurrency=4), RunOptions(state_dir=tmp_path / "state")
-    )
+    summary = _run_with_shared_limit(emulator, source, tmp_path, shared, fast_config(realtime_concurrency=4))
 
-    async def go() -> None:
-        api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
-        async with run.lanes(api, shared_limit=shared) as lanes:
-            await run.execute(lanes)
-
-    try:
-        asyncio.run(go())
-        summary = run.write_output()
-    finally:
-        run.close()
     assert summary.counts["succeeded"] == len(tasks)
     # 12 haiku requests in blocks of 4, 9 sonnet requests in blocks of 3; opus is under no shared limit.
     assert counting.takes == {"haiku-rpm": [4, 4, 4], "sonnet-rpm": [3, 3, 3]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 
 from batch_engine.emulator import RunningEmulator
 from batch_engine.io import iter_record_lines, iter_records
-from batch_engine.lanes import SharedLimit
 from batch_engine.models import CostSummary, RunSummary, TaskResult, TokenTotals, Usage
 from batch_engine.report import encode_output
 from batch_engine.runner import Run, RunOptions
@@ -188,39 +186,3 @@ def test_the_same_shard_bytes_give_the_same_run_key_so_a_rerun_reattaches(tmp_pa
             run.close()
     assert keys[:3] == keys[3:]
     assert len(set(keys[:3])) == 3
-
-
-class CountingLimit:
-    def __init__(self) -> None:
-        self.takes: list[tuple[str, int]] = []
-
-    async def take(self, name: str, slots: int) -> None:
-        await asyncio.sleep(0.01)  # a round trip: workers arriving meanwhile must not take a block each
-        self.takes.append((name, slots))
-
-
-def test_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
-    emulator: RunningEmulator, tmp_path: Path
-) -> None:
-    source = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(50, realtime_every=1))
-    counting = CountingLimit()
-    config = fast_config()
-    run = Run.prepare(source, tmp_path / "out.json", config, RunOptions(state_dir=tmp_path / "state"))
-
-    async def go() -> None:
-        from pydantic import SecretStr
-
-        from batch_engine.client import ApiSettings
-
-        api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
-        async with run.lanes(api, shared_limit=SharedLimit.single("rpm", counting.take, 8)) as lanes:
-            await run.execute(lanes)
-
-    try:
-        asyncio.run(go())
-        summary = run.write_output()
-    finally:
-        run.close()
-    assert summary.counts["succeeded"] == 50
-    # 50 requests in blocks of 8: 7 blocks, not 50 round trips, and never fewer slots than requests.
-    assert counting.takes == [("rpm", 8)] * 7

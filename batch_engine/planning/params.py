@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 from typing import Any
 
-from batch_engine.config import Config, ModelSpec, Route, TaskType
+from batch_engine.config import Config, Route, TaskType, Thinking
 from batch_engine.models import TaskRequest
 from batch_engine.planning import with_user_text
 from batch_engine.planning.tokens import estimate_tokens
@@ -42,18 +43,18 @@ def render(template: str, variables: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _thinking(task_type: TaskType, spec: ModelSpec, max_tokens: int) -> tuple[tuple[str, Any], ...]:
-    thinking = task_type.thinking
+def _thinking(thinking: Thinking, manual_ok: bool, max_tokens: int) -> dict[str, Any]:
     if thinking.mode == "off":
-        return ()
-    if thinking.mode == "manual" and spec.manual_thinking and thinking.budget_tokens is not None:
+        return {}
+    if thinking.mode == "manual" and manual_ok and thinking.budget_tokens is not None:
         if thinking.budget_tokens < max_tokens:
-            return (("thinking", {"type": "enabled", "budget_tokens": thinking.budget_tokens}),)
-        return ()
+            return {"thinking": {"type": "enabled", "budget_tokens": thinking.budget_tokens}}
+        return {}
     # Claude 5 models reject manual budget_tokens: adaptive thinking with an effort level instead.
+    extra: dict[str, Any] = {"thinking": {"type": "adaptive"}}
     if thinking.effort is not None:
-        return ("thinking", {"type": "adaptive"}), ("output_config", {"effort": thinking.effort})
-    return (("thinking", {"type": "adaptive"}),)
+        extra["output_config"] = {"effort": thinking.effort}
+    return extra
 
 
 def build_request(
@@ -80,7 +81,8 @@ def build_request(
     if system_text and task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens:
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
         ttl = "1h" if route == "batch" else "5m"
-    return model, _frame(model, max_tokens, system_text, ttl, _thinking(task_type, spec, max_tokens)), user_text
+    frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, spec.manual_thinking)
+    return model, frame, user_text
 
 
 def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: Route) -> tuple[str, dict[str, Any]]:
@@ -89,29 +91,20 @@ def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: 
     return model, with_user_text(frame, user_text)
 
 
+# Bounded, so per-task system prompts do not grow it without end.
+@functools.lru_cache(maxsize=1024)
 def _frame(
-    model: str, max_tokens: int, system_text: str, ttl: str | None, thinking: tuple[tuple[str, Any], ...]
+    model: str, max_tokens: int, system_text: str, ttl: str | None, thinking: Thinking, manual_ok: bool
 ) -> dict[str, Any]:
-    key = (model, max_tokens, system_text, ttl, repr(thinking))
-    frame = _FRAMES.get(key)
-    if frame is None:
-        # "messages" is a placeholder that keeps the key order of the params (model, max_tokens, messages, ...).
-        frame = {"model": model, "max_tokens": max_tokens, "messages": None}
-        if system_text:
-            block: dict[str, Any] = {"type": "text", "text": system_text}
-            if ttl is not None:
-                block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
-            frame["system"] = [block]
-        frame.update(thinking)
-        if len(_FRAMES) >= _MAX_FRAMES:
-            _FRAMES.pop(next(iter(_FRAMES)))
-        _FRAMES[key] = frame
+    # "messages" is a placeholder that keeps the key order of the params (model, max_tokens, messages, ...).
+    frame: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": None}
+    if system_text:
+        block: dict[str, Any] = {"type": "text", "text": system_text}
+        if ttl is not None:
+            block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+        frame["system"] = [block]
+    frame.update(_thinking(thinking, manual_ok, max_tokens))
     return frame
-
-
-# Frames by what they are made of; bounded, so per-task system prompts do not grow it without end.
-_FRAMES: dict[tuple[Any, ...], dict[str, Any]] = {}
-_MAX_FRAMES = 1024
 
 
 def count_breakpoints(params: dict[str, Any]) -> int:
