@@ -417,6 +417,24 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     report.add_argument("--plan", type=Path, metavar="INPUT", help="also analyse this task file before it runs")
+    report.add_argument(
+        "--scope",
+        choices=["caching", "model", "streaming", "thinking", "batching", "all"],
+        default="all",
+        help="only this part of the report (thinking includes max_tokens; default all)",
+    )
+    report.add_argument(
+        "--model",
+        choices=["haiku", "sonnet", "opus"],
+        default=None,
+        help="price the workload on this tier of the config (model scope; default: the cheap tier)",
+    )
+    report.add_argument(
+        "--write-config",
+        type=Path,
+        metavar="FILE",
+        help="write the config (--config, or the shipped one) with the recommended changes applied and commented",
+    )
     report.set_defaults(func=_report)
 
 
@@ -464,23 +482,44 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import time
+
     from batch_engine.budget import Estimator
-    from batch_engine.io import atomic_write_bytes
-    from batch_engine.telemetry.advice import render_report
+    from batch_engine.config import default_config_text
+    from batch_engine.errors import ConfigError
+    from batch_engine.io import atomic_write_bytes, read_text
+    from batch_engine.telemetry.advice import SCOPES, analyze
+    from batch_engine.telemetry.advice_markdown import render_report
+    from batch_engine.telemetry.config_patch import apply_changes, change_comment
     from batch_engine.telemetry.usage_log import observations, output_history
 
+    if args.analyze_only and args.write_config is not None:
+        raise ConfigError("--analyze-only writes nothing: drop --write-config, or drop --analyze-only")
+    scopes = SCOPES if args.scope == "all" else (args.scope,)
+    if args.model is not None and "model" not in scopes:
+        raise ConfigError(f"--model prices the model scope: use it with --scope model or all, not {args.scope}")
     records = _usage_records(args.state_dir, args.days)
     config = load_config(args.config)
     planned = None
     if args.plan is not None:
         plan = make_plan(iter_records(args.plan), config, datetime.now(UTC))
         planned = (str(args.plan), plan, Estimator(config, output_history=output_history(observations(records))))
-    markdown = render_report(records, config, args.days, planned)
+    report = analyze(records, config, time.time(), scopes, args.model)
+    markdown = render_report(report, planned)
     if args.analyze_only:
         sys.stdout.write(markdown)
-    else:
-        atomic_write_bytes(args.output, markdown.encode())
-        print(f"wrote {args.output}")
+        return 0
+    written = None
+    if args.write_config is not None:
+        text = default_config_text() if args.config is None else read_text(args.config)
+        changes = [(rec.config_change, change_comment(rec, report.period)) for rec in report.config_changes]
+        source = "default_config.toml" if args.config is None else str(args.config)
+        written = apply_changes(text, config, [(c, note) for c, note in changes if c is not None], source)
+    atomic_write_bytes(args.output, markdown.encode())
+    print(f"wrote {args.output}")
+    if written is not None:
+        atomic_write_bytes(args.write_config, written.encode())
+        print(f"wrote {args.write_config} ({len(report.config_changes)} changes; review, then use it with --config)")
     return 0
 
 
