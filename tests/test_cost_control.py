@@ -121,6 +121,12 @@ def test_every_row_costs_what_a_hand_computation_says(emulator: RunningEmulator,
     assert seen("realtime", "cache_write_5m_tokens") and seen("realtime", "cache_read_input_tokens")
     assert seen("batch", "cache_write_1h_tokens") and seen("batch", "cache_read_input_tokens")
     assert seen("realtime", "thinking_tokens", "think") and seen("batch", "thinking_tokens", "think")
+    # The usage log keeps the thinking tokens the API reports apart (usage.output_tokens_details), on both lanes:
+    # the report's max_tokens advice reads them.
+    with UsageLog.open(tmp_path / "state") as log:
+        logged = {r.task_id: (r.route, r.thinking_tokens) for r in log.records()}
+    assert logged == {r["task_id"]: (r["route"], r["usage"]["thinking_tokens"]) for r in rows}
+    assert {route for route, thought in logged.values() if thought} == {"batch", "realtime"}
     long_prompts = [r for r in rows if r["task_id"].startswith("long")]
     assert {r["route"] for r in long_prompts} == {"batch", "realtime"}
     assert all(
@@ -264,9 +270,9 @@ def test_cache_stats_and_report_commands(
     assert "## Spend by model" in text and "## Spend by route" in text and "## Spend by task type" in text
     assert "Cache the system prompt of `no_breakpoint`" in text
     assert "Send `tiny_prefix` through Message Batches" in text
-    # Every recommendation carries its dollar figure.
-    recommendations = [line for line in text.splitlines() if re.match(r"\d+\. \*\*", line)]
-    assert recommendations and all("— $" in line for line in recommendations)
+    # Every saving is a ranked row with today's, the after and the saved figure per month.
+    savings = [line for line in text.splitlines() if re.match(r"\| \d+ \| \*\*", line)]
+    assert savings and all(re.search(r"\| \$[\d.,]+ \| \$[\d.,]+ \| \*\*\$[\d.,]+\*\* \|$", line) for line in savings)
 
     capsys.readouterr()
     assert main(["report", "--state-dir", str(state), "--analyze-only"]) == 0
