@@ -495,6 +495,9 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.analyze_only and args.write_config is not None:
         raise ConfigError("--analyze-only writes nothing: drop --write-config, or drop --analyze-only")
+    for path in (args.output, args.write_config):
+        if path is not None and path.is_dir() and not args.analyze_only:
+            raise ConfigError(f"{path}: is a directory; give a file name")
     scopes = SCOPES if args.scope == "all" else (args.scope,)
     if args.model is not None and "model" not in scopes:
         raise ConfigError(f"--model prices the model scope: use it with --scope model or all, not {args.scope}")

@@ -180,6 +180,26 @@ def test_every_saving_applied_together_is_priced_once_not_summed() -> None:
     assert report.combined_after_usd == pytest.approx(0.0003 + 0.008 + 0.024 + 0.00014)
 
 
+def test_a_cache_saving_on_a_task_type_that_also_moves_to_batches_is_counted_at_the_batch_price() -> None:
+    # user_query: realtime by default, haiku, a 1,000-token system prompt repeated 3 times, not cached.
+    #   (1200 x 0.10 + 50 x 0.50) / 1e6 = $0.000145 each, $0.000435 for 3.
+    records = [
+        _record(task_id=f"q{i}", task_type="user_query", model="claude-haiku-5-5", input_tokens=1200,
+                output_tokens=50, cost_usd=0.000145, prefix_key="p2", prefix_tokens=1000,
+                route_reason="task type user_query defaults to realtime")
+        for i in range(3)
+    ]  # fmt: skip
+    report = analyze(records, load_config(), NOW)
+    saved = {r.title: r.saved_usd for r in report.savings}
+    # Batching: $0.000435 x 0.5 = $0.0002175 saved. Caching, realtime: (300 - 145) / 1e6 = $0.000155 saved.
+    assert saved == {
+        "Send `user_query` through Message Batches": pytest.approx(0.0002175),
+        "Cache the system prompt of `user_query`": pytest.approx(0.000155),
+    }
+    # Together: batched $0.0002175, less the cache saving at the batch price ($0.000155 x 0.5): $0.00014.
+    assert report.combined_after_usd == pytest.approx(0.0002175 - 0.0000775)
+
+
 def test_the_markdown_reads_like_a_bill_per_month() -> None:
     text = render_report(_report())
     # Per month = 10 x the period: spend $0.0442175 -> $0.4422; the first saving $0.0120 -> $0.0060 ... x 10.

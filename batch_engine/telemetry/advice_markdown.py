@@ -39,7 +39,12 @@ def render_report(report: OptimizationReport, plan: tuple[str, Plan, Estimator] 
     lines = [
         "# batch_engine optimization report",
         "",
-        f"Usage log: {report.requests} billed requests, the first at {first}. Scope: {', '.join(report.scopes)}.",
+        (
+            f"Usage log: {report.requests} billed requests, the first at {first}."
+            if report.requests
+            else "Usage log: no billed requests in the period."
+        )
+        + f" Scope: {', '.join(report.scopes)}.",
         f"Per month: the log covers {period.days} day{'s' if period.days > 1 else ''} (first request to now, "
         f"rounded up to whole days), so a month ({DAYS_PER_MONTH} days) at the same volume is "
         f"{period.monthly_factor:g} x the period.",
