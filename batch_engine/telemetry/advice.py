@@ -87,6 +87,7 @@ class Recommendation:
     task_type: str
     model: str | None  # the model of the requests it concerns; None when they ran on several
     title: str
+    reason: str  # why, in one clause (the comment of a written config line)
     current: str  # today's figure, in words
     change: str  # the recommended change, in words
     detail: str  # why, with the numbers behind it
@@ -184,7 +185,8 @@ class OptimizationReport:
 
     @property
     def config_changes(self) -> list[Recommendation]:
-        """The recommendations a config key expresses, one per key (the first in report order wins)."""
+        """The recommendations a config key expresses, one per key (the first in report order wins). A task type
+        that moves to another tier keeps its max_tokens: how much the new model thinks has not been observed."""
         seen: set[tuple[str, str]] = set()
         out = []
         for rec in [*self.savings, *self.budget, *self.trials, *self.no_bill_change]:
@@ -192,7 +194,15 @@ class OptimizationReport:
             if change is not None and (change.task_type, change.key) not in seen:
                 seen.add((change.task_type, change.key))
                 out.append(rec)
-        return out
+        moved = {r.task_type for r in out if r.config_change is not None and r.config_change.key == "tier"}
+        return [r for r in out if not (r.kind == "budget" and r.task_type in moved)]
+
+
+def usd(amount: float) -> str:
+    """Dollars: cents above a dollar, four decimals below (a test run's figures are fractions of a cent)."""
+    sign = "-" if amount < 0 else ""
+    amount = abs(amount)
+    return f"{sign}${amount:,.2f}" if amount >= 1 else f"{sign}${amount:.4f}"
 
 
 def _usage(record: UsageRecord) -> Usage:
@@ -307,7 +317,7 @@ def _batching(records: Sequence[UsageRecord], config: Config, period: Period) ->
     by_default = [r for r in realtime if _realtime_by_default(r)]
     current = (
         f"{len(records) - len(realtime)} of {len(records)} requests went through Message Batches; "
-        f"{len(realtime)} went realtime (${period.monthly(_spent(realtime)):.2f}/month), "
+        f"{len(realtime)} went realtime ({usd(period.monthly(_spent(realtime)))}/month), "
         f"{len(by_default)} of them only because their task type defaults to realtime."
     )
     out = []
@@ -321,6 +331,7 @@ def _batching(records: Sequence[UsageRecord], config: Config, period: Period) ->
                 task_type=task_type,
                 model=_one_model(group),
                 title=f"Send `{task_type}` through Message Batches",
+                reason="realtime only because the task type defaults to realtime",
                 current=f"{len(group)} realtime requests, ${spent:.4f}",
                 change='mode = "batch" (results within 24 h instead of seconds)',
                 detail=f"its requests went realtime only because the task type defaults to realtime (no deadline "
@@ -359,12 +370,12 @@ def _model(
 ) -> Section:
     target_tier = next(tier for tier, model in config.tiers.items() if model == target_model)
     spend = ", ".join(
-        f"{m}: ${period.monthly(_spent(g)):.2f}" for m, g in sorted(_by(records, lambda r: r.model).items())
+        f"{m}: {usd(period.monthly(_spent(g)))}" for m, g in sorted(_by(records, lambda r: r.model).items())
     )
     on_target = sum(row.on_target_usd for row in tier_costs)
     current = f"spend by model per month: {spend or 'none'}." + (
         f" The whole workload on {target_model} (the {target_tier} tier), same tokens: "
-        f"${period.monthly(_spent(records)):.2f} → ${period.monthly(on_target):.2f} per month."
+        f"{usd(period.monthly(_spent(records)))} → {usd(period.monthly(on_target))} per month."
         if explicit
         else ""
     )
@@ -380,6 +391,7 @@ def _model(
                 task_type=row.task_type,
                 model=row.model,
                 title=f"Try the {target_tier} tier for `{row.task_type}`",
+                reason=f"its outputs are short (p95 {row.output_p95} tokens) and {target_model} costs less",
                 current=f"{row.requests} {row.model} requests, ${row.cost_usd:.4f}",
                 change=f'tier = "{target_tier}" ({target_model})',
                 detail=f"its outputs are short (p95 {row.output_p95} tokens, under {SHORT_OUTPUT_TOKENS}); the same "
@@ -406,7 +418,7 @@ def _caching(records: Sequence[UsageRecord], config: Config, period: Period) -> 
     )
     current = (
         f"cache hit rate {read / prompt if prompt else 0:.1%} by input tokens; caching saves "
-        f"${period.monthly(saved):.2f}/month net of the write premium."
+        f"{usd(period.monthly(saved))}/month net of the write premium."
     )
     # Per run and task type: one task type can share its prefix with another that does mark it for caching.
     groups = _by([r for r in records if r.prefix_key], lambda r: f"{r.run_key}\x00{r.task_type}\x00{r.prefix_key}")
@@ -438,6 +450,7 @@ def _caching(records: Sequence[UsageRecord], config: Config, period: Period) -> 
                 task_type=task_type,
                 model=_one_model(concerned),
                 title=f"Cache the system prompt of `{task_type}`",
+                reason="a repeated system prompt above the cache minimum is sent uncached",
                 current=f"{len(concerned)} requests repeat a system prompt above the model's cache minimum, uncached",
                 change="cache_system = true (a cache breakpoint on the system prompt)",
                 detail="one cache write per run (1.25x the input price) and cache reads after it instead of the full "
@@ -461,6 +474,7 @@ def _caching(records: Sequence[UsageRecord], config: Config, period: Period) -> 
                 task_type=task_type,
                 model=_one_model(concerned),
                 title=f"Use the 1 h cache TTL for `{task_type}` batches",
+                reason="batches rewrote 5-minute cache entries",
                 current=f"{len(concerned)} batch requests wrote 5-minute cache entries again and again",
                 change='"ttl": "1h" on the cache_control of the params these tasks send',
                 detail=f"batches outlast a 5-minute entry; one 1 h write and reads after it would have saved "
@@ -527,8 +541,11 @@ def _max_tokens_advice(findings: Sequence[MaxTokensFinding], config: Config) -> 
         # One max_tokens per task type: the largest any of its models needs.
         top = max(rows, key=lambda f: f.recommended)
         recommended = top.recommended
+        budget = task.thinking.budget_tokens if task and task.thinking.mode == "manual" else None
         if any(f.truncated for f in rows) or MAX_TOKENS_MARGIN * recommended > current:
             continue
+        if budget is not None and recommended <= budget:
+            continue  # the config's thinking budget must stay below max_tokens
         per_model = "; ".join(
             f"{f.model}: visible output p99 {f.visible_p99}, thinking p99 {f.thinking_p99} (max {f.thinking_max}"
             + (f", manual budget {f.thinking_floor}" if f.thinking_floor > f.thinking_max else "")
@@ -542,6 +559,8 @@ def _max_tokens_advice(findings: Sequence[MaxTokensFinding], config: Config) -> 
                 task_type=task_type,
                 model=rows[0].model if len(rows) == 1 else None,
                 title=f"Lower `max_tokens` for `{task_type}`",
+                reason=f"needs at most visible output p99 {top.visible_p99} + thinking {top.thinking_floor} "
+                f"({top.model}), x {MAX_TOKENS_MARGIN}",
                 current=f"max_tokens = {current}; the most any model needed: visible output p99 {top.visible_p99} "
                 f"+ thinking {top.thinking_floor} ({top.model})",
                 change=f"max_tokens = {recommended}",
@@ -594,7 +613,7 @@ def _thinking(
     spent = sum(thinking_cost(r, config) for r in records)
     current = (
         f"thinking is {thought:,} of {output:,} output tokens ({thought / output if output else 0:.0%}) and costs "
-        f"${period.monthly(spent):.2f}/month."
+        f"{usd(period.monthly(spent))}/month."
     )
     out = []
     thinking = [r for r in records if r.thinking_tokens and r.model in config.models]
@@ -605,7 +624,7 @@ def _thinking(
         lower = _lower_thinking(task.thinking) if task else None
         if task is None or lower is None or group_thought / group_output < THINKING_SHARE:
             continue
-        usd = sum(thinking_cost(r, config) for r in group)
+        at_stake = sum(thinking_cost(r, config) for r in group)
         out.append(
             Recommendation(
                 scope="thinking",
@@ -613,15 +632,16 @@ def _thinking(
                 task_type=task_type,
                 model=_one_model(group),
                 title=f"Try less thinking for `{task_type}`",
+                reason=f"thinking is {group_thought / group_output:.0%} of its output tokens",
                 current=f"thinking {_thinking_text(task.thinking)}: {group_thought / group_output:.0%} of its "
-                f"output tokens, ${usd:.4f}",
+                f"output tokens, {usd(at_stake)}",
                 change=f"thinking {_thinking_text(lower)}",
                 detail="how much less a lower effort thinks cannot be read from the log; try it on a sample and "
                 "compare quality and thinking tokens.",
                 requests=len(group),
                 before_usd=_spent(group),
                 after_usd=_spent(group),
-                at_stake_usd=usd,
+                at_stake_usd=at_stake,
                 config_change=ConfigChange(task_type, "thinking", task.thinking, lower),
             )
         )
@@ -652,6 +672,7 @@ def _streaming(records: Sequence[UsageRecord], config: Config) -> Section:
                 task_type=task_type,
                 model=_one_model(group),
                 title=f"Stream `{task_type}`",
+                reason=f"realtime p95 latency {latency:.0f} s, not streamed",
                 current=f"{len(group)} realtime requests, not streamed, p95 latency {latency:.0f} s",
                 change="stream = true",
                 detail=f"a reply that takes over {STREAM_LATENCY_S:.0f} s arrives all at once at the end, and an idle "
@@ -711,6 +732,7 @@ def plan_recommendations(plan: Plan, estimator: Estimator) -> list[Recommendatio
                 task_type=task_type,
                 model=_one_model_of_tasks(group),
                 title=f"Plan: send `{task_type}` through Message Batches",
+                reason="realtime only because the task type defaults to realtime",
                 current=f"{len(group)} tasks realtime by the task type's default, estimated ${realtime:.4f}",
                 change='mode = "batch"',
                 detail=f"{len(group)} tasks of this plan go realtime only by the task type's default; estimated "
@@ -743,6 +765,7 @@ def plan_recommendations(plan: Plan, estimator: Estimator) -> list[Recommendatio
                 task_type=first.task_type,
                 model=_one_model_of_tasks(group),
                 title=f"Plan: cache the system prompt of `{first.task_type}`",
+                reason="a repeated system prompt is sent with no cache breakpoint",
                 current=f"{len(group)} tasks share a ~{tokens}-token system prompt with no cache breakpoint",
                 change="cache_system = true",
                 detail=f"{len(group)} tasks share a ~{tokens}-token system prompt with no cache breakpoint.",

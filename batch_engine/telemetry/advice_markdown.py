@@ -12,6 +12,7 @@ from batch_engine.telemetry.advice import (
     Recommendation,
     Section,
     plan_recommendations,
+    usd,
 )
 
 _SECTION_TITLES = {
@@ -21,13 +22,6 @@ _SECTION_TITLES = {
     "thinking": "Thinking and max_tokens",
     "batching": "Batching",
 }
-
-
-def usd(amount: float) -> str:
-    """Dollars: cents above a dollar, four decimals below (a test run's figures are fractions of a cent)."""
-    sign = "-" if amount < 0 else ""
-    amount = abs(amount)
-    return f"{sign}${amount:,.2f}" if amount >= 1 else f"{sign}${amount:.4f}"
 
 
 def render_report(report: OptimizationReport, plan: tuple[str, Plan, Estimator] | None = None) -> str:
@@ -110,7 +104,8 @@ def _budget(report: OptimizationReport) -> list[str]:
         "## Budget freed (not billed: no saving on the bill)",
         "",
         "Unused max_tokens is never billed, but budgets (`--max-cost-usd`) and pre-flight estimates reserve it. "
-        "Thinking counts toward max_tokens, so the advice keeps room for the most thinking seen.",
+        "Thinking counts toward max_tokens, so the advice keeps room for the most thinking seen. `--write-config` "
+        "leaves max_tokens as is for a task type it also moves to another tier (that model's thinking is unseen).",
         "",
     ]
     if report.max_tokens:

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from batch_engine.config import Config, parse_config
 from batch_engine.errors import ConfigError
 from batch_engine.io import dumps
-from batch_engine.telemetry.advice import ConfigChange, ConfigValue, Period, Recommendation
-from batch_engine.telemetry.advice_markdown import usd
+from batch_engine.telemetry.advice import ConfigChange, ConfigValue, Period, Recommendation, usd
 
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
 _ARRAY_HEADER = re.compile(r"^\s*\[\[")
@@ -43,7 +42,7 @@ def change_comment(rec: Recommendation, period: Period) -> str:
         what = f"{usd(period.monthly(rec.at_stake_usd))}/month of thinking at stake; try on a sample first"
     else:
         what = "same bill"
-    return f"report: {was}{rec.title.replace('`', '')}: {rec.current}; {what}"
+    return f"report: {was}{rec.reason}; {what}"
 
 
 def _table_name(line: str) -> tuple[str, ...] | None:
