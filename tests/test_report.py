@@ -258,6 +258,25 @@ def test_max_tokens_keeps_a_manual_thinking_budget_and_leaves_truncated_task_typ
     assert [r.task_type for r in report.budget] == ["deep"]
 
 
+def test_a_model_that_thinks_by_default_counts_its_thinking_even_when_the_task_type_asks_for_none() -> None:
+    # classify_bulk asks for no thinking, but haiku 5.5 thinks by default: 50 of its 60 output tokens.
+    #   (100 x 0.10 + 60 x 0.50) / 1e6 x 0.5 = $0.00002 each; thinking 50 x 0.50 / 1e6 x 0.5 = $0.0000125 each.
+    records = [
+        _record(task_id=f"c{i}", task_type="classify_bulk", route="batch", model="claude-haiku-5-5",
+                input_tokens=100, output_tokens=60, thinking_tokens=50, cost_usd=0.00002, max_tokens=1024)
+        for i in range(2)
+    ]  # fmt: skip
+    report = analyze(records, load_config(), NOW)
+    finding = report.max_tokens[0]
+    # Visible 60 - 50 = 10; 2 x (10 + 50) = 120 -> 128, not 2 x 10 = 20 which thinking alone would overrun.
+    assert (finding.visible_p99, finding.thinking_floor, finding.recommended) == (10, 50, 128)
+    trial = report.trials[0]
+    # 100 of 120 output tokens (83%) are thinking, $0.000025 at stake: ask for adaptive thinking at low effort.
+    assert trial.at_stake_usd == pytest.approx(0.000025)
+    assert trial.config_change is not None
+    assert trial.config_change.new == Thinking(mode="adaptive", effort="low")
+
+
 def test_thinking_at_stake_is_a_trial_and_low_effort_is_left_alone() -> None:
     report = _report()
     # critical_fix: thinking 800 of 1,000 output tokens (80%), 800 x 20 / 1e6 = $0.0160 at stake; effort high ->
