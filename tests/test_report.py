@@ -10,16 +10,22 @@ The log spans 2.5 days before `NOW`, so the period is 3 whole days and a month (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from pydantic import SecretStr
 
 from batch_engine.cli import main
+from batch_engine.client import ApiSettings, RetryPolicy
 from batch_engine.config import Thinking, default_config_text, load_config, parse_config
+from batch_engine.emulator import RunningEmulator
+from batch_engine.runner import RunOptions, run
 from batch_engine.telemetry.advice import OptimizationReport, Recommendation, analyze
 from batch_engine.telemetry.advice_markdown import render_report
 from batch_engine.telemetry.usage_log import UsageLog, UsageRecord
@@ -134,6 +140,13 @@ def hand_log() -> list[UsageRecord]:
 
 
 SPEND = 0.012 + 0.008 + 0.024 + 0.0002175
+
+
+async def _no_wait(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+POLICY = RetryPolicy(attempts=5, sleep=_no_wait)
 
 
 def _report(**options: Any) -> OptimizationReport:
@@ -403,3 +416,51 @@ def test_scope_and_model_on_the_command_line(tmp_path: Path, capsys: pytest.Capt
 
     assert main([*args, "--scope", "caching", "--model", "haiku"]) == 2
     assert capsys.readouterr().err.startswith("Error: --model prices the model scope")
+
+
+def test_a_run_on_the_written_config_truncates_nothing(emulator: RunningEmulator, tmp_path: Path) -> None:
+    """Run, report, write the config, run again on it: the lowered max_tokens leave room for every answer and
+    its thinking (the emulator's adaptive thinking spends up to half of max_tokens)."""
+    text = default_config_text().replace("batch_poll_initial_s = 5.0", "batch_poll_initial_s = 0.05")
+    config = tmp_path / "config.toml"
+    config.write_text(text.replace("batch_poll_interval_s = 60.0", "batch_poll_interval_s = 0.2"))
+    tasks = tmp_path / "tasks.jsonl"
+    rows = [
+        {"task_id": f"t{i}", "task_type": "generate_tests", "input_data": {"code": f"def f{i}(): return {i}"}}
+        for i in range(6)
+    ] + [
+        {"task_id": f"f{i}", "task_type": "critical_fix", "input_data": {"incident": f"outage {i}", "code": "x = 1"}}
+        for i in range(2)
+    ]
+    tasks.write_bytes(b"\n".join(orjson.dumps(row) for row in rows) + b"\n")
+    api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
+
+    def run_on(config_file: Path, name: str) -> list[dict[str, Any]]:
+        out = tmp_path / f"{name}.json"
+        options = RunOptions(state_dir=tmp_path / name)
+        asyncio.run(run(tasks, out, api=api, config=load_config(config_file), options=options, policy=POLICY))
+        return list(orjson.loads(out.read_bytes())["results"])
+
+    first = run_on(config, "first")
+    assert all(row["usage"]["thinking_tokens"] > 0 for row in first)
+    written = tmp_path / "recommended.toml"
+    args = [
+        "report",
+        "--state-dir",
+        str(tmp_path / "first"),
+        "--config",
+        str(config),
+        "--output",
+        str(tmp_path / "r.md"),
+    ]
+    # The thinking scope: max_tokens and thinking only (a tier move would keep max_tokens as it is).
+    assert main([*args, "--scope", "thinking", "--write-config", str(written)]) == 0
+    lowered = load_config(written).task_types
+    assert lowered["generate_tests"].max_tokens < 2048 and lowered["critical_fix"].max_tokens < 4096
+
+    second = run_on(written, "second")
+    assert [row["stop_reason"] for row in second] == ["end_turn"] * len(rows)
+    # generate_tests kept its effort: the same prompts think exactly as much as before, none squeezed out by the
+    # lower max_tokens (advice sized on visible output alone would leave adaptive thinking half of ~128 tokens).
+    thought = {row["task_id"]: row["usage"]["thinking_tokens"] for row in first if row["task_id"].startswith("t")}
+    assert {row["task_id"]: row["usage"]["thinking_tokens"] for row in second if row["task_id"] in thought} == thought
