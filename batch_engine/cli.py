@@ -413,7 +413,9 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     report = sub.add_parser("report", help="optimization report from the usage log (Markdown)")
     report.add_argument("--days", type=float, default=30.0, help="look back this many days (default 30)")
     report.add_argument("--output", type=Path, default=Path("report.md"), help="where to write it")
-    report.add_argument("--analyze-only", action="store_true", help="print the report instead of writing a file")
+    report.add_argument(
+        "--analyze-only", action="store_true", help="print the report; write nothing (no report file, no config)"
+    )
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     report.add_argument("--plan", type=Path, metavar="INPUT", help="also analyse this task file before it runs")

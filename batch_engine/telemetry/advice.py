@@ -265,13 +265,14 @@ def analyze(
 ) -> OptimizationReport:
     """The report of `records` as of `now`: the sections of `scopes`; `target` ("haiku", "sonnet", "opus") is
     the tier the model scope prices the workload on (default: the cheap tier)."""
-    target_model = config.tiers[TARGET_TIERS[target] if target else "cheap"]
+    target_tier: Tier = TARGET_TIERS[target] if target else "cheap"
+    target_model = config.tiers[target_tier]
     period = period_of(records, now)
     tier_costs = _tier_costs(records, config, target_model)
     max_tokens = _max_tokens_findings(records, config)
     builders: dict[Scope, Callable[[], Section]] = {
         "caching": lambda: _caching(records, config, period),
-        "model": lambda: _model(records, config, period, tier_costs, target_model, explicit=target is not None),
+        "model": lambda: _model(records, config, period, tier_costs, target_tier, explicit=target is not None),
         "streaming": lambda: _streaming(records, config),
         "thinking": lambda: _thinking(records, config, period, max_tokens),
         "batching": lambda: _batching(records, config, period),
@@ -365,10 +366,10 @@ def _model(
     config: Config,
     period: Period,
     tier_costs: Sequence[TierCost],
-    target_model: str,
+    target_tier: Tier,
     explicit: bool,
 ) -> Section:
-    target_tier = next(tier for tier, model in config.tiers.items() if model == target_model)
+    target_model = config.tiers[target_tier]
     spend = ", ".join(
         f"{m}: {usd(period.monthly(_spent(g)))}" for m, g in sorted(_by(records, lambda r: r.model).items())
     )
