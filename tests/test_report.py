@@ -290,6 +290,26 @@ def test_a_model_that_thinks_by_default_counts_its_thinking_even_when_the_task_t
     assert trial.config_change.new == Thinking(mode="adaptive", effort="low")
 
 
+def test_max_tokens_advice_stays_above_the_configs_manual_thinking_budget() -> None:
+    base = load_config()
+    legacy = base.task_types["summarize"].model_copy(
+        update={"max_tokens": 16000, "thinking": Thinking(mode="manual", budget_tokens=3000)}
+    )
+    config = base.model_copy(
+        update={"tiers": {**base.tiers, "cheap": "claude-haiku-4-5"}, "task_types": {"legacy": legacy}}
+    )
+    # Logged under an older budget of 1,024: 2 x (50 visible + 1,024) = 2,148 -> 2,176, which is not above the
+    # 3,000 the config now gives thinking (the API needs budget_tokens < max_tokens): no advice.
+    records = [
+        _record(task_id=f"l{i}", task_type="legacy", model="claude-haiku-4-5", output_tokens=150,
+                thinking_tokens=100, max_tokens=16000, thinking="manual:1024")
+        for i in range(2)
+    ]  # fmt: skip
+    report = analyze(records, config, NOW)
+    assert report.max_tokens[0].recommended == 2176
+    assert report.budget == []
+
+
 def test_thinking_at_stake_is_a_trial_and_low_effort_is_left_alone() -> None:
     report = _report()
     # critical_fix: thinking 800 of 1,000 output tokens (80%), 800 x 20 / 1e6 = $0.0160 at stake; effort high ->
