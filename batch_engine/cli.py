@@ -180,6 +180,14 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--time-scale", type=float, default=1.0, help="emulator clock speed (3600: 1 h/s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for faults and jitter")
     parser.add_argument("--reply-tokens", type=int, help="fixed reply length in tokens (default: varies)")
+    parser.add_argument(
+        "--invalid-output-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share (0..1) of JSON answers (output_config.format or a forced tool) made not to match their schema: "
+        "a required property left out, or prose (default 0: every JSON answer validates)",
+    )
     parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     parser.add_argument("--config", help="config TOML whose [models] the emulator serves")
     parser.add_argument("--state-file", help="keep batches, cache and stats in this file across restarts")
@@ -247,6 +255,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "time_scale": args.time_scale,
         "seed": args.seed,
         "reply_tokens": args.reply_tokens,
+        "invalid_output_rate": args.invalid_output_rate,
         "api_key": args.api_key,
         "config_path": args.config,
         "state_file": args.state_file,
@@ -293,6 +302,11 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     routes.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
     parser.add_argument("--format", dest="output_format", choices=["json", "jsonl"], default="json")
     parser.add_argument(
+        "--parsed-only",
+        action="store_true",
+        help="with --format jsonl: one {task_id, status, parsed} line per task (output-schema task types), no run line",
+    )
+    parser.add_argument(
         "--max-cost-usd", type=float, metavar="USD", help="refuse a plan estimated over this; stop sending at it"
     )
     parser.add_argument(
@@ -324,6 +338,10 @@ def _run(args: argparse.Namespace) -> int:
     from batch_engine.lanes import Progress
 
     # Bad config or input: one `Error:` line and exit 2 before Prefect (and its temporary server) starts.
+    if args.parsed_only and args.output_format != "jsonl":
+        from batch_engine.errors import ConfigError
+
+        raise ConfigError("--parsed-only needs --format jsonl")
     load_config(args.config)
     records = sum(1 for _ in iter_records(args.input))
     _check_api_key(args.emulate)
@@ -351,7 +369,7 @@ def _run(args: argparse.Namespace) -> int:
                 max_cost_usd=args.max_cost_usd,
                 count_tokens=args.count_tokens,
                 emulate=args.emulate,
-                output_format=args.output_format,
+                output_format="parsed-jsonl" if args.parsed_only else args.output_format,
             )
 
     summary = asyncio.run(go())

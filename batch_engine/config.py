@@ -6,7 +6,7 @@ import tomllib
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,6 +39,13 @@ class ModelSpec(_Strict):
     manual_thinking: bool
     sampling_params: bool
     thinking_always_on: bool = False
+    # Structured outputs (output_config.format with a JSON schema): which models take them is listed on the
+    # structured-outputs page (platform.claude.com/docs/en/build-with-claude/structured-outputs); a model that
+    # does not gets a fallback form (see planning/output_schema.py).
+    structured_outputs: bool = False
+    # Forced tool_choice ({"type": "tool"} / "any") returns 400 on Opus 5.5, Sonnet 5.5 and Fable 5.1
+    # (whats-new-sonnet-5-5 "Forced tool use returns an error"; reference §0.4).
+    forced_tool_choice: bool = True
     price: Price
     long_prompt_threshold_tokens: int | None = None
     long_prompt_price: Price | None = None
@@ -85,6 +92,18 @@ class TaskType(_Strict):
     cache_system: bool = True
     stream: bool = False
     thinking: Thinking = Thinking()
+    # The answer's JSON Schema, at most one of: inline, a file (relative to the config file), or a pydantic model
+    # ("package.module:Model"). load_config resolves the last two into output_schema.
+    output_schema: dict[str, Any] | None = None
+    output_schema_file: str | None = None
+    output_schema_model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_schema_source(self) -> TaskType:
+        given = [self.output_schema_file, self.output_schema_model]
+        if sum(source is not None for source in given) > 1:
+            raise ValueError("give output_schema_file or output_schema_model, not both")
+        return self
 
 
 class Limits(_Strict):
@@ -101,6 +120,9 @@ class Limits(_Strict):
     max_requests_per_batch: int = Field(default=100_000, ge=1, le=100_000)
     max_bytes_per_batch: int = Field(default=256_000_000, ge=1024, le=256_000_000)
     max_row_attempts: int = Field(default=3, ge=1)
+    # Rows whose answer does not validate against the task type's output schema are sent again through the
+    # realtime lane this many times (each retry billed and counted in the row's cost).
+    invalid_output_retries: int = Field(default=1, ge=0)
     on_batch_timeout: Literal["realtime", "timed_out"] = "realtime"
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_retry_attempts: int = Field(default=8, ge=1)
@@ -141,18 +163,76 @@ class Config(_Strict):
         return self.tiers[tier]
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate TOML text; errors name the file and the key."""
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse and validate TOML text; errors name the file and the key.
+
+    Output schemas given by file (relative to `base_dir`) or by pydantic model are loaded here, and every output
+    schema is checked against what the API's structured outputs accept.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "<root>"
         raise ConfigError(f"{source}: {key}: {first['msg']}") from exc
+    return _with_output_schemas(config, source, base_dir or Path.cwd())
+
+
+def _with_output_schemas(config: Config, source: str, base_dir: Path) -> Config:
+    from batch_engine.planning.output_schema import SchemaError, check_schema, closed
+
+    resolved: dict[str, TaskType] = {}
+    for name, task_type in config.task_types.items():
+        key = f"task_types.{name}.output_schema"
+        schema = task_type.output_schema
+        if task_type.output_schema_file is not None:
+            key += "_file"
+            schema = _schema_file(base_dir / task_type.output_schema_file, f"{source}: {key}")
+        elif task_type.output_schema_model is not None:
+            key += "_model"
+            schema = _schema_model(task_type.output_schema_model, f"{source}: {key}")
+        if schema is None:
+            continue
+        schema = closed(schema)
+        try:
+            check_schema(schema)
+        except SchemaError as exc:
+            raise ConfigError(f"{source}: {key}: the API would refuse this schema: {exc}") from None
+        resolved[name] = task_type.model_copy(update={"output_schema": schema})
+    if not resolved:
+        return config
+    return config.model_copy(update={"task_types": {**config.task_types, **resolved}})
+
+
+def _schema_file(path: Path, where: str) -> Any:
+    from batch_engine.errors import InputError
+    from batch_engine.io import loads, read_bytes
+
+    try:
+        return loads(read_bytes(path))
+    except InputError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {path} is not JSON: {exc}") from None
+
+
+def _schema_model(target: str, where: str) -> Any:
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{where}: expected 'package.module:Model', got {target!r}")
+    try:
+        model = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{where}: cannot import {target}: {exc}") from None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ConfigError(f"{where}: {target} is not a pydantic model")
+    return model.model_json_schema()
 
 
 def default_config_text() -> str:
@@ -165,4 +245,4 @@ def load_config(path: Path | str | None = None) -> Config:
         return parse_config(default_config_text(), "default_config.toml")
     from batch_engine.io import read_text
 
-    return parse_config(read_text(Path(path)), str(path))
+    return parse_config(read_text(Path(path)), str(path), Path(path).parent)

@@ -259,6 +259,19 @@ class Ledger(SqliteStore):
         for row in cursor:
             yield TaskResult.model_validate(orjson.loads(row["row"]))
 
+    def invalid_outputs(self, run_key: str, indexes: Iterable[int] | None = None) -> list[TaskResult]:
+        """The run's `invalid_output` rows (only those of `indexes` when given), in input order."""
+        query = "SELECT row FROM results WHERE run_key = ? AND status = 'invalid_output'"
+        args: list[Any] = [run_key]
+        if indexes is not None:
+            wanted = list(indexes)
+            if not wanted:
+                return []
+            query += f" AND idx IN ({', '.join('?' * len(wanted))})"
+            args += wanted
+        rows = self._db.execute(query + " ORDER BY idx", args)
+        return [TaskResult.model_validate(orjson.loads(row["row"])) for row in rows]
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 

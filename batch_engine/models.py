@@ -12,7 +12,9 @@ from batch_engine.config import Route, Tier
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 Mode = Literal["auto", "batch", "realtime"]
-Status = Literal["succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget"]
+Status = Literal[
+    "succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget", "invalid_output"
+]
 
 
 class TaskRequest(BaseModel):
@@ -91,7 +93,15 @@ class TaskResult(BaseModel):
     model: str | None = None
     batch_id: str | None = None
     attempts: int = 0
+    output_retries: int = Field(
+        default=0, description="Times an invalid_output answer was asked again (realtime); its cost is included."
+    )
     text: str | None = None
+    parsed: Any = Field(
+        default=None,
+        description="For task types with an output schema: the answer as a JSON value, validated against the "
+        "schema (null when the row has no valid answer; the row is then `invalid_output` with the reason in `error`).",
+    )
     content: list[dict[str, Any]] | None = None
     stop_reason: str | None = None
     usage: Usage | None = None

@@ -185,5 +185,6 @@ async def collect(
         if running:
             run.ledger.set_run_status(run.key, "submitted")
             return Collected(None, running)
-        await lanes.run_realtime(run.leftovers())
+        while leftovers := run.leftovers():
+            await lanes.run_realtime(leftovers)
     return Collected(run.write_output(), [])

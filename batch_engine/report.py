@@ -67,6 +67,7 @@ def summarize(
             "succeeded": succeeded,
             "failed": total - succeeded - rejected,
             "rejected": rejected,
+            "invalid_output": by_status.get("invalid_output", 0),
             "by_route": dict(sorted(by_route.items())),
             "by_status": dict(sorted(by_status.items())),
         },
@@ -87,9 +88,14 @@ def summarize(
 
 
 def encode_output(
-    summary: RunSummary, rows: Iterable[TaskResult], output_format: Literal["json", "jsonl"]
+    summary: RunSummary, rows: Iterable[TaskResult], output_format: Literal["json", "jsonl", "parsed-jsonl"]
 ) -> Iterator[bytes]:
     """The output file's bytes, in the same shape a single run writes."""
+    if output_format == "parsed-jsonl":
+        # Ready for a table: no run line, no text; every record still has its line (parsed null when none).
+        for row in rows:
+            yield orjson.dumps({"task_id": row.task_id, "status": row.status, "parsed": row.parsed}) + b"\n"
+        return
     run = summary.model_dump(mode="json")
     if output_format == "jsonl":
         yield orjson.dumps({"run": run}) + b"\n"

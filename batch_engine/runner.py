@@ -35,7 +35,8 @@ from batch_engine.token_count import count_plan_tokens
 
 DEFAULT_STATE_DIR = Path(".batch_engine")
 HISTORY_DAYS = 30  # how far back the usage log informs output estimates
-OutputFormat = Literal["json", "jsonl"]
+# "parsed-jsonl" (`--format jsonl --parsed-only`): one {"task_id", "status", "parsed"} line per input record.
+OutputFormat = Literal["json", "jsonl", "parsed-jsonl"]
 log = logging.getLogger("batch_engine")
 
 
@@ -185,9 +186,12 @@ class Run:
         return [t for t in self.plan.tasks if t.route == "realtime" and t.index not in finished]
 
     def leftovers(self) -> list[PlannedTask]:
-        """Every task without a finished row and not waiting in an open batch: they go realtime."""
+        """Every task without a finished row and not waiting in an open batch, and every invalid_output row with a
+        retry left: they go realtime. Callers send them until this is empty (each retry is recorded)."""
         finished = self.ledger.finished_indexes(self.key)
         waiting = {i for c in self.ledger.chunks(self.key) if c.open for i in c.task_indexes}
+        limit = self.config.limits.invalid_output_retries
+        finished -= {row.index for row in self.ledger.invalid_outputs(self.key) if row.output_retries < limit}
         leftovers = [t for t in self.plan.tasks if t.index not in finished and t.index not in waiting]
         if leftovers:
             crash_point("leftovers.before")
@@ -301,9 +305,11 @@ class Run:
     async def execute(self, lanes: Lanes) -> None:
         """Both lanes at once; then whatever the batch lane left goes realtime."""
         await all_or_none(lanes.run_batches(self.chunk_works()), lanes.run_realtime(self.realtime_tasks()))
-        leftovers = self.leftovers()
-        if leftovers:
-            lanes.batch.ctx.logger.info("realtime fallback: %d tasks the batch lane did not finish", len(leftovers))
+        while leftovers := self.leftovers():
+            lanes.batch.ctx.logger.info(
+                "realtime fallback: %d tasks the batch lane did not finish or whose answer did not validate",
+                len(leftovers),
+            )
             await lanes.run_realtime(leftovers)
 
     # --- output ------------------------------------------------------------------------------------------------

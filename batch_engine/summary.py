@@ -15,6 +15,13 @@ if TYPE_CHECKING:
     from batch_engine.token_count import TokenCounts
 
 
+_FORM_LABELS = {
+    "output_config": "structured outputs (output_config.format)",
+    "tool": "forced tool (fallback)",
+    "prompt": "schema in the system prompt (fallback)",
+}
+
+
 def plan_summary(
     plan: Plan, config: Config, estimator: Estimator | None = None, counts: TokenCounts | None = None
 ) -> dict[str, Any]:
@@ -27,6 +34,7 @@ def plan_summary(
     by_type: Counter[str] = Counter()
     by_route: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
+    outputs: dict[str, set[str]] = {}  # task type → how its schema is requested, per model
     input_tokens = 0
     counted_tokens = 0
     estimate = 0.0
@@ -36,6 +44,8 @@ def plan_summary(
         by_type[task.task_type] += 1
         by_route[task.route] += 1
         by_model[task.model] += 1
+        if task.output is not None:
+            outputs.setdefault(task.task_type, set()).add(f"{_FORM_LABELS[task.output.form]} on {task.model}")
         input_tokens += task.estimated_input_tokens
         counted_tokens += estimator.input_tokens(task)
         expected += estimator.cost(task, task.route)
@@ -51,6 +61,7 @@ def plan_summary(
         "by_route": dict(sorted(by_route.items())),
         "by_model": dict(sorted(by_model.items())),
         "batches": len(plan.chunks),
+        "output_schemas": {name: sorted(forms) for name, forms in sorted(outputs.items())},
         "estimated_input_tokens": input_tokens,
         "input_tokens_source": "counted" if counts and counts.by_index else "offline estimate",
         "input_tokens": counted_tokens,
@@ -76,6 +87,7 @@ def render_plan_summary(summary: dict[str, Any]) -> str:
         "models:  " + ", ".join(f"{k} {v}" for k, v in summary["by_model"].items()),
         "types:   " + ", ".join(f"{k} {v}" for k, v in summary["by_task_type"].items()),
         f"batches: {summary['batches']}",
+        *(f"schema:  {name}: {', '.join(forms)}" for name, forms in summary["output_schemas"].items()),
         f"estimated input tokens: {summary['estimated_input_tokens']:,}",
         f"input tokens ({summary['input_tokens_source']}): {summary['input_tokens']:,}"
         + (

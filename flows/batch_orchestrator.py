@@ -152,7 +152,8 @@ async def realtime_lane(lanes: Lanes) -> int:
 
 @task(name="realtime-leftovers", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 async def realtime_leftovers(lanes: Lanes) -> int:
-    """Send realtime whatever the batch lane did not finish (cancelled at the timeout, retries out of time)."""
+    """Send realtime whatever the batch lane did not finish (cancelled at the timeout, retries out of time), and
+    answers that did not validate against their output schema."""
     tasks = lanes.run.leftovers()
     await lanes.run_realtime(tasks)
     return len(tasks)
@@ -405,7 +406,8 @@ async def _realtime(lanes: Lanes, progress: Progress, logger: Logger) -> None:
 
 
 async def _leftovers(lanes: Lanes, logger: Logger) -> None:
-    if lanes.run.leftovers():
+    # Until none is left: an invalid_output row retried once may have another retry left (invalid_output_retries).
+    while lanes.run.leftovers():
         sent = await realtime_leftovers(unwalked(lanes))
         logger.info("realtime fallback: %d tasks the batch lane did not finish were sent realtime", sent)
 

@@ -111,11 +111,40 @@ BAD_LINES = [
 ]
 
 
+VENDORS = [("Acme Hosting GmbH", "DE", "EUR"), ("Northwind Data Ltd", "GB", "GBP"), ("Contoso Cloud Inc", "US", "USD")]
+ITEMS = [("GPU node, 1 month", "hardware"), ("Database licence", "software"), ("On-call support", "services")]
+
+
+def invoice_tasks(rng: random.Random) -> list[dict[str, object]]:
+    """Invoice texts for the extract_invoice task type (its output schema: nested objects, enums, arrays)."""
+    tasks: list[dict[str, object]] = []
+    for i in range(24):
+        vendor, country, currency = VENDORS[i % len(VENDORS)]
+        lines = [
+            f"- {name}: {rng.randint(1, 9)} x {rng.randint(20, 900)}.00 {currency}"
+            for name, _ in rng.sample(ITEMS, k=rng.randint(1, len(ITEMS)))
+        ]
+        text = "\n".join(
+            [f"INVOICE INV-2026-{1000 + i}", f"From: {vendor} ({country})", f"Date: 2026-11-{1 + i:02d}", *lines]
+        )
+        task: dict[str, object] = {
+            "task_id": f"invoice-{i:04d}",
+            "task_type": "extract_invoice",
+            "input_data": {"text": text},
+        }
+        if i % 8 == 0:
+            task["mode"] = "realtime"  # a few needed now: the same schema through the realtime lane
+        tasks.append(task)
+    return tasks
+
+
 def main() -> None:
     rng = random.Random(20261122)
     (HERE / "config.toml").write_text(long_config(), encoding="utf-8")
     (HERE / "nightly_tasks.json").write_bytes(orjson.dumps(nightly_tasks(rng), option=orjson.OPT_INDENT_2))
     (HERE / "bad_tasks.jsonl").write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    invoices = invoice_tasks(random.Random(20261201))
+    (HERE / "invoices.jsonl").write_bytes(b"".join(orjson.dumps(task) + b"\n" for task in invoices))
 
 
 if __name__ == "__main__":

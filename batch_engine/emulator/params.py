@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batch_engine.config import ModelSpec
+from batch_engine.emulator.structured import check_compatible, schema_of
 from batch_engine.emulator.tokenizer import block_tokens, json_tokens, without_cache_control
 from batch_engine.emulator.wire import ApiFailure, invalid
 
@@ -96,7 +97,12 @@ def parse_request(params: Any, models: Mapping[str, ModelSpec], *, counting: boo
     _check_breakpoints(segments, hidden_slots)
     thinking = _thinking(params, spec, max_tokens, counting)
     forced_tool = _tool_choice(params.get("tool_choice"), tools, thinking)
+    if forced_tool is not None and not spec.forced_tool_choice:
+        # whats-new-sonnet-5-5 "Forced tool use returns an error" (also Opus 5.5 and Fable 5.1).
+        raise invalid(f"tool_choice: forcing tool use is not supported on the model {model}; use 'auto'.")
     _sampling(params, spec, thinking)
+    json_schema = schema_of(params.get("output_config"), model, spec.structured_outputs)
+    check_compatible(json_schema is not None, messages[-1].get("role") == "assistant")
     if messages[-1].get("role") == "assistant" and (not spec.sampling_params or thinking is not None):
         raise invalid(
             "This model does not support assistant message prefill. The conversation must end with a user message."
@@ -114,7 +120,7 @@ def parse_request(params: Any, models: Mapping[str, ModelSpec], *, counting: boo
         stream=stream,
         stop_sequences=_stop_sequences(params.get("stop_sequences")),
         forced_tool=forced_tool,
-        json_schema=_json_schema(params.get("output_config")),
+        json_schema=json_schema,
     )
 
 
@@ -372,13 +378,3 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
         raise invalid("stop_sequences: Input should be a list of non-empty strings")
     return tuple(value)
-
-
-def _json_schema(output_config: Any) -> dict[str, Any] | None:
-    if not isinstance(output_config, dict) or output_config.get("format") is None:
-        return None
-    fmt = output_config["format"]
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise invalid("output_config.format: Input should be {'type': 'json_schema', 'schema': {...}}")
-    schema: dict[str, Any] = fmt["schema"]
-    return schema

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from batch_engine.emulator.params import MessageRequest
+from batch_engine.emulator.structured import Generator
 from batch_engine.emulator.tokenizer import json_tokens
 from batch_engine.emulator.wire import new_id
 from batch_engine.planning.tokens import estimate_tokens
@@ -65,41 +66,14 @@ def _thinking_tokens(request: MessageRequest, seed: int) -> int:
     return min(base, request.max_tokens // 2)
 
 
-def _instance(schema: Any, echo: str, depth: int = 0) -> Any:
-    """A small value that satisfies a simple JSON schema, carrying `echo` in its strings."""
-    if not isinstance(schema, dict) or depth > 8:
-        return echo
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return _instance(schema[key][0], echo, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((item for item in kind if item != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        properties = schema.get("properties")
-        if not isinstance(properties, dict):
-            return {}
-        return {name: _instance(sub, echo, depth + 1) for name, sub in properties.items()}
-    if kind == "array":
-        minimum = schema.get("minItems")
-        # At most a few items: the reply only has to be valid, not large.
-        count = min(minimum, 3) if isinstance(minimum, int) and not isinstance(minimum, bool) and minimum > 0 else 1
-        return [_instance(schema.get("items", {}), echo, depth + 1) for _ in range(count)]
-    if kind in ("integer", "number"):
-        return schema.get("minimum", 0)
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    return echo
+def build_reply(
+    request: MessageRequest, *, custom_id: str | None, reply_tokens: int | None, invalid_output: bool = False
+) -> Reply:
+    """The content, stop reason and output tokens for a validated request.
 
-
-def build_reply(request: MessageRequest, *, custom_id: str | None, reply_tokens: int | None) -> Reply:
-    """The content, stop reason and output tokens for a validated request."""
+    A JSON answer (output_config.format, or a forced tool's input) is generated from the schema and validates
+    against it; with `invalid_output` (the emulator's injected fault) it does not.
+    """
     digest = reply_digest(request.last_user_text)
     seed = int(digest[:8], 16)
     echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
@@ -114,7 +88,9 @@ def build_reply(request: MessageRequest, *, custom_id: str | None, reply_tokens:
         return Reply(content, "max_tokens", None, max(1, request.max_tokens), thinking_tokens)
 
     if request.forced_tool is not None:
-        tool_input = _instance(request.forced_tool.get("input_schema", {}), echo)
+        schema = request.forced_tool.get("input_schema", {})
+        generator = Generator(schema, echo, seed)
+        tool_input = generator.broken(schema) if invalid_output else generator.value(schema)
         block = {
             "type": "tool_use",
             "id": new_id("toolu_"),
@@ -126,7 +102,9 @@ def build_reply(request: MessageRequest, *, custom_id: str | None, reply_tokens:
         return Reply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
 
     if request.json_schema is not None:
-        text = orjson.dumps(_instance(request.json_schema, echo)).decode()
+        generator = Generator(request.json_schema, echo, seed)
+        answer = generator.broken(request.json_schema) if invalid_output else generator.value(request.json_schema)
+        text = answer if isinstance(answer, str) and invalid_output else orjson.dumps(answer).decode()
     else:
         target = reply_tokens if reply_tokens is not None else 20 + seed % 41
         text = echo + " " + _filler(max(0, target * 4 - len(echo) - 1), seed)

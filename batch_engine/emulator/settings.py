@@ -50,6 +50,8 @@ class EmulatorSettings(BaseModel):
     batch_row_expire_rate: float = Field(default=0.0, ge=0, le=1)
     batch_never_ends: bool = False
     reply_tokens: int | None = Field(default=None, ge=1)
+    # Share of JSON answers (output_config.format or a forced tool) made not to validate against their schema.
+    invalid_output_rate: float = Field(default=0.0, ge=0, le=1)
     api_key: str | None = Field(default=None, min_length=1, repr=False)
     config_path: Path | None = None
     state_file: Path | None = None

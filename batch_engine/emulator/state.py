@@ -72,6 +72,7 @@ class EmulatorState:
         self.stats = Stats()
         self.ledger = Ledger()
         self.latency_rng = random.Random(settings.seed)
+        self.output_rng = random.Random(f"{settings.seed}:invalid-output")
 
     def reset(self) -> None:
         """Forget everything and return to the settings the emulator started with."""
@@ -97,6 +98,7 @@ class EmulatorState:
         if new.seed != old.seed:
             self.faults = FaultInjector(new.seed)
             self.latency_rng = random.Random(new.seed)
+            self.output_rng = random.Random(f"{new.seed}:invalid-output")
         if new.config_path != old.config_path:
             config = load_config(new.config_path)
             self.models, self.batch_discount = config.models, config.batch_discount
@@ -115,7 +117,12 @@ class EmulatorState:
         """Commit the cache plan, build the reply and bill it."""
         request = prepared.request
         self.cache.commit(prepared.plan, self.clock.now())
-        reply = build_reply(request, custom_id=custom_id, reply_tokens=self.settings.reply_tokens)
+        rate = self.settings.invalid_output_rate
+        json_answer = request.json_schema is not None or request.forced_tool is not None
+        broken = json_answer and rate > 0 and self.output_rng.random() < rate
+        reply = build_reply(
+            request, custom_id=custom_id, reply_tokens=self.settings.reply_tokens, invalid_output=broken
+        )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
         discount = self.batch_discount if lane == "batch" else 1.0
         self.ledger.add(lane, billed, billed.cost_usd(request.spec, discount))

@@ -4,6 +4,7 @@ limits) — and what they share for one run: the client, the ledger, attempts so
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +19,10 @@ from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.outcome import folded
 from batch_engine.telemetry.usage_log import UsageLog, usage_record
+
+BILLED = ("succeeded", "invalid_output")  # statuses of rows whose request was billed
 
 
 async def all_or_none(*calls: Awaitable[None]) -> None:
@@ -126,12 +130,25 @@ class LaneContext:
             self.usage_log.append(
                 usage_record(self.tasks[r.index], r, self.run_key, now, self.latencies.pop(r.index, None), self.config)
                 for r in results
-                if r.status == "succeeded"
+                if r.status in BILLED
             )
             crash_point("usage.logged")
+        if self.has_output_schemas:
+            results = self._fold_retries(results)
         self.ledger.save_results(self.run_key, results, now)
         for result in results:
             self.progress.add(result)
+
+    @functools.cached_property
+    def has_output_schemas(self) -> bool:
+        return any(task.output is not None for task in self.tasks.values())
+
+    def _fold_retries(self, results: list[TaskResult]) -> list[TaskResult]:
+        # A row that replaces an invalid_output row is its retry: both requests were billed, so the row carries both.
+        earlier = {row.index: row for row in self.ledger.invalid_outputs(self.run_key, (r.index for r in results))}
+        if not earlier:
+            return results
+        return [folded(earlier[r.index], r) if r.index in earlier else r for r in results]
 
     def limiter(self, model: str) -> RateLimiter:
         limiter = self.limiters.get(model)

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from batch_engine.config import Config, Route
 from batch_engine.models import Rejection
 
 if TYPE_CHECKING:
     from batch_engine.io import RawRecord
+    from batch_engine.planning.output_schema import OutputSpec
 
 
 def with_user_text(frame: dict[str, Any], user_text: str | None) -> dict[str, Any]:
@@ -43,6 +46,7 @@ class PlannedTask:
     cache_key: str | None  # digest of the cacheable prefix; rows sharing it are kept adjacent in batches
     stream: bool  # send with messages.stream on the realtime lane
     metadata: dict[str, Any] | None
+    output: OutputSpec | None = None  # the answer's schema and the form it is requested in (shared, never mutate)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -79,7 +83,8 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
     """
     from batch_engine.planning.chunking import chunk_tasks
-    from batch_engine.planning.params import TemplateError, build_request, cache_key
+    from batch_engine.planning.output_schema import OutputSpec
+    from batch_engine.planning.params import TemplateError, build_request, cache_key, output_form
     from batch_engine.planning.routing import route_task
     from batch_engine.planning.tokens import estimate_params_tokens
     from batch_engine.planning.validate import validate_record
@@ -87,6 +92,8 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     tasks: list[PlannedTask] = []
     rejections: list[Rejection] = []
     seen: set[str] = set()
+    # One compiled schema per task type and model (or per distinct raw-params schema), shared by its tasks.
+    outputs: dict[tuple[str, str], OutputSpec] = {}
     total = 0
     for record in records:
         total += 1
@@ -113,8 +120,23 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
             task_route, reason = route_task(checked, task_type, now, config.batch_sla_s)
         else:
             task_route, reason = route, f"every task forced to {route} for this run"
+        model = checked.model or config.model_for_tier(checked.model_tier or task_type.tier)
+        output: OutputSpec | None = None
+        if checked.params is not None:
+            raw_format = (checked.params.get("output_config") or {}).get("format")
+            if raw_format is not None:
+                key = ("params", orjson.dumps(raw_format["schema"], option=orjson.OPT_SORT_KEYS).decode())
+                output = outputs.get(key) or outputs.setdefault(
+                    key, OutputSpec.of(raw_format["schema"], "output_config")
+                )
+        elif task_type.output_schema is not None:
+            key = (checked.task_type, model)
+            output = outputs.get(key)
+            if output is None:
+                form = output_form(config.models[model], task_type.thinking)
+                output = outputs[key] = OutputSpec.of(task_type.output_schema, form)
         try:
-            model, frame, user_text = build_request(checked, task_type, config, task_route)
+            model, frame, user_text = build_request(checked, task_type, config, task_route, output)
         except TemplateError as exc:
             rejections.append(
                 Rejection(
@@ -143,6 +165,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
                 cache_key=cache_key(frame),
                 stream=task_type.stream,
                 metadata=checked.metadata,
+                output=output,
             )
         )
     batch_positions = [pos for pos, task in enumerate(tasks) if task.route == "batch"]

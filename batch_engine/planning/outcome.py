@@ -40,26 +40,60 @@ def succeeded(
     config: Config,
     batch_id: str | None = None,
 ) -> TaskResult:
-    """The output row of a task whose request succeeded, costed at the route's price."""
+    """The output row of a task whose request succeeded, costed at the route's price.
+
+    With an output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
+    """
     usage = usage_from_api(message.get("usage"))
     content = list(message.get("content") or [])
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
+    text = message_text(content)
+    status: Status = "succeeded"
+    parsed: Any = None
+    error: ErrorInfo | None = None
+    if task.output is not None:
+        parsed, reason = task.output.parse(content, text)
+        if reason is not None:
+            status = "invalid_output"
+            stop = message.get("stop_reason")
+            if stop in ("refusal", "max_tokens"):
+                reason = f"{reason} (stop_reason {stop})"
+            error = ErrorInfo(type="invalid_output", message=reason)
     return TaskResult(
         task_id=task.task_id,
         index=task.index,
-        status="succeeded",
+        status=status,
         task_type=task.task_type,
         route=route,
         model=model,
         batch_id=batch_id,
         attempts=attempts,
-        text=message_text(content),
+        text=text,
+        parsed=parsed,
         content=content,
         stop_reason=message.get("stop_reason"),
         usage=usage,
         cost_usd=round(cost(usage, spec, route, config.batch_discount), 10),
+        error=error,
         metadata=task.metadata,
+    )
+
+
+def folded(earlier: TaskResult, later: TaskResult) -> TaskResult:
+    """A retried row: the later answer, with the earlier request's usage and cost added (both were billed)."""
+    if earlier.usage is None or later.usage is None:
+        usage = later.usage or earlier.usage
+    else:
+        usage = Usage(
+            **{name: getattr(earlier.usage, name) + getattr(later.usage, name) for name in Usage.model_fields}
+        )
+    return later.model_copy(
+        update={
+            "usage": usage,
+            "cost_usd": round((earlier.cost_usd or 0.0) + (later.cost_usd or 0.0), 10),
+            "output_retries": earlier.output_retries + 1,
+        }
     )
 
 

@@ -7,9 +7,10 @@ import hashlib
 import string
 from typing import Any
 
-from batch_engine.config import Config, Route, TaskType, Thinking
+from batch_engine.config import Config, ModelSpec, Route, TaskType, Thinking
 from batch_engine.models import TaskRequest
 from batch_engine.planning import with_user_text
+from batch_engine.planning.output_schema import OutputForm, OutputSpec, prompt_instruction, request_part
 from batch_engine.planning.tokens import estimate_tokens
 
 MAX_BREAKPOINTS = 4  # the API rejects a request with more than four cache_control blocks
@@ -57,8 +58,18 @@ def _thinking(thinking: Thinking, manual_ok: bool, max_tokens: int) -> dict[str,
     return extra
 
 
+def output_form(spec: ModelSpec, thinking: Thinking) -> OutputForm:
+    """How a schema reaches `spec`'s model: its structured outputs, else a forced tool where the model accepts one
+    (never with thinking: the API refuses forced tool use with thinking on), else the prompt."""
+    if spec.structured_outputs:
+        return "output_config"
+    if spec.forced_tool_choice and not spec.thinking_always_on and thinking.mode == "off":
+        return "tool"
+    return "prompt"
+
+
 def build_request(
-    task: TaskRequest, task_type: TaskType, config: Config, route: Route
+    task: TaskRequest, task_type: TaskType, config: Config, route: Route, output: OutputSpec | None = None
 ) -> tuple[str, dict[str, Any], str | None]:
     """(model, frame, user text) for one task; raises TemplateError when the template cannot be filled.
 
@@ -77,11 +88,17 @@ def build_request(
     max_tokens = min(task.max_tokens or task_type.max_tokens, spec.max_output_tokens)
     system_text = task.system if task.system is not None else render(task_type.system, task.input_data)
     user_text = render(task_type.user, task.input_data)
+    if output is not None and output.form == "prompt":
+        system_text = (
+            f"{system_text}\n\n{prompt_instruction(output.schema)}"
+            if system_text
+            else prompt_instruction(output.schema)
+        )
     ttl = None
     if system_text and task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens:
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
         ttl = "1h" if route == "batch" else "5m"
-    frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, spec.manual_thinking)
+    frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, spec.manual_thinking, output)
     return model, frame, user_text
 
 
@@ -94,7 +111,13 @@ def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: 
 # Bounded, so per-task system prompts do not grow it without end.
 @functools.lru_cache(maxsize=1024)
 def _frame(
-    model: str, max_tokens: int, system_text: str, ttl: str | None, thinking: Thinking, manual_ok: bool
+    model: str,
+    max_tokens: int,
+    system_text: str,
+    ttl: str | None,
+    thinking: Thinking,
+    manual_ok: bool,
+    output: OutputSpec | None = None,  # hashed by identity: one instance per task type and model
 ) -> dict[str, Any]:
     # "messages" is a placeholder that keeps the key order of the params (model, max_tokens, messages, ...).
     frame: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": None}
@@ -104,6 +127,11 @@ def _frame(
             block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
         frame["system"] = [block]
     frame.update(_thinking(thinking, manual_ok, max_tokens))
+    if output is not None:
+        part = request_part(output.schema, output.form)
+        if "output_config" in part and "output_config" in frame:
+            part["output_config"] = {**frame["output_config"], **part["output_config"]}
+        frame.update(part)
     return frame
 
 

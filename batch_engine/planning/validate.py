@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from batch_engine.config import Config
 from batch_engine.models import Rejection, TaskRequest
+from batch_engine.planning.output_schema import SchemaError, check_schema
 from batch_engine.planning.params import MAX_BREAKPOINTS, count_breakpoints
 
 
@@ -42,4 +43,29 @@ def validate_record(value: Any, index: int, line: int | None, config: Config) ->
             return reject("params.messages", "raw params need a list of messages")
         if count_breakpoints(task.params) > MAX_BREAKPOINTS:
             return reject("params", f"more than {MAX_BREAKPOINTS} cache_control breakpoints (the API rejects it)")
+        problem = _output_format_problem(task, config)
+        if problem is not None:
+            return reject(*problem)
     return task
+
+
+def _output_format_problem(task: TaskRequest, config: Config) -> tuple[str, str] | None:
+    """(field, reason) when raw params carry an output_config.format the API would refuse."""
+    assert task.params is not None
+    output_config = task.params.get("output_config")
+    if output_config is None or not isinstance(output_config, dict) or output_config.get("format") is None:
+        return None
+    fmt = output_config["format"]
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        return "params.output_config.format", 'expected {"type": "json_schema", "schema": {...}}'
+    model = task.model or config.model_for_tier(task.model_tier or config.task_types[task.task_type].tier)
+    if not config.models[model].structured_outputs:
+        return "params.output_config.format", f"{model} does not support structured outputs (see [models.{model}])"
+    try:
+        check_schema(fmt["schema"])
+    except SchemaError as exc:
+        return (
+            f"params.output_config.format.schema{exc.path.replace('/', '.')}",
+            f"the API would refuse it: {exc.reason}",
+        )
+    return None

@@ -279,6 +279,7 @@ def analyze(
     }
     sections = tuple(builders[scope]() for scope in SCOPES if scope in scopes)
     savings = [r for s in sections for r in s.recommendations if r.kind == "saving" and r.saved_usd > 0]
+    invalid = [r for r in records if r.status == "invalid_output"]
     return OptimizationReport(
         period=period,
         requests=len(records),
@@ -293,9 +294,14 @@ def analyze(
             "model": _spend_rows(records, lambda r: r.model),
             "route": _spend_rows(records, lambda r: r.route),
             "task type": _spend_rows(records, lambda r: r.task_type),
+            # Billed answers that did not validate against their output schema (asked again, or lost).
+            **({INVALID_OUTPUTS: _spend_rows(invalid, lambda r: r.task_type)} if invalid else {}),
         },
         combined_after_usd=_combined_after(records, config, savings, target_model),
     )
+
+
+INVALID_OUTPUTS = "task type, answers that did not match their output schema (invalid_output)"
 
 
 def _spend_rows(records: Sequence[UsageRecord], key: Callable[[UsageRecord], str]) -> tuple[SpendRow, ...]:
