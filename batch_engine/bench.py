@@ -8,6 +8,7 @@
     python -m batch_engine.bench ratelimit --requests 1000 --rpm 600
     python -m batch_engine.bench ratelimit --requests 600 --rpm 1200 --itpm 300000 --pad-tokens 1000
     python -m batch_engine.bench prefect --tasks 10000
+    python -m batch_engine.bench validate --rows 100000
 
 Every benchmark that talks to the API serves the emulator from its own process (`batch-engine emulator`), so
 it does not share a core's worth of GIL with the client being measured. `plan`, `batch` and `cost` live in
@@ -368,6 +369,78 @@ def print_result(result: dict[str, Any]) -> None:
     print(orjson.dumps(result).decode())
 
 
+# A 10-field extraction schema (nested object, enums, arrays, a nullable field): the validation benchmark's subject.
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "date", "vendor", "currency", "total", "status", "tags", "items", "paid", "note"],
+    "properties": {
+        "id": {"type": "string"},
+        "date": {"type": "string", "format": "date"},
+        "vendor": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "country"],
+            "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+        },
+        "currency": {"type": "string", "enum": ["USD", "EUR", "GBP"]},
+        "total": {"type": "number"},
+        "status": {"type": "string", "enum": ["paid", "due", "overdue"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["sku", "qty"],
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}},
+            },
+        },
+        "paid": {"type": "boolean"},
+        "note": {"type": ["string", "null"]},
+    },
+}
+
+
+def bench_validate(rows: int) -> dict[str, Any]:
+    """CPU time per row to parse an answer's JSON text and validate it against a 10-field schema (compiled once)."""
+    from batch_engine.planning.output_schema import OutputSpec
+
+    started = time.process_time()
+    spec = OutputSpec.of(BENCH_SCHEMA, "output_config")
+    compile_ms = (time.process_time() - started) * 1000
+    answers = []
+    for i in range(rows):
+        value = {
+            "id": f"INV-{i}", "date": "2026-11-01", "vendor": {"name": "Acme", "country": "DE"},
+            "currency": "EUR", "total": i / 7, "status": "due", "tags": ["a", "b"],
+            "items": [{"sku": f"s{i}", "qty": i % 9}, {"sku": "x", "qty": 1}], "paid": bool(i % 2),
+            "note": None if i % 3 else "late",
+        }  # fmt: skip
+        answers.append(orjson.dumps(value).decode())
+    content: list[dict[str, Any]] = []
+    values = [orjson.loads(text) for text in answers]
+    started = time.process_time()
+    for value in values:
+        spec.validate(value, "$")
+    validate_s = time.process_time() - started
+    started = time.process_time()
+    invalid = 0
+    for text in answers:
+        invalid += spec.parse(content, text)[1] is not None
+    parse_s = time.process_time() - started
+    assert invalid == 0
+    return {
+        "rows": rows,
+        "fields": len(BENCH_SCHEMA["properties"]),
+        "compile_ms": round(compile_ms, 3),
+        "validate_us_per_row": round(validate_s / rows * 1e6, 2),
+        "parse_and_validate_us_per_row": round(parse_s / rows * 1e6, 2),
+        "target_us_per_row": 50,
+    }
+
+
 def _sizes(text: str) -> list[int]:
     return [int(part.replace("_", "")) for part in text.split(",") if part]
 
@@ -407,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefect.add_argument("--tasks", type=int, default=10_000)
     prefect.add_argument("--rounds", type=int, default=3)
     prefect.add_argument("--concurrency", type=int, default=64)
+    validate = sub.add_parser("validate", help="CPU per row to validate answers against a 10-field output schema")
+    validate.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args(argv)
     # The engine logs each lane's progress; a benchmark prints only its figures.
     logging.getLogger("batch_engine").setLevel(logging.WARNING)
@@ -432,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks_file = args.tasks_file or pipeline.SAMPLES / "nightly_tasks.json"
             config = args.config or pipeline.SAMPLES / "config.toml"
             print_result(pipeline.bench_cost(tasks_file, config, args.poll_interval))
+    elif args.name == "validate":
+        print_result(bench_validate(args.rows))
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

@@ -33,6 +33,7 @@ _REFUSED_KEYWORDS = {
 }  # fmt: skip
 # A schema nested deeper than this is answered with "Schema is too complex" (the limit is the emulator's own).
 _MAX_DEPTH = 32
+_GENERATION_DEPTH = 16
 
 
 def schema_of(output_config: Any, model: str, structured_outputs: bool) -> dict[str, Any] | None:
@@ -131,53 +132,69 @@ class Generator:
         self.seed = seed
 
     def value(self, node: Any, depth: int = 0) -> Any:
-        if not isinstance(node, dict) or depth > _MAX_DEPTH:
+        # Tool input schemas reach here unchecked (only output_config.format is validated), so nothing is trusted.
+        if not isinstance(node, dict) or depth > _GENERATION_DEPTH:
             return self.echo
         if "$ref" in node:
-            target: Any = self.root
-            for part in str(node["$ref"])[2:].split("/"):
-                target = target[part]
-            merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+            target = self._resolve(node["$ref"])
+            merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}} if target is not None else {}
             return self.value(merged, depth + 1)
-        if "allOf" in node:
+        if isinstance(node.get("allOf"), list):
             merged = {k: v for k, v in node.items() if k != "allOf"}
             for sub in node["allOf"]:
                 merged = _merge(merged, sub)
             return self.value(merged, depth + 1)
         if "const" in node:
             return node["const"]
-        if node.get("enum"):
-            options = node["enum"]
-            return options[(self.seed + depth) % len(options)]
-        if node.get("anyOf"):
-            return self.value(node["anyOf"][0], depth + 1)
+        options = node.get("enum")
+        if isinstance(options, list) and options:
+            return options[0]
+        branches = node.get("anyOf")
+        if isinstance(branches, list) and branches:
+            return self.value(branches[0], depth + 1)
         kind = node.get("type")
         if isinstance(kind, list):
             kind = next((k for k in kind if k != "null"), "null")
-        if kind == "object" or (kind is None and "properties" in node):
-            return {name: self.value(sub, depth + 1) for name, sub in (node.get("properties") or {}).items()}
+        properties = node.get("properties")
+        if kind == "object" or (kind is None and isinstance(properties, dict)):
+            if not isinstance(properties, dict):
+                return {}
+            return {str(name): self.value(sub, depth + 1) for name, sub in properties.items()}
         if kind == "array":
-            count = 1 + self.seed % 3 if node.get("minItems", 0) <= 1 else 1
-            return [self.value(node.get("items", {}), depth + 1 + i) for i in range(count)]
-        if kind == "integer":
-            return self.seed % 100
-        if kind == "number":
-            return (self.seed % 10000) / 100
+            least = node.get("minItems")
+            # minItems items (a few at most), else one: the answer only has to be valid, not large.
+            count = min(least, 3) if isinstance(least, int) and not isinstance(least, bool) and least > 0 else 1
+            return [self.value(node.get("items"), depth + 1) for _ in range(count)]
+        if kind in ("integer", "number"):
+            low = node.get("minimum")  # tool schemas may carry one; output_config.format schemas may not
+            return low if isinstance(low, int | float) and not isinstance(low, bool) else 0
         if kind == "boolean":
-            return self.seed % 2 == 0
+            return True
         if kind == "null":
             return None
-        if "format" in node:
-            return _FORMAT_SAMPLES[node["format"]]
-        if "pattern" in node:
-            return _matching(node["pattern"], self.echo)
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt in _FORMAT_SAMPLES:
+            return _FORMAT_SAMPLES[fmt]
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            return _matching(pattern, self.echo)
         return self.echo
+
+    def _resolve(self, ref: Any) -> dict[str, Any] | None:
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            return None
+        target: Any = self.root
+        for part in ref[2:].split("/"):
+            if not isinstance(target, dict) or part not in target:
+                return None
+            target = target[part]
+        return target if isinstance(target, dict) else None
 
     def broken(self, node: dict[str, Any]) -> Any:
         """An answer that does not validate, for injected invalid outputs: a required property left out, or prose."""
         value = self.value(node)
-        required = node.get("required") or []
-        if isinstance(value, dict) and required:
+        required = node.get("required")
+        if isinstance(value, dict) and isinstance(required, list) and required:
             value.pop(required[0], None)
             return value
         return f"Sorry, I can only answer in prose ({self.echo})."
@@ -187,14 +204,23 @@ def _merge(a: dict[str, Any], b: Any) -> dict[str, Any]:
     if not isinstance(b, dict):
         return a
     out = {**a, **{k: v for k, v in b.items() if k not in ("properties", "required")}}
-    out["properties"] = {**(a.get("properties") or {}), **(b.get("properties") or {})}
-    out["required"] = [*(a.get("required") or []), *(b.get("required") or [])]
+    props_a, props_b = a.get("properties"), b.get("properties")
+    out["properties"] = {
+        **(props_a if isinstance(props_a, dict) else {}),
+        **(props_b if isinstance(props_b, dict) else {}),
+    }
+    req_a, req_b = a.get("required"), b.get("required")
+    out["required"] = [*(req_a if isinstance(req_a, list) else []), *(req_b if isinstance(req_b, list) else [])]
     return out
 
 
 def _matching(pattern: str, echo: str) -> str:
+    try:
+        regex = re.compile(pattern)
+    except re.error:
+        return echo
     for candidate in (echo, "a", "A", "0", "a1", "A1", "aa", "00", ""):
-        if re.search(pattern, candidate):
+        if regex.search(candidate):
             return candidate
     return echo
 
