@@ -409,7 +409,9 @@ async def _leftovers(lanes: Lanes, logger: Logger) -> None:
     # Until none is left: an invalid_output row retried once may have another retry left (invalid_output_retries).
     while lanes.run.leftovers():
         sent = await realtime_leftovers(unwalked(lanes))
-        logger.info("realtime fallback: %d tasks the batch lane did not finish were sent realtime", sent)
+        logger.info(
+            "realtime fallback: %d tasks (unfinished by the batch lane, or answers to ask again) sent realtime", sent
+        )
 
 
 async def _finish(run: Run, logger: Logger) -> RunSummary:

@@ -365,3 +365,28 @@ def test_parsed_only_lines_carry_the_task_id_the_status_and_the_parsed_value() -
         {"task_id": "a", "status": "succeeded", "parsed": {"x": 1}},
         {"task_id": "b", "status": "invalid_output", "parsed": None},
     ]
+
+
+def test_the_run_artifacts_list_invalid_outputs_among_the_failures() -> None:
+    from batch_engine.artifacts import RunBreakdown
+    from batch_engine.models import ErrorInfo, TaskResult
+
+    error = ErrorInfo(
+        type="invalid_output", message="does not match the output schema: $: missing required property 'a'"
+    )
+    rows = [
+        TaskResult(task_id="a", index=0, status="succeeded", task_type="x", route="batch", parsed={"a": "1"}),
+        TaskResult(task_id="b", index=1, status="invalid_output", task_type="x", route="realtime", error=error),
+        TaskResult(task_id="c", index=2, status="invalid_output", task_type="x", route="realtime", error=error),
+    ]
+    (failure,) = RunBreakdown.of(rows).failures()
+    assert (failure.status, failure.error_type, failure.count) == ("invalid_output", "invalid_output", 2)
+    assert list(failure.examples) == ["b", "c"]
+
+
+def test_the_output_json_schema_describes_parsed() -> None:
+    from batch_engine.schema import json_schema
+
+    row = json_schema("output")["$defs"]["TaskResult"]["properties"]
+    assert "validated against the schema" in row["parsed"]["description"]
+    assert "invalid_output" in row["status"]["enum"]
