@@ -235,3 +235,33 @@ def test_plan_of_the_samples_says_how_the_schema_is_requested(capsys: pytest.Cap
     assert "schema:  extract_invoice: structured outputs (output_config.format) on claude-haiku-5-5" in (
         capsys.readouterr().out
     )
+
+
+def test_the_prefect_flow_asks_again_as_often_as_the_config_says(
+    prefect_harness: None, emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `batch-engine run` runs this flow: its leftovers phase must repeat while answers have retries left.
+    from flows.batch_orchestrator import batch_orchestrator
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
+    emulator.configure(invalid_output_rate=1.0)
+    config = tmp_path / "config.toml"
+    config.write_text(SAMPLE_CONFIG.read_text().replace("[limits]\n", "[limits]\ninvalid_output_retries = 2\n", 1))
+    tasks = write_jsonl(tmp_path / "in.jsonl", [orjson.loads(line) for line in INVOICES.read_bytes().splitlines()[:8]])
+
+    async def go() -> Any:
+        return await batch_orchestrator(
+            input_path=str(tasks),
+            output_path=str(tmp_path / "out.json"),
+            config_path=str(config),
+            state_dir=str(tmp_path / "state"),
+            poll_interval_s=0.2,
+        )
+
+    summary = asyncio.run(go())
+    rows = orjson.loads((tmp_path / "out.json").read_bytes())["results"]
+    assert not summary.all_succeeded and summary.counts["invalid_output"] == 8
+    assert [(row["status"], row["output_retries"], row["attempts"]) for row in rows] == [("invalid_output", 2, 3)] * 8
+    assert messages_calls(emulator.stats()) == {"200": 1 + 2 * 8}  # one realtime task, then two rounds of eight
+    assert summary.cost.total_usd == pytest.approx(emulator.stats()["cost_usd"]["total"], abs=1e-6)
