@@ -3,6 +3,7 @@ lane left through the realtime lane, then merge everything into one output file 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import logging
@@ -185,13 +186,18 @@ class Run:
         finished = self.ledger.finished_indexes(self.key)
         return [t for t in self.plan.tasks if t.route == "realtime" and t.index not in finished]
 
+    @functools.cached_property
+    def has_output_schemas(self) -> bool:
+        return any(task.output is not None for task in self.plan.tasks)
+
     def leftovers(self) -> list[PlannedTask]:
         """Every task without a finished row and not waiting in an open batch, and every invalid_output row with a
         retry left: they go realtime. Callers send them until this is empty (each retry is recorded)."""
         finished = self.ledger.finished_indexes(self.key)
         waiting = {i for c in self.ledger.chunks(self.key) if c.open for i in c.task_indexes}
-        limit = self.config.limits.invalid_output_retries
-        finished -= {row.index for row in self.ledger.invalid_outputs(self.key) if row.output_retries < limit}
+        if self.has_output_schemas:
+            limit = self.config.limits.invalid_output_retries
+            finished -= {row.index for row in self.ledger.invalid_outputs(self.key) if row.output_retries < limit}
         leftovers = [t for t in self.plan.tasks if t.index not in finished and t.index not in waiting]
         if leftovers:
             crash_point("leftovers.before")

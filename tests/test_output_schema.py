@@ -390,3 +390,11 @@ def test_the_output_json_schema_describes_parsed() -> None:
     row = json_schema("output")["$defs"]["TaskResult"]["properties"]
     assert "validated against the schema" in row["parsed"]["description"]
     assert "invalid_output" in row["status"]["enum"]
+
+
+def test_raw_params_with_an_output_config_that_is_not_an_object_are_rejected() -> None:
+    params = {"messages": [{"role": "user", "content": "hi"}], "output_config": "json"}
+    plan = plan_of(load_config(), {"task_id": "a", "task_type": "summarize", "params": params})
+    assert [r.one_line() for r in plan.rejections] == [
+        "line 1 (task_id a): params.output_config: expected an object (the API rejects anything else)"
+    ]

@@ -123,7 +123,8 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
         model = checked.model or config.model_for_tier(checked.model_tier or task_type.tier)
         output: OutputSpec | None = None
         if checked.params is not None:
-            raw_format = (checked.params.get("output_config") or {}).get("format")
+            raw_config = checked.params.get("output_config")
+            raw_format = raw_config.get("format") if isinstance(raw_config, dict) else None
             if raw_format is not None:
                 key = ("params", orjson.dumps(raw_format["schema"], option=orjson.OPT_SORT_KEYS).decode())
                 output = outputs.get(key) or outputs.setdefault(

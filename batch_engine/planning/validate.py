@@ -53,7 +53,11 @@ def _output_format_problem(task: TaskRequest, config: Config) -> tuple[str, str]
     """(field, reason) when raw params carry an output_config.format the API would refuse."""
     assert task.params is not None
     output_config = task.params.get("output_config")
-    if output_config is None or not isinstance(output_config, dict) or output_config.get("format") is None:
+    if output_config is None:
+        return None
+    if not isinstance(output_config, dict):
+        return "params.output_config", "expected an object (the API rejects anything else)"
+    if output_config.get("format") is None:
         return None
     fmt = output_config["format"]
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
