@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batch_engine.config import Config, default_config_text, load_config, parse_config
@@ -398,3 +398,31 @@ def test_raw_params_with_an_output_config_that_is_not_an_object_are_rejected() -
     assert [r.one_line() for r in plan.rejections] == [
         "line 1 (task_id a): params.output_config: expected an object (the API rejects anything else)"
     ]
+
+
+KEYWORDS = [
+    *("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "allOf"),
+    *("$ref", "$defs", "format", "minItems", "pattern", "minimum", "a", "#/$defs/a", "string", "object", "array"),
+]
+SCHEMA_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers(-1, 3) | st.sampled_from(KEYWORDS),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYWORDS), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSON | SCHEMA_LIKE)
+@example({"type": [[]]})
+@example({"format": {}})
+@example({"type": "string", "pattern": "("})
+@example({"minItems": True})
+def test_any_json_as_a_schema_is_accepted_or_refused_with_a_reason_never_a_traceback(schema: Any) -> None:
+    nested = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    for candidate in (schema, nested, {"anyOf": [schema]}, {"type": "string", "pattern": schema}):
+        try:
+            check_schema(candidate)
+        except SchemaError as exc:
+            assert exc.reason and "\n" not in str(exc)
+            continue
+        OutputSpec.of(candidate, "output_config").validate({"a": 1}, "$")

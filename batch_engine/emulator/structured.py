@@ -81,26 +81,35 @@ class _Walker:
             self.walk(target, ref, depth + 1, following | {ref})
         kind = node.get("type")
         for name in kind if isinstance(kind, list) else [] if kind is None else [kind]:
-            if name not in _BASIC_TYPES:
+            if not isinstance(name, str) or name not in _BASIC_TYPES:
                 raise invalid(f"{where}.type: '{name}' is not a valid type")
         if "enum" in node and (
             not isinstance(node["enum"], list) or any(isinstance(v, dict | list) for v in node["enum"])
         ):
             raise invalid(f"{where}.enum: only strings, numbers, booleans and nulls are supported in enums")
-        if "format" in node and node["format"] not in _FORMATS:
+        if "format" in node and (not isinstance(node["format"], str) or node["format"] not in _FORMATS):
             raise invalid(f"{where}.format: string format '{node['format']}' is not supported")
-        if "minItems" in node and node["minItems"] not in (0, 1):
+        if "minItems" in node and (isinstance(node["minItems"], bool) or node["minItems"] not in (0, 1)):
             raise invalid(f"{where}.minItems: only 0 and 1 are supported")
         if "additionalProperties" in node and node["additionalProperties"] is not False:
             raise invalid(f"{where}.additionalProperties: must be false")
         if "pattern" in node:
             self._pattern(node["pattern"], where)
-        for name, sub in (node.get("properties") or {}).items():
+        properties = node.get("properties", {})
+        if not isinstance(properties, dict):
+            raise invalid(f"{where}.properties: Input should be an object")
+        for name, sub in properties.items():
             self.walk(sub, f"{where}.properties.{name}", depth + 1, following)
+        required = node.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+            raise invalid(f"{where}.required: Input should be a list of strings")
         if "items" in node:
             self.walk(node["items"], f"{where}.items", depth + 1, following)
         for key in ("anyOf", "allOf"):
-            for position, sub in enumerate(node.get(key) or []):
+            branches = node.get(key, [])
+            if not isinstance(branches, list):
+                raise invalid(f"{where}.{key}: Input should be a list")
+            for position, sub in enumerate(branches):
                 if key == "allOf" and isinstance(sub, dict) and "$ref" in sub:
                     raise invalid(f"{where}.allOf.{position}: allOf with $ref is not supported")
                 self.walk(sub, f"{where}.{key}.{position}", depth + 1, following)
@@ -112,6 +121,10 @@ class _Walker:
             raise invalid(f"{where}.pattern: must be a string")
         if re.search(r"\\[1-9bB]|\(\?[=!<]", pattern):
             raise invalid(f"{where}.pattern: backreferences, lookaround and word boundaries are not supported")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise invalid(f"{where}.pattern: not a valid regular expression ({exc})") from None
 
 
 # --- answers -----------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def _check(node: Any, path: str, defs: dict[str, Any], refs: tuple[str, ...]) ->
     kinds = node.get("type")
     kind_list = kinds if isinstance(kinds, list) else [kinds] if kinds is not None else []
     for kind in kind_list:
-        if kind not in TYPES:
+        if not isinstance(kind, str) or kind not in TYPES:
             raise SchemaError(f"{path}/type", f"unknown type {kind!r}")
     if "enum" in node:
         values = node["enum"]
@@ -124,12 +124,18 @@ def _check(node: Any, path: str, defs: dict[str, Any], refs: tuple[str, ...]) ->
         if any(isinstance(value, dict | list) for value in values):
             raise SchemaError(f"{path}/enum", "complex types within enums are not supported")
     fmt = node.get("format")
-    if fmt is not None and fmt not in STRING_FORMATS:
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in STRING_FORMATS):
         raise SchemaError(
             f"{path}/format", f"string format {fmt!r} is not supported ({', '.join(sorted(STRING_FORMATS))})"
         )
+    pattern = node.get("pattern")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError):
+            raise SchemaError(f"{path}/pattern", f"not a regular expression: {pattern!r}") from None
     min_items = node.get("minItems")
-    if min_items is not None and min_items not in (0, 1):
+    if min_items is not None and (isinstance(min_items, bool) or min_items not in (0, 1)):
         raise SchemaError(f"{path}/minItems", "only minItems 0 or 1 is supported")
     extra = node.get("additionalProperties")
     if extra is not None and extra is not False:
