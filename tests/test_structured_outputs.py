@@ -265,3 +265,9 @@ def test_the_prefect_flow_asks_again_as_often_as_the_config_says(
     assert [(row["status"], row["output_retries"], row["attempts"]) for row in rows] == [("invalid_output", 2, 3)] * 8
     assert messages_calls(emulator.stats()) == {"200": 1 + 2 * 8}  # one realtime task, then two rounds of eight
     assert summary.cost.total_usd == pytest.approx(emulator.stats()["cost_usd"]["total"], abs=1e-6)
+
+
+def test_parsed_only_needs_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(INVOICES), "-o", str(tmp_path / "o.json"), "--parsed-only", "--emulate"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "Error: --parsed-only needs --format jsonl"
