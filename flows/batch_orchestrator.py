@@ -9,33 +9,25 @@ what is done: a retried task or a new flow run with the same inputs re-attaches 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    acreate_markdown_artifact,
-    acreate_progress_artifact,
-    acreate_table_artifact,
-    aupdate_progress_artifact,
-)
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from batch_engine.artifacts import (
-    PROGRESS_KEY,
     SUMMARY_KEY,
     TABLE_KEY,
     RunBreakdown,
-    progress_description,
-    progress_percent,
+    outcome_message,
+    summary_headline,
     summary_markdown,
 )
 from batch_engine.config import Route, load_config
@@ -52,7 +44,24 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 # Against the emulator a batch ends in seconds; polling every minute would only add waiting.
 EMULATED_POLL_S = 1.0
-PROGRESS_EVERY_S = 5.0
+
+
+class CurrentRunLogger(logging.LoggerAdapter[logging.Logger]):
+    """The lanes' logger: each line goes to the Prefect run current when it is logged, so a batch's polling shows
+    on its `collect-…` task run and the realtime lane's retries on `realtime-lane`, not all on the flow run."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("batch_engine"), {})
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        get_run_logger().log(level, msg, *args, **kwargs)
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 chunk`, `2 chunks`, `2 batches`: log lines read as sentences."""
+    if count == 1:
+        return f"{count:,} {noun}"
+    return f"{count:,} {noun}es" if noun.endswith(("ch", "s")) else f"{count:,} {noun}s"
 
 
 def run_options(
@@ -102,7 +111,19 @@ def unwalked(value: T) -> T:
 @task(name="plan", cache_policy=NO_CACHE)
 async def plan_run(input_path: str, output_path: str, options: RunOptions) -> Run:
     """Load the config, plan the input and open (or re-open) its ledger entry."""
-    return Run.prepare(Path(input_path), Path(output_path), load_config(options.config_path), options)
+    run = Run.prepare(Path(input_path), Path(output_path), load_config(options.config_path), options)
+    plan = run.plan
+    batch = sum(task.route == "batch" for task in plan.tasks)
+    get_run_logger().info(
+        "run %s: %s (%d batch, %d realtime), %d rejected, %s",
+        run.key,
+        plural(len(plan.tasks), "task"),
+        batch,
+        len(plan.tasks) - batch,
+        len(plan.rejections),
+        plural(len(plan.chunks), "chunk"),
+    )
+    return run
 
 
 @task(name="find-waiting-runs", cache_policy=NO_CACHE)
@@ -167,14 +188,12 @@ async def merge_and_write(run: Run) -> RunSummary:
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
 async def publish_artifacts(run: Run, summary: RunSummary) -> None:
-    """The run summary (Markdown) and the task type x route table, under keys that stay the same across runs."""
+    """The run summary (Markdown) and the task type x route x model table, under keys that stay the same."""
     breakdown = RunBreakdown.of(run.rows())
     await acreate_markdown_artifact(
-        summary_markdown(summary, breakdown.failures()), key=SUMMARY_KEY, description="batch_engine run summary"
+        summary_markdown(summary, breakdown), key=SUMMARY_KEY, description=summary_headline(summary)
     )
-    await acreate_table_artifact(
-        breakdown.table(), key=TABLE_KEY, description="Tasks, results, tokens and cost by task type and route"
-    )
+    await acreate_table_artifact(breakdown.table(), key=TABLE_KEY, description=breakdown.table_description())
 
 
 # --- flows ----------------------------------------------------------------------------------------------------
@@ -200,10 +219,13 @@ async def batch_orchestrator(
     output_format: OutputFormat = "json",
     api_key_block: str = DEFAULT_SECRET_BLOCK,
     global_rate_limit: GlobalRateLimit | None = None,
+    fail_on_task_failures: bool = False,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
-    Returns the run summary, or None when the run was left for `batch-collect`. Paths are relative to the
+    Returns the run summary, or None when the run was left for `batch-collect`. The final state's message holds
+    the counts ("300 succeeded, 3 failed, 1 rejected of 304 tasks; ..."); a run where some tasks failed or were
+    rejected ends `Completed`, or `Failed` with `fail_on_task_failures`. Paths are relative to the
     directory the flow runs in. `mode` forces one route; `max_cost_usd` refuses a plan estimated over it and
     stops sending at it; `emulate` runs against the built-in emulator (simulated, nothing billed).
     `global_rate_limit` names a Prefect global concurrency limit with slot decay (e.g. `anthropic-rpm`) that
@@ -226,24 +248,25 @@ async def batch_orchestrator(
     )
     run = await plan_run(input_path, output_path, options)
     try:
-        plan = run.plan
-        logger.info(
-            "run %s: %d tasks (%d batch, %d realtime), %d rejected, %d chunks",
-            run.key,
-            len(plan.tasks),
-            sum(task.route == "batch" for task in plan.tasks),
-            sum(task.route == "realtime" for task in plan.tasks),
-            len(plan.rejections),
-            len(plan.chunks),
-        )
         if run.completed:
             logger.info("run %s is already complete: its output is rewritten from the ledger, nothing is sent", run.key)
         elif not await _send(run, logger, wait=wait, block=api_key_block, global_rate_limit=global_rate_limit):
             logger.info("run %s: batches submitted; the `batch-collect` flow finishes it once they end", run.key)
             return None
-        return await _finish(run, logger)
+        summary = await _finish(run, logger)
     finally:
         run.close()
+    # Prefect makes a returned State the flow run's final state and hands its data to a direct caller (the CLI),
+    # so callers still get the RunSummary.
+    return cast(RunSummary, final_state(summary, fail_on_task_failures=fail_on_task_failures))
+
+
+def final_state(summary: RunSummary, *, fail_on_task_failures: bool) -> State:
+    """`Completed` with the counts as its message; `Failed` instead when asked to and some task did not succeed."""
+    message = outcome_message(summary)
+    if fail_on_task_failures and not summary.all_succeeded:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)
 
 
 @flow(name="batch-collect", description="Finish every run started with wait=false whose batches have ended.")
@@ -280,10 +303,11 @@ async def collect(
             continue
         if summary is not None:
             finished.append(summary)
-    logger.info("collect: %d of %d waiting runs finished", len(finished), len(records))
+    message = f"{len(finished)} of {plural(len(records), 'waiting run')} finished"
+    logger.info("collect: %s", message)
     if failed:
         raise BatchEngineError(f"collect: could not finish {len(failed)} of {len(records)} runs: {', '.join(failed)}")
-    return finished
+    return cast(list[RunSummary], Completed(message=message, data=finished))
 
 
 # --- flow steps (composition only) ----------------------------------------------------------------------------
@@ -306,11 +330,11 @@ async def _send(
         api_settings(
             emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
         ) as api,
-        run.lanes(api, logger=logger, progress=progress, shared_limit=shared) as lanes,
-        _progress_artifact(run, progress),
+        run.lanes(api, logger=CurrentRunLogger(), progress=progress, shared_limit=shared) as lanes,
     ):
         if options.simulated:
-            logger.warning("SIMULATED: running against the built-in emulator at %s; nothing is billed", api.base_url)
+            # No address: the emulator lives only as long as this run, so a link to it would be dead in the UI.
+            logger.warning("SIMULATED: running against the built-in emulator; nothing is billed")
         await estimate_and_budget(unwalked(lanes))
         run.ledger.set_run_status(run.key, "running")
         batch_lane = _batch_lane(lanes.batch, run.chunk_works(), wait, logger)
@@ -332,10 +356,10 @@ async def _collect_one(
         api_settings(
             emulate=options.simulated, state_dir=options.state_dir, config_path=options.config_path, block_name=block
         ) as api,
-        run.lanes(api, logger=logger, progress=progress, shared_limit=shared) as lanes,
+        run.lanes(api, logger=CurrentRunLogger(), progress=progress, shared_limit=shared) as lanes,
     ):
         if options.simulated:
-            logger.warning("SIMULATED: collecting from the built-in emulator at %s; nothing is billed", api.base_url)
+            logger.warning("SIMULATED: collecting from the built-in emulator; nothing is billed")
         # A submission that died half-way left chunks without a batch: create them now, collect them later.
         for work in run.unsubmitted_works():
             await submit_chunk(lanes.batch, work)
@@ -389,8 +413,8 @@ async def _batch_lane(batch: BatchLane, works: list[ChunkWork], wait: bool, logg
         await all_or_none(*(chunk(work) for work in works))
         progress = batch.ctx.progress
         logger.info(
-            "batch lane: %d batches submitted, %d ended; %d rows succeeded, %d failed",
-            progress.batches_submitted,
+            "batch lane: %s submitted, %d ended; %d rows succeeded, %d failed",
+            plural(progress.batches_submitted, "batch"),
             progress.batches_ended,
             progress.batch_rows_done,
             progress.batch_rows_failed,
@@ -433,32 +457,3 @@ async def _finish(run: Run, logger: Logger) -> RunSummary:
         summary.output_path,
     )
     return summary
-
-
-@asynccontextmanager
-async def _progress_artifact(run: Run, progress: Progress) -> AsyncIterator[None]:
-    """A progress artifact refreshed every few seconds while the lanes run, and once more at the end."""
-    total = len(run.plan.tasks)
-    before = len(run.ledger.finished_indexes(run.key))
-
-    def figures() -> tuple[float, str]:
-        return progress_percent(progress, total, before), progress_description(progress, total, before)
-
-    percent, description = figures()
-    artifact_id = await acreate_progress_artifact(percent, key=PROGRESS_KEY, description=description)
-
-    async def refresh() -> None:
-        while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
-            percent, description = figures()
-            await aupdate_progress_artifact(artifact_id, percent, description=description)
-
-    ticker = asyncio.create_task(refresh())
-    try:
-        yield
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        percent, description = figures()
-        await aupdate_progress_artifact(artifact_id, percent, description=description)

@@ -1,14 +1,21 @@
-"""The Prefect artifacts' content, built by pure functions from the run summary, the output rows and the live
-counters: the Markdown run summary, the table by task type and route, and the progress figure."""
+"""The Prefect UI's view of a run, built by pure functions from the run summary and the output rows: the final
+state message, the Markdown run summary (with its card's headline) and the table by task type, route and model."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from batch_engine.artifacts import RunBreakdown, progress_description, progress_percent, summary_markdown
-from batch_engine.lanes import Progress
+from batch_engine.artifacts import (
+    MAX_REASONS,
+    RunBreakdown,
+    outcome_message,
+    summary_headline,
+    summary_markdown,
+)
 from batch_engine.models import BatchSummary, CostSummary, ErrorInfo, RunSummary, TaskResult, TokenTotals, Usage
+
+HAIKU, SONNET = "claude-haiku-4-5", "claude-sonnet-4-6"
 
 
 def _row(index: int, task_type: str | None, route: str | None, status: str = "succeeded", **extra: Any) -> TaskResult:
@@ -17,15 +24,38 @@ def _row(index: int, task_type: str | None, route: str | None, status: str = "su
     )
 
 
+def _rejected(index: int, message: str) -> TaskResult:
+    return _row(index, None, None, "rejected", error=ErrorInfo(type="rejected", message=message))
+
+
 ROWS = [
     _row(
-        0, "summarize", "batch", usage=Usage(input_tokens=10, cache_read_input_tokens=90, output_tokens=5), cost_usd=0.5
+        0,
+        "summarize",
+        "batch",
+        model=HAIKU,
+        usage=Usage(input_tokens=10, cache_read_input_tokens=90, cache_creation_input_tokens=5, output_tokens=5),
+        cost_usd=0.5,
     ),
-    _row(1, "summarize", "batch", usage=Usage(input_tokens=100, output_tokens=7), cost_usd=0.25),
-    _row(2, "chat", "realtime", "errored", error=ErrorInfo(type="overloaded_error", message="529 | Overloaded\n now")),
-    _row(3, "chat", "realtime", "errored", error=ErrorInfo(type="overloaded_error", message="529 | Overloaded\n now")),
-    _row(4, "summarize", "batch", "expired", error=ErrorInfo(type="expired", message="batch row expired")),
-    _row(5, None, None, "rejected", error=ErrorInfo(type="rejected", message="line 6: task_type: unknown")),
+    _row(1, "summarize", "batch", model=HAIKU, usage=Usage(input_tokens=100, output_tokens=7), cost_usd=0.25),
+    _row(
+        2,
+        "chat",
+        "realtime",
+        "errored",
+        model=SONNET,
+        error=ErrorInfo(type="overloaded_error", message="529 | Overloaded\n now"),
+    ),
+    _row(
+        3,
+        "chat",
+        "realtime",
+        "errored",
+        model=SONNET,
+        error=ErrorInfo(type="overloaded_error", message="529 | Overloaded\n now"),
+    ),
+    _row(4, "summarize", "batch", "expired", model=HAIKU, error=ErrorInfo(type="expired", message="batch row expired")),
+    _rejected(5, "line 6 (task_id t5): task_type: unknown"),
 ]
 
 
@@ -46,19 +76,28 @@ def _summary(**changes: Any) -> RunSummary:
     return summary.model_copy(update=changes)
 
 
-def test_the_table_has_one_row_per_task_type_and_route_and_a_total() -> None:
-    table = RunBreakdown.of(ROWS).table()
+def test_the_table_has_one_row_per_task_type_route_and_model_with_formatted_figures_and_no_total_row() -> None:
+    breakdown = RunBreakdown.of([*ROWS, _row(6, "summarize", "batch", model=HAIKU, cost_usd=1234.5)])
+
+    table = breakdown.table()
 
     assert table == [
-        {"task_type": "-", "route": "not sent", "tasks": 1, "succeeded": 0, "failed": 1}
-        | {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0},
-        {"task_type": "chat", "route": "realtime", "tasks": 2, "succeeded": 0, "failed": 2}
-        | {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0},
-        {"task_type": "summarize", "route": "batch", "tasks": 3, "succeeded": 2, "failed": 1}
-        | {"input_tokens": 200, "output_tokens": 12, "cost_usd": 0.75},
-        {"task_type": "total", "route": "", "tasks": 6, "succeeded": 2, "failed": 4}
-        | {"input_tokens": 200, "output_tokens": 12, "cost_usd": 0.75},
+        {"task type": "-", "route": "not sent", "model": "-", "tasks": "1", "succeeded": "0", "failed": "0"}
+        | {"rejected": "1", "input tokens": "0", "cache read": "0", "cache write": "0", "output tokens": "0"}
+        | {"cost": "$0.0000"},
+        {"task type": "chat", "route": "realtime", "model": SONNET, "tasks": "2", "succeeded": "0", "failed": "2"}
+        | {"rejected": "0", "input tokens": "0", "cache read": "0", "cache write": "0", "output tokens": "0"}
+        | {"cost": "$0.0000"},
+        {"task type": "summarize", "route": "batch", "model": HAIKU, "tasks": "4", "succeeded": "3", "failed": "1"}
+        # Input tokens are the uncached ones, as in the summary; cache reads and writes have columns of their own.
+        | {"rejected": "0", "input tokens": "110", "cache read": "90", "cache write": "5", "output tokens": "12"}
+        | {"cost": "$1,235.2500"},
     ]
+    # The total is in the description, not a data row that sorting or filtering would mix in.
+    assert breakdown.table_description().endswith(
+        "Total: 7 tasks · 3 succeeded · 3 failed · 1 rejected · input 110 · cache read 90 · cache write 5 · "
+        "output 12 tokens · $1,235.2500"
+    )
 
 
 def test_failures_are_grouped_by_reason_most_frequent_first_with_example_tasks() -> None:
@@ -67,23 +106,61 @@ def test_failures_are_grouped_by_reason_most_frequent_first_with_example_tasks()
     assert [(f.status, f.error_type, f.count, f.examples) for f in failures] == [
         ("errored", "overloaded_error", 2, ("t2", "t3")),
         ("expired", "expired", 1, ("t4",)),
-        ("rejected", "rejected", 1, ("t5",)),
+        ("rejected", "rejected", 1, ("t5 (line 6)",)),
     ]
     assert failures[0].message == "529 | Overloaded now"  # one line, whatever the API sent
 
 
-def test_the_summary_shows_counts_cost_against_baseline_cache_batches_and_failure_reasons() -> None:
-    markdown = summary_markdown(_summary(), RunBreakdown.of(ROWS).failures())
+def test_rejections_for_the_same_reason_on_different_lines_are_one_reason() -> None:
+    rows = [
+        _rejected(0, "line 1 (task_id t0): messages: field required"),
+        _rejected(1, "line 2: messages: field required"),
+        _rejected(2, "record 7: messages: field required"),
+    ]
+
+    (failure,) = RunBreakdown.of(rows).failures()
+
+    assert (failure.message, failure.count) == ("messages: field required", 3)
+    assert failure.examples == ("t0 (line 1)", "t1 (line 2)", "t2 (record 7)")
+
+
+def test_the_summary_lists_at_most_max_reasons_and_counts_the_rest() -> None:
+    rows = [_rejected(i, f"line {i + 1}: field_{i}: bad") for i in range(MAX_REASONS + 2)]
+    rows += [_rejected(100, "line 101: field_0: bad")]  # the most frequent reason comes first
+    summary = _summary(counts={"total": len(rows), "succeeded": 0, "failed": 0, "rejected": len(rows)})
+    summary.counts["by_route"] = {}
+
+    markdown = summary_markdown(summary, RunBreakdown.of(rows))
+
+    assert "| rejected | rejected | field_0: bad | 2 | t0 (line 1), t100 (line 101) |" in markdown
+    assert markdown.count("| rejected | rejected |") == MAX_REASONS
+    assert "… and 2 more reasons (2 tasks)" in markdown
+
+
+def test_text_that_looks_like_html_stays_visible_in_the_summary() -> None:
+    rows = [_rejected(0, "line 1: <record>: not a JSON object & not a task")]
+    summary = _summary(counts={"total": 1, "succeeded": 0, "failed": 0, "rejected": 1, "by_route": {}})
+
+    markdown = summary_markdown(summary, RunBreakdown.of(rows))
+
+    assert "&lt;record&gt;: not a JSON object &amp; not a task" in markdown
+    assert "<record>" not in markdown
+
+
+def test_the_summary_shows_counts_cost_against_baseline_cost_by_model_cache_batches_and_failure_reasons() -> None:
+    markdown = summary_markdown(_summary(), RunBreakdown.of(ROWS))
 
     assert markdown.startswith("# batch-orchestrator run `abc123`\n")
+    assert "| figure | value |\n|---|---|\n" in markdown  # a table header with names, not an empty row
     assert "| tasks | 6: 2 succeeded, 3 failed, 1 rejected |" in markdown
     assert "| cost | $0.7500 |" in markdown
     assert "| all-realtime no-cache baseline | $3.0000 |" in markdown
     assert "| savings | $2.2500 (75.0%) |" in markdown
     assert "| cache hit rate (by tokens) | 45.0% |" in markdown
+    assert f"| {HAIKU} | 3 | $0.7500 |\n| {SONNET} | 2 | $0.0000 |" in markdown
     assert "| c0 | `msgbatch_1` | ended | succeeded 2 |" in markdown
     # A `|` inside an error message must not break the Markdown table.
-    assert "| errored | overloaded_error | 2 | 529 \\| Overloaded now | `t2`, `t3` |" in markdown
+    assert "| errored | overloaded_error | 529 \\| Overloaded now | 2 | t2, t3 |" in markdown
     assert "SIMULATED" not in markdown
 
 
@@ -91,19 +168,19 @@ def test_a_clean_simulated_run_says_so() -> None:
     clean = _summary(simulated=True, batches=[], counts={"total": 1, "succeeded": 1, "failed": 0, "rejected": 0})
     clean.counts["by_route"] = {"realtime": 1}
 
-    markdown = summary_markdown(clean, [])
+    markdown = summary_markdown(clean, RunBreakdown.of([_row(0, "chat", "realtime", model=HAIKU)]))
 
     assert "**SIMULATED**" in markdown
     assert "No batch: every task went realtime." in markdown
     assert "None: every task succeeded." in markdown
+    assert summary_headline(clean).endswith("· SIMULATED")
 
 
-def test_progress_counts_rows_done_before_a_resume_and_never_passes_100() -> None:
-    progress = Progress(batches_submitted=2, batches_ended=1, batch_rows_done=30, batch_rows_failed=5, realtime_done=15)
+def test_the_headline_and_the_final_state_message_carry_the_counts_cost_and_savings() -> None:
+    summary = _summary(counts={"total": 1304, "succeeded": 1300, "failed": 3, "rejected": 1, "by_route": {}})
 
-    assert progress_percent(progress, total=200) == 25.0
-    assert progress_percent(progress, total=200, done_before=100) == 75.0
-    assert progress_percent(progress, total=40, done_before=100) == 100.0
-    assert progress_percent(Progress(), total=0) == 100.0
-    description = progress_description(progress, total=200, done_before=100)
-    assert "200 tasks (100 done before this process)" in description and "batches 1/2 ended" in description
+    assert summary_headline(summary) == "1,304 tasks · 3 failed · 1 rejected · $0.7500 · saved 75.0%"
+    assert outcome_message(summary) == (
+        "1,300 succeeded, 3 failed, 1 rejected of 1,304 tasks; cost $0.7500, saved 75.0% against all-realtime "
+        "without caching"
+    )

@@ -18,11 +18,12 @@ import yaml
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import Log
 from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 from pydantic import SecretStr
 
-from batch_engine.artifacts import PROGRESS_KEY, SUMMARY_KEY, TABLE_KEY
+from batch_engine.artifacts import SUMMARY_KEY, TABLE_KEY
 from batch_engine.client import ApiSettings
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import BatchEngineError
@@ -91,13 +92,22 @@ def _task_run_names(flow_run_id: UUID, expected: int) -> list[str]:
     return _eventually(read, lambda names: len(names) >= expected)
 
 
+def _task_run_names_by_id(flow_run_id: UUID) -> dict[UUID | None, str]:
+    async def read() -> dict[UUID | None, str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.id: run.name for run in runs}
+
+    return _eventually(read, lambda names: len(names) >= 7)
+
+
 def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
         async with get_client() as client:
             found = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         return {artifact.key: artifact for artifact in found if artifact.key}
 
-    return _eventually(read, lambda keys: {SUMMARY_KEY, TABLE_KEY, PROGRESS_KEY} <= keys.keys())
+    return _eventually(read, lambda keys: {SUMMARY_KEY, TABLE_KEY} <= keys.keys())
 
 
 def _output(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -135,10 +145,53 @@ def test_the_flow_runs_the_samples_in_seven_task_runs_and_publishes_its_artifact
     assert f"${run['cost']['baseline_usd']:.4f}" in markdown and f"({run['cost']['savings_pct']:.1f}%)" in markdown
     assert f"{run['cache_hit_rate']:.1%}" in markdown
     assert run["batches"][0]["id"] in markdown
+    assert artifacts[SUMMARY_KEY].description.startswith("304 tasks · 0 failed · 0 rejected · $")
     table = orjson.loads(artifacts[TABLE_KEY].data)
-    assert sum(row["tasks"] for row in table if row["task_type"] != "total") == 304
-    assert {row["route"] for row in table} == {"batch", "realtime", ""}
-    assert artifacts[PROGRESS_KEY].data == 100.0
+    assert sum(int(row["tasks"]) for row in table) == 304
+    assert {row["route"] for row in table} == {"batch", "realtime"}
+    assert "Total: 304 tasks · 304 succeeded · 0 failed · 0 rejected" in artifacts[TABLE_KEY].description
+    state = _flow_run_state(flow_run_id)
+    assert state.is_completed()
+    assert state.message is not None and state.message.startswith("304 succeeded, 0 failed, 0 rejected of 304 tasks")
+
+
+def _flow_run_state(flow_run_id: UUID) -> State[Any]:
+    async def read() -> State[Any]:
+        async with get_client() as client:
+            state = (await client.read_flow_run(flow_run_id)).state
+        assert state is not None
+        return state
+
+    return asyncio.run(read())
+
+
+def _with_bad_records(tmp_path: Path, good: int) -> Path:
+    """The first `good` sample tasks, then two records that are rejected (unknown task type, not an object)."""
+    tasks = orjson.loads(SAMPLE_TASKS.read_bytes())[:good]
+    path = tmp_path / "tasks.json"
+    path.write_bytes(orjson.dumps([*tasks, {"task_id": "bad-type", "task_type": "nope", "input_data": {}}, 7]))
+    return path
+
+
+@pytest.mark.parametrize("fail_on_task_failures", [False, True])
+def test_a_run_with_rejected_records_says_so_in_its_final_state(
+    api_env: RunningEmulator, tmp_path: Path, fail_on_task_failures: bool
+) -> None:
+    params = _params(tmp_path, input_path=str(_with_bad_records(tmp_path, good=3)), mode="realtime")
+    state = asyncio.run(
+        _await(batch_orchestrator(**params, fail_on_task_failures=fail_on_task_failures, return_state=True))
+    )
+
+    assert state.message is not None
+    assert state.message.startswith("3 succeeded, 0 failed, 2 rejected of 5 tasks; cost $")
+    # Completed by default (every task is in the output, with its error); Failed when the deployment asks for it.
+    assert state.is_failed() if fail_on_task_failures else state.is_completed()
+    _, rows = _output(tmp_path / "out.json")
+    assert [row["status"] for row in rows] == ["succeeded"] * 3 + ["rejected"] * 2
+
+
+async def _await(call: Awaitable[T]) -> T:
+    return await call
 
 
 def test_a_retried_submit_task_does_not_create_a_second_batch(api_env: RunningEmulator, tmp_path: Path) -> None:
@@ -252,20 +305,34 @@ def test_logs_carry_batch_state_changes_and_lane_summaries_but_no_key_or_prompt(
     flow_run_id, _ = _run_flow(batch_orchestrator(**_params(tmp_path), return_state=True))
     asyncio.run(APILogHandler.aflush())
 
-    async def read() -> list[str]:
+    async def read_logs() -> list[Log]:
         async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        return [log.message for log in logs]
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
-    def both_lanes_logged(found: list[str]) -> bool:
-        return any(m.startswith("realtime lane:") for m in found) and any(m.startswith("batch lane:") for m in found)
+    def both_lanes_logged(found: list[Log]) -> bool:
+        messages = [log.message for log in found]
+        return any(m.startswith("realtime lane:") for m in messages) and any(
+            m.startswith("batch lane:") for m in messages
+        )
 
-    messages = _eventually(read, both_lanes_logged, timeout_s=60)
+    logs = _eventually(read_logs, both_lanes_logged, timeout_s=60)
+    messages = [log.message for log in logs]
     text = "\n".join(messages)
     assert any(m.startswith("batch msgbatch_") and m.endswith("created for chunk c0 (241 requests)") for m in messages)
     assert any(": ended succeeded=241" in m for m in messages)
     assert any(m.startswith("realtime lane: 63 tasks") for m in messages)
-    assert any(m.startswith("batch lane: 1 batches submitted") for m in messages)
+    assert any(m.startswith("batch lane: 1 batch submitted") for m in messages)
+    plan_line = next(m for m in messages if m.startswith("run ") and "(241 batch, 63 realtime)" in m)
+    assert plan_line.endswith("304 tasks (241 batch, 63 realtime), 0 rejected, 1 chunk")
+    # Each phase logs on its own task run: the batch's lines on submit-c0 / collect-c0, the plan on plan.
+    task_run_names = _task_run_names_by_id(flow_run_id)
+    on = {log.message: task_run_names.get(log.task_run_id) for log in logs}
+    assert {task for message, task in on.items() if message.startswith("batch msgbatch_")} == {
+        "submit-c0",
+        "collect-c0",
+    }
+    assert (on[plan_line] or "").startswith("plan")
+    assert on[next(m for m in messages if m.startswith("batch lane:"))] is None  # the lane summary: flow run
     assert API_KEY not in text
     first_prompt = orjson.loads(SAMPLE_TASKS.read_bytes())[0]["input_data"]
     assert all(str(value) not in text for value in first_prompt.values() if len(str(value)) > 12)
