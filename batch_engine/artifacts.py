@@ -20,6 +20,8 @@ SUMMARY_KEY = "batch-orchestrator-summary"
 TABLE_KEY = "batch-orchestrator-by-task-type"
 
 NOT_SENT = "not sent"  # the route column of rows that never reached a lane (rejected records)
+# The task type or model of a record rejected before it had one. Not "-": the UI's table renders that as a bullet.
+NONE = "(none)"
 _MAX_REASON_CHARS = 160
 _MAX_EXAMPLES = 3
 MAX_REASONS = 10  # failure reasons listed in the summary; the rest are counted in one line
@@ -78,7 +80,7 @@ class RunBreakdown:
         return breakdown
 
     def add(self, row: TaskResult) -> None:
-        key = (row.task_type or "-", row.route or NOT_SENT, row.model or "-")
+        key = (row.task_type or NONE, row.route or NOT_SENT, row.model or NONE)
         group = self.groups.setdefault(key, _Group())
         group.tasks += 1
         if row.status == "succeeded":
@@ -135,7 +137,7 @@ class RunBreakdown:
         tasks: Counter[str] = Counter()
         cost: dict[str, float] = {}
         for (_, _, model), group in self.groups.items():
-            if model == "-":
+            if model == NONE:
                 continue
             tasks[model] += group.tasks
             cost[model] = cost.get(model, 0.0) + group.cost_usd

@@ -82,7 +82,7 @@ def test_the_table_has_one_row_per_task_type_route_and_model_with_formatted_figu
     table = breakdown.table()
 
     assert table == [
-        {"task type": "-", "route": "not sent", "model": "-", "tasks": "1", "succeeded": "0", "failed": "0"}
+        {"task type": "(none)", "route": "not sent", "model": "(none)", "tasks": "1", "succeeded": "0", "failed": "0"}
         | {"rejected": "1", "input tokens": "0", "cache read": "0", "cache write": "0", "output tokens": "0"}
         | {"cost": "$0.0000"},
         {"task type": "chat", "route": "realtime", "model": SONNET, "tasks": "2", "succeeded": "0", "failed": "2"}
