@@ -144,6 +144,8 @@ def test_the_scheduler_creates_nightly_runs_and_a_worker_completes_an_interval_r
         finally:
             _stop(worker)
         assert done[0].auto_scheduled  # made by the scheduler, not by hand
+        # Its final state says what it did: nothing was waiting in the fresh state dir.
+        assert done[0].state is not None and done[0].state.message == "0 of 0 waiting runs finished"
         assert _pids_with_env(f"PREFECT_HOME={server.home}".encode()) == [server.pid]
 
     server_output = log.read_text()
