@@ -7,6 +7,8 @@
     python -m batch_engine.bench realtime --requests 2000 --concurrency 32 --latency 100ms
     python -m batch_engine.bench ratelimit --requests 1000 --rpm 600
     python -m batch_engine.bench ratelimit --requests 600 --rpm 1200 --itpm 300000 --pad-tokens 1000
+    python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1
+    python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1 --rpm 600
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
 
@@ -328,6 +330,104 @@ def bench_ratelimit(
     }
 
 
+# --- faults: the engine against bare SDK loops when the API misbehaves ------------------------------------------
+
+# Of the injected faults: 40 % 429 (retry-after 1 s, capacity left), 30 % 529, 30 % 500, as in issue #16.
+FAULT_MIX = (("429", 0.4), ("529", 0.3), ("500", 0.3))
+FAULT_BARE_RETRIES = (2, SDK_MAX_RETRIES)
+
+
+def _calls_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {status: after.get(status, 0) - before.get(status, 0) for status in after}
+
+
+def _messages_calls(base_url: str) -> dict[str, int]:
+    return dict(_emulator_stats(base_url)["calls"].get("POST /v1/messages", {}))
+
+
+def _faults_row(client: str, measured: _Measured, calls: dict[str, int]) -> dict[str, Any]:
+    latencies = sorted(measured.latencies_s)
+    return {
+        "client": client,
+        "seconds": round(measured.seconds, 2),
+        "sent": sum(calls.values()),
+        "got_429": calls.get("429", 0),
+        "got_5xx": calls.get("500", 0) + calls.get("529", 0),
+        "failed": measured.errors,
+        "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None,
+    }
+
+
+def bench_faults(
+    requests: int, concurrency: int, rounds: int, latency_s: float, fault_rate: float, rpm: int | None = None
+) -> dict[str, Any]:
+    """The same realtime work through the engine and through bare SDK loops (`max_retries` 2 and 10, a
+    semaphore of `concurrency`) on one emulator injecting `fault_rate` of Messages calls as 429/529/500 (and
+    enforcing `rpm` if given), alternating for `rounds` rounds; each client's median round is reported.
+
+    Latency is per task, from its first request to its answer, retries and their waits included."""
+    options = ["--latency", str(latency_s), "--seed", "16"]
+    for kind, share in FAULT_MIX:
+        options += ["--fault-rate", f"{kind}={fault_rate * share:.6f}"]
+    if rpm is not None:
+        options += ["--rpm", str(rpm)]
+    config = load_config() if rpm is None else _limited_config(rpm, None)
+    names = [f"bare SDK, max_retries={retries}" for retries in FAULT_BARE_RETRIES] + ["engine"]
+    by_client: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp, _emulator_process(*options) as (base_url, _):
+        for round_ in range(rounds):
+            for index, name in enumerate(names):
+                # Fresh prompts and a fresh ledger every round: nothing is answered from a previous one.
+                tasks = Path(tmp) / f"{round_}-{index}.jsonl"
+                _write_realtime_tasks(tasks, requests, f"f{round_}-{index}-")
+                before = _messages_calls(base_url)
+                if name == "engine":
+                    measured = _engine(base_url, tasks, Path(tmp) / f"state{round_}", concurrency, config)
+                else:
+                    plan = make_plan(iter_records(tasks), config, datetime.now(UTC), route="realtime")
+                    params = [task.params for task in plan.tasks]
+                    retries = FAULT_BARE_RETRIES[index]
+                    measured = asyncio.run(_bare(base_url, params, concurrency, max_retries=retries))
+                calls = _calls_delta(before, _messages_calls(base_url))
+                by_client[name].append(_faults_row(name, measured, calls))
+    rows = [sorted(runs, key=lambda row: float(row["seconds"]))[len(runs) // 2] for runs in by_client.values()]
+    engine, fastest_bare = rows[-1], min(rows[:-1], key=lambda row: float(row["seconds"]))
+    return {
+        "bench": "faults",
+        "requests": requests,
+        "concurrency": concurrency,
+        "latency_ms": round(latency_s * 1000, 3),
+        "fault_rate": fault_rate,
+        "server_rpm": rpm,
+        "rounds": rounds,
+        "rows": rows,
+        "seconds_by_round": {name: [row["seconds"] for row in runs] for name, runs in by_client.items()},
+        # The issue's target: no slower than the fastest bare loop, with no task failed.
+        "engine_vs_fastest_bare_seconds": round(engine["seconds"] / fastest_bare["seconds"], 3),
+        "engine_vs_bare_by_round": [
+            round(e["seconds"] / min(b2["seconds"], b10["seconds"]), 3)
+            for b2, b10, e in zip(*by_client.values(), strict=True)
+        ],
+        "cpus": os.cpu_count(),
+    }
+
+
+def _print_faults(result: dict[str, Any]) -> None:
+    rpm = "" if result["server_rpm"] is None else f", emulator RPM {result['server_rpm']}"
+    print(
+        f"{result['requests']} realtime tasks at concurrency {result['concurrency']}, latency {result['latency_ms']} "
+        f"ms, {result['fault_rate']:.0%} of Messages calls faulted (429 retry-after 1 s / 529 / 500 = 4:3:3){rpm}; "
+        f"median of {result['rounds']} alternating rounds, {result['cpus']} CPUs; latency per task, retries included"
+    )
+    print_table(result["rows"])
+    print(
+        f"engine / fastest bare loop, seconds: {result['engine_vs_fastest_bare_seconds']} "
+        f"(by round: {result['engine_vs_bare_by_round']})"
+    )
+    print(orjson.dumps(result).decode())
+
+
 def print_table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> None:
     """Rows as a Markdown table (None shows as n/a); the columns are `keys`, default the first row's."""
     keys = list(rows[0]) if keys is None else keys
@@ -476,6 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pad-tokens", type=int, default=0, help="filler tokens per prompt, so ITPM binds before RPM"
     )
     ratelimit.add_argument("--concurrency", type=int, default=32)
+    faults = sub.add_parser("faults", help="engine vs bare SDK loops (max_retries 2 and 10) under injected faults")
+    faults.add_argument("--requests", type=int, default=1000)
+    faults.add_argument("--concurrency", type=int, default=32)
+    faults.add_argument("--rounds", type=int, default=3, help="alternate the three clients this many times")
+    faults.add_argument("--latency", type=_duration, default=0.1, help="emulator latency (default 100ms)")
+    faults.add_argument("--fault-rate", type=float, default=0.1, help="share of Messages calls that fail")
+    faults.add_argument("--rpm", type=int, default=None, help="also enforce this RPM (the engine is told it)")
     prefect = sub.add_parser("prefect", help="the Prefect flow vs the engine alone (python -m flows.bench)")
     prefect.add_argument("--tasks", type=int, default=10_000)
     prefect.add_argument("--rounds", type=int, default=3)
@@ -509,6 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_result(pipeline.bench_cost(tasks_file, config, args.poll_interval))
     elif args.name == "validate":
         print_result(bench_validate(args.rows))
+    elif args.name == "faults":
+        _print_faults(
+            bench_faults(args.requests, args.concurrency, args.rounds, args.latency, args.fault_rate, args.rpm)
+        )
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

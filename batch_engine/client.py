@@ -28,6 +28,7 @@ from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, Tr
 T = TypeVar("T")
 # A generator of our own: jitter must not disturb (or depend on) the global random state.
 _JITTER = random.Random()
+RETRY_AFTER_JITTER = 0.1  # a retry-after wait is stretched by up to this share
 AsyncClient = anthropic.AsyncAnthropic
 
 # 429s whose details.error_code says the money ran out: retrying cannot succeed until the limit resets.
@@ -163,7 +164,10 @@ class RetryPolicy:
     def wait_s(self, attempt: int, error: BaseException | None) -> float:
         """The wait before retry number `attempt` (1-based): the server's retry-after, else jittered backoff."""
         if isinstance(error, ApiError) and error.retry_after_s is not None:
-            return float(min(error.retry_after_s, self.max_time_s))
+            # Never sooner than the server asked; a little later at random, so requests refused together do not
+            # all come back in the same instant.
+            jitter = 1.0 + _JITTER.uniform(0, RETRY_AFTER_JITTER)
+            return float(min(error.retry_after_s * jitter, self.max_time_s))
         ceiling: float = min(self.max_wait_s, self.initial_wait_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + _JITTER.uniform(0, ceiling / 2)
 

@@ -153,3 +153,57 @@ def test_settle_charges_only_input_that_counts_toward_itpm() -> None:
     limiter.settle(permit, input_tokens=permit.input_tokens, output_tokens=6000)
     _acquire(limiter)
     assert clock.sleeps == pytest.approx([1.01])  # OTPM overdrawn by 100: 101 tokens at 100 a second
+
+
+def test_a_429_whose_headers_show_room_left_holds_no_one() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, rpm=600)
+    [permit] = _acquire(limiter)
+    headers = _headers("requests", 600, 420) | _headers("input-tokens", 10**6, 10**6)
+
+    limiter.observe(headers, permit)
+    assert limiter.rate_limited(headers, permit, retry_after_s=5.0) is False
+
+    _acquire(limiter, 100)
+    assert clock.sleeps == []
+
+
+def test_a_429_whose_headers_show_the_bucket_empty_holds_everyone_until_it_refills() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, rpm=1000)  # seeded high; the server's limit is 60 and it has none left
+    [permit] = _acquire(limiter)
+    headers = _headers("requests", 60, 0)
+
+    limiter.observe(headers, permit)
+    assert limiter.rate_limited(headers, permit, retry_after_s=5.0) is True
+
+    _acquire(limiter, 2)
+    # One request refills in a second at 60 a minute: the buckets hold everyone that long, not the retry-after.
+    assert clock.sleeps == pytest.approx([1.0, 1.0])
+
+
+def test_a_429_that_needs_more_input_tokens_than_are_left_holds_everyone() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, itpm=60_000)
+    [permit] = _acquire(limiter, input_tokens=5000)
+    headers = _headers("requests", 600, 500) | _headers("input-tokens", 60_000, 2000)
+
+    limiter.observe(headers, permit)
+    assert limiter.rate_limited(headers, permit, retry_after_s=5.0) is True
+
+
+def test_a_lone_429_without_headers_holds_no_one_but_a_run_of_them_pauses_the_lane() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, rpm=600)
+    permits = _acquire(limiter, 20)
+    for permit in permits[:12]:
+        limiter.settle(permit, 1, 1)  # twelve answers...
+
+    assert limiter.rate_limited({}, permits[12], retry_after_s=2.0) is False  # ...then one 429: a stray one
+    _acquire(limiter)
+    assert clock.sleeps == []
+
+    # Seven more of the last sixteen answers refused: the server is refusing as a rule; everyone waits its word.
+    assert [limiter.rate_limited({}, permit, retry_after_s=2.0) for permit in permits[13:20]] == [False] * 6 + [True]
+    _acquire(limiter)
+    assert clock.sleeps == pytest.approx([2.0])

@@ -71,7 +71,8 @@ def test_waits_are_the_servers_retry_after(emulator: RunningEmulator) -> None:
     reply = _call(emulator, RetryPolicy(sleep=waits.sleep), _hello())
 
     assert reply.message["content"][0]["text"].startswith("echo:")
-    assert waits.requested == [2.5, 2.5, 2.5]
+    # Never sooner than asked, at most 10 % later: requests refused together do not return in the same instant.
+    assert len(waits.requested) == 3 and all(2.5 <= wait <= 2.75 for wait in waits.requested)
     assert messages_calls(emulator.stats()) == {"429": 3, "200": 1}
 
 
@@ -88,8 +89,8 @@ def test_retry_after_ms_is_preferred_to_the_rounded_retry_after(emulator: Runnin
     assert refused.value.status == 429
     [headers] = waits.headers
     [wait] = waits.requested
-    assert wait == int(headers["retry-after-ms"]) / 1000
-    assert 0 < wait <= 20 and wait < int(headers["retry-after"])
+    assert int(headers["retry-after-ms"]) / 1000 <= wait <= int(headers["retry-after-ms"]) / 1000 * 1.1
+    assert 0 < wait <= 20 * 1.1
     assert messages_calls(emulator.stats()) == {"200": 3, "429": 2}
 
 

@@ -116,7 +116,8 @@ class LaneContext:
     usage_log: UsageLog | None = None
     budget: Budget | None = None
     estimator: Estimator | None = None
-    latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
+    # input index → seconds from its first request to its answer (retries and their waits included)
+    latencies: dict[int, float] = field(default_factory=dict)
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
 
     def record(self, results: list[TaskResult], at: float | None = None) -> None:

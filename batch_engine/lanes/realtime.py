@@ -116,19 +116,20 @@ class RealtimeLane:
         permit = await limiter.acquire(self._uncached_estimate(task))
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
         self.ctx.progress.realtime_in_flight += 1
-        started = time.perf_counter()
         crash_point("realtime.sending")
         try:
             reply = await send_message(self.ctx.client, task.params, stream=task.stream)
         except ApiError as exc:
-            limiter.observe(error_headers(exc), permit)
+            headers = error_headers(exc)
+            limiter.observe(headers, permit)
             if exc.status == 429 and not isinstance(exc, SpendLimitError):
-                limiter.pause(exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S)
+                # Only a 429 that shows the capacity gone holds the other workers; 529s and 500s never do.
+                retry_after_s = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
+                limiter.rate_limited(headers, permit, retry_after_s)
             raise
         finally:
             self.ctx.progress.realtime_in_flight -= 1
         crash_point("realtime.answered")
-        self.ctx.latencies[task.index] = time.perf_counter() - started
         limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
@@ -150,6 +151,7 @@ class RealtimeLane:
         return result
 
     async def _send_unbudgeted(self, task: PlannedTask) -> TaskResult:
+        started = time.perf_counter()
         try:
             reply = await self.ctx.policy.call(lambda: self._attempt(task))
         except SpendLimitError as exc:
@@ -163,6 +165,7 @@ class RealtimeLane:
             return self._failed(task, exc)
         except ApiError as exc:
             return self._failed(task, exc)
+        self.ctx.latencies[task.index] = time.perf_counter() - started
         return succeeded(task, reply.message, "realtime", self.ctx.attempts.get(task.index, 0), self.ctx.config)
 
     def _failed(self, task: PlannedTask, exc: ApiError) -> TaskResult:

@@ -1,0 +1,124 @@
+"""The realtime lane's answer to a 429 through the real SDK against the emulator: a 429 that leaves capacity holds
+only its own request, 529s and 500s never hold anyone. The lane's rate limiters run on a fake clock and the retry
+policy on a recording sleep, so the tests assert the waits each asked for, never wall time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_support import fast_config, messages_calls, read_output, write_jsonl
+from pydantic import SecretStr
+
+from batch_engine.client import ApiSettings, RetryPolicy
+from batch_engine.emulator import RunningEmulator
+from batch_engine.lanes.limiter import RateLimiter
+from batch_engine.runner import Run, RunOptions
+
+BIG = 10**9
+
+
+class FakeClock:
+    """The limiters' time: it moves only when a limiter sleeps, and every sleep a limiter asks for is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class Waits:
+    """The retry policy's sleep: records each requested wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.requested: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.requested.append(seconds)
+        await asyncio.sleep(0)
+
+
+def _tasks(count: int) -> list[dict[str, Any]]:
+    return [
+        {"task_id": f"r{i}", "task_type": "user_query", "input_data": {"question": f"q {i}?"}} for i in range(count)
+    ]
+
+
+def _run_realtime(
+    emulator: RunningEmulator, tmp_path: Path, count: int, clock: FakeClock, waits: Waits
+) -> list[dict[str, Any]]:
+    """`count` realtime tasks, 4 workers, each model's limiter on `clock`; the output's rows."""
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", _tasks(count))
+    options = RunOptions(state_dir=tmp_path / "state", mode="realtime", concurrency=4)
+    api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
+
+    async def go() -> None:
+        prepared = Run.prepare(tasks, tmp_path / "out.json", fast_config(), options)
+        try:
+            async with prepared.lanes(api, policy=RetryPolicy(attempts=10, sleep=waits.sleep)) as lanes:
+                for model in {task.model for task in prepared.plan.tasks}:
+                    lanes.realtime.ctx.limiters[model] = RateLimiter(BIG, BIG, BIG, clock=clock, sleep=clock.sleep)
+                await prepared.preflight(lanes)
+                await prepared.execute(lanes)
+            prepared.write_output()
+        finally:
+            prepared.close()
+
+    asyncio.run(go())
+    return read_output(tmp_path / "out.json")[1]
+
+
+def test_a_429_that_leaves_capacity_delays_only_its_own_request(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # An injected 429 (retry-after 5 s) whose rate-limit headers show the buckets nowhere near empty.
+    emulator.configure(fault_retry_after_s=5)
+    emulator.script_fault("messages", "429")
+    clock, waits = FakeClock(), Waits()
+
+    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 12
+    assert messages_calls(emulator.stats()) == {"429": 1, "200": 12}
+    # The request that got it waits the server's retry-after, plus up to 10 % of jitter...
+    [wait] = waits.requested
+    assert 5.0 <= wait <= 5.5
+    # ...and no other worker was held back for it.
+    assert clock.sleeps == []
+
+
+def test_529s_and_500s_never_hold_other_workers(emulator: RunningEmulator, tmp_path: Path) -> None:
+    emulator.script_fault("messages", "529")
+    emulator.script_fault("messages", "500")
+    clock, waits = FakeClock(), Waits()
+
+    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 12
+    assert messages_calls(emulator.stats()) == {"529": 1, "500": 1, "200": 12}
+    # Each failed request backs off on its own (first retry: 0.25-0.5 s of jittered backoff)...
+    assert len(waits.requested) == 2 and all(0.25 <= wait <= 0.5 for wait in waits.requested)
+    # ...and the lane's limiter never made anyone wait.
+    assert clock.sleeps == []
+
+
+def test_a_storm_of_429s_without_room_holds_every_request(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # Ten 429s in a row: whatever the headers say, the server is refusing as a rule, not now and then.
+    emulator.configure(fault_retry_after_s=3)
+    emulator.script_fault("messages", "429", count=10)
+    clock, waits = FakeClock(), Waits()
+
+    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 12
+    assert messages_calls(emulator.stats()) == {"429": 10, "200": 12}
+    assert len(waits.requested) == 10 and all(3.0 <= wait <= 3.3 for wait in waits.requested)
+    # A run of them paused the lane for the retry-after: the next request of any worker waited for it.
+    assert clock.sleeps and clock.sleeps[0] == pytest.approx(3.0)
