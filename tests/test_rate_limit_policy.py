@@ -5,6 +5,7 @@ policy on a recording sleep, so the tests assert the waits each asked for, never
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from engine_support import fast_config, messages_calls, read_output, write_jsonl
 from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings, RetryPolicy
+from batch_engine.config import Route
 from batch_engine.emulator import RunningEmulator
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.runner import Run, RunOptions
@@ -53,20 +55,30 @@ def _tasks(count: int) -> list[dict[str, Any]]:
     ]
 
 
-def _run_realtime(
-    emulator: RunningEmulator, tmp_path: Path, count: int, clock: FakeClock, waits: Waits
+def _run(
+    emulator: RunningEmulator,
+    tmp_path: Path,
+    tasks: list[dict[str, Any]],
+    clock: FakeClock,
+    waits: Waits,
+    *,
+    mode: Route | None = "realtime",
+    batch_sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`count` realtime tasks, 4 workers, each model's limiter on `clock`; the output's rows."""
-    tasks = write_jsonl(tmp_path / "tasks.jsonl", _tasks(count))
-    options = RunOptions(state_dir=tmp_path / "state", mode="realtime", concurrency=4)
+    """`tasks` with 4 realtime workers, each model's limiter on `clock` (and the batch lane's waits between polls
+    through `batch_sleep`); the output's rows."""
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    options = RunOptions(state_dir=tmp_path / "state", mode=mode, concurrency=4)
     api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
 
     async def go() -> None:
-        prepared = Run.prepare(tasks, tmp_path / "out.json", fast_config(), options)
+        prepared = Run.prepare(path, tmp_path / "out.json", fast_config(), options)
         try:
             async with prepared.lanes(api, policy=RetryPolicy(attempts=10, sleep=waits.sleep)) as lanes:
                 for model in {task.model for task in prepared.plan.tasks}:
                     lanes.realtime.ctx.limiters[model] = RateLimiter(BIG, BIG, BIG, clock=clock, sleep=clock.sleep)
+                if batch_sleep is not None:
+                    lanes.batch.sleep = batch_sleep
                 await prepared.preflight(lanes)
                 await prepared.execute(lanes)
             prepared.write_output()
@@ -83,7 +95,7 @@ def test_a_429_that_leaves_capacity_delays_only_its_own_request(emulator: Runnin
     emulator.script_fault("messages", "429")
     clock, waits = FakeClock(), Waits()
 
-    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+    rows = _run(emulator, tmp_path, _tasks(12), clock, waits)
 
     assert [row["status"] for row in rows] == ["succeeded"] * 12
     assert messages_calls(emulator.stats()) == {"429": 1, "200": 12}
@@ -99,7 +111,7 @@ def test_529s_and_500s_never_hold_other_workers(emulator: RunningEmulator, tmp_p
     emulator.script_fault("messages", "500")
     clock, waits = FakeClock(), Waits()
 
-    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+    rows = _run(emulator, tmp_path, _tasks(12), clock, waits)
 
     assert [row["status"] for row in rows] == ["succeeded"] * 12
     assert messages_calls(emulator.stats()) == {"529": 1, "500": 1, "200": 12}
@@ -115,10 +127,33 @@ def test_a_storm_of_429s_without_room_holds_every_request(emulator: RunningEmula
     emulator.script_fault("messages", "429", count=10)
     clock, waits = FakeClock(), Waits()
 
-    rows = _run_realtime(emulator, tmp_path, 12, clock, waits)
+    rows = _run(emulator, tmp_path, _tasks(12), clock, waits)
 
     assert [row["status"] for row in rows] == ["succeeded"] * 12
     assert messages_calls(emulator.stats()) == {"429": 10, "200": 12}
     assert len(waits.requested) == 10 and all(3.0 <= wait <= 3.3 for wait in waits.requested)
     # A run of them paused the lane for the retry-after: the next request of any worker waited for it.
     assert clock.sleeps and clock.sleeps[0] == pytest.approx(3.0)
+
+
+def test_a_refused_poll_waits_the_retry_after_for_its_batch_alone(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # The batch's first poll is refused with a 429 asking for 7 s; realtime tasks run alongside.
+    emulator.configure(fault_retry_after_s=7)
+    emulator.script_fault("batches_retrieve", "429")
+    batch = [{"task_id": f"b{i}", "task_type": "classify_bulk", "input_data": {"text": f"t {i}"}} for i in range(10)]
+    clock, waits, between_polls = FakeClock(), Waits(), []
+
+    async def batch_sleep(seconds: float) -> None:
+        between_polls.append(seconds)
+        await asyncio.sleep(0.02)  # the emulator's batch ends in 0.1 s of real time
+
+    rows = _run(emulator, tmp_path, [*_tasks(12), *batch], clock, waits, mode=None, batch_sleep=batch_sleep)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 22
+    assert {row["route"] for row in rows[12:]} == {"batch"}
+    # The refused poll's batch waits what the server asked (plus up to 10 % of jitter) before polling again,
+    # then polls at its own cadence (fast_config: from 0.05 s) again.
+    assert 7.0 <= between_polls[0] <= 7.7
+    assert all(wait < 1 for wait in between_polls[1:])
+    # The realtime lane was never held for it.
+    assert clock.sleeps == [] and waits.requested == []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar, overload
 
 from batch_engine.client import (
+    RETRY_AFTER_JITTER,
     BatchBody,
     BatchInfo,
     BatchRow,
@@ -305,9 +306,13 @@ class BatchLane:
         delay = self.poll_initial_s
         last_status: str | None = None
         while True:
+            asked_s = 0.0  # the server's retry-after for this batch's next poll
             try:
                 info = await self._slot(retrieve_batch(self.ctx.client, batch_id))
             except TransientApiError as exc:
+                # Only this batch's polling backs off: a fault on one poll says nothing of the other batches,
+                # and never holds the realtime lane.
+                asked_s = exc.retry_after_s or 0.0
                 self.ctx.logger.warning("batch %s: poll failed (%s); polling again", batch_id, exc.message)
             else:
                 if info.status != last_status:
@@ -333,7 +338,7 @@ class BatchLane:
                 canceled = True
                 delay = self.poll_initial_s
                 continue
-            wait = delay * _JITTER.uniform(0.8, 1.2)
+            wait = max(delay * _JITTER.uniform(0.8, 1.2), asked_s * (1.0 + _JITTER.uniform(0, RETRY_AFTER_JITTER)))
             if not canceled:
                 wait = min(wait, max(0.0, self.deadline - now))
             await self.sleep(wait)
