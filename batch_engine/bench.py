@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -337,12 +338,8 @@ FAULT_MIX = (("429", 0.4), ("529", 0.3), ("500", 0.3))
 FAULT_BARE_RETRIES = (2, SDK_MAX_RETRIES)
 
 
-def _calls_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {status: after.get(status, 0) - before.get(status, 0) for status in after}
-
-
-def _messages_calls(base_url: str) -> dict[str, int]:
-    return dict(_emulator_stats(base_url)["calls"].get("POST /v1/messages", {}))
+def _bare_run(base_url: str, params: list[dict[str, Any]], concurrency: int, max_retries: int) -> _Measured:
+    return asyncio.run(_bare(base_url, params, concurrency, max_retries=max_retries))
 
 
 def _faults_row(client: str, measured: _Measured, calls: dict[str, int]) -> dict[str, Any]:
@@ -363,11 +360,12 @@ def bench_faults(
     requests: int, concurrency: int, rounds: int, latency_s: float, fault_rate: float, rpm: int | None = None
 ) -> dict[str, Any]:
     """The same realtime work through the engine and through bare SDK loops (`max_retries` 2 and 10, a
-    semaphore of `concurrency`) on one emulator injecting `fault_rate` of Messages calls as 429/529/500 (and
-    enforcing `rpm` if given), alternating for `rounds` rounds; each client's median round is reported.
+    semaphore of `concurrency`), each on a fresh emulator injecting `fault_rate` of Messages calls as
+    429/529/500 (and enforcing `rpm` if given), alternating for `rounds` rounds; each client's median round.
 
+    Within a round every client's emulator has the same seed, so the n-th request of each meets the same fault.
     Latency is per task, from its first request to its answer, retries and their waits included."""
-    options = ["--latency", str(latency_s), "--seed", "16"]
+    options = ["--latency", str(latency_s)]
     for kind, share in FAULT_MIX:
         options += ["--fault-rate", f"{kind}={fault_rate * share:.6f}"]
     if rpm is not None:
@@ -375,21 +373,22 @@ def bench_faults(
     config = load_config() if rpm is None else _limited_config(rpm, None)
     names = [f"bare SDK, max_retries={retries}" for retries in FAULT_BARE_RETRIES] + ["engine"]
     by_client: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process(*options) as (base_url, _):
+    with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
             for index, name in enumerate(names):
                 # Fresh prompts and a fresh ledger every round: nothing is answered from a previous one.
                 tasks = Path(tmp) / f"{round_}-{index}.jsonl"
                 _write_realtime_tasks(tasks, requests, f"f{round_}-{index}-")
-                before = _messages_calls(base_url)
+                measure: Callable[[str], _Measured]
                 if name == "engine":
-                    measured = _engine(base_url, tasks, Path(tmp) / f"state{round_}", concurrency, config)
+                    state = Path(tmp) / f"state{round_}"
+                    measure = partial(_engine, tasks=tasks, state=state, concurrency=concurrency, config=config)
                 else:
                     plan = make_plan(iter_records(tasks), config, datetime.now(UTC), route="realtime")
                     params = [task.params for task in plan.tasks]
                     retries = FAULT_BARE_RETRIES[index]
-                    measured = asyncio.run(_bare(base_url, params, concurrency, max_retries=retries))
-                calls = _calls_delta(before, _messages_calls(base_url))
+                    measure = partial(_bare_run, params=params, concurrency=concurrency, max_retries=retries)
+                measured, calls = _on_fresh_emulator([*options, "--seed", str(16 + round_)], measure)
                 by_client[name].append(_faults_row(name, measured, calls))
     rows = [sorted(runs, key=lambda row: float(row["seconds"]))[len(runs) // 2] for runs in by_client.values()]
     engine, fastest_bare = rows[-1], min(rows[:-1], key=lambda row: float(row["seconds"]))
@@ -418,7 +417,8 @@ def _print_faults(result: dict[str, Any]) -> None:
     print(
         f"{result['requests']} realtime tasks at concurrency {result['concurrency']}, latency {result['latency_ms']} "
         f"ms, {result['fault_rate']:.0%} of Messages calls faulted (429 retry-after 1 s / 529 / 500 = 4:3:3){rpm}; "
-        f"median of {result['rounds']} alternating rounds, {result['cpus']} CPUs; latency per task, retries included"
+        f"each client on a fresh emulator, median of {result['rounds']} alternating rounds, {result['cpus']} CPUs; "
+        "latency per task, retries included"
     )
     print_table(result["rows"])
     print(
