@@ -272,6 +272,12 @@ class Ledger(SqliteStore):
         rows = self._db.execute(query + " ORDER BY idx", args)
         return [TaskResult.model_validate(orjson.loads(row["row"])) for row in rows]
 
+    def result_json(self, run_key: str) -> Iterator[tuple[int, bytes]]:
+        """Every finished row of the run as stored, (index, its output JSON), in input order, read as a stream."""
+        cursor = self._db.execute("SELECT idx, row FROM results WHERE run_key = ? ORDER BY idx", (run_key,))
+        for row in cursor:
+            yield row["idx"], bytes(row["row"])
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 

@@ -32,7 +32,8 @@ def summarize(
     """Summarize the output rows of a run; `batches` are (chunk key, batch id, last request counts)."""
     by_status: Counter[str] = Counter()
     by_route: Counter[str] = Counter()
-    tokens = TokenTotals()
+    # Plain ints while counting: a pydantic attribute assignment costs ~1 µs, seven of them per row.
+    input_ = output = cache_read = cache_write = cache_write_5m = cache_write_1h = thinking = 0
     spent = baseline = 0.0
     for row in rows:
         by_status[row.status] += 1
@@ -42,16 +43,25 @@ def summarize(
         usage = row.usage
         if usage is None:
             continue
-        tokens.input += usage.input_tokens
-        tokens.output += usage.output_tokens
-        tokens.cache_read += usage.cache_read_input_tokens
-        tokens.cache_write += usage.cache_creation_input_tokens
-        tokens.cache_write_5m += usage.cache_write_5m_tokens
-        tokens.cache_write_1h += usage.cache_write_1h_tokens
-        tokens.thinking += usage.thinking_tokens
+        input_ += usage.input_tokens
+        output += usage.output_tokens
+        cache_read += usage.cache_read_input_tokens
+        cache_write += usage.cache_creation_input_tokens
+        cache_write_5m += usage.cache_write_5m_tokens
+        cache_write_1h += usage.cache_write_1h_tokens
+        thinking += usage.thinking_tokens
         spec = config.models.get(row.model or "")
         if spec is not None:
             baseline += baseline_cost(usage, spec)
+    tokens = TokenTotals(
+        input=input_,
+        output=output,
+        cache_read=cache_read,
+        cache_write=cache_write,
+        cache_write_5m=cache_write_5m,
+        cache_write_1h=cache_write_1h,
+        thinking=thinking,
+    )
     prompt = tokens.input + tokens.cache_read + tokens.cache_write
     succeeded = by_status.get("succeeded", 0)
     rejected = by_status.get("rejected", 0)
@@ -87,22 +97,36 @@ def summarize(
     )
 
 
+def _row_json(row: TaskResult | bytes) -> bytes:
+    return row if isinstance(row, bytes) else orjson.dumps(row.model_dump(mode="json"))
+
+
 def encode_output(
-    summary: RunSummary, rows: Iterable[TaskResult], output_format: Literal["json", "jsonl", "parsed-jsonl"]
+    summary: RunSummary, rows: Iterable[TaskResult | bytes], output_format: Literal["json", "jsonl", "parsed-jsonl"]
 ) -> Iterator[bytes]:
-    """The output file's bytes, in the same shape a single run writes."""
+    """The output file's bytes, in the same shape a single run writes. A row may come already encoded (the
+    ledger stores each row as its output JSON): decoding and encoding it again was half the cost of a merge."""
     if output_format == "parsed-jsonl":
         # Ready for a table: no run line, no text; every record still has its line (parsed null when none).
         for row in rows:
-            yield orjson.dumps({"task_id": row.task_id, "status": row.status, "parsed": row.parsed}) + b"\n"
+            if isinstance(row, bytes):
+                stored = orjson.loads(row)
+                line = {
+                    "task_id": stored.get("task_id"),
+                    "status": stored.get("status"),
+                    "parsed": stored.get("parsed"),
+                }
+            else:
+                line = {"task_id": row.task_id, "status": row.status, "parsed": row.parsed}
+            yield orjson.dumps(line) + b"\n"
         return
     run = summary.model_dump(mode="json")
     if output_format == "jsonl":
         yield orjson.dumps({"run": run}) + b"\n"
         for row in rows:
-            yield orjson.dumps(row.model_dump(mode="json")) + b"\n"
+            yield _row_json(row) + b"\n"
         return
     yield b'{"run":' + orjson.dumps(run) + b',"results":['
     for position, row in enumerate(rows):
-        yield (b"," if position else b"") + orjson.dumps(row.model_dump(mode="json"))
+        yield (b"," if position else b"") + _row_json(row)
     yield b"]}\n"

@@ -325,6 +325,13 @@ class Run:
         rejected = (rejection_result(r) for r in sorted(self.plan.rejections, key=_rejection_index))
         yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
 
+    def row_json(self) -> Iterator[TaskResult | bytes]:
+        """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
+        stored: Iterator[tuple[int, TaskResult | bytes]] = self.ledger.result_json(self.key)
+        rejected = ((r.index, rejection_result(r)) for r in sorted(self.plan.rejections, key=_rejection_index))
+        for _, row in heapq.merge(stored, rejected, key=_first):
+            yield row
+
     def missing(self) -> list[PlannedTask]:
         """Planned tasks without a finished row."""
         # Both sides walked in index order: a set of every finished index would make writing the output
@@ -366,7 +373,7 @@ class Run:
             durations_s=durations,
             config=self.config,
         )
-        atomic_write_chunks(self.output_path, encode_output(summary, self.rows(), self.options.output_format))
+        atomic_write_chunks(self.output_path, encode_output(summary, self.row_json(), self.options.output_format))
         crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
         crash_point("run.complete")
@@ -388,6 +395,10 @@ class Lanes:
 
 def _rejection_index(rejection: Rejection) -> int:
     return rejection.index
+
+
+def _first(pair: tuple[int, TaskResult | bytes]) -> int:
+    return pair[0]
 
 
 async def run(
