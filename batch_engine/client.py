@@ -171,20 +171,25 @@ class RetryPolicy:
         ceiling: float = min(self.max_wait_s, self.initial_wait_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + _JITTER.uniform(0, ceiling / 2)
 
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        return self.wait_s(state.attempt_number, error)
-
     def _before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         if self.on_retry is not None and isinstance(error, ApiError) and state.next_action is not None:
             self.on_retry(error, state.next_action.sleep)
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run `fn` under the policy; the last error is re-raised as it was."""
+    async def call(self, fn: Callable[[], Awaitable[T]], *, backoff_step: Callable[[int], int] | None = None) -> T:
+        """Run `fn` under the policy; the last error is re-raised as it was.
+
+        `backoff_step` maps the retry number to the step of the exponential backoff it waits (default: the same),
+        for a caller that knows whether the failures are the API's state or this request's bad luck."""
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            attempt = state.attempt_number
+            return self.wait_s(attempt if backoff_step is None else backoff_step(attempt), error)
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_time_s),
-            wait=self._wait,
+            wait=wait,
             retry=retry_if_exception_type(TransientApiError),
             sleep=self.sleep,
             before_sleep=self._before_sleep,

@@ -207,3 +207,18 @@ def test_a_lone_429_without_headers_holds_no_one_but_a_run_of_them_pauses_the_la
     assert [limiter.rate_limited({}, permit, retry_after_s=2.0) for permit in permits[13:20]] == [False] * 6 + [True]
     _acquire(limiter)
     assert clock.sleeps == pytest.approx([2.0])
+
+
+def test_retries_back_off_in_full_only_while_the_api_is_failing_as_a_rule() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock)
+    assert limiter.backoff_step(5) == 5  # nothing known yet: the full exponential backoff
+
+    for permit in _acquire(limiter, 12):
+        limiter.settle(permit, 1, 1)
+    limiter.server_error()
+    assert [limiter.backoff_step(attempt) for attempt in (1, 2, 3, 5)] == [1, 2, 2, 2]  # a stray failure
+
+    for _ in range(7):
+        limiter.server_error()  # 8 of the last 16 answers failed: the API's state, not bad luck
+    assert limiter.backoff_step(5) == 5

@@ -64,9 +64,10 @@ def _run(
     *,
     mode: Route | None = "realtime",
     batch_sleep: Callable[[float], Awaitable[None]] | None = None,
+    answered_before: int = 0,
 ) -> list[dict[str, Any]]:
-    """`tasks` with 4 realtime workers, each model's limiter on `clock` (and the batch lane's waits between polls
-    through `batch_sleep`); the output's rows."""
+    """`tasks` with 4 realtime workers, each model's limiter on `clock` and told of `answered_before` successes
+    (an earlier stretch of the run), and the batch lane's waits between polls through `batch_sleep`; the rows."""
     path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
     options = RunOptions(state_dir=tmp_path / "state", mode=mode, concurrency=4)
     api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
@@ -76,7 +77,10 @@ def _run(
         try:
             async with prepared.lanes(api, policy=RetryPolicy(attempts=10, sleep=waits.sleep)) as lanes:
                 for model in {task.model for task in prepared.plan.tasks}:
-                    lanes.realtime.ctx.limiters[model] = RateLimiter(BIG, BIG, BIG, clock=clock, sleep=clock.sleep)
+                    limiter = RateLimiter(BIG, BIG, BIG, clock=clock, sleep=clock.sleep)
+                    for _ in range(answered_before):
+                        limiter.settle(await limiter.acquire(1), 1, 1)
+                    lanes.realtime.ctx.limiters[model] = limiter
                 if batch_sleep is not None:
                     lanes.batch.sleep = batch_sleep
                 await prepared.preflight(lanes)
@@ -118,6 +122,22 @@ def test_529s_and_500s_never_hold_other_workers(emulator: RunningEmulator, tmp_p
     # Each failed request backs off on its own (first retry: 0.25-0.5 s of jittered backoff)...
     assert len(waits.requested) == 2 and all(0.25 <= wait <= 0.5 for wait in waits.requested)
     # ...and the lane's limiter never made anyone wait.
+    assert clock.sleeps == []
+
+
+def test_while_most_answers_succeed_a_request_failing_again_and_again_retries_within_a_second(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # One request meets five 500s in a row, in a run whose answers so far all succeeded: bad luck, not an outage.
+    emulator.script_fault("messages", "500", count=5)
+    clock, waits = FakeClock(), Waits()
+
+    rows = _run(emulator, tmp_path, _tasks(1), clock, waits, answered_before=12)
+
+    assert [(row["status"], row["attempts"]) for row in rows] == [("succeeded", 6)]
+    # Backoff steps 1 and 2 (0.25-0.5 s, then 0.5-1 s), and no further: not 1-2, 2-4, 4-8 s as for an outage.
+    assert len(waits.requested) == 5
+    assert 0.25 <= waits.requested[0] <= 0.5 and all(0.5 <= wait <= 1.0 for wait in waits.requested[1:])
     assert clock.sleeps == []
 
 

@@ -20,10 +20,14 @@ _HEADER_BUCKETS = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "
 # which would ask for another wait of femtoseconds (forever, on a clock that cannot advance by so little).
 _EPSILON = 1e-6
 # Recent answers remembered per model, and how many of them must be 429s for the server to be refusing as a rule
-# rather than now and then. At a 12 % rate of stray 429s (30 % faults), 8 of 16 happens about once in 10 runs of
-# 1,000 tasks; a real limit reached with 32 requests in flight gets there within one round trip.
+# rather than now and then (or 5xx for it to be failing as a rule). At a 12 % rate of stray 429s (30 % faults),
+# 8 of 16 happens about once in 10 runs of 1,000 tasks; a real limit reached, or an API overloaded, with 32
+# requests in flight gets there within one round trip.
 _RECENT_ANSWERS = 16
 _REFUSING = 8
+# While most answers succeed, a 5xx is bad luck, not the API's state: its retries back off only this far (the
+# policy's steps 1 and 2: 0.25-0.5 s, then 0.5-1 s) instead of doubling up to half a minute.
+_STRAY_FAILURE_STEP = 2
 
 
 class Bucket:
@@ -86,7 +90,7 @@ class RateLimiter:
         self._paused_until = 0.0
         # Running totals of what acquire took: what was sent after a given request is the difference.
         self._taken = {"rpm": 0.0, "itpm": 0.0}
-        self._recent_429s: deque[bool] = deque(maxlen=_RECENT_ANSWERS)  # of recent answers, True for a 429
+        self._recent: deque[str] = deque(maxlen=_RECENT_ANSWERS)  # recent answers: "ok", "429" or "5xx"
 
     def _wait(self, input_tokens: int, now: float) -> float:
         waits = [
@@ -116,7 +120,7 @@ class RateLimiter:
         now = self._clock()
         self.buckets["itpm"].take(input_tokens - permit.input_tokens, now)
         self.buckets["otpm"].take(output_tokens, now)
-        self._recent_429s.append(False)
+        self._recent.append("ok")
 
     def observe(self, headers: Mapping[str, str], permit: Permit | None = None) -> None:
         """Correct every bucket from a response's `anthropic-ratelimit-<kind>-limit/remaining` headers.
@@ -147,9 +151,9 @@ class RateLimiter:
         below the server's count): everyone waits the retry-after. A 429 that shows room left, or a lone one
         without headers, is not evidence that the bucket is empty: only its own request is delayed.
         """
-        self._recent_429s.append(True)
-        if sum(self._recent_429s) >= _REFUSING:
-            self._recent_429s.clear()
+        self._recent.append("429")
+        if self._recent.count("429") >= _REFUSING:
+            self._recent.clear()
             self.pause(retry_after_s)
             return True
         needs = {"requests": 1.0, "input-tokens": float(permit.input_tokens), "output-tokens": 1.0}
@@ -162,6 +166,17 @@ class RateLimiter:
             if remaining < min(need, limit):
                 return True
         return False
+
+    def server_error(self) -> None:
+        """Note a 5xx answer (or a failed connection): it holds no one, but a run of them slows every retry."""
+        self._recent.append("5xx")
+
+    def backoff_step(self, attempt: int) -> int:
+        """The backoff step for retry number `attempt`: the attempt itself (exponential growth) while the API is
+        failing as a rule, at most `_STRAY_FAILURE_STEP` while most recent answers succeed."""
+        if len(self._recent) < _RECENT_ANSWERS // 2 or self._recent.count("5xx") >= _REFUSING:
+            return attempt
+        return min(attempt, _STRAY_FAILURE_STEP)
 
     def pause(self, seconds: float) -> None:
         """Every worker holds off for `seconds`, not just the one that got the 429 (the server is refusing)."""

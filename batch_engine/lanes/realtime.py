@@ -126,6 +126,8 @@ class RealtimeLane:
                 # Only a 429 that shows the capacity gone holds the other workers; 529s and 500s never do.
                 retry_after_s = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
                 limiter.rate_limited(headers, permit, retry_after_s)
+            elif exc.status is None or exc.status >= 500:
+                limiter.server_error()
             raise
         finally:
             self.ctx.progress.realtime_in_flight -= 1
@@ -153,7 +155,8 @@ class RealtimeLane:
     async def _send_unbudgeted(self, task: PlannedTask) -> TaskResult:
         started = time.perf_counter()
         try:
-            reply = await self.ctx.policy.call(lambda: self._attempt(task))
+            limiter = self.ctx.limiter(task.model)
+            reply = await self.ctx.policy.call(lambda: self._attempt(task), backoff_step=limiter.backoff_step)
         except SpendLimitError as exc:
             if self.spend_limit is None:
                 self.spend_limit = exc
