@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,8 @@ from pydantic import SecretStr
 from batch_engine.bench import _emulator_process, _emulator_stats, _write_tasks, print_table
 from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
-from batch_engine.io import iter_records
-from batch_engine.ledger import Ledger
 from batch_engine.models import TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.planning import Plan, PlannedTask
 from batch_engine.planning.outcome import succeeded
 from batch_engine.runner import Run, RunOptions, run
 
@@ -113,8 +110,10 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
         _write_tasks(path, tasks)
         input_mib = path.stat().st_size / 2**20
         baseline_mib = _status_mib()["VmRSS"]
+        options = RunOptions(state_dir=work / "state")
         with _phase(phases, "load + plan"):
-            plan = make_plan(iter_records(path), config, datetime.now(UTC))
+            prepared = Run.prepare(path, work / "out.json", config, options)  # the plan, as a run makes it
+        plan = prepared.plan
         with _phase(phases, "batch request bodies"):
             # The body `BatchLane._create_once` streams to `batches.create`, one batch at a time: measured for its
             # Content-Length, then produced again block by block as the upload reads it.
@@ -124,15 +123,12 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
                 body_bytes += len(body)
                 for _ in body.blocks():
                     pass
-        options = RunOptions(state_dir=work / "state")
-        ledger = Ledger.open(options.state_dir)
+        ledger = prepared.ledger
         try:
-            record = ledger.begin("bench", str(path), str(work / "out.json"), {}, time.time())
-            prepared = Run(path, work / "out.json", config, options, plan, ledger, record)
             with _phase(phases, "store results (ledger)"):
                 results = (_synthetic_result(task, config) for task in plan.tasks)
                 while block := list(islice(results, 1000)):  # the batch lane's flush size
-                    ledger.save_results("bench", block, time.time())
+                    ledger.save_results(prepared.key, block, time.time())
             sizes: dict[str, float] = {}
             for output_format in ("json", "jsonl"):
                 prepared.options = replace(options, output_format=output_format)
@@ -141,7 +137,7 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
                     prepared.write_output()
                 sizes[output_format] = prepared.output_path.stat().st_size / 2**20
         finally:
-            ledger.close()
+            prepared.close()
     total_cpu = sum(phase.cpu_s for phase in phases)
     peak = max(phase.peak_mib for phase in phases)
     jsonl = phases[-1]

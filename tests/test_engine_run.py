@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from engine_support import (
 
 from batch_engine.config import Config, load_config
 from batch_engine.emulator import RunningEmulator
-from batch_engine.runner import RunOptions
+from batch_engine.runner import Run, RunOptions
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,13 @@ def test_content_blocks_have_one_shape_whichever_way_the_reply_came(emulator: Ru
         shapes[mode] = {tuple(sorted(block)) for row in output.rows for block in row["content"]}
         assert all(value is not None for row in output.rows for block in row["content"] for value in block.values())
     assert shapes["realtime"] == shapes["batch"] == shapes["realtime-streamed"] == {("text", "type")}
+
+
+def test_a_run_keeps_its_plan_out_of_the_collectors_sight_only_while_it_is_open(tmp_path: Path) -> None:
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(50))
+    prepared = Run.prepare(tasks, tmp_path / "out.json", load_config(), RunOptions(state_dir=tmp_path / "state"))
+    try:
+        assert gc.get_freeze_count() > 0  # the plan's objects: not walked by every full collection
+    finally:
+        prepared.close()
+    assert gc.get_freeze_count() == 0  # a long-lived process (a Prefect worker) does not keep the plan
