@@ -404,7 +404,7 @@ def bench_faults(
         "seconds_by_round": {name: [row["seconds"] for row in runs] for name, runs in by_client.items()},
         # The target: no slower than the fastest bare loop, with no task failed.
         "engine_vs_fastest_bare_seconds": round(engine["seconds"] / fastest_bare["seconds"], 3),
-        "engine_vs_each_bare_seconds": {row["client"]: round(engine["seconds"] / row["seconds"], 3) for row in rows[:-1]},
+        "engine_vs_each_bare_seconds": {r["client"]: round(engine["seconds"] / r["seconds"], 3) for r in rows[:-1]},
         "engine_vs_bare_by_round": [
             round(e["seconds"] / min(b2["seconds"], b10["seconds"]), 3)
             for b2, b10, e in zip(*by_client.values(), strict=True)
