@@ -132,8 +132,8 @@ class Run:
             ledger.close()
             raise
         # The plan lives as long as the run: out of the collector's sight, so that every full collection while
-        # results come in does not walk its millions of objects again (a fifth of the CPU of storing 100k
-        # results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
+        # results come in does not walk its millions of objects again (a quarter to a third of the CPU of storing
+        # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
         return cls(input_path, output_path, config, options, plan, ledger, record)
