@@ -46,6 +46,7 @@ from batch_engine.cli import _duration
 from batch_engine.client import ApiSettings, make_client
 from batch_engine.config import Config, load_config
 from batch_engine.io import iter_records
+from batch_engine.lanes import Progress
 from batch_engine.planning import make_plan
 from batch_engine.runner import RunOptions, run
 from batch_engine.telemetry.usage_log import UsageLog
@@ -168,18 +169,42 @@ async def _bare(base_url: str, params: list[dict[str, Any]], concurrency: int, *
         await client.close()
 
 
-def _engine(base_url: str, tasks: Path, state: Path, concurrency: int, config: Config | None = None) -> _Measured:
+@dataclass
+class _TaskTimes(Progress):
+    """Progress that keeps each realtime task's time from its first request to its answer, retries included."""
+
+    task_seconds: list[float] = field(default_factory=list)
+
+    def realtime_answered(self, seconds: float) -> None:
+        self.task_seconds.append(seconds)
+
+
+def _engine(
+    base_url: str,
+    tasks: Path,
+    state: Path,
+    concurrency: int,
+    config: Config | None = None,
+    *,
+    task_latency: bool = False,
+) -> _Measured:
     """`batch_engine.runner.run` with --realtime-only semantics: plan, ledger, lane, output file included.
-    Latencies and finish times are read from the run's usage log afterwards, outside the measured span."""
+    Latencies (of each billed request; with `task_latency`, of each task, retries included) and finish times are
+    read afterwards, outside the measured span."""
     api = ApiSettings(SecretStr("bench"), base_url)
     options = RunOptions(state_dir=state, mode="realtime", concurrency=concurrency)
+    progress = _TaskTimes()
     wall, cpu = time.perf_counter(), time.process_time()
-    summary = asyncio.run(run(tasks, state / "out.json", api=api, config=config or load_config(), options=options))
+    summary = asyncio.run(
+        run(tasks, state / "out.json", api=api, config=config or load_config(), options=options, progress=progress)
+    )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     with UsageLog.open(state) as usage_log:
         records = usage_log.records()
     latencies = [record.latency_s for record in records if record.latency_s is not None]
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
+    if task_latency:
+        latencies = progress.task_seconds
     return _Measured(summary.counts["total"], wall, cpu, summary.counts["failed"], latencies, finished)
 
 
@@ -382,7 +407,9 @@ def bench_faults(
                 measure: Callable[[str], _Measured]
                 if name == "engine":
                     state = Path(tmp) / f"state{round_}"
-                    measure = partial(_engine, tasks=tasks, state=state, concurrency=concurrency, config=config)
+                    measure = partial(
+                        _engine, tasks=tasks, state=state, concurrency=concurrency, config=config, task_latency=True
+                    )
                 else:
                     plan = make_plan(iter_records(tasks), config, datetime.now(UTC), route="realtime")
                     params = [task.params for task in plan.tasks]

@@ -65,6 +65,10 @@ class Progress:
             self.output_tokens += result.usage.output_tokens
         self.cost_usd += result.cost_usd or 0.0
 
+    def realtime_answered(self, seconds: float) -> None:
+        """A realtime task answered `seconds` after its first request, retries and their waits included (the
+        usage log keeps only its billed request's time); a display or a benchmark may keep it."""
+
 
 @dataclass(frozen=True, slots=True)
 class SharedLimit:
@@ -116,8 +120,7 @@ class LaneContext:
     usage_log: UsageLog | None = None
     budget: Budget | None = None
     estimator: Estimator | None = None
-    # input index → seconds from its first request to its answer (retries and their waits included)
-    latencies: dict[int, float] = field(default_factory=dict)
+    latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
 
     def record(self, results: list[TaskResult], at: float | None = None) -> None:

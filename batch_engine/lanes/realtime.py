@@ -116,6 +116,7 @@ class RealtimeLane:
         permit = await limiter.acquire(self._uncached_estimate(task))
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
         self.ctx.progress.realtime_in_flight += 1
+        started = time.perf_counter()
         crash_point("realtime.sending")
         try:
             reply = await send_message(self.ctx.client, task.params, stream=task.stream)
@@ -132,6 +133,7 @@ class RealtimeLane:
         finally:
             self.ctx.progress.realtime_in_flight -= 1
         crash_point("realtime.answered")
+        self.ctx.latencies[task.index] = time.perf_counter() - started
         limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
@@ -168,7 +170,7 @@ class RealtimeLane:
             return self._failed(task, exc)
         except ApiError as exc:
             return self._failed(task, exc)
-        self.ctx.latencies[task.index] = time.perf_counter() - started
+        self.ctx.progress.realtime_answered(time.perf_counter() - started)
         return succeeded(task, reply.message, "realtime", self.ctx.attempts.get(task.index, 0), self.ctx.config)
 
     def _failed(self, task: PlannedTask, exc: ApiError) -> TaskResult:

@@ -43,7 +43,7 @@ class UsageRecord:
     thinking_tokens: int
     cost_usd: float
     baseline_usd: float  # the same tokens realtime, no caching
-    latency_s: float | None  # realtime only: first request to answer, retries included; none for a batch row
+    latency_s: float | None  # realtime only; a batch row has no per-request latency
     max_tokens: int
     prefix_key: str | None  # digest of the system prompt, whether or not it was marked for caching
     prefix_tokens: int  # estimated tokens of that system prompt
