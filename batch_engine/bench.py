@@ -11,6 +11,7 @@
     python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1 --rpm 600
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
+    python -m batch_engine.bench startup --requests 1000 --latency 250ms
 
 Every benchmark that talks to the API serves the emulator from its own process (`batch-engine emulator`), so
 it does not share a core's worth of GIL with the client being measured. `plan`, `batch` and `cost` live in
@@ -611,6 +612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults.add_argument("--latency", type=_duration, default=0.1, help="emulator latency (default 100ms)")
     faults.add_argument("--fault-rate", type=float, default=0.1, help="share of Messages calls that fail")
     faults.add_argument("--rpm", type=int, default=None, help="also enforce this RPM (the engine is told it)")
+    startup = sub.add_parser("startup", help="`batch-engine run` vs a bare SDK loop, each a fresh process: start-up")
+    startup.add_argument("--requests", type=int, default=1000)
+    startup.add_argument("--concurrency", type=int, default=32)
+    startup.add_argument("--latency", type=_duration, default=0.25, help="emulator latency (default 250ms)")
+    startup.add_argument("--rounds", type=int, default=3, help="alternate bare/engine this many times")
+    startup.add_argument("--prefect-rounds", type=int, default=0, help="also time `run --prefect` this many times")
     prefect = sub.add_parser("prefect", help="the Prefect flow vs the engine alone (python -m flows.bench)")
     prefect.add_argument("--tasks", type=int, default=10_000)
     prefect.add_argument("--rounds", type=int, default=3)
@@ -648,6 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_faults(
             bench_faults(args.requests, args.concurrency, args.rounds, args.latency, args.fault_rate, args.rpm)
         )
+    elif args.name == "startup":
+        from batch_engine.bench_startup import bench_startup, print_startup
+
+        print_startup(bench_startup(args.requests, args.concurrency, args.latency, args.rounds, args.prefect_rounds))
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from batch_engine.config import Config, load_config
 from batch_engine.errors import BatchEngineError
@@ -20,9 +23,12 @@ from batch_engine.summary import plan_summary, render_plan_summary
 
 if TYPE_CHECKING:
     from batch_engine.client import ApiSettings, AsyncClient
+    from batch_engine.lanes import Progress
     from batch_engine.ledger import Ledger
     from batch_engine.models import RunSummary
     from batch_engine.operations import BatchView
+    from batch_engine.runner import RunOptions
+    from batch_engine.telemetry.advice import OptimizationReport
     from batch_engine.telemetry.usage_log import UsageRecord
     from batch_engine.token_count import TokenCounts
 
@@ -30,8 +36,17 @@ Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one `Error:` line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"Error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+@functools.cache  # built once per process (argparse spends most of a small command's time building it)
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batch-engine", description=__doc__)
+    # Typed as the base class so the add_* helpers take it; its subparsers are _Parser too (argparse uses type(self)).
+    parser: argparse.ArgumentParser = _Parser(prog="batch-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     # Each add_* function registers one noun/verb and sets `func`; keep them in this order.
     _add_plan_commands(sub)
@@ -139,6 +154,8 @@ def _validate(args: argparse.Namespace) -> int:
     _, plan = _load_plan(args)
     for rejection in plan.rejections:
         print(rejection.one_line())
+    for warning in plan.warnings:
+        print(warning)
     print(f"{plan.total_records} records: {len(plan.tasks)} valid, {len(plan.rejections)} rejected")
     return 1 if plan.rejections else 0
 
@@ -222,6 +239,23 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return seconds
+
+
+def _dollars(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"not an amount of dollars (0 or more): {text!r}")
+    return value
+
+
 def _fault_rate(text: str) -> tuple[str, float]:
     kind, _, rate = text.partition("=")
     if kind not in _FAULT_SETTINGS:
@@ -295,8 +329,8 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
     parser.add_argument("--concurrency", type=_positive_int, help="realtime requests in flight at most")
-    parser.add_argument("--batch-timeout", type=_duration, help="cancel batches not ended by then (e.g. 24h)")
-    parser.add_argument("--poll-interval", type=_duration, help="longest wait between batch polls (e.g. 60s)")
+    parser.add_argument("--batch-timeout", type=_positive_duration, help="cancel batches not ended by then (e.g. 24h)")
+    parser.add_argument("--poll-interval", type=_positive_duration, help="longest wait between batch polls (e.g. 60s)")
     routes = parser.add_mutually_exclusive_group()
     routes.add_argument("--realtime-only", dest="mode", action="store_const", const="realtime")
     routes.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
@@ -307,13 +341,20 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="with --format jsonl: one {task_id, status, parsed} line per task (output-schema task types), no run line",
     )
     parser.add_argument(
-        "--max-cost-usd", type=float, metavar="USD", help="refuse a plan estimated over this; stop sending at it"
+        "--max-cost-usd", type=_dollars, metavar="USD", help="refuse a plan estimated over this; stop sending at it"
     )
     parser.add_argument(
         "--count-tokens", action="store_true", help="count input tokens exactly (messages.count_tokens) first"
     )
     parser.add_argument(
         "--emulate", action="store_true", help="run against the built-in API emulator (simulated, nothing billed)"
+    )
+    parser.add_argument(
+        "--prefect",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run as the batch-orchestrator Prefect flow (a temporary local server unless PREFECT_API_URL is set); "
+        "default: only when PREFECT_API_URL is set, else the same run loop in this process, without Prefect",
     )
     parser.set_defaults(func=_run)
 
@@ -329,29 +370,115 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run a task file: in this process, or as the `batch-orchestrator` Prefect flow (--prefect, PREFECT_API_URL)."""
+    from batch_engine.display import render_summary
+    from batch_engine.lanes import Progress
+    from batch_engine.runner import run_options
+
+    # Bad config, input or key: one `Error:` line and exit 2 before anything starts.
+    if args.parsed_only and args.output_format != "jsonl":
+        from batch_engine.errors import ConfigError
+
+        raise ConfigError("--parsed-only needs --format jsonl")
+    config = load_config(args.config)
+    records = sum(1 for _ in iter_records(args.input))
+    with_prefect = _with_prefect(args)
+    _check_api_key(args.emulate, with_prefect)
+    options = run_options(
+        state_dir=args.state_dir,
+        config_path=args.config,
+        mode=args.mode,
+        concurrency=args.concurrency,
+        batch_timeout_s=args.batch_timeout,
+        poll_interval_s=args.poll_interval,
+        output_format="parsed-jsonl" if args.parsed_only else args.output_format,
+        emulate=args.emulate,
+        max_cost_usd=args.max_cost_usd,
+        count_tokens=args.count_tokens,
+    )
+    progress = Progress()
+    if with_prefect:
+        summary = _run_flow(args, progress, records)
+    else:
+        summary = _run_here(args, config, options, progress, records)
+    print(render_summary(summary))
+    return 0 if summary.all_succeeded else 1
+
+
+def _with_prefect(args: argparse.Namespace) -> bool:
+    """--prefect / --no-prefect when given; else Prefect exactly when a server is configured (PREFECT_API_URL)."""
+    import os
+
+    return bool(os.environ.get("PREFECT_API_URL")) if args.prefect is None else bool(args.prefect)
+
+
+def _run_here(
+    args: argparse.Namespace, config: Config, options: RunOptions, progress: Progress, records: int
+) -> RunSummary:
+    """The run loop in this process, no Prefect: the same phases the flow runs as task runs, called directly."""
+    import asyncio
+
+    from rich.console import Console
+
+    from batch_engine.client import api_from_environment
+    from batch_engine.display import live_progress
+    from batch_engine.runner import emulated_api, run
+
+    api_context = (
+        emulated_api(args.state_dir, args.config) if args.emulate else contextlib.nullcontext(api_from_environment())
+    )
+    with _run_log() as logger, api_context as api:
+        assert api is not None  # _check_api_key
+        if args.emulate:
+            logger.warning("SIMULATED: running against the built-in emulator at %s; nothing is billed", api.base_url)
+
+        async def go() -> RunSummary:
+            async with live_progress(Console(stderr=True), progress, records):
+                return await run(
+                    args.input, args.output, api=api, config=config, options=options, logger=logger, progress=progress
+                )
+
+        return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def _run_log() -> Iterator[logging.Logger]:
+    """The run's lines (batch state changes, lane summaries) on stderr while it runs, as the flow shows them."""
+    logger = logging.getLogger("batch_engine")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _StderrHandler(logging.Handler):
+    # Writes to whatever sys.stderr is now: the live progress display swaps it for a proxy that keeps lines
+    # from tearing the table.
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> RunSummary:
     """Run the `batch-orchestrator` Prefect flow in this process, exactly as a deployment run would."""
     import asyncio
 
     from rich.console import Console
 
-    from batch_engine.display import live_progress, render_summary
-    from batch_engine.lanes import Progress
-
-    # Bad config or input: one `Error:` line and exit 2 before Prefect (and its temporary server) starts.
-    if args.parsed_only and args.output_format != "jsonl":
-        from batch_engine.errors import ConfigError
-
-        raise ConfigError("--parsed-only needs --format jsonl")
-    load_config(args.config)
-    records = sum(1 for _ in iter_records(args.input))
-    _check_api_key(args.emulate)
-
+    from batch_engine.display import live_progress
     from flows import batch_orchestrator as orchestrator
     from flows.ephemeral import start_ephemeral_server
 
     _quiet_prefect_console()
-    start_ephemeral_server()
-    progress = Progress()
+    start_ephemeral_server(args.state_dir)
 
     async def go() -> RunSummary | None:  # None only for wait=false
         # Set inside the task asyncio.run makes, so it ends with this run (tests call `main` again in-process).
@@ -374,22 +501,25 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = asyncio.run(go())
     assert summary is not None  # only wait=false leaves a run unfinished
-    print(render_summary(summary))
-    return 0 if summary.all_succeeded else 1
+    return summary
 
 
-def _check_api_key(emulate: bool) -> None:
-    from prefect.settings import PREFECT_API_URL
-
+def _check_api_key(emulate: bool, with_prefect: bool) -> None:
     from batch_engine.client import api_from_environment
     from batch_engine.errors import ConfigError
 
-    # With a Prefect server the key may be in its Secret block, which only the flow can read.
-    if not emulate and api_from_environment() is None and not PREFECT_API_URL.value():
-        raise ConfigError(
-            "no API key: set ANTHROPIC_API_KEY to run against the Anthropic API, "
-            "or pass --emulate to dry-run against the built-in emulator (simulated results, nothing billed)"
-        )
+    if emulate or api_from_environment() is not None:
+        return
+    if with_prefect:
+        from prefect.settings import PREFECT_API_URL
+
+        # With a Prefect server the key may be in its Secret block, which only the flow can read.
+        if PREFECT_API_URL.value():
+            return
+    raise ConfigError(
+        "no API key: set ANTHROPIC_API_KEY to run against the Anthropic API, "
+        "or pass --emulate to dry-run against the built-in emulator (simulated results, nothing billed)"
+    )
 
 
 def _quiet_prefect_console() -> None:
@@ -433,6 +563,12 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     report.add_argument("--output", type=Path, default=Path("report.md"), help="where to write it")
     report.add_argument(
         "--analyze-only", action="store_true", help="print the report; write nothing (no report file, no config)"
+    )
+    report.add_argument("--html", type=Path, metavar="FILE", help="also write one self-contained page of charts")
+    report.add_argument(
+        "--prefect-artifact",
+        action="store_true",
+        help="also publish the charts as a Markdown artifact on the Prefect server in PREFECT_API_URL",
     )
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
@@ -515,6 +651,8 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.analyze_only and args.write_config is not None:
         raise ConfigError("--analyze-only writes nothing: drop --write-config, or drop --analyze-only")
+    if args.analyze_only and args.html is not None:
+        raise ConfigError("--analyze-only writes nothing: drop --html, or drop --analyze-only")
     for path in (args.output, args.write_config):
         if path is not None and path.is_dir() and not args.analyze_only:
             raise ConfigError(f"{path}: is a directory; give a file name")
@@ -531,6 +669,7 @@ def _report(args: argparse.Namespace) -> int:
     markdown = render_report(report, planned)
     if args.analyze_only:
         sys.stdout.write(markdown)
+        _report_charts(args, records, report)
         return 0
     written = None
     if args.write_config is not None:
@@ -543,7 +682,35 @@ def _report(args: argparse.Namespace) -> int:
     if written is not None:
         atomic_write_bytes(args.write_config, written.encode())
         print(f"wrote {args.write_config} ({len(report.config_changes)} changes; review, then use it with --config)")
+    _report_charts(args, records, report)
     return 0
+
+
+def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report: OptimizationReport) -> None:
+    """The report's charts: one self-contained HTML page (--html), a Prefect Markdown artifact (--prefect-artifact)."""
+    import os
+
+    from batch_engine.errors import ConfigError
+    from batch_engine.io import atomic_write_bytes
+    from batch_engine.telemetry.charts import Advice, html_page, markdown_charts
+
+    if args.html is None and not args.prefect_artifact:
+        return
+    found = [Advice(r.title, r.detail, r.saved_usd, "saves") for r in report.savings]
+    found += [Advice(r.title, r.detail, r.at_stake_usd, "at stake") for r in report.trials]
+    found += [Advice(r.title, r.detail, 0.0, "frees budget,") for r in report.budget]
+    found += [Advice(r.title, r.detail, 0.0, "no bill change,") for r in report.no_bill_change]
+    if args.html is not None:
+        atomic_write_bytes(args.html, html_page(records, found, args.days).encode())
+        print(f"wrote {args.html}")
+    if args.prefect_artifact:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise ConfigError("--prefect-artifact needs a Prefect server: set PREFECT_API_URL")
+        from flows.report import CHARTS_ARTIFACT_KEY, publish_report_charts
+
+        _quiet_prefect_console()
+        publish_report_charts(markdown_charts(records, found))
+        print(f"published the Prefect artifact {CHARTS_ARTIFACT_KEY}")
 
 
 # --- batches -----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from datetime import date
 from importlib import resources
@@ -239,10 +240,16 @@ def default_config_text() -> str:
     return resources.files("batch_engine").joinpath("default_config.toml").read_text(encoding="utf-8")
 
 
+@functools.cache
+def _default_config() -> Config:
+    # Parsed once per process: the config is frozen, and in-process callers (tests, `report`) load it often.
+    return parse_config(default_config_text(), "default_config.toml")
+
+
 def load_config(path: Path | str | None = None) -> Config:
     """Load the config at `path`, or the one shipped with the package."""
     if path is None:
-        return parse_config(default_config_text(), "default_config.toml")
+        return _default_config()
     from batch_engine.io import read_text
 
     return parse_config(read_text(Path(path)), str(path), Path(path).parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -76,8 +77,37 @@ def iter_records(path: Path) -> Iterator[RawRecord]:
             start = start + rest
         if start.lstrip().startswith(b"["):
             yield from _array_records(path, start + handle.read())
-        else:
-            yield from _jsonl_records(path, head, handle)
+            return
+        if start.lstrip().startswith(b"{"):
+            while b"\n" not in head and (more := handle.read(1 << 16)):
+                head += more
+            if not _parses(head.split(b"\n", 1)[0]):
+                # A pretty-printed object: no line of it parses alone, the whole file does.
+                data = head + handle.read()
+                value = _one_object(data)
+                if value is not None:
+                    yield RawRecord(index=0, line=None, value=value)
+                    return
+                yield from _jsonl_records(path, data, io.BytesIO())
+                return
+        yield from _jsonl_records(path, head, handle)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        orjson.loads(data.removeprefix(_BOM))
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _one_object(data: bytes) -> dict[str, Any] | None:
+    """The file as one JSON object (a single task written pretty-printed), or None when it is not one."""
+    try:
+        value = orjson.loads(data.removeprefix(_BOM))
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _array_records(path: Path, data: bytes) -> Iterator[RawRecord]:
@@ -169,6 +199,9 @@ def iter_record_lines(path: Path) -> Iterator[bytes]:
     if data.lstrip().startswith(b"["):
         for record in _array_records(path, data):
             yield orjson.dumps(record.value)
+        return
+    if data.lstrip().startswith(b"{") and (value := _one_object(data)) is not None:
+        yield orjson.dumps(value)
         return
     for raw in data.split(b"\n"):
         if raw.strip():

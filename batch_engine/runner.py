@@ -10,11 +10,11 @@ import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -56,6 +56,59 @@ class RunOptions:
     max_cost_usd: float | None = None  # refuse before sending, and stop sending, past this spend
     count_tokens: bool = False  # exact input counts (messages.count_tokens) for the pre-flight estimate
     config_path: Path | None = None  # recorded with the run so another process (`collect`) can reopen it
+
+
+# Against the emulator a batch ends in seconds; polling every minute would only add waiting.
+EMULATED_POLL_S = 1.0
+# In the state dir: emulated batches outlive the process that created them, so `collect` can finish them.
+EMULATOR_STATE_FILE = "emulator-state.json"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 chunk`, `2 chunks`, `2 batches`: log lines read as sentences."""
+    if count == 1:
+        return f"{count:,} {noun}"
+    return f"{count:,} {noun}es" if noun.endswith(("ch", "s")) else f"{count:,} {noun}s"
+
+
+def run_options(
+    *,
+    state_dir: str | Path,
+    config_path: str | Path | None,
+    mode: Route | None,
+    concurrency: int | None,
+    batch_timeout_s: float | None,
+    poll_interval_s: float | None,
+    output_format: OutputFormat,
+    emulate: bool,
+    max_cost_usd: float | None,
+    count_tokens: bool,
+) -> RunOptions:
+    """The engine's options from the CLI's flags or the flow's parameters (the same for both)."""
+    return RunOptions(
+        state_dir=Path(state_dir),
+        mode=mode,
+        concurrency=concurrency,
+        batch_timeout_s=batch_timeout_s,
+        poll_interval_s=poll_interval_s or (EMULATED_POLL_S if emulate else None),
+        output_format=output_format,
+        simulated=emulate,
+        max_cost_usd=max_cost_usd,
+        count_tokens=count_tokens,
+        config_path=Path(config_path) if config_path else None,
+    )
+
+
+@contextmanager
+def emulated_api(state_dir: Path, config_path: Path | None) -> Iterator[ApiSettings]:
+    """The built-in emulator, started in this process for a simulated run (its batches kept in the state dir)."""
+    from pydantic import SecretStr
+
+    from batch_engine.emulator import EmulatorSettings, start_emulator
+
+    settings = EmulatorSettings(config_path=config_path, state_file=state_dir / EMULATOR_STATE_FILE)
+    with start_emulator(settings) as emulator:
+        yield ApiSettings(SecretStr("emulated"), emulator.base_url)
 
 
 def _stored_options(options: RunOptions) -> dict[str, Any]:
@@ -314,15 +367,65 @@ class Run:
                 return False
         return True
 
-    async def execute(self, lanes: Lanes) -> None:
-        """Both lanes at once; then whatever the batch lane left goes realtime."""
-        await all_or_none(lanes.run_batches(self.chunk_works()), lanes.run_realtime(self.realtime_tasks()))
-        while leftovers := self.leftovers():
-            lanes.batch.ctx.logger.info(
-                "realtime fallback: %d tasks the batch lane did not finish or whose answer did not validate",
-                len(leftovers),
+    async def send(self, lanes: Lanes, steps: Steps | None = None, *, wait: bool = True) -> bool:
+        """The run loop: budget, both lanes at once, then whatever the batch lane left goes realtime.
+
+        Every entry point sends through here: `steps` says how each phase runs (called directly by default, or
+        as a Prefect task run by the flow). True when every batch has been collected; False when some were
+        left running (wait=False) for a later `collect`.
+        """
+        steps = steps or DIRECT_STEPS
+        for warning in self.plan.warnings:
+            lanes.batch.ctx.logger.warning("%s", warning.removeprefix("warning: "))
+        await steps.estimate(lanes)
+        self.ledger.set_run_status(self.key, "running")
+        await all_or_none(self._batch_lane(lanes, steps, wait), self._realtime_lane(lanes, steps))
+        if self.open_batches():
+            self.ledger.set_run_status(self.key, "submitted")
+            return False
+        await self.send_leftovers(lanes, steps)
+        return True
+
+    async def _batch_lane(self, lanes: Lanes, steps: Steps, wait: bool) -> None:
+        batch = lanes.batch
+
+        async def chunk(work: ChunkWork) -> None:
+            record = await steps.submit(batch, work)
+            if record is not None and wait:
+                await steps.collect(batch, record)
+
+        works = self.chunk_works()
+        if works:
+            await all_or_none(*(chunk(work) for work in works))
+            progress = batch.ctx.progress
+            batch.ctx.logger.info(
+                "batch lane: %s submitted, %d ended; %d rows succeeded, %d failed",
+                plural(progress.batches_submitted, "batch"),
+                progress.batches_ended,
+                progress.batch_rows_done,
+                progress.batch_rows_failed,
             )
-            await lanes.run_realtime(leftovers)
+
+    async def _realtime_lane(self, lanes: Lanes, steps: Steps) -> None:
+        if self.realtime_tasks():
+            sent = await steps.realtime(lanes)
+            progress = lanes.realtime.ctx.progress
+            lanes.realtime.ctx.logger.info(
+                "realtime lane: %d tasks, %d succeeded, %d failed",
+                sent,
+                progress.realtime_done,
+                progress.realtime_failed,
+            )
+
+    async def send_leftovers(self, lanes: Lanes, steps: Steps | None = None) -> None:
+        """Send realtime every task the batch lane did not finish (none is waiting in an open batch), and answers
+        to ask again, until none is left: an invalid_output row retried once may have another retry left."""
+        while self.leftovers():
+            sent = await (steps or DIRECT_STEPS).leftovers(lanes)
+            lanes.batch.ctx.logger.info(
+                "realtime fallback: %d tasks (unfinished by the batch lane, or answers to ask again) sent realtime",
+                sent,
+            )
 
     # --- output ------------------------------------------------------------------------------------------------
 
@@ -399,6 +502,42 @@ class Lanes:
         await self.realtime.run(tasks)
 
 
+class Steps(Protocol):
+    """How each phase of `Run.send` is executed: called directly, or as a Prefect task run (the flow's)."""
+
+    async def estimate(self, lanes: Lanes) -> float: ...
+    async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None: ...
+    async def collect(self, batch: BatchLane, record: ChunkRecord) -> None: ...
+    async def realtime(self, lanes: Lanes) -> int: ...
+    async def leftovers(self, lanes: Lanes) -> int: ...
+
+
+class DirectSteps:
+    """Each phase called in this process: `run()`, and `batch-engine run` without Prefect."""
+
+    async def estimate(self, lanes: Lanes) -> float:
+        return await lanes.run.preflight(lanes)
+
+    async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
+        return await batch.submit(work)
+
+    async def collect(self, batch: BatchLane, record: ChunkRecord) -> None:
+        await batch.wait_and_collect(record)
+
+    async def realtime(self, lanes: Lanes) -> int:
+        tasks = lanes.run.realtime_tasks()
+        await lanes.run_realtime(tasks)
+        return len(tasks)
+
+    async def leftovers(self, lanes: Lanes) -> int:
+        tasks = lanes.run.leftovers()
+        await lanes.run_realtime(tasks)
+        return len(tasks)
+
+
+DIRECT_STEPS = DirectSteps()
+
+
 def _rejection_index(rejection: Rejection) -> int:
     return rejection.index
 
@@ -426,8 +565,7 @@ async def run(
     try:
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:
-                await prepared.preflight(lanes)
-                await prepared.execute(lanes)
+                await prepared.send(lanes)
         return prepared.write_output()
     finally:
         prepared.close()

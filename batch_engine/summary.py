@@ -76,6 +76,7 @@ def plan_summary(
         "estimated_cost_usd": round(estimate, 6),
         "baseline_cost_usd": round(baseline, 6),
         "rejections": [rejection.one_line() for rejection in plan.rejections],
+        "warnings": list(plan.warnings),
     }
 
 
@@ -106,6 +107,7 @@ def render_plan_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["note"]:
         lines.append(f"note: {summary['note']}")
+    lines.extend(summary["warnings"])
     if summary["rejections"]:
         lines.append("rejections:")
         lines.extend(f"  {line}" for line in summary["rejections"])

@@ -36,14 +36,20 @@ from batch_engine.lanes import Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
-from batch_engine.runner import DEFAULT_STATE_DIR, Lanes, OutputFormat, Run, RunOptions
+from batch_engine.runner import (
+    DEFAULT_STATE_DIR,
+    DIRECT_STEPS,
+    Lanes,
+    OutputFormat,
+    Run,
+    RunOptions,
+    plural,
+    run_options,
+)
 from flows.limits import GlobalRateLimit, check_models, shared_rate_limit
 from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-
-# Against the emulator a batch ends in seconds; polling every minute would only add waiting.
-EMULATED_POLL_S = 1.0
 
 
 class CurrentRunLogger(logging.LoggerAdapter[logging.Logger]):
@@ -55,41 +61,6 @@ class CurrentRunLogger(logging.LoggerAdapter[logging.Logger]):
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         get_run_logger().log(level, msg, *args, **kwargs)
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 chunk`, `2 chunks`, `2 batches`: log lines read as sentences."""
-    if count == 1:
-        return f"{count:,} {noun}"
-    return f"{count:,} {noun}es" if noun.endswith(("ch", "s")) else f"{count:,} {noun}s"
-
-
-def run_options(
-    *,
-    state_dir: str,
-    config_path: str | None,
-    mode: Route | None,
-    concurrency: int | None,
-    batch_timeout_s: float | None,
-    poll_interval_s: float | None,
-    output_format: OutputFormat,
-    emulate: bool,
-    max_cost_usd: float | None,
-    count_tokens: bool,
-) -> RunOptions:
-    """The engine's options from the flow's parameters."""
-    return RunOptions(
-        state_dir=Path(state_dir),
-        mode=mode,
-        concurrency=concurrency,
-        batch_timeout_s=batch_timeout_s,
-        poll_interval_s=poll_interval_s or (EMULATED_POLL_S if emulate else None),
-        output_format=output_format,
-        simulated=emulate,
-        max_cost_usd=max_cost_usd,
-        count_tokens=count_tokens,
-        config_path=Path(config_path) if config_path else None,
-    )
 
 
 T = TypeVar("T")
@@ -142,13 +113,13 @@ async def reopen_run(record: RunRecord, state_dir: str) -> Run:
 @task(name="estimate-and-budget", cache_policy=NO_CACHE)
 async def estimate_and_budget(lanes: Lanes) -> float:
     """Estimate what is left to send; refuse a run over max_cost_usd before anything is sent."""
-    return await lanes.run.preflight(lanes)
+    return await DIRECT_STEPS.estimate(lanes)
 
 
 @task(name="submit-batch", task_run_name="submit-{work.key}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 async def submit_chunk(batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
     """The chunk's batch, created exactly once: the ledger's intent row makes a retry re-attach, not re-create."""
-    return await batch.submit(work)
+    return await DIRECT_STEPS.submit(batch, work)
 
 
 @task(
@@ -160,24 +131,20 @@ async def submit_chunk(batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
 )
 async def wait_and_collect(batch: BatchLane, record: ChunkRecord) -> None:
     """Poll the batch until it ends (cancel it at the batch timeout), then stream its results into the ledger."""
-    await batch.wait_and_collect(record)
+    await DIRECT_STEPS.collect(batch, record)
 
 
 @task(name="realtime-lane", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 async def realtime_lane(lanes: Lanes) -> int:
     """Send the realtime-route tasks that have no result yet (a retry sends only what is still missing)."""
-    tasks = lanes.run.realtime_tasks()
-    await lanes.run_realtime(tasks)
-    return len(tasks)
+    return await DIRECT_STEPS.realtime(lanes)
 
 
 @task(name="realtime-leftovers", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 async def realtime_leftovers(lanes: Lanes) -> int:
     """Send realtime whatever the batch lane did not finish (cancelled at the timeout, retries out of time), and
     answers that did not validate against their output schema."""
-    tasks = lanes.run.leftovers()
-    await lanes.run_realtime(tasks)
-    return len(tasks)
+    return await DIRECT_STEPS.leftovers(lanes)
 
 
 @task(name="merge-and-write", cache_policy=NO_CACHE)
@@ -194,6 +161,28 @@ async def publish_artifacts(run: Run, summary: RunSummary) -> None:
         summary_markdown(summary, breakdown), key=SUMMARY_KEY, description=summary_headline(summary)
     )
     await acreate_table_artifact(breakdown.table(), key=TABLE_KEY, description=breakdown.table_description())
+
+
+class TaskSteps:
+    """`Run.send`'s phases, each as a Prefect task run of the flow (the CLI without Prefect calls them directly)."""
+
+    async def estimate(self, lanes: Lanes) -> float:
+        return await estimate_and_budget(unwalked(lanes))
+
+    async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
+        return await submit_chunk(batch, work)
+
+    async def collect(self, batch: BatchLane, record: ChunkRecord) -> None:
+        await wait_and_collect(batch, record)
+
+    async def realtime(self, lanes: Lanes) -> int:
+        return await realtime_lane(unwalked(lanes))
+
+    async def leftovers(self, lanes: Lanes) -> int:
+        return await realtime_leftovers(unwalked(lanes))
+
+
+TASK_STEPS = TaskSteps()
 
 
 # --- flows ----------------------------------------------------------------------------------------------------
@@ -335,16 +324,7 @@ async def _send(
         if options.simulated:
             # No address: the emulator lives only as long as this run, so a link to it would be dead in the UI.
             logger.warning("SIMULATED: running against the built-in emulator; nothing is billed")
-        await estimate_and_budget(unwalked(lanes))
-        run.ledger.set_run_status(run.key, "running")
-        batch_lane = _batch_lane(lanes.batch, run.chunk_works(), wait, logger)
-        realtime = _realtime(lanes, progress, logger)
-        await all_or_none(batch_lane, realtime)
-        if run.open_batches():
-            run.ledger.set_run_status(run.key, "submitted")
-            return False
-        await _leftovers(lanes, logger)
-    return True
+        return await run.send(lanes, TASK_STEPS, wait=wait)
 
 
 async def _collect_one(
@@ -377,7 +357,7 @@ async def _collect_one(
             run.ledger.set_run_status(run.key, "submitted")
             logger.info("run %s: rows resubmitted in a new batch; left for the next collect", run.key)
             return None
-        await _leftovers(lanes, logger)
+        await run.send_leftovers(lanes, TASK_STEPS)
     return await _finish(run, logger)
 
 
@@ -401,41 +381,6 @@ def _describe_shared_limit(shared: SharedLimit, run: Run, logger: Logger, *, des
         else:
             block = min(shared.blocks[name], concurrency)
             logger.info("realtime: %s also under global rate limit %r, %d slots at a time", model, name, block)
-
-
-async def _batch_lane(batch: BatchLane, works: list[ChunkWork], wait: bool, logger: Logger) -> None:
-    async def chunk(work: ChunkWork) -> None:
-        record = await submit_chunk(batch, work)
-        if record is not None and wait:
-            await wait_and_collect(batch, record)
-
-    if works:
-        await all_or_none(*(chunk(work) for work in works))
-        progress = batch.ctx.progress
-        logger.info(
-            "batch lane: %s submitted, %d ended; %d rows succeeded, %d failed",
-            plural(progress.batches_submitted, "batch"),
-            progress.batches_ended,
-            progress.batch_rows_done,
-            progress.batch_rows_failed,
-        )
-
-
-async def _realtime(lanes: Lanes, progress: Progress, logger: Logger) -> None:
-    if lanes.run.realtime_tasks():
-        sent = await realtime_lane(unwalked(lanes))
-        logger.info(
-            "realtime lane: %d tasks, %d succeeded, %d failed", sent, progress.realtime_done, progress.realtime_failed
-        )
-
-
-async def _leftovers(lanes: Lanes, logger: Logger) -> None:
-    # Until none is left: an invalid_output row retried once may have another retry left (invalid_output_retries).
-    while lanes.run.leftovers():
-        sent = await realtime_leftovers(unwalked(lanes))
-        logger.info(
-            "realtime fallback: %d tasks (unfinished by the batch lane, or answers to ask again) sent realtime", sent
-        )
 
 
 async def _finish(run: Run, logger: Logger) -> RunSummary:

@@ -4,17 +4,31 @@ Prefect's ephemeral mode starts a uvicorn subprocess and stops it at exit, but a
 SIGTERM never reaches its exit handlers and leaves that server running. So the CLI starts the same server up
 front and tells its pid to a tiny reaper process that reads a pipe from the CLI: when the pipe closes without
 the line "done" (the CLI died), the reaper stops the server.
+
+The server's own output (uvicorn, its services' warnings) goes to a log file in the state dir, not the user's
+terminal; its path is shown only when the server fails to start. Its telemetry service is off: offline it only
+logs errors ("Failed to send telemetry") and, under load, "database is locked" tracebacks.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+from prefect.server.api.server import SubprocessASGIServer
+
+from batch_engine.errors import BatchEngineError
+from batch_engine.runner import DEFAULT_STATE_DIR
+
+SERVER_LOG = "prefect-server.log"
 # A first run migrates a fresh Prefect database, which takes well over Prefect's default 20 s on a busy machine.
 STARTUP_TIMEOUT_S = 90
 
@@ -37,17 +51,57 @@ if pid is not None:
 """
 
 
-def start_ephemeral_server() -> int | None:
+class _LoggedServer(SubprocessASGIServer):
+    """Prefect's temporary server with its output in a log file instead of the user's terminal."""
+
+    log_path: Path
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        with _output_to(self.log_path):
+            return super()._run_uvicorn_command()
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Point this process's stdout and stderr at `path` while a child is started, so the child inherits it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
+def start_ephemeral_server(state_dir: Path = DEFAULT_STATE_DIR) -> int | None:
     """Start Prefect's temporary server now and make sure it dies with us; its pid (None with PREFECT_API_URL)."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
-    # The instance ephemeral mode itself uses: the flow's client finds it running and reuses it.
-    server = SubprocessASGIServer()
+    # Read by the server process from the environment it inherits, unless the user chose otherwise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Registered as the instance ephemeral mode itself uses: the flow's client finds it running and reuses it.
+    server = _LoggedServer()
+    server.log_path = state_dir / SERVER_LOG
     timeout = max(STARTUP_TIMEOUT_S, settings.server.ephemeral.startup_timeout_seconds)
+    try:
+        return _start(server, timeout)
+    except Exception as exc:
+        raise BatchEngineError(
+            f"Prefect's temporary server did not start ({type(exc).__name__}); its log: {server.log_path}"
+        ) from exc
+
+
+def _start(server: SubprocessASGIServer, timeout: int) -> int | None:
     if os.name != "posix":
         server.start(timeout)
         return None

@@ -12,13 +12,11 @@ from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from batch_engine.client import API_KEY_ENV, BASE_URL_ENV, ApiSettings
-from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.errors import ConfigError
+from batch_engine.runner import emulated_api
 
 DEFAULT_SECRET_BLOCK = "anthropic-api-key"
 ENV_VAR = API_KEY_ENV
-# In the state dir: emulated batches outlive the flow run that created them, so `collect` can finish them.
-EMULATOR_STATE_FILE = "emulator-state.json"
 
 
 async def resolve_api_key(block_name: str = DEFAULT_SECRET_BLOCK) -> SecretStr | None:
@@ -45,9 +43,8 @@ async def api_settings(
 ) -> AsyncIterator[ApiSettings]:
     """The API for one run: the emulator started here (simulated), or the real key and `$ANTHROPIC_BASE_URL`."""
     if emulate:
-        settings = EmulatorSettings(config_path=config_path, state_file=state_dir / EMULATOR_STATE_FILE)
-        with start_emulator(settings) as emulator:
-            yield ApiSettings(SecretStr("emulated"), emulator.base_url)
+        with emulated_api(state_dir, config_path) as api:
+            yield api
         return
     key = await resolve_api_key(block_name)
     if key is None:

@@ -59,3 +59,17 @@ def migrated_prefect_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(prefect), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True, timeout=120
     )
     return home / "prefect.db"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nightly: long generated-input runs, left out unless selected with -m nightly")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave the nightly tests out of a plain `pytest` (CI); `-m nightly` selects them."""
+    if "nightly" in (config.getoption("markexpr") or ""):
+        return
+    nightly = [item for item in items if item.get_closest_marker("nightly")]
+    if nightly:
+        config.hook.pytest_deselected(items=nightly)
+        items[:] = [item for item in items if not item.get_closest_marker("nightly")]

@@ -84,7 +84,7 @@ def test_a_killed_run_resumes_on_the_same_batch_and_sends_nothing_twice(
     output_path, state_dir = tmp_path / "out.json", tmp_path / "state"
     command = [sys.executable, "-m", "batch_engine.cli", "run", str(input_path), "-o", str(output_path)]
     command += ["--state-dir", str(state_dir), "--poll-interval", "200ms"]
-    # `run` executes the Prefect flow on an ephemeral Prefect server: give it a home (and database) of its own.
+    # Without PREFECT_API_URL `run` runs in-process; a Prefect home of its own keeps it off any user-wide state.
     home = tmp_path / "prefect-home"
     home.mkdir()
     shutil.copy(migrated_prefect_db, home / "prefect.db")

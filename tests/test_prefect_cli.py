@@ -40,10 +40,11 @@ def test_an_emulated_run_ends_with_the_clean_summary_and_leaves_no_process(
     home.mkdir()
     shutil.copy(migrated_prefect_db, home / "prefect.db")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
-    # Ephemeral Prefect, as a user without a server gets it, in a home of its own.
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # Ephemeral Prefect, as a user without a server gets it with --prefect, in a home of its own (and the
+    # server's telemetry left at its default: the CLI turns it off, offline it only logs errors).
+    env.update(PREFECT_HOME=str(home))
     output = tmp_path / "out.json"
-    command = [str(CLI), "run", str(SAMPLES / "nightly_tasks.json"), "-o", str(output)]
+    command = [str(CLI), "run", str(SAMPLES / "nightly_tasks.json"), "-o", str(output), "--prefect"]
     command += ["--config", str(SAMPLES / "config.toml"), "--state-dir", str(tmp_path / "state"), "--emulate"]
 
     try:
@@ -58,8 +59,12 @@ def test_an_emulated_run_ends_with_the_clean_summary_and_leaves_no_process(
     assert done.stdout.splitlines()[-1].startswith(f"output: {output}")
     # The run's own lines, and none of Prefect's banners, state lines or exit-time warnings.
     assert "batch msgbatch_" in done.stderr and "realtime lane: 63 tasks" in done.stderr
-    for noise in ("temporary server", "Finished in state", "Beginning flow run", "EventsWorker", "Traceback"):
+    for noise in ("temporary server", "Finished in state", "Beginning flow run", "EventsWorker", "Traceback", "ERROR"):
         assert noise not in done.stderr, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "SIMULATED" in warnings[0], warnings
+    # The temporary server's own output went to its log file, not the terminal.
+    assert (tmp_path / "state" / "prefect-server.log").exists()
     assert len(orjson.loads(output.read_bytes())["results"]) == 304
     assert leftovers == []
 
@@ -109,3 +114,29 @@ def test_a_run_with_failed_tasks_exits_1_with_every_task_in_the_output(
     assert len(rows) == 304
     assert {row["status"] for row in rows if row["route"] == "batch"} == {"errored"}
     assert {row["status"] for row in rows if row["route"] == "realtime"} == {"succeeded"}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_with_prefect_api_url_set_a_run_is_a_flow_run_on_that_server(
+    emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
+    output = tmp_path / "out.json"
+    args = ["run", str(SAMPLES / "nightly_tasks.json"), "-o", str(output), "--config", str(SAMPLES / "config.toml")]
+    args += ["--state-dir", str(tmp_path / "state"), "--poll-interval", "200ms"]
+
+    assert main(args) == 0
+
+    async def flow_runs_writing_output() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+        return [run.state_name or "" for run in runs if run.parameters.get("output_path") == str(output)]
+
+    assert asyncio.run(flow_runs_writing_output()) == ["Completed"]

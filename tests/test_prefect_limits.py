@@ -139,7 +139,7 @@ def _run_with_shared_limit(
 
     async def go() -> None:
         async with run.lanes(ApiSettings(SecretStr("sk-test"), emulator.base_url), shared_limit=shared) as lanes:
-            await run.execute(lanes)
+            await run.send(lanes)
 
     try:
         asyncio.run(go())

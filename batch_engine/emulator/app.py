@@ -145,6 +145,8 @@ class EmulatorApp:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         incoming = Incoming(scope["method"], scope["path"], _query(scope), headers)
         endpoint = route.endpoint if route else f"{scope['method']} {scope['path']}"
+        if route is not None and route.api:
+            self.state.stats.record_arrival()
         try:
             body = await self._read_body(receive, headers, self._body_limit(route))
             if route is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from batch_engine.emulator.batches import OUTCOMES
@@ -28,6 +29,12 @@ class Stats:
         self._payloads: set[bytes] = set()
         self.repeated_realtime_requests = 0
         self._realtime_bodies: set[bytes] = set()
+        # Wall-clock time the first API request arrived (a start-up benchmark measures a client's launch to it).
+        self.first_request_at: float | None = None
+
+    def record_arrival(self) -> None:
+        if self.first_request_at is None:
+            self.first_request_at = time.time()
 
     def record_call(self, endpoint: str, status: str) -> None:
         by_status = self.calls.setdefault(endpoint, {})
@@ -74,6 +81,7 @@ class Stats:
             "duplicate_custom_ids_across_batches": self.duplicate_custom_ids,
             "duplicate_succeeded_custom_ids": self.duplicate_successes,
             "duplicate_batch_payloads": self.duplicate_batch_payloads,
+            "first_request_at": self.first_request_at,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -98,6 +106,7 @@ class Stats:
         self.duplicate_successes = data["duplicate_succeeded_custom_ids"]
         self.duplicate_batch_payloads = data["duplicate_batch_payloads"]
         self.deleted_batch_rows = data["deleted_batch_rows"]
+        self.first_request_at = data.get("first_request_at")
         self.custom_id_batches = data["custom_id_batches"]
         self.custom_id_successes = data["custom_id_successes"]
         self._payloads = {bytes.fromhex(payload) for payload in data["payloads"]}

@@ -69,6 +69,7 @@ class Plan:
     rejections: tuple[Rejection, ...]
     chunks: tuple[Chunk, ...]  # covers exactly the batch-route tasks
     total_records: int
+    warnings: tuple[str, ...] = ()  # what planning changed on the user's behalf (a capped max_tokens), one line each
 
     def batch_tasks(self) -> list[PlannedTask]:
         return [task for task in self.tasks if task.route == "batch"]
@@ -91,6 +92,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
 
     tasks: list[PlannedTask] = []
     rejections: list[Rejection] = []
+    capped: dict[tuple[str, str, int, int], list[Any]] = {}
     seen: set[str] = set()
     # One compiled schema per task type and model (or per distinct raw-params schema), shared by its tasks.
     outputs: dict[tuple[str, str], OutputSpec] = {}
@@ -150,6 +152,12 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
             )
             continue
         seen.add(checked.task_id)
+        requested = (checked.params or {}).get("max_tokens") or checked.max_tokens or task_type.max_tokens
+        if frame["max_tokens"] < requested:
+            source = "the record's max_tokens" if checked.max_tokens else f"task type {checked.task_type}'s max_tokens"
+            where = f"line {record.line}" if record.line is not None else f"record {record.index}"
+            first = f"{where}, task_id {checked.task_id}"
+            capped.setdefault((source, model, requested, frame["max_tokens"]), [0, first])[0] += 1
         params = with_user_text(frame, user_text)
         tasks.append(
             PlannedTask(
@@ -176,4 +184,11 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
         config.limits.max_bytes_per_batch,
         positions=batch_positions,
     )
-    return Plan(tasks=tuple(tasks), rejections=tuple(rejections), chunks=tuple(chunks), total_records=total)
+    warnings = tuple(
+        f"warning: {source} {requested} is above {model}'s output limit; capped at {cap} for {count} tasks "
+        f"(first: {first})"
+        for (source, model, requested, cap), (count, first) in capped.items()
+    )
+    return Plan(
+        tasks=tuple(tasks), rejections=tuple(rejections), chunks=tuple(chunks), total_records=total, warnings=warnings
+    )

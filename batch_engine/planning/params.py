@@ -77,13 +77,15 @@ def build_request(
     that renders the same one: a plan of 1M tasks holds each task's user text, not a params tree per task. Raw
     `params` from the input are their own frame, with no user text. `with_user_text` puts the two together.
     """
-    model = task.model or config.model_for_tier(task.model_tier or task_type.tier)
+    # An explicit model is the user's choice: the record's own, or the one in its raw params (validated).
+    explicit = task.model or (task.params or {}).get("model")
+    model = explicit or config.model_for_tier(task.model_tier or task_type.tier)
     spec = config.models[model]
     if task.params is not None:
         params = dict(task.params)
         params.pop("stream", None)
         params["model"] = model
-        params.setdefault("max_tokens", task.max_tokens or task_type.max_tokens)
+        params.setdefault("max_tokens", min(task.max_tokens or task_type.max_tokens, spec.max_output_tokens))
         return model, params, None
     max_tokens = min(task.max_tokens or task_type.max_tokens, spec.max_output_tokens)
     system_text = task.system if task.system is not None else render(task_type.system, task.input_data)

@@ -41,6 +41,9 @@ def validate_record(value: Any, index: int, line: int | None, config: Config) ->
     if task.params is not None:
         if not isinstance(task.params.get("messages"), list):
             return reject("params.messages", "raw params need a list of messages")
+        problem = _raw_params_problem(task, config)
+        if problem is not None:
+            return reject(*problem)
         if count_breakpoints(task.params) > MAX_BREAKPOINTS:
             return reject("params", f"more than {MAX_BREAKPOINTS} cache_control breakpoints (the API rejects it)")
         problem = _output_format_problem(task, config)
@@ -62,7 +65,8 @@ def _output_format_problem(task: TaskRequest, config: Config) -> tuple[str, str]
     fmt = output_config["format"]
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
         return "params.output_config.format", 'expected {"type": "json_schema", "schema": {...}}'
-    model = task.model or config.model_for_tier(task.model_tier or config.task_types[task.task_type].tier)
+    explicit = task.model or task.params.get("model")  # params.model is checked before this
+    model = explicit or config.model_for_tier(task.model_tier or config.task_types[task.task_type].tier)
     if not config.models[model].structured_outputs:
         return "params.output_config.format", f"{model} does not support structured outputs (see [models.{model}])"
     try:
@@ -73,3 +77,44 @@ def _output_format_problem(task: TaskRequest, config: Config) -> tuple[str, str]
             f"the API would refuse it: {exc.reason}",
         )
     return None
+
+
+def _raw_params_problem(task: TaskRequest, config: Config) -> tuple[str, str] | None:
+    """(field, reason) for raw params the engine could not plan or the API would refuse; None when they are fine.
+
+    Shapes only: the engine reads these fields (to price, count, chunk and route), so a wrong type must be a
+    rejection here, not a crash later.
+    """
+    params = task.params
+    assert params is not None
+    for position, message in enumerate(params["messages"]):
+        if not isinstance(message, dict):
+            return f"params.messages.{position}", "each message must be an object with a role and content"
+    model = params.get("model")
+    if model is not None:
+        if not isinstance(model, str) or model not in config.models:
+            return "params.model", f"unknown model {model!r} (not in the config's [models])"
+        if task.model is not None and task.model != model:
+            return "params.model", f"{model!r} contradicts the record's model {task.model!r}; give one of them"
+    model = task.model or model or config.model_for_tier(task.model_tier or config.task_types[task.task_type].tier)
+    if "max_tokens" in params:
+        max_tokens = params["max_tokens"]
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            return "params.max_tokens", f"must be a whole number of at least 1, got {max_tokens!r}"
+        limit = config.models[model].max_output_tokens
+        if max_tokens > limit:
+            return "params.max_tokens", f"{max_tokens} is above {model}'s output limit of {limit} (the API rejects it)"
+    system = params.get("system")
+    if system is not None and not isinstance(system, str) and not _list_of_objects(system):
+        return "params.system", "must be a string or a list of content blocks (objects)"
+    for name in ("tools", "stop_sequences"):
+        value = params.get(name)
+        if value is not None and not isinstance(value, list):
+            return f"params.{name}", f"must be a list, got {type(value).__name__}"
+    if params.get("tools") is not None and not _list_of_objects(params["tools"]):
+        return "params.tools", "must be a list of tool definitions (objects)"
+    return None
+
+
+def _list_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
