@@ -698,8 +698,8 @@ def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report:
         return
     found = [Advice(r.title, r.detail, r.saved_usd, "saves") for r in report.savings]
     found += [Advice(r.title, r.detail, r.at_stake_usd, "at stake") for r in report.trials]
-    found += [Advice(r.title, r.detail, 0.0, "frees budget,") for r in report.budget]
-    found += [Advice(r.title, r.detail, 0.0, "no bill change,") for r in report.no_bill_change]
+    found += [Advice(r.title, r.detail, None, "frees budget, not the bill") for r in report.budget]
+    found += [Advice(r.title, r.detail, None, "no change to the bill") for r in report.no_bill_change]
     if args.html is not None:
         atomic_write_bytes(args.html, html_page(records, found, args.days).encode())
         print(f"wrote {args.html}")

@@ -28,8 +28,11 @@ class Advice:
 
     title: str
     detail: str
-    usd: float
-    figure: str  # how to read `usd`, e.g. "saves" or "at stake"
+    usd: float | None  # None: no dollar figure (it changes a budget, not the bill)
+    figure: str  # how to read `usd`, e.g. "saves" or "at stake"; the whole figure when `usd` is None
+
+    def figure_text(self) -> str:
+        return self.figure if self.usd is None else f"{self.figure} ${self.usd:.4f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +209,9 @@ def html_page(records: Sequence[UsageRecord], recommendations: Sequence[Advice],
     spent = sum(r.cost_usd for r in records)
     baseline = sum(r.baseline_usd for r in records)
     rows = "\n".join(
-        f'<tr data-usd="{r.usd:.6f}"><td><b>{html.escape(r.title)}</b><br>{html.escape(r.detail)}</td>'
-        f'<td class="usd">{html.escape(r.figure)} ${r.usd:.4f}</td></tr>'
+        ("<tr>" if r.usd is None else f'<tr data-usd="{r.usd:.6f}">')
+        + f"<td><b>{html.escape(r.title)}</b><br>{html.escape(r.detail)}</td>"
+        + f'<td class="usd">{html.escape(r.figure_text())}</td></tr>'
         for r in recommendations
     )
     advice = (
@@ -270,5 +274,5 @@ def markdown_charts(records: Sequence[UsageRecord], recommendations: Sequence[Ad
         if rate is not None:
             lines.append(f"| {day.day} | {rate:.1%} | `{_bar(rate, 1.0)}` |")
     lines += ["", "## Recommendations", "", "| recommendation | dollars |", "|---|---:|"]
-    lines += [f"| **{r.title}**: {r.detail} | {r.figure} ${r.usd:.4f} |" for r in recommendations] or ["| none | |"]
+    lines += [f"| **{r.title}**: {r.detail} | {r.figure_text()} |" for r in recommendations] or ["| none | |"]
     return "\n".join(lines) + "\n"
