@@ -189,7 +189,7 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "a required property left out, or prose (default 0: every JSON answer validates)",
     )
     parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
-    parser.add_argument("--config", help="config TOML whose [models] the emulator serves")
+    parser.add_argument("--config", help="ignored: the emulator serves its own models, from Anthropic's docs")
     parser.add_argument("--state-file", help="keep batches, cache and stats in this file across restarts")
     parser.set_defaults(func=_run_emulator)
 

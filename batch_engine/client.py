@@ -234,9 +234,9 @@ _COUNT_FIELDS = _api_fields(AsyncMessages.count_tokens)
 
 
 def _keywords(params: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
-    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so raw params reach
-    the API as given: SDK 2 dropped temperature/top_p/top_k from the signatures, yet older models accept them,
-    and the API, not a TypeError, should judge the rest."""
+    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so the API, not a
+    TypeError, judges them. Sampling params never get here: API version 2026-10-21 (what SDK 2.x sends) refuses
+    temperature/top_p/top_k on every model, so planning rejects such records up front (validate.py)."""
     extra = {key: value for key, value in params.items() if key not in fields}
     if not extra:
         return params

@@ -9,6 +9,7 @@ from batch_engine.budget import Estimator
 from batch_engine.config import Config
 from batch_engine.models import Usage
 from batch_engine.planning import Plan
+from batch_engine.planning.params import thinking_warning
 from batch_engine.planning.pricing import baseline_cost, estimate_cost
 
 if TYPE_CHECKING:
@@ -76,7 +77,24 @@ def plan_summary(
         "estimated_cost_usd": round(estimate, 6),
         "baseline_cost_usd": round(baseline, 6),
         "rejections": [rejection.one_line() for rejection in plan.rejections],
+        "warnings": plan_warnings(plan, config),
     }
+
+
+def plan_warnings(plan: Plan, config: Config) -> list[str]:
+    """One line per (task type, model) of the plan whose thinking may leave no answer."""
+    warnings: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for task in plan.tasks:
+        if task.user_text is None or (task.task_type, task.model) in seen:
+            continue  # raw params say their own thinking
+        seen.add((task.task_type, task.model))
+        warning = thinking_warning(
+            task.task_type, config.task_types[task.task_type], task.model, config.models[task.model]
+        )
+        if warning is not None:
+            warnings.append(warning)
+    return warnings
 
 
 def render_plan_summary(summary: dict[str, Any]) -> str:
@@ -106,6 +124,7 @@ def render_plan_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["note"]:
         lines.append(f"note: {summary['note']}")
+    lines.extend(f"warning: {line}" for line in summary["warnings"])
     if summary["rejections"]:
         lines.append("rejections:")
         lines.extend(f"  {line}" for line in summary["rejections"])

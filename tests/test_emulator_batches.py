@@ -51,7 +51,7 @@ def _wait_ended(client: anthropic.Anthropic, batch_id: str, timeout_s: float = 2
 
 def test_batch_lifecycle_and_results(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
     emulator.configure(batch_duration_s=0.5)
-    created = client.messages.batches.create(requests=_rows(3))
+    created = client.messages.batches.create(requests=_rows(3, thinking={"type": "disabled"}))
     assert created.id.startswith("msgbatch_") and created.processing_status == "in_progress"
     assert created.results_url is None and created.ended_at is None
     assert created.expires_at - created.created_at == timedelta(hours=24)

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 import orjson
 from pydantic import ValidationError
 
+from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.faults import FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
@@ -58,6 +59,11 @@ class Incoming:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise invalid(f"Request body is not valid JSON: {exc}") from None
+
+    @property
+    def api_version(self) -> str:
+        """The `anthropic-version` the request asked for; the oldest version when it sent none (assumed)."""
+        return self.headers.get("anthropic-version") or OLDEST_VERSION
 
     @property
     def base_url(self) -> str:
@@ -306,7 +312,7 @@ class EmulatorApp:
         model = params.get("model") if isinstance(params, dict) else None
         try:
             fault = self._fault("messages")
-            prepared = state.prepare_message(params)
+            prepared = state.prepare_message(params, api_version=incoming.api_version)
             if fault == "error_event" and not prepared.request.stream:
                 raise failure_for("529", 0)  # only a stream can fail after its 200
             refusal = state.limiter.admit_message(prepared.request.model, prepared.rate_limited_input)
@@ -334,7 +340,7 @@ class EmulatorApp:
 
     async def _count_tokens(self, incoming: Incoming, _: str) -> Outgoing:
         self._fault("count_tokens")
-        prepared = self.state.prepare_message(incoming.json(), counting=True)
+        prepared = self.state.prepare_message(incoming.json(), counting=True, api_version=incoming.api_version)
         refusal = self.state.limiter.admit_simple("count_tokens")
         if refusal is not None:
             raise _rate_limited(refusal, {})
@@ -374,7 +380,7 @@ class EmulatorApp:
             seen.add(custom_id)
             custom_ids.append(custom_id)
             params.append(row_params)
-        batch = self.state.create_batch(custom_ids, params)
+        batch = self.state.create_batch(custom_ids, params, incoming.api_version)
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
 
@@ -450,7 +456,7 @@ class EmulatorApp:
             "type": "model",
             "id": model,
             "display_name": model.replace("claude-", "Claude ").replace("-", " ").title(),
-            "created_at": rfc3339(datetime.combine(spec.price_as_of, datetime.min.time(), tzinfo=UTC).timestamp()),
+            "created_at": rfc3339(datetime.combine(spec.released, datetime.min.time(), tzinfo=UTC).timestamp()),
             "max_input_tokens": spec.context_tokens,
             "max_tokens": spec.max_output_tokens,
             "lifecycle": "active",

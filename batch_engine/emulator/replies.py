@@ -16,9 +16,8 @@ import orjson
 
 from batch_engine.emulator.params import MessageRequest
 from batch_engine.emulator.structured import Generator
-from batch_engine.emulator.tokenizer import json_tokens
+from batch_engine.emulator.tokenizer import json_tokens, prefix_within, text_tokens
 from batch_engine.emulator.wire import new_id
-from batch_engine.planning.tokens import estimate_tokens
 
 _WORDS = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
@@ -62,8 +61,9 @@ def _thinking_tokens(request: MessageRequest, seed: int) -> int:
     base = THINKING_BY_EFFORT[thinking.effort] + seed % 32
     if thinking.budget_tokens is not None:
         return min(thinking.budget_tokens, base)
-    # Adaptive thinking sizes itself to the request: it leaves at least half of max_tokens for the answer.
-    return min(base, request.max_tokens // 2)
+    # Thinking tokens count toward max_tokens and adaptive thinking does not save room for the answer: a small
+    # max_tokens can be spent on thinking alone, ending `max_tokens` with no text (docs: Haiku 5.5 what's new).
+    return min(base, request.max_tokens)
 
 
 def build_reply(
@@ -97,7 +97,7 @@ def build_reply(
             "name": request.forced_tool["name"],
             "input": tool_input,
         }
-        used = min(available, json_tokens(tool_input) + 8)
+        used = min(available, json_tokens(tool_input, request.spec.tokenizer) + 8)
         content.append(block)
         return Reply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
 
@@ -107,7 +107,10 @@ def build_reply(
         text = answer if isinstance(answer, str) and invalid_output else orjson.dumps(answer).decode()
     else:
         target = reply_tokens if reply_tokens is not None else 20 + seed % 41
-        text = echo + " " + _filler(max(0, target * 4 - len(echo) - 1), seed)
+        text = echo + " " + _filler(max(0, target * 8 - len(echo) - 1), seed)
+        # The reply is `target` tokens long, but never shorter than its echo (the proof of what it answers).
+        family = request.spec.tokenizer
+        text = prefix_within(text, max(target, text_tokens(echo, family)), family).rstrip()
     stop_reason, stop_sequence = "end_turn", None
     for sequence in request.stop_sequences:
         position = text.find(sequence)
@@ -116,13 +119,13 @@ def build_reply(
     if stop_sequence is not None:
         text = text[: text.find(stop_sequence)]
         stop_reason = "stop_sequence"
-    if estimate_tokens(text) > available:
-        # The text is ASCII, so 4 characters are one token.
-        text = text[: available * 4]
+    family = request.spec.tokenizer
+    if text_tokens(text, family) > available:
+        text = prefix_within(text, available, family)
         stop_reason, stop_sequence = "max_tokens", None
     if text:
         content.append({"type": "text", "text": text})
-    output_tokens = max(1, thinking_tokens + estimate_tokens(text))
+    output_tokens = max(1, thinking_tokens + text_tokens(text, family))
     return Reply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
 
 

@@ -53,6 +53,8 @@ class EmulatorSettings(BaseModel):
     # Share of JSON answers (output_config.format or a forced tool) made not to validate against their schema.
     invalid_output_rate: float = Field(default=0.0, ge=0, le=1)
     api_key: str | None = Field(default=None, min_length=1, repr=False)
+    # Ignored: the emulator serves its own model catalog (catalog.py), written from the docs rather than from the
+    # engine's config. Kept so existing `--config` command lines and callers still run.
     config_path: Path | None = None
     state_file: Path | None = None
     max_message_body_bytes: int = Field(default=32_000_000, ge=1024)

@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-from batch_engine.config import ModelSpec, load_config
 from batch_engine.emulator.batches import OUTCOMES, Batch, BatchStore, RowFaults
 from batch_engine.emulator.billing import Billed, Ledger
 from batch_engine.emulator.caching import CachePlan, PromptCache
+from batch_engine.emulator.catalog import MODELS, VERSION_2026_10_21, ModelRules
 from batch_engine.emulator.clock import ScaledClock
 from batch_engine.emulator.faults import FaultInjector
 from batch_engine.emulator.params import MessageRequest, parse_request
@@ -29,6 +29,8 @@ from batch_engine.errors import ConfigError
 from batch_engine.io import atomic_write_bytes, loads, read_bytes
 
 SNAPSHOT_VERSION = 1
+# "All usage is charged at 50% of the standard API prices" (docs: /build-with-claude/batch-processing).
+BATCH_DISCOUNT = 0.5
 logger = logging.getLogger(__name__)
 
 
@@ -61,9 +63,7 @@ class EmulatorState:
                 raise ConfigError(f"{settings.state_file}: not a usable emulator state file ({exc})") from exc
 
     def _fresh(self, settings: EmulatorSettings) -> None:
-        config = load_config(settings.config_path)
-        self.models: Mapping[str, ModelSpec] = config.models
-        self.batch_discount = config.batch_discount
+        self.models: Mapping[str, ModelRules] = MODELS
         self.clock = ScaledClock(settings.time_scale)
         self.cache = PromptCache()
         self.limiter = RateLimiter(settings)
@@ -99,15 +99,14 @@ class EmulatorState:
             self.faults = FaultInjector(new.seed)
             self.latency_rng = random.Random(new.seed)
             self.output_rng = random.Random(f"{new.seed}:invalid-output")
-        if new.config_path != old.config_path:
-            config = load_config(new.config_path)
-            self.models, self.batch_discount = config.models, config.batch_discount
         return new
 
     # --- Messages -------------------------------------------------------------------------------------------
 
-    def prepare_message(self, params: Any, *, counting: bool = False) -> Prepared:
-        request = parse_request(params, self.models, counting=counting)
+    def prepare_message(
+        self, params: Any, *, counting: bool = False, api_version: str = VERSION_2026_10_21
+    ) -> Prepared:
+        request = parse_request(params, self.models, counting=counting, api_version=api_version)
         if counting:
             return Prepared(request, CachePlan())
         plan = self.cache.plan(request.model, request.segments, request.spec.min_cacheable_tokens, self.clock.now())
@@ -124,7 +123,7 @@ class EmulatorState:
             request, custom_id=custom_id, reply_tokens=self.settings.reply_tokens, invalid_output=broken
         )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
-        discount = self.batch_discount if lane == "batch" else 1.0
+        discount = BATCH_DISCOUNT if lane == "batch" else 1.0
         self.ledger.add(lane, billed, billed.cost_usd(request.spec, discount))
         tier = "batch" if lane == "batch" else "standard"
         self.dirty = True
@@ -132,7 +131,7 @@ class EmulatorState:
 
     # --- Batches --------------------------------------------------------------------------------------------
 
-    def create_batch(self, custom_ids: list[str], params: list[Any]) -> Batch:
+    def create_batch(self, custom_ids: list[str], params: list[Any], api_version: str = VERSION_2026_10_21) -> Batch:
         settings = self.settings
         faults = RowFaults(
             settings.batch_row_error_rate,
@@ -140,7 +139,9 @@ class EmulatorState:
             settings.batch_row_expire_rate,
             settings.batch_never_ends,
         )
-        batch = self.batches.create(custom_ids, params, self.clock.now(), settings.batch_duration_s, faults)
+        batch = self.batches.create(
+            custom_ids, params, self.clock.now(), settings.batch_duration_s, faults, api_version
+        )
         self.stats.record_batch(custom_ids)
         self.dirty = True
         self.wake.set()
@@ -200,7 +201,8 @@ class EmulatorState:
             failure = ApiFailure(batch.faults.error_type, "Injected by the emulator: this row failed.")
             return self._errored(custom_id, failure), "errored"
         try:
-            prepared = self.prepare_message(params)
+            # Rows are validated as the create request's API version says (checked only when processed).
+            prepared = self.prepare_message(params, api_version=batch.api_version)
             message, _ = self.answer(prepared, custom_id=custom_id, lane="batch")
         except ApiFailure as failure:
             return self._errored(custom_id, failure), "errored"

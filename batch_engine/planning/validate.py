@@ -46,6 +46,9 @@ def validate_record(value: Any, index: int, line: int | None, config: Config) ->
         problem = _output_format_problem(task, config)
         if problem is not None:
             return reject(*problem)
+        refused = api_version_rejection(task.params)
+        if refused is not None:
+            return reject(*refused)
     return task
 
 
@@ -72,4 +75,30 @@ def _output_format_problem(task: TaskRequest, config: Config) -> tuple[str, str]
             f"params.output_config.format.schema{exc.path.replace('/', '.')}",
             f"the API would refuse it: {exc.reason}",
         )
+    return None
+
+
+# The SDK (anthropic 2.x) sends `anthropic-version: 2026-10-21`. Under that version the API answers 400 on every
+# model for these, even at default values; in a batch only after the whole batch ends, as `errored` rows.
+# Source: docs /api/migration-2026-10-21 (reference anthropic-api.md §0.1).
+_SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
+
+
+def api_version_rejection(params: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, reason) for raw params that API version 2026-10-21 refuses, or None."""
+    for name in _SAMPLING_PARAMS:
+        if name in params:
+            return f"params.{name}", "not accepted by API version 2026-10-21 on any model (remove it)"
+    messages = params.get("messages")
+    for position, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for index, block in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(block, dict):
+                continue
+            where = f"params.messages.{position}.content.{index}"
+            role = message.get("role")
+            if role == "assistant" and block.get("type") == "document":
+                return where, "document blocks in assistant messages are refused by API version 2026-10-21"
+            if role == "user" and block.get("type") == "text" and block.get("citations"):
+                return f"{where}.citations", "citations on user text blocks are refused by API version 2026-10-21"
     return None

@@ -1,0 +1,138 @@
+"""The engine against the rules of today's API (version 2026-10-21, thinking by default, the 5.x tokenizer,
+context windows), end to end: a task file through planning, the real SDK and the emulator."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_support import messages_calls, run_engine, write_jsonl
+
+from batch_engine.config import load_config
+from batch_engine.emulator import RunningEmulator
+from batch_engine.io import iter_records
+from batch_engine.planning import make_plan
+from batch_engine.summary import plan_summary
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def _raw(task_id: str, mode: str, messages: list[Any] | None = None, **params: Any) -> dict[str, Any]:
+    messages = messages or [{"role": "user", "content": f"{task_id} please"}]
+    return {"task_id": task_id, "task_type": "chat", "mode": mode, "params": {"messages": messages, **params}}
+
+
+def test_records_api_version_2026_10_21_refuses_are_rejected_up_front_naming_the_field(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a note"}}
+    cited = {"type": "text", "text": "see", "citations": [{"type": "char_location", "cited_text": "a"}]}
+    tasks = [
+        # Even at its default value, and even on a model that took it under 2023-06-01.
+        _raw("temp", "batch", temperature=1.0) | {"model": "claude-sonnet-4-6"},
+        _raw("top-p", "realtime", top_p=0.9),
+        _raw("top-k", "batch", top_k=5),
+        _raw("doc", "batch", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [document]}]),
+        _raw("cite", "realtime", [{"role": "user", "content": [cited]}]),
+        _raw("fine", "batch"),
+    ]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rows = {row["task_id"]: row for row in output.rows}
+    assert [row["status"] for row in output.rows] == ["rejected"] * 5 + ["succeeded"]
+    assert [rows[t]["error"]["message"].split(": ")[1] for t in ("temp", "top-p", "top-k", "doc", "cite")] == [
+        "params.temperature",
+        "params.top_p",
+        "params.top_k",
+        "params.messages.1.content.0",
+        "params.messages.0.content.0.citations",
+    ]
+    assert all("2026-10-21" in rows[t]["error"]["message"] for t in ("temp", "top-p", "doc", "cite"))
+    stats = emulator.stats()
+    assert messages_calls(stats) == {} and stats["batch_rows_created"] == 1
+
+
+def test_thinking_off_sends_each_models_off_value_and_a_64_token_classifier_gets_its_answer(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # classify_bulk: max_tokens 64, thinking "off". Haiku 5.5 and Sonnet 5.5 think unless told otherwise, each
+    # with its own off value; Opus 5.5 cannot stop thinking and gets the lowest effort instead.
+    tasks = [
+        {"task_id": f"{name}-{i}", "task_type": "classify_bulk", "model": model, "input_data": {"text": f"t{i}"}}
+        for name, model in (("haiku", "claude-haiku-5-5"), ("sonnet", "claude-sonnet-5-5"), ("opus", "claude-opus-5-5"))
+        for i in range(3)
+    ]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    config = load_config()
+    plan = make_plan(iter_records(path), config, NOW)
+    sent = {task.model: task.params.get("thinking") for task in plan.tasks}
+    assert sent == {
+        "claude-haiku-5-5": {"type": "disabled"},
+        "claude-sonnet-5-5": {"type": "between_tools"},
+        "claude-opus-5-5": {"type": "adaptive"},
+    }
+    assert next(t for t in plan.tasks if t.model == "claude-opus-5-5").params["output_config"] == {"effort": "low"}
+    (warning,) = plan_summary(plan, config)["warnings"]
+    assert "claude-opus-5-5 cannot turn thinking off" in warning and "max_tokens 64" in warning
+
+    output = run_engine(emulator, path, tmp_path)
+
+    for row in output.rows:
+        thinking = row["usage"]["thinking_tokens"]
+        if row["model"] == "claude-opus-5-5":
+            assert thinking > 0
+        else:
+            assert thinking == 0 and row["text"].startswith("echo:") and row["status"] == "succeeded"
+
+
+def test_plan_warns_when_a_thinking_task_type_leaves_no_room_for_thinking() -> None:
+    config = load_config()
+    small = config.task_types["generate_tests"].model_copy(update={"max_tokens": 300})
+    config = config.model_copy(update={"task_types": {**config.task_types, "generate_tests": small}})
+    records = [{"task_id": "g", "task_type": "generate_tests", "input_data": {"code": "def f(): pass"}}]
+    plan = make_plan(_records(records), config, NOW)
+    (warning,) = plan_summary(plan, config)["warnings"]
+    assert warning.startswith("task type generate_tests thinks on claude-sonnet-5-5 but max_tokens 300")
+
+
+def _records(values: list[dict[str, Any]]) -> Any:
+    from batch_engine.io import RawRecord
+
+    return [RawRecord(index=i, line=None, value=value, error=None) for i, value in enumerate(values)]
+
+
+def test_a_prompt_over_the_context_window_is_rejected_up_front(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # Haiku 4.5: a 200K context. ~900 KB of text is ~225K tokens by any estimate.
+    huge = "incident log line " * 50_000
+    tasks = [
+        {"task_id": "huge", "task_type": "summarize", "model": "claude-haiku-4-5", "input_data": {"document": huge}},
+        {"task_id": "fits", "task_type": "summarize", "model": "claude-haiku-5-5", "input_data": {"document": huge}},
+    ]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rejected, fine = output.rows
+    assert (
+        rejected["status"] == "rejected"
+        and "exceeds claude-haiku-4-5's context window of 200,000" in (rejected["error"]["message"])
+    )
+    assert fine["status"] == "succeeded" and fine["usage"]["input_tokens"] > 200_000
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-5-5", "claude-haiku-4-5"])
+def test_the_offline_estimate_knows_the_tokenizer_family_and_is_not_the_emulators_count(
+    emulator: RunningEmulator, tmp_path: Path, model: str
+) -> None:
+    text = "Service checkout-api returned 502 for 14% of requests between 02:10 and 02:25 UTC (pod restarts)."
+    tasks = [{"task_id": "t", "task_type": "summarize", "model": model, "input_data": {"document": text}}]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    (task,) = make_plan(iter_records(path), load_config(), NOW).tasks
+
+    (row,) = run_engine(emulator, path, tmp_path).rows
+
+    billed = row["usage"]["input_tokens"] + row["usage"]["cache_creation_input_tokens"]
+    assert task.estimated_input_tokens != billed  # an estimate, measurably off
+    assert abs(task.estimated_input_tokens - billed) / billed < 0.35  # but in the right range for the family
