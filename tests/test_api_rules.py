@@ -3,18 +3,22 @@ context windows), end to end: a task file through planning, the real SDK and the
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import messages_calls, run_engine, write_jsonl
+from engine_support import generated_tasks, messages_calls, run_engine, write_jsonl
 
+from batch_engine.artifacts import RunBreakdown
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.io import iter_records
+from batch_engine.models import TaskResult
 from batch_engine.planning import make_plan
 from batch_engine.summary import plan_summary
+from batch_engine.telemetry.usage_log import UsageLog
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -136,3 +140,42 @@ def test_the_offline_estimate_knows_the_tokenizer_family_and_is_not_the_emulator
     billed = row["usage"]["input_tokens"] + row["usage"]["cache_creation_input_tokens"]
     assert task.estimated_input_tokens != billed  # an estimate, measurably off
     assert abs(task.estimated_input_tokens - billed) / billed < 0.35  # but in the right range for the family
+
+
+# --- a 200 is not always an answer --------------------------------------------------------------------------
+
+
+def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    emulator.configure(refusal_rate=0.3)
+    tasks = generated_tasks(60)  # realtime user_query and batch classify_bulk
+    # Opus 5.5 cannot stop thinking: at max_tokens 64 all of it goes to thinking and no text comes back.
+    tasks += [
+        {"task_id": f"opus{i}", "task_type": "classify_bulk", "model": "claude-opus-5-5", "input_data": {"text": "x"}}
+        for i in range(2)
+    ]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    statuses = Counter(row["status"] for row in output.rows)
+    refused = [row for row in output.rows if row["status"] == "refused"]
+    assert 8 <= len(refused) <= 30 and {row["route"] for row in refused} == {"batch", "realtime"}
+    for row in refused:
+        assert row["cost_usd"] > 0 and row["stop_reason"] == "refusal" and not row["text"]
+        assert row["error"]["type"] == "refusal" and "category cyber" in row["error"]["message"]
+        assert row["attempts"] == 1  # billed: never sent again
+    opus = [row for row in output.rows if row["task_id"].startswith("opus")]
+    for row in opus:
+        if row["status"] != "refused":
+            assert row["status"] == "incomplete" and row["error"]["type"] == "max_tokens" and row["cost_usd"] > 0
+    counts = output.run["counts"]
+    assert counts["by_status"] == dict(statuses) and counts["succeeded"] == statuses["succeeded"]
+    assert counts["failed"] == statuses["refused"] + statuses["incomplete"] and not output.summary.all_succeeded
+    # Billed rows are in the cost and in the usage log `report` reads.
+    assert output.run["cost"]["total_usd"] == pytest.approx(sum(row["cost_usd"] for row in output.rows), abs=1e-5)
+    with UsageLog.open(tmp_path / "state") as log:
+        logged = Counter(record.status for record in log.records(since=0))
+    assert logged == {status: statuses[status] for status in ("succeeded", "refused", "incomplete") if statuses[status]}
+    failures = {(f.status, f.error_type) for f in RunBreakdown.of(TaskResult(**row) for row in output.rows).failures()}
+    assert ("refused", "refusal") in failures

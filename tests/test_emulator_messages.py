@@ -511,3 +511,38 @@ def test_the_5x_tokenizer_counts_about_30_percent_more_than_haiku_4_5(client: an
     assert 1.25 <= new / old <= 1.35
     # Not the engine's offline rule (ceil(bytes / 4)): estimates must be measurably off, as against the real API.
     assert old != (len(text.encode()) + 3) // 4
+
+
+def test_refusal_rate_answers_messages_and_batch_rows_with_a_billed_refusal(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(refusal_rate=1.0)
+    reply = client.messages.create(model=HAIKU, max_tokens=100, messages=_user("hi"), thinking=OFF)
+    assert reply.stop_reason == "refusal" and reply.content == []
+    assert reply.stop_details is not None and reply.stop_details.type == "refusal"
+    assert reply.stop_details.category == "cyber" and reply.usage.input_tokens > 0
+    with client.messages.stream(model=HAIKU, max_tokens=100, messages=_user("hi")) as stream:
+        assert stream.get_final_message().stop_reason == "refusal"
+    params: Any = {"model": HAIKU, "max_tokens": 100, "messages": _user("hi")}
+    batch = client.messages.batches.create(requests=[{"custom_id": "r", "params": params}])
+    while batch.processing_status != "ended":
+        batch = client.messages.batches.retrieve(batch.id)
+    assert batch.request_counts.succeeded == 1  # a refusal is a succeeded row: the request was answered
+    (row,) = list(client.messages.batches.results(batch.id))
+    assert row.result.type == "succeeded" and row.result.message.stop_reason == "refusal"
+    emulator.configure(refusal_rate=0.25)
+    answers = [
+        client.messages.create(model=HAIKU, max_tokens=100, messages=_user(f"q{i}"), thinking=OFF).stop_reason
+        for i in range(80)
+    ]
+    assert 10 <= answers.count("refusal") <= 30
+
+
+def test_output_that_reaches_the_context_window_stops_model_context_window_exceeded(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(reply_tokens=500)
+    huge = "incident log line " * 49_990  # a few tokens short of Haiku 4.5's 200K window
+    reply = client.messages.create(model=LEGACY, max_tokens=1000, messages=_user(huge))
+    assert reply.stop_reason == "model_context_window_exceeded"
+    assert reply.usage.input_tokens + reply.usage.output_tokens == 200_000

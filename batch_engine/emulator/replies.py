@@ -42,6 +42,17 @@ class Reply:
     stop_sequence: str | None
     output_tokens: int
     thinking_tokens: int
+    stop_details: dict[str, Any] | None = None
+
+
+# A refusal: `stop_reason: "refusal"` with `stop_details` {type, category, explanation} (SDK 2.x
+# types/refusal_stop_details.py); the 5.5 models' safety classifiers can decline a request (docs: Haiku 5.5 and
+# Sonnet 5.5 what's new, "refusals and fallbacks"). Billed for the input and whatever output came before it.
+REFUSAL_DETAILS = {
+    "type": "refusal",
+    "category": "cyber",
+    "explanation": "Declined by the emulator's --refusal-rate (a stand-in for the API's safety classifiers).",
+}
 
 
 def _filler(chars: int, offset: int) -> str:
@@ -67,7 +78,12 @@ def _thinking_tokens(request: MessageRequest, seed: int) -> int:
 
 
 def build_reply(
-    request: MessageRequest, *, custom_id: str | None, reply_tokens: int | None, invalid_output: bool = False
+    request: MessageRequest,
+    *,
+    custom_id: str | None,
+    reply_tokens: int | None,
+    invalid_output: bool = False,
+    refuse: bool = False,
 ) -> Reply:
     """The content, stop reason and output tokens for a validated request.
 
@@ -75,6 +91,8 @@ def build_reply(
     against it; with `invalid_output` (the emulator's injected fault) it does not.
     """
     digest = reply_digest(request.last_user_text)
+    if refuse:
+        return Reply([], "refusal", None, 1, 0, REFUSAL_DETAILS)
     seed = int(digest[:8], 16)
     echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
     thinking_tokens = _thinking_tokens(request, seed)
@@ -83,9 +101,21 @@ def build_reply(
         summary = "" if request.thinking.display == "omitted" else f"Considering the request ({echo})."
         signature = base64.b64encode(hashlib.sha256(f"{request.model}|{echo}".encode()).digest()).decode()
         content.append({"type": "thinking", "thinking": summary, "signature": signature})
-    available = request.max_tokens - thinking_tokens
+    # Output also stops where the context window does: the newer models then say so with their own stop reason
+    # (docs: /build-with-claude/handling-stop-reasons, `model_context_window_exceeded`).
+    room = request.spec.context_tokens - request.total_tokens
+    limit, limit_reason = (
+        (room, "model_context_window_exceeded")
+        if room < request.max_tokens
+        else (
+            request.max_tokens,
+            "max_tokens",
+        )
+    )
+    thinking_tokens = min(thinking_tokens, limit)
+    available = limit - thinking_tokens
     if available <= 0:
-        return Reply(content, "max_tokens", None, max(1, request.max_tokens), thinking_tokens)
+        return Reply(content, limit_reason, None, max(1, limit), thinking_tokens)
 
     if request.forced_tool is not None:
         schema = request.forced_tool.get("input_schema", {})
@@ -122,7 +152,7 @@ def build_reply(
     family = request.spec.tokenizer
     if text_tokens(text, family) > available:
         text = prefix_within(text, available, family)
-        stop_reason, stop_sequence = "max_tokens", None
+        stop_reason, stop_sequence = limit_reason, None
     if text:
         content.append({"type": "text", "text": text})
     output_tokens = max(1, thinking_tokens + text_tokens(text, family))
@@ -140,6 +170,7 @@ def message_json(
         "content": reply.content,
         "stop_reason": reply.stop_reason,
         "stop_sequence": reply.stop_sequence,
+        "stop_details": reply.stop_details,
         "usage": usage,
     }
 
@@ -156,7 +187,14 @@ def sse_events(message: dict[str, Any]) -> list[bytes]:
     """The server-sent events that stream `message`, in the API's order."""
     usage = message["usage"]
     start_usage = {**usage, "output_tokens": 1}
-    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "stop_details": None,
+        "usage": start_usage,
+    }
     events = [
         _event("message_start", {"type": "message_start", "message": start}),
         _event("ping", {"type": "ping"}),
@@ -187,7 +225,11 @@ def sse_events(message: dict[str, Any]) -> list[bytes]:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                "delta": {
+                    "stop_reason": message["stop_reason"],
+                    "stop_sequence": message["stop_sequence"],
+                    "stop_details": message["stop_details"],
+                },
                 "usage": delta_usage,
             },
         )

@@ -120,7 +120,11 @@ class EmulatorState:
         json_answer = request.json_schema is not None or request.forced_tool is not None
         broken = json_answer and rate > 0 and self.output_rng.random() < rate
         reply = build_reply(
-            request, custom_id=custom_id, reply_tokens=self.settings.reply_tokens, invalid_output=broken
+            request,
+            custom_id=custom_id,
+            reply_tokens=self.settings.reply_tokens,
+            invalid_output=broken,
+            refuse=self._refuses(request, custom_id),
         )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
         discount = BATCH_DISCOUNT if lane == "batch" else 1.0
@@ -128,6 +132,15 @@ class EmulatorState:
         tier = "batch" if lane == "batch" else "standard"
         self.dirty = True
         return message_json(request, reply, billed.usage_json(tier)), billed
+
+    def _refuses(self, request: MessageRequest, custom_id: str | None) -> bool:
+        rate = self.settings.refusal_rate
+        if not rate:
+            return False
+        # A hash of the request, not a shared RNG: the same prompt is refused again, whatever the timing.
+        key = f"{self.settings.seed}:{custom_id}:{request.model}:{request.last_user_text}"
+        draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+        return draw < rate
 
     # --- Batches --------------------------------------------------------------------------------------------
 
