@@ -195,6 +195,12 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         metavar="F",
         help="share (0-1) of Messages and batch rows answered stop_reason refusal, billed (default 0)",
     )
+    parser.add_argument(
+        "--batch-queue-cap",
+        type=int,
+        metavar="N",
+        help="requests allowed waiting in the batch processing queue; a create over it is a 429 (default: none)",
+    )
     parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     parser.add_argument("--config", help="ignored: the emulator serves its own models, from Anthropic's docs")
     parser.add_argument("--state-file", help="keep batches, cache and stats in this file across restarts")
@@ -264,6 +270,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "reply_tokens": args.reply_tokens,
         "invalid_output_rate": args.invalid_output_rate,
         "refusal_rate": args.refusal_rate,
+        "batch_queue_cap": args.batch_queue_cap,
         "api_key": args.api_key,
         "config_path": args.config,
         "state_file": args.state_file,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import generated_tasks, messages_calls, run_engine, write_jsonl
+from engine_support import fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
 
 from batch_engine.artifacts import RunBreakdown
 from batch_engine.config import load_config
@@ -179,3 +179,23 @@ def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
     assert logged == {status: statuses[status] for status in ("succeeded", "refused", "incomplete") if statuses[status]}
     failures = {(f.status, f.error_type) for f in RunBreakdown.of(TaskResult(**row) for row in output.rows).failures()}
     assert ("refused", "refusal") in failures
+
+
+# --- the batch queue cap ------------------------------------------------------------------------------------
+
+
+def test_a_full_batch_queue_makes_chunks_wait_for_room_never_go_realtime(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    emulator.configure(batch_queue_cap=150, batch_duration_s=1.5)
+    tasks = generated_tasks(400, realtime_every=None)  # four chunks of 100; the queue holds one at a time
+
+    output = run_engine(
+        emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path, config=fast_config(max_requests_per_batch=100)
+    )
+
+    assert Counter((row["status"], row["route"]) for row in output.rows) == {("succeeded", "batch"): 400}
+    stats = emulator.stats()
+    assert messages_calls(stats) == {}
+    assert stats["batches_created"] == 4
+    assert stats["calls"]["POST /v1/messages/batches"]["429"] > 0

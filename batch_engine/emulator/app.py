@@ -380,6 +380,14 @@ class EmulatorApp:
             seen.add(custom_id)
             custom_ids.append(custom_id)
             params.append(row_params)
+        wait = self.state.queue_room(len(custom_ids))
+        if wait is not None:
+            cap = self.state.settings.batch_queue_cap
+            raise _rate_limited(
+                Refusal("batch_queue", cap or 0, max(wait, 0.05)),
+                {},
+                f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
+            )
         batch = self.state.create_batch(custom_ids, params, incoming.api_version)
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
@@ -529,11 +537,11 @@ class EmulatorApp:
         return Outgoing.json({"now": rfc3339(self.state.clock.now())})
 
 
-def _rate_limited(refusal: Refusal, headers: dict[str, str]) -> ApiFailure:
+def _rate_limited(refusal: Refusal, headers: dict[str, str], message: str | None = None) -> ApiFailure:
     wait = refusal.retry_after_s
     return ApiFailure(
         "rate_limit_error",
-        refusal.message(),
+        message or refusal.message(),
         headers={
             **headers,
             "retry-after": str(max(1, math.ceil(wait))),

@@ -54,6 +54,8 @@ class EmulatorSettings(BaseModel):
     invalid_output_rate: float = Field(default=0.0, ge=0, le=1)
     # Share of answered requests (Messages and batch rows) that end `stop_reason: "refusal"`, billed.
     refusal_rate: float = Field(default=0.0, ge=0, le=1)
+    # Requests waiting in the batch processing queue, across all batches; a create over it is a 429.
+    batch_queue_cap: int | None = Field(default=None, ge=1)
     api_key: str | None = Field(default=None, min_length=1, repr=False)
     # Ignored: the emulator serves its own model catalog (catalog.py), written from the docs rather than from the
     # engine's config. Kept so existing `--config` command lines and callers still run.

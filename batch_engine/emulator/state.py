@@ -160,6 +160,23 @@ class EmulatorState:
         self.wake.set()
         return batch
 
+    def queue_room(self, requests: int) -> float | None:
+        """None when `requests` more fit the batch processing queue, else seconds until room may open.
+
+        Batch limits cover the requests waiting in the processing queue across all batches (Start 200k, Build
+        300k, Scale 500k); a create over it is refused with a 429 (docs: /api/rate-limits, Message Batches).
+        """
+        cap = self.settings.batch_queue_cap
+        if cap is None:
+            return None
+        active = self.batches.active()
+        waiting = sum(batch.size - batch.next_row for batch in active)
+        if waiting + requests <= cap:
+            return None
+        now = self.clock.now()
+        soonest = min((batch.created_at + batch.duration_s - now for batch in active), default=0.0)
+        return max(0.0, soonest) / self.clock.time_scale
+
     def touch(self, batch: Batch) -> None:
         """Bring a batch's status up to date with the clock (expiry, cancellation, end) without new rows."""
         if batch.status == "ended":

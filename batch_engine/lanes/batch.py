@@ -127,12 +127,30 @@ class BatchLane:
                 adopted = await self._reconcile(record)
                 if adopted is not None:
                     return self._record_batch(record, adopted, adopted=True)
-            try:
-                info = await self.ctx.policy.call(lambda: self._create_once(record))
-            except ApiError as exc:
-                self._create_failed(record, exc)
-                return None
-            return self._record_batch(record, info, adopted=False)
+            while True:
+                try:
+                    info = await self.ctx.policy.call(lambda: self._create_once(record))
+                except ApiError as exc:
+                    if isinstance(exc, TransientApiError) and exc.status == 429 and await self._wait_for_room(exc):
+                        continue
+                    self._create_failed(record, exc)
+                    return None
+                return self._record_batch(record, info, adopted=False)
+
+    async def _wait_for_room(self, exc: TransientApiError) -> bool:
+        """After a 429 on create, wait for room (False at the lane deadline).
+
+        Batch limits cap the requests waiting in the processing queue across all batches, and a create over the cap
+        is a 429 (docs: /api/rate-limits). Room opens as earlier batches end, so the chunk waits for it: sending its
+        rows realtime instead would pay twice the price for what the queue will take later.
+        """
+        left = self.deadline - self.clock()
+        if left <= 0:
+            return False
+        wait = min(left, exc.retry_after_s if exc.retry_after_s is not None else self.poll_interval_s)
+        self.ctx.logger.warning("batch create refused (%s); waiting %.1fs for room in the queue", exc.message, wait)
+        await self.sleep(wait)
+        return True
 
     def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
         """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
@@ -276,7 +294,16 @@ class BatchLane:
     def _create_failed(self, record: ChunkRecord, exc: ApiError) -> None:
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="failed")
         self._settle(record, 0.0)
-        if isinstance(exc, PermanentApiError):
+        if isinstance(exc, TransientApiError) and exc.status == 429:
+            # Still no room in the batch queue at the deadline: the rows time out rather than go realtime.
+            error = ErrorInfo(type="batch_queue_full", message=f"no room in the batch queue by the deadline: {exc}")
+            rows = [
+                failed(self.ctx.tasks[i], "timed_out", "batch", self.ctx.attempts.get(i, 0), error)
+                for i in record.task_indexes
+            ]
+            self.ctx.record(rows)
+            self.ctx.logger.error("chunk %s: %s", record.chunk_key, error.message)
+        elif isinstance(exc, PermanentApiError):
             # The API refused the whole batch (400, 413...): no row can succeed as sent.
             error = ErrorInfo(type=exc.error_type or "invalid_request_error", message=exc.message)
             rows = [
