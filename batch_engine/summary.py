@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from batch_engine.budget import Estimator
+from batch_engine.budget import Estimator, cache_write_of
 from batch_engine.config import Config
 from batch_engine.models import Usage
 from batch_engine.planning import Plan
@@ -52,7 +52,9 @@ def plan_summary(
         expected += estimator.cost(task, task.route)
         spec = config.models[task.model]
         max_tokens = int(task.frame.get("max_tokens", 0))
-        estimate += estimate_cost(task.estimated_input_tokens, max_tokens, spec, task.route, config)
+        estimate += estimate_cost(
+            task.estimated_input_tokens, max_tokens, spec, task.route, config, cache_write_of(task, spec)
+        )
         baseline += baseline_cost(Usage(input_tokens=task.estimated_input_tokens, output_tokens=max_tokens), spec)
     return {
         "records": plan.total_records,

@@ -9,18 +9,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
+from engine_support import (
+    SAMPLE_CONFIG,
+    SAMPLE_TASKS,
+    fast_config,
+    generated_tasks,
+    messages_calls,
+    run_engine,
+    write_jsonl,
+)
 
 from batch_engine.artifacts import RunBreakdown
+from batch_engine.budget import Estimator
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.io import iter_records
 from batch_engine.models import TaskResult
 from batch_engine.planning import make_plan
+from batch_engine.runner import RunOptions
 from batch_engine.summary import plan_summary
 from batch_engine.telemetry.usage_log import UsageLog
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def _batch_only(tmp_path: Path) -> RunOptions:
+    return RunOptions(state_dir=tmp_path / "state", mode="batch")
 
 
 def _raw(task_id: str, mode: str, messages: list[Any] | None = None, **params: Any) -> dict[str, Any]:
@@ -199,3 +213,24 @@ def test_a_full_batch_queue_makes_chunks_wait_for_room_never_go_realtime(
     assert messages_calls(stats) == {}
     assert stats["batches_created"] == 4
     assert stats["calls"]["POST /v1/messages/batches"]["429"] > 0
+
+
+# --- best-effort batch cache hits ------------------------------------------------------------------------------
+
+
+def test_the_cost_estimate_stays_an_upper_bound_when_batch_cache_writes_repeat(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    emulator.configure(batch_cache_hit_rate=0.0)  # every row writes the 1-hour entry again
+    config = load_config(SAMPLE_CONFIG)
+    plan = make_plan(iter_records(SAMPLE_TASKS), config, NOW)
+    estimator = Estimator(config)
+
+    output = run_engine(emulator, SAMPLE_TASKS, tmp_path, config=fast_config(config), options=_batch_only(tmp_path))
+
+    by_id = {task.task_id: task for task in plan.tasks}
+    rows = [row for row in output.rows if row["status"] in ("succeeded", "incomplete")]
+    assert sum(row["usage"]["cache_write_1h_tokens"] > 0 for row in rows) > 100  # the writes did repeat
+    assert sum(row["usage"]["cache_read_input_tokens"] for row in rows) == 0
+    for row in rows:
+        assert row["cost_usd"] <= estimator.cost(by_id[row["task_id"]], "batch"), row["task_id"]

@@ -195,6 +195,7 @@ def test_batch_rows_share_the_cache(emulator: RunningEmulator, client: anthropic
         }
         for index in range(10)
     ]
+    emulator.configure(batch_cache_hit_rate=1.0)  # the best case; hits are best-effort (default 0.6)
     batch = client.messages.batches.create(requests=rows)
     while client.messages.batches.retrieve(batch.id).processing_status != "ended":
         time.sleep(0.02)
@@ -227,3 +228,22 @@ def test_emulator_bills_cache_tokens_at_their_own_prices(
     ) / 1_000_000
     cost = emulator.stats()["cost_usd"]
     assert cost["realtime"] == pytest.approx(expected) and cost["batch"] == 0
+
+
+def test_batch_cache_hits_are_best_effort(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
+    emulator.configure(batch_cache_hit_rate=0.5)
+    _ask(client, system=_system(ttl="1h"))  # the entry is live before the batch starts
+    params = {"model": HAIKU, "max_tokens": 20, "system": _system(ttl="1h"), "thinking": {"type": "disabled"}}
+    rows = [
+        {"custom_id": f"row-{i}", "params": params | {"messages": [{"role": "user", "content": f"ticket {i}"}]}}
+        for i in range(60)
+    ]
+    batch = client.messages.batches.create(requests=rows)
+    while client.messages.batches.retrieve(batch.id).processing_status != "ended":
+        time.sleep(0.02)
+    usages = [row.result.message.usage for row in client.messages.batches.results(batch.id)]
+    hits = sum(usage.cache_read_input_tokens == SYSTEM_TOKENS for usage in usages)
+    assert 15 <= hits <= 45  # the rest wrote the entry again, billed as writes
+    assert all(
+        usage.cache_creation_input_tokens == SYSTEM_TOKENS for usage in usages if not usage.cache_read_input_tokens
+    )

@@ -162,13 +162,16 @@ class EmulatorApp:
             incoming.body = body
             outgoing = await route.handler(incoming, path_id)
         except ApiFailure as failure:
-            outgoing = Outgoing.json(failure.body(request_id), failure.status, failure.headers)
+            outgoing = Outgoing.json(failure.body(request_id), failure.status, _with_should_retry(failure))
         except DroppedConnection:
             raise
         except Exception:
             # A bug here must not look like a network failure to the client: answer as the API would.
             logger.exception("emulator: unexpected error answering %s %s", scope["method"], scope["path"])
             outgoing = Outgoing.json(error_body("api_error", "Internal server error", request_id), 500)
+        if route is not None and route.endpoint.startswith(("POST /v1/messages/batches", "GET /v1/messages/batches")):
+            # Batch endpoints report their own request limit too (polling counts against it).
+            outgoing.headers = {**self.state.limiter.batch_headers(), **outgoing.headers}
         self.state.stats.record_call(endpoint, "dropped" if outgoing.drop else str(outgoing.status))
         await self._send(send, outgoing, request_id)
 
@@ -289,14 +292,16 @@ class EmulatorApp:
     def _fault(self, endpoint: str) -> str | None:
         """Draw a fault: error faults raise here; "drop" and "error_event" are left to the handler."""
         kind = self.state.faults.draw(endpoint, self.state.settings)
-        if kind in ("429", "529", "500", "spend_limit") or (kind == "error_event" and endpoint != "messages"):
+        if (kind is not None and kind not in ("drop", "error_event")) or (
+            kind == "error_event" and endpoint != "messages"
+        ):
             raise failure_for("529" if kind == "error_event" else kind, self.state.settings.fault_retry_after_s)
         return kind
 
     def _batch_rpm(self) -> None:
         refusal = self.state.limiter.admit_simple("batches")
         if refusal is not None:
-            raise _rate_limited(refusal, {})
+            raise _rate_limited(refusal, self.state.limiter.batch_headers())
 
     async def _latency(self) -> None:
         settings = self.state.settings
@@ -548,6 +553,18 @@ def _rate_limited(refusal: Refusal, headers: dict[str, str], message: str | None
             "retry-after-ms": str(math.ceil(wait * 1000)),
         },
     )
+
+
+def _with_should_retry(failure: ApiFailure) -> dict[str, str]:
+    """The error's headers plus `x-should-retry`, which the API may send and the SDK obeys before anything else
+    (SDK `_base_client._should_retry`; reference §0.8): true where the SDK would retry anyway, false on the
+    other 4xx. A spend-limit 429 carries none (the SDK was seen retrying it, reference §2)."""
+    headers = dict(failure.headers)
+    if "x-should-retry" in headers or (failure.details or {}).get("error_code", "").endswith("spend_limit_reached"):
+        return headers
+    status = failure.status
+    headers["x-should-retry"] = "true" if status in (408, 409, 429) or status >= 500 else "false"
+    return headers
 
 
 def _query(scope: Scope) -> dict[str, str]:

@@ -56,6 +56,9 @@ class EmulatorSettings(BaseModel):
     refusal_rate: float = Field(default=0.0, ge=0, le=1)
     # Requests waiting in the batch processing queue, across all batches; a create over it is a 429.
     batch_queue_cap: int | None = Field(default=None, ge=1)
+    # Share of batch rows whose live cache entry is actually read: batch cache hits are best-effort, "typically
+    # 30-98%" (docs: /build-with-claude/batch-processing, prompt caching with Message Batches). A miss writes again.
+    batch_cache_hit_rate: float = Field(default=0.6, ge=0, le=1)
     api_key: str | None = Field(default=None, min_length=1, repr=False)
     # Ignored: the emulator serves its own model catalog (catalog.py), written from the docs rather than from the
     # engine's config. Kept so existing `--config` command lines and callers still run.

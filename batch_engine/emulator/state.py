@@ -233,6 +233,12 @@ class EmulatorState:
         try:
             # Rows are validated as the create request's API version says (checked only when processed).
             prepared = self.prepare_message(params, api_version=batch.api_version)
+            if prepared.plan.hit is not None and not self._batch_cache_hits(batch, index):
+                request = prepared.request
+                miss = self.cache.plan(
+                    request.model, request.segments, request.spec.min_cacheable_tokens, self.clock.now(), may_hit=False
+                )
+                prepared = Prepared(request, miss)
             message, _ = self.answer(prepared, custom_id=custom_id, lane="batch")
         except ApiFailure as failure:
             return self._errored(custom_id, failure), "errored"
@@ -247,6 +253,13 @@ class EmulatorState:
     def _errored(custom_id: str, failure: ApiFailure) -> bytes:
         error = error_body(failure.error_type, failure.message, new_id("req_"))
         return orjson.dumps({"custom_id": custom_id, "result": {"type": "errored", "error": error}})
+
+    def _batch_cache_hits(self, batch: Batch, index: int) -> bool:
+        rate = self.settings.batch_cache_hit_rate
+        if rate >= 1:
+            return True
+        digest = hashlib.blake2b(f"cache:{self.settings.seed}:{batch.id}:{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < rate
 
     def _row_fate(self, batch: Batch, index: int) -> str | None:
         faults = batch.faults
