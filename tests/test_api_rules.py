@@ -234,3 +234,19 @@ def test_the_cost_estimate_stays_an_upper_bound_when_batch_cache_writes_repeat(
     assert sum(row["usage"]["cache_read_input_tokens"] for row in rows) == 0
     for row in rows:
         assert row["cost_usd"] <= estimator.cost(by_id[row["task_id"]], "batch"), row["task_id"]
+
+
+def test_batch_polling_follows_the_batch_endpoints_rate_limit_after_a_429(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # The engine believes 1,000 batch RPM; the account has 4. The first refused poll's headers and retry-after
+    # correct the lane's bucket: it does not keep polling into 429s.
+    emulator.configure(batch_rpm=4, batch_duration_s=1.5)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(5, realtime_every=None))
+
+    output = run_engine(emulator, tasks, tmp_path, options=_batch_only(tmp_path))
+
+    assert [row["status"] for row in output.rows] == ["succeeded"] * 5
+    calls = emulator.stats()["calls"]
+    refused = sum(by_status.get("429", 0) for endpoint, by_status in calls.items() if "batches" in endpoint)
+    assert 1 <= refused <= 2, calls

@@ -23,6 +23,7 @@ from batch_engine.client import (
     batch_results,
     cancel_batch,
     create_batch,
+    error_headers,
     list_batches,
     retrieve_batch,
 )
@@ -341,6 +342,7 @@ class BatchLane:
                 # and never holds the realtime lane.
                 asked_s = exc.retry_after_s or 0.0
                 self.ctx.logger.warning("batch %s: poll failed (%s); polling again", batch_id, exc.message)
+                self._observe_refusal(exc)
             else:
                 if info.status != last_status:
                     self.ctx.logger.info("batch %s: %s %s", batch_id, info.status, _counts(info))
@@ -370,6 +372,16 @@ class BatchLane:
                 wait = min(wait, max(0.0, self.deadline - now))
             await self.sleep(wait)
             delay = min(delay * _POLL_GROWTH, self.poll_interval_s)
+
+    def _observe_refusal(self, exc: TransientApiError) -> None:
+        """A 429 from the batch endpoints corrects the lane's RPM bucket from its rate-limit headers.
+
+        The batch endpoints share one RPM, polling included, and answer with their own
+        anthropic-ratelimit-requests-* headers (docs: /api/rate-limits, Message Batches): a lane configured for more
+        than the account has learns the real limit instead of polling into 429s.
+        """
+        if exc.status == 429:
+            self.rpm.observe(error_headers(exc))
 
     async def _cancel(self, record: ChunkRecord) -> None:
         assert record.batch_id is not None
