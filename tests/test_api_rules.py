@@ -21,6 +21,7 @@ from engine_support import (
 
 from batch_engine.artifacts import RunBreakdown
 from batch_engine.budget import Estimator
+from batch_engine.cli import main
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.io import iter_records
@@ -160,7 +161,7 @@ def test_the_offline_estimate_knows_the_tokenizer_family_and_is_not_the_emulator
 
 
 def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
-    emulator: RunningEmulator, tmp_path: Path
+    emulator: RunningEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     emulator.configure(refusal_rate=0.3)
     tasks = generated_tasks(60)  # realtime user_query and batch classify_bulk
@@ -193,6 +194,11 @@ def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
     assert logged == {status: statuses[status] for status in ("succeeded", "refused", "incomplete") if statuses[status]}
     failures = {(f.status, f.error_type) for f in RunBreakdown.of(TaskResult(**row) for row in output.rows).failures()}
     assert ("refused", "refusal") in failures
+    capsys.readouterr()
+    assert main(["report", "--state-dir", str(tmp_path / "state"), "--analyze-only"]) == 0
+    report = capsys.readouterr().out
+    refused_usd = sum(row["cost_usd"] for row in refused)
+    assert "## Spend by status" in report and f"| refused | {len(refused)} | ${refused_usd:.4f}" in report
 
 
 # --- the batch queue cap ------------------------------------------------------------------------------------
