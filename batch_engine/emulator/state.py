@@ -258,7 +258,9 @@ class EmulatorState:
         rate = self.settings.batch_cache_hit_rate
         if rate >= 1:
             return True
-        digest = hashlib.blake2b(f"cache:{self.settings.seed}:{batch.id}:{index}".encode(), digest_size=8).digest()
+        # By custom_id, not batch id: the same workload hits and misses alike on every run.
+        key = f"cache:{self.settings.seed}:{batch.custom_ids[index]}"
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64 < rate
 
     def _row_fate(self, batch: Batch, index: int) -> str | None:
