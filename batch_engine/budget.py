@@ -5,12 +5,14 @@ Pure bookkeeping (no IO): the lanes reserve an estimate before sending, settle i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from batch_engine.config import Config, Route
+from batch_engine.config import Config, ModelSpec, Route
 from batch_engine.models import ErrorInfo
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.params import system_prefix
 from batch_engine.planning.pricing import estimate_cost
 
 
@@ -36,7 +38,17 @@ class Estimator:
 
     def cost(self, task: PlannedTask, route: Route) -> float:
         spec = self.config.models[task.model]
-        return estimate_cost(self.input_tokens(task), self.output_tokens(task), spec, route, self.config)
+        return estimate_cost(
+            self.input_tokens(task), self.output_tokens(task), spec, route, self.config, cache_write_of(task, spec)
+        )
+
+
+def cache_write_of(task: PlannedTask, spec: ModelSpec) -> tuple[int, str] | None:
+    """(estimated tokens, TTL) of the task's system prompt when it carries a cache breakpoint, else None."""
+    if task.cache_key is None:
+        return None
+    _, tokens, ttl = system_prefix(task.frame)
+    return (math.ceil(tokens * spec.tokenizer_factor), ttl or "5m") if ttl is not None else None
 
 
 @dataclass

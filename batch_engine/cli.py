@@ -205,8 +205,28 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="share (0..1) of JSON answers (output_config.format or a forced tool) made not to match their schema: "
         "a required property left out, or prose (default 0: every JSON answer validates)",
     )
+    parser.add_argument(
+        "--refusal-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share (0-1) of Messages and batch rows answered stop_reason refusal, billed (default 0)",
+    )
+    parser.add_argument(
+        "--batch-queue-cap",
+        type=int,
+        metavar="N",
+        help="requests allowed waiting in the batch processing queue; a create over it is a 429 (default: none)",
+    )
+    parser.add_argument(
+        "--batch-cache-hit-rate",
+        type=float,
+        default=0.6,
+        metavar="F",
+        help="share (0-1) of batch rows that read a live cache entry; the rest write it again (default 0.6)",
+    )
     parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
-    parser.add_argument("--config", help="config TOML whose [models] the emulator serves")
+    parser.add_argument("--config", help="ignored: the emulator serves its own models, from Anthropic's docs")
     parser.add_argument("--state-file", help="keep batches, cache and stats in this file across restarts")
     parser.set_defaults(func=_run_emulator)
 
@@ -290,6 +310,9 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "reply_tokens": args.reply_tokens,
         "invalid_output_rate": args.invalid_output_rate,
+        "refusal_rate": args.refusal_rate,
+        "batch_queue_cap": args.batch_queue_cap,
+        "batch_cache_hit_rate": args.batch_cache_hit_rate,
         "api_key": args.api_key,
         "config_path": args.config,
         "state_file": args.state_file,

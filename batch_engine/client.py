@@ -35,6 +35,7 @@ AsyncClient = anthropic.AsyncAnthropic
 SPEND_LIMIT_CODES = frozenset(
     {"enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached"}
 )
+SELF_SET_SPEND_LIMIT = "reached your specified API usage limits"
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 # What a call can raise: the SDK's errors, and transport errors it lets through unwrapped once a streamed body
 # (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway through.
@@ -116,7 +117,13 @@ def translate(exc: BaseException) -> ApiError:
             "error_code": error_code,
         }
         text = f"{status} {error_type}: {message}"
-        if status == 429 and error_code in SPEND_LIMIT_CODES:
+        if (
+            (status == 429 and error_code in SPEND_LIMIT_CODES)
+            # A linked organisation's spend limit is a 402 billing_error; one the organisation set for itself is a
+            # 400 whose message says so (no error_code documented for it; docs: /api/rate-limits, /api/errors).
+            or status == 402
+            or (status == 400 and SELF_SET_SPEND_LIMIT in message)
+        ):
             return SpendLimitError(text, **kwargs)
         should_retry = headers.get("x-should-retry")
         retryable = status in _RETRYABLE_STATUS or status >= 500
@@ -234,9 +241,9 @@ _COUNT_FIELDS = _api_fields(AsyncMessages.count_tokens)
 
 
 def _keywords(params: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
-    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so raw params reach
-    the API as given: SDK 2 dropped temperature/top_p/top_k from the signatures, yet older models accept them,
-    and the API, not a TypeError, should judge the rest."""
+    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so the API, not a
+    TypeError, judges them. Sampling params never get here: API version 2026-10-21 (what SDK 2.x sends) refuses
+    temperature/top_p/top_k on every model, so planning rejects such records up front (validate.py)."""
     extra = {key: value for key, value in params.items() if key not in fields}
     if not extra:
         return params

@@ -39,7 +39,14 @@ class ModelSpec(_Strict):
     min_cacheable_tokens: int = Field(gt=0)
     manual_thinking: bool
     sampling_params: bool
-    thinking_always_on: bool = False
+    # Whether the model thinks when a request omits `thinking`, and the `thinking.type` that turns it off ("none":
+    # it cannot be turned off). Docs: /build-with-claude/thinking-troubleshooting, /models/haiku-5-5/whats-new,
+    # /models/sonnet-5-5/whats-new (reference anthropic-api.md §6).
+    thinks_by_default: bool = False
+    thinking_off: Literal["disabled", "between_tools", "none"] = "disabled"
+    # Tokens per token of the offline estimate's base rule (Claude 4.6 and older): Claude 4.7+ and all 5.x count
+    # "about 30 percent more tokens" for the same text (docs: /models/haiku-5-5/whats-new-haiku-5-5).
+    tokenizer_factor: float = Field(default=1.0, gt=0)
     # Structured outputs (output_config.format with a JSON schema): which models take them is listed on the
     # structured-outputs page (platform.claude.com/docs/en/build-with-claude/structured-outputs); a model that
     # does not gets a fallback form (see planning/output_schema.py).

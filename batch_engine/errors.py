@@ -8,7 +8,7 @@
     └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
         ├── TransientApiError         worth retrying: 408, 409, 429, 5xx, 529, dropped connections, timeouts
         └── PermanentApiError         retrying cannot help: 400, 401, 403, 404, 413, spend limits
-            └── SpendLimitError       a 429 whose error_code is a spend limit: stops the realtime lane
+            └── SpendLimitError       a spend limit (429 error_code, 402, self-set 400): stops the realtime lane
 
 Per-record problems in the input are *not* exceptions: they become `Rejection` rows so the rest of the
 file still runs. SDK exceptions are translated into `ApiError` in exactly one place (`batch_engine.client`).

@@ -13,8 +13,21 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 Mode = Literal["auto", "batch", "realtime"]
 Status = Literal[
-    "succeeded", "errored", "expired", "canceled", "timed_out", "rejected", "skipped_budget", "invalid_output"
+    "succeeded",
+    "refused",
+    "incomplete",
+    "invalid_output",
+    "errored",
+    "expired",
+    "canceled",
+    "timed_out",
+    "rejected",
+    "skipped_budget",
 ]
+# Answered and billed. Only "succeeded" did the task: "refused" ended `stop_reason: refusal`; "incomplete" ended
+# `pause_turn`, `model_context_window_exceeded`, or `max_tokens` with no text (e.g. all of it spent thinking);
+# "invalid_output" answered, but not to the task type's output schema.
+BILLED_STATUSES = frozenset({"succeeded", "refused", "incomplete", "invalid_output"})
 
 
 class TaskRequest(BaseModel):

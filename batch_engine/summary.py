@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from batch_engine.budget import Estimator
+from batch_engine.budget import Estimator, cache_write_of
 from batch_engine.config import Config
 from batch_engine.models import Usage
 from batch_engine.planning import Plan
+from batch_engine.planning.params import thinking_warning
 from batch_engine.planning.pricing import baseline_cost, estimate_cost
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ def plan_summary(
         expected += estimator.cost(task, task.route)
         spec = config.models[task.model]
         max_tokens = int(task.frame.get("max_tokens", 0))
-        estimate += estimate_cost(task.estimated_input_tokens, max_tokens, spec, task.route, config)
+        estimate += estimate_cost(
+            task.estimated_input_tokens, max_tokens, spec, task.route, config, cache_write_of(task, spec)
+        )
         baseline += baseline_cost(Usage(input_tokens=task.estimated_input_tokens, output_tokens=max_tokens), spec)
     return {
         "records": plan.total_records,
@@ -76,8 +79,24 @@ def plan_summary(
         "estimated_cost_usd": round(estimate, 6),
         "baseline_cost_usd": round(baseline, 6),
         "rejections": [rejection.one_line() for rejection in plan.rejections],
-        "warnings": list(plan.warnings),
+        "warnings": [*plan.warnings, *(f"warning: {line}" for line in plan_warnings(plan, config))],
     }
+
+
+def plan_warnings(plan: Plan, config: Config) -> list[str]:
+    """One line per (task type, model) of the plan whose thinking may leave no answer."""
+    warnings: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for task in plan.tasks:
+        if task.user_text is None or (task.task_type, task.model) in seen:
+            continue  # raw params say their own thinking
+        seen.add((task.task_type, task.model))
+        warning = thinking_warning(
+            task.task_type, config.task_types[task.task_type], task.model, config.models[task.model]
+        )
+        if warning is not None:
+            warnings.append(warning)
+    return warnings
 
 
 def render_plan_summary(summary: dict[str, Any]) -> str:

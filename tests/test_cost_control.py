@@ -136,14 +136,16 @@ def test_every_row_costs_what_a_hand_computation_says(emulator: RunningEmulator,
     )
 
 
-def test_the_sample_run_beats_the_baseline_by_at_least_60_percent(emulator: RunningEmulator, tmp_path: Path) -> None:
+def test_the_sample_run_beats_the_baseline_by_at_least_50_percent(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # 50%, not 60% since issue #15: the 5.x models think by default (billed as output) and batch cache hits are
+    # best-effort (the emulator reads a live entry for 60% of batch rows by default, as the docs' "30-98%").
     config = load_config(ROOT / "samples" / "config.toml")
     fast = config.model_copy(
         update={"limits": config.limits.model_copy(update={"batch_poll_initial_s": 0.05, "batch_poll_interval_s": 0.2})}
     )
     summary = _run(emulator, ROOT / "samples" / "nightly_tasks.json", tmp_path / "out.json", fast)
     assert summary.counts["succeeded"] == 304
-    assert summary.cost.savings_pct >= 60, summary.cost
+    assert summary.cost.savings_pct >= 50, summary.cost
     assert summary.cost.baseline_usd - summary.cost.total_usd == pytest.approx(summary.cost.savings_usd, abs=1e-6)
 
 

@@ -51,7 +51,7 @@ def _wait_ended(client: anthropic.Anthropic, batch_id: str, timeout_s: float = 2
 
 def test_batch_lifecycle_and_results(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
     emulator.configure(batch_duration_s=0.5)
-    created = client.messages.batches.create(requests=_rows(3))
+    created = client.messages.batches.create(requests=_rows(3, thinking={"type": "disabled"}))
     assert created.id.startswith("msgbatch_") and created.processing_status == "in_progress"
     assert created.results_url is None and created.ended_at is None
     assert created.expires_at - created.created_at == timedelta(hours=24)
@@ -336,3 +336,17 @@ def test_async_client_lists_cancels_and_deletes(emulator: RunningEmulator) -> No
     assert canceling == "canceling" and deleted == "message_batch_deleted"
     assert HAIKU in models
     assert emulator.stats()["batches"] == {"in_progress": 2, "canceling": 0, "ended": 0}
+
+
+def test_a_create_over_the_batch_queue_cap_is_a_429_until_earlier_batches_end(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(batch_queue_cap=5, batch_duration_s=0.5)
+    first = client.messages.batches.create(requests=_rows(4))
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.batches.create(requests=_rows(2, prefix="more"))
+    assert caught.value.type == "rate_limit_error" and "processing queue" in str(caught.value.api_message)
+    assert float(caught.value.response.headers["retry-after-ms"]) > 0
+    assert client.messages.batches.create(requests=_rows(1, prefix="fits")).request_counts.processing == 1
+    _wait_ended(client, first.id)
+    assert client.messages.batches.create(requests=_rows(2, prefix="more")).processing_status == "in_progress"

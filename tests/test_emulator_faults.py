@@ -27,7 +27,9 @@ def client(emulator: RunningEmulator) -> Iterator[anthropic.Anthropic]:
 
 
 def _create(client: anthropic.Anthropic, **params: Any) -> Any:
-    return client.messages.create(**({"model": HAIKU, "max_tokens": 50, "messages": MESSAGES} | params))
+    # Thinking off: Haiku 5.5 thinks by default, and these tests count the reply's own tokens.
+    request = {"model": HAIKU, "max_tokens": 50, "messages": MESSAGES, "thinking": {"type": "disabled"}}
+    return client.messages.create(**(request | params))
 
 
 @pytest.mark.parametrize(
@@ -259,3 +261,25 @@ def test_error_event_on_a_plain_request_is_a_529_before_any_work(
     with pytest.raises(anthropic.OverloadedError):
         _create(client)
     assert emulator.stats()["messages_succeeded"] == 0
+
+
+def test_error_answers_carry_x_should_retry_and_batch_answers_their_rate_limit(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    for kind, status, should_retry in (("529", 529, "true"), ("500_no_retry", 500, "false")):
+        emulator.script_fault("messages", kind)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            _create(client)
+        assert caught.value.status_code == status and caught.value.response.headers["x-should-retry"] == should_retry
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        _create(client, extra_body={"temperature": 0.5})
+    assert bad.value.response.headers["x-should-retry"] == "false"
+    for kind, status in (("spend_limit_400", 400), ("spend_limit_402", 402)):
+        emulator.script_fault("messages", kind)
+        with pytest.raises(anthropic.APIStatusError) as spent:
+            _create(client)
+        assert spent.value.status_code == status
+    emulator.configure(batch_rpm=50)
+    listed = client.messages.batches.with_raw_response.list()
+    assert listed.headers["anthropic-ratelimit-requests-limit"] == "50"
+    assert int(listed.headers["anthropic-ratelimit-requests-remaining"]) < 50

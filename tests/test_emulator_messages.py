@@ -13,11 +13,18 @@ import orjson
 import pytest
 
 from batch_engine.config import load_config
-from batch_engine.emulator import RunningEmulator, estimate_tokens, reply_digest
+from batch_engine.emulator import RunningEmulator, reply_digest, text_tokens
+
+
+def tokens(text: str) -> int:
+    """The emulator's count for a 5.x model (the new tokenizer family)."""
+    return text_tokens(text, "new")
+
 
 HAIKU = "claude-haiku-5-5"  # 5.x: no sampling params, no manual thinking
 OPUS = "claude-opus-5-5"  # thinking always on
 LEGACY = "claude-haiku-4-5"  # manual thinking and sampling params allowed
+OFF: Any = {"type": "disabled"}  # Haiku 5.5 thinks by default; tests of the text turn it off
 
 
 @pytest.fixture
@@ -35,17 +42,17 @@ def _text(message: Any) -> str:
 
 
 def test_reply_proves_which_request_it_answers(client: anthropic.Anthropic) -> None:
-    first = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"))
-    again = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"))
-    other = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 3 + 3?"))
+    first = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"), thinking=OFF)
+    again = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 2 + 2?"), thinking=OFF)
+    other = client.messages.create(model=HAIKU, max_tokens=200, messages=_user("What is 3 + 3?"), thinking=OFF)
 
     assert _text(first).startswith(f"echo:{reply_digest('What is 2 + 2?')}")
     assert _text(first) == _text(again)
     assert _text(other).startswith(f"echo:{reply_digest('What is 3 + 3?')}")
     assert first.id != again.id and first.id.startswith("msg_")
     assert first.model == HAIKU and first.role == "assistant" and first.stop_reason == "end_turn"
-    assert first.usage.input_tokens == estimate_tokens("What is 2 + 2?")
-    assert first.usage.output_tokens == estimate_tokens(_text(first))
+    assert first.usage.input_tokens == tokens("What is 2 + 2?")
+    assert first.usage.output_tokens == tokens(_text(first))
     assert first.usage.service_tier == "standard"
 
 
@@ -55,7 +62,7 @@ def test_digest_covers_the_last_user_message_only(client: anthropic.Anthropic) -
         {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]},
     ]
-    reply = client.messages.create(model=HAIKU, max_tokens=100, messages=messages)
+    reply = client.messages.create(model=HAIKU, max_tokens=100, messages=messages, thinking=OFF)
     assert _text(reply).startswith(f"echo:{reply_digest('part one' + chr(10) + 'part two')}")
 
 
@@ -82,7 +89,7 @@ def test_output_never_exceeds_max_tokens(client: anthropic.Anthropic) -> None:
 
 def test_reply_tokens_setting_sets_the_reply_length(emulator: RunningEmulator, client: anthropic.Anthropic) -> None:
     emulator.configure(reply_tokens=150)
-    reply = client.messages.create(model=HAIKU, max_tokens=1000, messages=_user("long please"))
+    reply = client.messages.create(model=HAIKU, max_tokens=1000, messages=_user("long please"), thinking=OFF)
     assert reply.usage.output_tokens == 150
     assert reply.stop_reason == "end_turn"
 
@@ -123,6 +130,7 @@ def test_json_output_format_gives_parseable_json(client: anthropic.Anthropic) ->
         model=HAIKU,
         max_tokens=200,
         messages=_user("summarize"),
+        thinking=OFF,
         output_config={"format": {"type": "json_schema", "schema": schema}},
     )
     assert orjson.loads(_text(reply)) == {"summary": f"echo:{reply_digest('summarize')}", "score": 0}
@@ -211,7 +219,7 @@ def test_json_output_format_gives_parseable_json(client: anthropic.Anthropic) ->
         ({"model": HAIKU, "max_tokens": 10, "top_k": 5, "messages": _user("hi")}, "top_k"),
         (
             {"model": OPUS, "max_tokens": 10, "thinking": {"type": "disabled"}, "messages": _user("hi")},
-            "cannot be disabled",
+            "thinking.type.disabled is not supported for this model",
         ),
         (
             {
@@ -233,14 +241,74 @@ def test_invalid_requests_are_400_with_a_useful_message(
     assert expected in str(caught.value.api_message)
 
 
-def test_sampling_params_and_prefill_pass_on_models_that_take_them(client: anthropic.Anthropic) -> None:
+OLD_VERSION = {"anthropic-version": "2023-06-01"}
+
+
+def test_sampling_params_and_prefill_pass_on_models_that_take_them_under_2023_06_01(
+    client: anthropic.Anthropic,
+) -> None:
     reply = client.messages.create(
         model=LEGACY,
         max_tokens=50,
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
         extra_body={"temperature": 0.2, "top_k": 5},
+        extra_headers=OLD_VERSION,
     )
     assert reply.stop_reason in ("end_turn", "max_tokens")
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "top_k"])
+@pytest.mark.parametrize("model", [LEGACY, HAIKU])
+def test_sampling_params_are_400_on_every_model_under_2026_10_21_even_at_defaults(
+    client: anthropic.Anthropic, name: str, model: str
+) -> None:
+    default = {"temperature": 1.0, "top_p": 1.0, "top_k": 1}[name]
+    request: Any = {"model": model, "max_tokens": 50, "messages": _user("hi"), "extra_body": {name: default}}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(**request)  # the SDK sends anthropic-version: 2026-10-21
+    assert caught.value.api_message == f"{name}: Extra inputs are not permitted"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.count_tokens(model=model, messages=_user("hi"), extra_body={name: default})
+    if model == LEGACY:
+        assert client.messages.create(**request, extra_headers=OLD_VERSION).stop_reason == "end_turn"
+
+
+def test_document_in_an_assistant_turn_and_user_citations_are_400_under_2026_10_21(
+    client: anthropic.Anthropic,
+) -> None:
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a note"}}
+    cited = {
+        "type": "text",
+        "text": "see the note",
+        "citations": [{"type": "char_location", "cited_text": "a", "document_index": 0, "start_char_index": 0}],
+    }
+    assistant_document: Any = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [document]},
+        {"role": "user", "content": "and?"},
+    ]
+    user_citations: Any = [{"role": "user", "content": [cited]}]
+    for messages, expected in (
+        (assistant_document, "messages.1.content.0: document blocks are not permitted in assistant messages"),
+        (user_citations, "messages.0.content.0.citations: citations are not permitted"),
+    ):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model=LEGACY, max_tokens=50, messages=messages)
+        assert str(caught.value.api_message).startswith(expected)
+        old = client.messages.create(model=LEGACY, max_tokens=50, messages=messages, extra_headers=OLD_VERSION)
+        assert old.stop_reason == "end_turn"
+
+
+def test_a_batch_row_with_temperature_errors_only_when_the_batch_ends(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    params: Any = {"model": HAIKU, "max_tokens": 50, "messages": _user("hi"), "temperature": 0.5}
+    batch = client.messages.batches.create(requests=[{"custom_id": "hot", "params": params}])
+    while batch.processing_status != "ended":
+        batch = client.messages.batches.retrieve(batch.id)
+    (row,) = list(client.messages.batches.results(batch.id))
+    assert row.result.type == "errored"
+    assert row.result.error.error.message == "temperature: Extra inputs are not permitted"
 
 
 def test_unknown_model_is_404(client: anthropic.Anthropic) -> None:
@@ -255,7 +323,9 @@ def test_body_over_the_size_limit_is_413(emulator: RunningEmulator, client: anth
     with pytest.raises(anthropic.ContentTooLargeError) as caught:
         client.messages.create(model=HAIKU, max_tokens=10, messages=_user("x" * 5000))
     assert caught.value.status_code == 413 and caught.value.type == "request_too_large"
-    assert client.messages.create(model=HAIKU, max_tokens=10, messages=_user("x" * 3000)).usage.input_tokens == 750
+    assert client.messages.create(model=HAIKU, max_tokens=10, messages=_user("x" * 3000)).usage.input_tokens == tokens(
+        "x" * 3000
+    )
 
 
 def test_stream_delivers_the_same_message_as_create(client: anthropic.Anthropic) -> None:
@@ -287,8 +357,8 @@ def test_async_stream_with_thinking_has_signed_thinking_block(emulator: RunningE
     details = final.usage.output_tokens_details
     assert details is not None and details.thinking_tokens > 0
     # Thinking is billed as output at its full size, more than the visible summary.
-    assert final.usage.output_tokens == details.thinking_tokens + estimate_tokens(text.text)
-    assert details.thinking_tokens > estimate_tokens(thinking.thinking)
+    assert final.usage.output_tokens == details.thinking_tokens + tokens(text.text)
+    assert details.thinking_tokens > tokens(thinking.thinking)
 
 
 def test_manual_thinking_respects_budget_and_omitted_display(client: anthropic.Anthropic) -> None:
@@ -365,3 +435,114 @@ def test_models_list_the_configured_models(client: anthropic.Anthropic) -> None:
     assert opus.max_input_tokens == config.models[OPUS].context_tokens
     with pytest.raises(anthropic.NotFoundError):
         client.models.retrieve("claude-unknown")
+
+
+# --- thinking by default, off values, context window, tokenizer families, forced tool_choice (catalog.py) -----
+
+
+def test_5x_models_think_when_thinking_is_omitted_and_may_spend_all_of_max_tokens(client: anthropic.Anthropic) -> None:
+    reply = client.messages.create(model=HAIKU, max_tokens=64, messages=_user("classify: my card was charged twice"))
+    assert reply.content[0].type == "thinking"
+    assert reply.usage.output_tokens_details is not None and reply.usage.output_tokens_details.thinking_tokens == 64
+    assert reply.stop_reason == "max_tokens" and _text(reply) == ""
+    roomy = client.messages.create(model=HAIKU, max_tokens=2000, messages=_user("classify: my card"))
+    assert roomy.stop_reason == "end_turn" and _text(roomy).startswith("echo:")
+    legacy = client.messages.create(model=LEGACY, max_tokens=64, messages=_user("classify: my card"))
+    assert [block.type for block in legacy.content] == ["text"]
+
+
+@pytest.mark.parametrize(
+    ("model", "off", "accepted"),
+    [
+        (HAIKU, "disabled", True),
+        (HAIKU, "between_tools", False),
+        ("claude-sonnet-5-5", "between_tools", True),
+        ("claude-sonnet-5-5", "disabled", False),
+        (OPUS, "disabled", False),
+        ("claude-fable-5-1", "disabled", False),
+        ("claude-opus-5", "disabled", True),
+    ],
+)
+def test_each_model_takes_only_its_own_off_value(
+    client: anthropic.Anthropic, model: str, off: str, accepted: bool
+) -> None:
+    thinking: Any = {"type": off}
+    if not accepted:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model=model, max_tokens=64, messages=_user("hi"), thinking=thinking)
+        assert f"thinking.type.{off} is not supported for this model" in str(caught.value.api_message)
+        return
+    reply = client.messages.create(model=model, max_tokens=64, messages=_user("hi"), thinking=thinking)
+    assert [block.type for block in reply.content] == ["text"] and reply.usage.output_tokens_details is not None
+    assert reply.usage.output_tokens_details.thinking_tokens == 0
+    with pytest.raises(anthropic.BadRequestError):  # only at effort high or lower
+        client.messages.create(
+            model=model, max_tokens=64, messages=_user("hi"), thinking=thinking, output_config={"effort": "max"}
+        )
+
+
+def test_forced_tool_choice_is_400_on_opus_5_5_sonnet_5_5_and_fable(client: anthropic.Anthropic) -> None:
+    tool: Any = {"name": "label", "input_schema": {"type": "object", "properties": {}}}
+    for model in (OPUS, "claude-sonnet-5-5", "claude-fable-5-1"):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(
+                model=model, max_tokens=64, messages=_user("hi"), tools=[tool], tool_choice={"type": "any"}
+            )
+        assert "forcing tool use is not supported" in str(caught.value.api_message)
+    reply = client.messages.create(
+        model=HAIKU, max_tokens=64, messages=_user("hi"), tools=[tool], tool_choice={"type": "any"}, thinking=OFF
+    )
+    assert reply.stop_reason == "tool_use"
+
+
+def test_a_prompt_over_the_context_window_is_400_prompt_is_too_long(client: anthropic.Anthropic) -> None:
+    huge = "incident log line " * 40_000
+    counted = client.messages.count_tokens(model=LEGACY, messages=_user(huge)).input_tokens
+    assert 150_000 <= counted <= 200_000  # Haiku 4.5's context window is 200K
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=LEGACY, max_tokens=10, messages=_user(huge + huge))
+    assert str(caught.value.api_message).startswith("prompt is too long:")
+
+
+def test_the_5x_tokenizer_counts_about_30_percent_more_than_haiku_4_5(client: anthropic.Anthropic) -> None:
+    text = "The nightly export failed twice on the orders table after the schema migration added two columns. " * 20
+    new = client.messages.count_tokens(model=HAIKU, messages=_user(text)).input_tokens
+    old = client.messages.count_tokens(model=LEGACY, messages=_user(text)).input_tokens
+    assert 1.25 <= new / old <= 1.35
+    # Not the engine's offline rule (ceil(bytes / 4)): estimates must be measurably off, as against the real API.
+    assert old != (len(text.encode()) + 3) // 4
+
+
+def test_refusal_rate_answers_messages_and_batch_rows_with_a_billed_refusal(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(refusal_rate=1.0)
+    reply = client.messages.create(model=HAIKU, max_tokens=100, messages=_user("hi"), thinking=OFF)
+    assert reply.stop_reason == "refusal" and reply.content == []
+    assert reply.stop_details is not None and reply.stop_details.type == "refusal"
+    assert reply.stop_details.category == "cyber" and reply.usage.input_tokens > 0
+    with client.messages.stream(model=HAIKU, max_tokens=100, messages=_user("hi")) as stream:
+        assert stream.get_final_message().stop_reason == "refusal"
+    params: Any = {"model": HAIKU, "max_tokens": 100, "messages": _user("hi")}
+    batch = client.messages.batches.create(requests=[{"custom_id": "r", "params": params}])
+    while batch.processing_status != "ended":
+        batch = client.messages.batches.retrieve(batch.id)
+    assert batch.request_counts.succeeded == 1  # a refusal is a succeeded row: the request was answered
+    (row,) = list(client.messages.batches.results(batch.id))
+    assert row.result.type == "succeeded" and row.result.message.stop_reason == "refusal"
+    emulator.configure(refusal_rate=0.25)
+    answers = [
+        client.messages.create(model=HAIKU, max_tokens=100, messages=_user(f"q{i}"), thinking=OFF).stop_reason
+        for i in range(80)
+    ]
+    assert 10 <= answers.count("refusal") <= 30
+
+
+def test_output_that_reaches_the_context_window_stops_model_context_window_exceeded(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(reply_tokens=500)
+    huge = "incident log line " * 49_990  # a few tokens short of Haiku 4.5's 200K window
+    reply = client.messages.create(model=LEGACY, max_tokens=1000, messages=_user(huge))
+    assert reply.stop_reason == "model_context_window_exceeded"
+    assert reply.usage.input_tokens + reply.usage.output_tokens == 200_000

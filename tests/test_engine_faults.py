@@ -101,12 +101,13 @@ def _raw(task_id: str, mode: str, **params: Any) -> dict[str, Any]:
 def test_invalid_requests_end_errored_after_exactly_one_attempt_in_both_lanes(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
-    # Claude 5 models refuse sampling parameters: a 400 invalid_request_error, realtime or as a batch row.
-    # Older models take them (the SDK's typed signature no longer names them: they must still be sent).
+    # Claude 5 models refuse manual thinking budgets: a 400 invalid_request_error, realtime or as a batch row.
+    # Claude 4.6 takes them. (The engine does not second-guess raw params the API may still accept.)
+    manual = {"max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2000}}
     tasks = [
-        _raw("bad-rt", "realtime", temperature=0.5),
-        _raw("good-rt", "realtime", temperature=0.5) | {"model": "claude-sonnet-4-6"},
-        _raw("bad-batch", "batch", temperature=0.5),
+        _raw("bad-rt", "realtime", **manual),
+        _raw("good-rt", "realtime", **manual) | {"model": "claude-sonnet-4-6"},
+        _raw("bad-batch", "batch", **manual),
         _raw("good-batch", "batch"),
     ]
 
@@ -116,7 +117,7 @@ def test_invalid_requests_end_errored_after_exactly_one_attempt_in_both_lanes(
     for task_id, route in (("bad-rt", "realtime"), ("bad-batch", "batch")):
         row = rows[task_id]
         assert (row["status"], row["route"], row["attempts"]) == ("errored", route, 1)
-        assert row["error"]["type"] == "invalid_request_error" and "temperature" in row["error"]["message"]
+        assert row["error"]["type"] == "invalid_request_error" and "thinking.type.enabled" in row["error"]["message"]
         assert row["text"] is None and row["cost_usd"] == 0
     assert rows["good-rt"]["status"] == rows["good-batch"]["status"] == "succeeded"
     stats = emulator.stats()

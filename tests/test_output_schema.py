@@ -193,7 +193,8 @@ def test_a_model_that_accepts_neither_gets_the_schema_in_its_system_prompt() -> 
         config_with(toml), {"task_id": "a", "task_type": "x", "model": "claude-fable-5-1", "input_data": {"q": "hi"}}
     ).tasks
     assert task.output is not None and task.output.form == "prompt"
-    assert "tools" not in task.params and "output_config" not in task.params
+    # Fable cannot turn thinking off: output_config carries the lowest effort (issue #15), never a format.
+    assert "tools" not in task.params and "format" not in task.params.get("output_config", {})
     assert "must validate against this JSON Schema" in task.params["system"][0]["text"]
 
 

@@ -26,7 +26,12 @@ from batch_engine.errors import ApiError, PermanentApiError, TransientApiError
 from batch_engine.runner import RunOptions
 
 HAIKU = "claude-haiku-5-5"
-HELLO: dict[str, Any] = {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+HELLO: dict[str, Any] = {
+    "model": HAIKU,
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "hello"}],
+    "thinking": {"type": "disabled"},  # Haiku 5.5 thinks by default; these tests read the text
+}
 
 
 class Waits:
@@ -123,7 +128,7 @@ def test_attempts_are_bounded_and_the_last_error_is_raised_as_it_was(emulator: R
 
 
 def _bad_request(_: RunningEmulator) -> tuple[Callable[[Any], Awaitable[Any]], str]:
-    return _hello(HELLO | {"temperature": 0.5}), "sk-test"  # Claude 5 models refuse sampling parameters
+    return _hello(HELLO | {"temperature": 0.5}), "sk-test"  # API version 2026-10-21 refuses sampling parameters
 
 
 def _unauthorized(emulator: RunningEmulator) -> tuple[Callable[[Any], Awaitable[Any]], str]:
@@ -167,10 +172,25 @@ def test_permanent_errors_are_not_retried(
     assert sum(sum(by_status.values()) for by_status in calls.values()) == 1
 
 
+@pytest.mark.parametrize(
+    ("fault", "status", "error_type", "message"),
+    [
+        ("spend_limit", "429", "rate_limit_error", "API usage limits"),
+        # A spend limit the organisation set itself is a 400; a linked organisation's is a 402 (issue #15).
+        ("spend_limit_400", "400", "invalid_request_error", "API usage limits"),
+        ("spend_limit_402", "402", "billing_error", "spend limit"),
+    ],
+)
 def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
-    emulator: RunningEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    emulator: RunningEmulator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    status: str,
+    error_type: str,
+    message: str,
 ) -> None:
-    emulator.script_fault("messages", "spend_limit")
+    emulator.script_fault("messages", fault)
     tasks = generated_tasks(40, realtime_every=2)  # 20 realtime, 20 batch
     waits = Waits()
 
@@ -189,12 +209,12 @@ def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
     stopped = [row for row in realtime if row["status"] == "errored"]
     # Only what was already in flight went out; the refused request was not retried; nothing was sent after.
     calls = messages_calls(emulator.stats())
-    assert calls["429"] == 1 and calls.get("200", 0) == len(sent) - 1 < 4
+    assert calls[status] == 1 and calls.get("200", 0) == len(sent) - 1 < 4
     assert waits.requested == []
     assert len(stopped) == 20 - calls.get("200", 0)
     assert all(row["attempts"] == 0 for row in stopped if row not in sent)
-    assert all(row["error"]["type"] == "rate_limit_error" for row in stopped)
-    assert all("API usage limits" in row["error"]["message"] for row in stopped)
+    assert all(row["error"]["type"] == error_type for row in stopped)
+    assert all(message in row["error"]["message"] for row in stopped)
     # The batch lane is not affected by the realtime lane's spend-limit stop.
     assert all(row["status"] == "succeeded" for row in output.rows if row["route"] == "batch")
-    assert "realtime lane stopped" in caplog.text and "enforced_spend_limit_reached" in caplog.text
+    assert "realtime lane stopped" in caplog.text

@@ -10,15 +10,15 @@ from batch_engine.emulator.app import EmulatorApp
 from batch_engine.emulator.replies import reply_digest
 from batch_engine.emulator.server import RunningEmulator, serve_forever, start_emulator
 from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
-from batch_engine.planning.tokens import estimate_tokens
+from batch_engine.emulator.tokenizer import text_tokens
 
 __all__ = [
     "ENDPOINTS",
     "EmulatorApp",
     "EmulatorSettings",
     "RunningEmulator",
-    "estimate_tokens",
     "reply_digest",
     "serve_forever",
     "start_emulator",
+    "text_tokens",
 ]

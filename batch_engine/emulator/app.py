@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 import orjson
 from pydantic import ValidationError
 
+from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.faults import FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
@@ -58,6 +59,11 @@ class Incoming:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise invalid(f"Request body is not valid JSON: {exc}") from None
+
+    @property
+    def api_version(self) -> str:
+        """The `anthropic-version` the request asked for; the oldest version when it sent none (assumed)."""
+        return self.headers.get("anthropic-version") or OLDEST_VERSION
 
     @property
     def base_url(self) -> str:
@@ -158,13 +164,16 @@ class EmulatorApp:
             incoming.body = body
             outgoing = await route.handler(incoming, path_id)
         except ApiFailure as failure:
-            outgoing = Outgoing.json(failure.body(request_id), failure.status, failure.headers)
+            outgoing = Outgoing.json(failure.body(request_id), failure.status, _with_should_retry(failure))
         except DroppedConnection:
             raise
         except Exception:
             # A bug here must not look like a network failure to the client: answer as the API would.
             logger.exception("emulator: unexpected error answering %s %s", scope["method"], scope["path"])
             outgoing = Outgoing.json(error_body("api_error", "Internal server error", request_id), 500)
+        if route is not None and route.endpoint.startswith(("POST /v1/messages/batches", "GET /v1/messages/batches")):
+            # Batch endpoints report their own request limit too (polling counts against it).
+            outgoing.headers = {**self.state.limiter.batch_headers(), **outgoing.headers}
         self.state.stats.record_call(endpoint, "dropped" if outgoing.drop else str(outgoing.status))
         await self._send(send, outgoing, request_id)
 
@@ -285,14 +294,16 @@ class EmulatorApp:
     def _fault(self, endpoint: str) -> str | None:
         """Draw a fault: error faults raise here; "drop" and "error_event" are left to the handler."""
         kind = self.state.faults.draw(endpoint, self.state.settings)
-        if kind in ("429", "529", "500", "spend_limit") or (kind == "error_event" and endpoint != "messages"):
+        if (kind is not None and kind not in ("drop", "error_event")) or (
+            kind == "error_event" and endpoint != "messages"
+        ):
             raise failure_for("529" if kind == "error_event" else kind, self.state.settings.fault_retry_after_s)
         return kind
 
     def _batch_rpm(self) -> None:
         refusal = self.state.limiter.admit_simple("batches")
         if refusal is not None:
-            raise _rate_limited(refusal, {})
+            raise _rate_limited(refusal, self.state.limiter.batch_headers())
 
     async def _latency(self) -> None:
         settings = self.state.settings
@@ -308,7 +319,7 @@ class EmulatorApp:
         model = params.get("model") if isinstance(params, dict) else None
         try:
             fault = self._fault("messages")
-            prepared = state.prepare_message(params)
+            prepared = state.prepare_message(params, api_version=incoming.api_version)
             if fault == "error_event" and not prepared.request.stream:
                 raise failure_for("529", 0)  # only a stream can fail after its 200
             refusal = state.limiter.admit_message(prepared.request.model, prepared.rate_limited_input)
@@ -336,7 +347,7 @@ class EmulatorApp:
 
     async def _count_tokens(self, incoming: Incoming, _: str) -> Outgoing:
         self._fault("count_tokens")
-        prepared = self.state.prepare_message(incoming.json(), counting=True)
+        prepared = self.state.prepare_message(incoming.json(), counting=True, api_version=incoming.api_version)
         refusal = self.state.limiter.admit_simple("count_tokens")
         if refusal is not None:
             raise _rate_limited(refusal, {})
@@ -376,7 +387,15 @@ class EmulatorApp:
             seen.add(custom_id)
             custom_ids.append(custom_id)
             params.append(row_params)
-        batch = self.state.create_batch(custom_ids, params)
+        wait = self.state.queue_room(len(custom_ids))
+        if wait is not None:
+            cap = self.state.settings.batch_queue_cap
+            raise _rate_limited(
+                Refusal("batch_queue", cap or 0, max(wait, 0.05)),
+                {},
+                f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
+            )
+        batch = self.state.create_batch(custom_ids, params, incoming.api_version)
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
 
@@ -452,7 +471,7 @@ class EmulatorApp:
             "type": "model",
             "id": model,
             "display_name": model.replace("claude-", "Claude ").replace("-", " ").title(),
-            "created_at": rfc3339(datetime.combine(spec.price_as_of, datetime.min.time(), tzinfo=UTC).timestamp()),
+            "created_at": rfc3339(datetime.combine(spec.released, datetime.min.time(), tzinfo=UTC).timestamp()),
             "max_input_tokens": spec.context_tokens,
             "max_tokens": spec.max_output_tokens,
             "lifecycle": "active",
@@ -525,17 +544,29 @@ class EmulatorApp:
         return Outgoing.json({"now": rfc3339(self.state.clock.now())})
 
 
-def _rate_limited(refusal: Refusal, headers: dict[str, str]) -> ApiFailure:
+def _rate_limited(refusal: Refusal, headers: dict[str, str], message: str | None = None) -> ApiFailure:
     wait = refusal.retry_after_s
     return ApiFailure(
         "rate_limit_error",
-        refusal.message(),
+        message or refusal.message(),
         headers={
             **headers,
             "retry-after": str(max(1, math.ceil(wait))),
             "retry-after-ms": str(math.ceil(wait * 1000)),
         },
     )
+
+
+def _with_should_retry(failure: ApiFailure) -> dict[str, str]:
+    """The error's headers plus `x-should-retry`, which the API may send and the SDK obeys before anything else
+    (SDK `_base_client._should_retry`; reference §0.8): true where the SDK would retry anyway, false on the
+    other 4xx. A spend-limit 429 carries none (the SDK was seen retrying it, reference §2)."""
+    headers = dict(failure.headers)
+    if "x-should-retry" in headers or (failure.details or {}).get("error_code", "").endswith("spend_limit_reached"):
+        return headers
+    status = failure.status
+    headers["x-should-retry"] = "true" if status in (408, 409, 429) or status >= 500 else "false"
+    return headers
 
 
 def _query(scope: Scope) -> dict[str, str]:

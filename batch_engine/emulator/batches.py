@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.wire import ApiFailure, invalid, new_id, rfc3339
 
 EXPIRY_S = 24 * 3600.0
@@ -42,6 +43,7 @@ class Batch:
     custom_ids: list[str]
     params: list[Any] | None
     faults: RowFaults
+    api_version: str
     next_row: int = 0
     status: str = "in_progress"
     ended_at: float | None = None
@@ -136,6 +138,7 @@ class Batch:
                 self.faults.expire_rate,
                 self.faults.never_ends,
             ],
+            "api_version": self.api_version,
             "next_row": self.next_row,
             "status": self.status,
             "ended_at": self.ended_at,
@@ -154,6 +157,7 @@ class Batch:
             custom_ids=data["custom_ids"],
             params=data["params"],
             faults=RowFaults(error_rate, error_type, expire_rate, never_ends),
+            api_version=data.get("api_version", OLDEST_VERSION),
             next_row=data["next_row"],
             status=data["status"],
             ended_at=data["ended_at"],
@@ -178,9 +182,15 @@ class BatchStore:
         self._order.append(batch.id)
 
     def create(
-        self, custom_ids: list[str], params: list[Any], now: float, duration_s: float, faults: RowFaults
+        self,
+        custom_ids: list[str],
+        params: list[Any],
+        now: float,
+        duration_s: float,
+        faults: RowFaults,
+        api_version: str,
     ) -> Batch:
-        batch = Batch(new_id("msgbatch_"), now, duration_s, custom_ids, params, faults)
+        batch = Batch(new_id("msgbatch_"), now, duration_s, custom_ids, params, faults, api_version)
         self.add(batch)
         return batch
 

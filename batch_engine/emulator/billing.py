@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batch_engine.config import ModelSpec
 from batch_engine.emulator.caching import CachePlan
+from batch_engine.emulator.catalog import ModelRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +45,9 @@ class Billed:
             "service_tier": service_tier,
         }
 
-    def cost_usd(self, spec: ModelSpec, discount: float) -> float:
+    def cost_usd(self, spec: ModelRules, discount: float) -> float:
         """Price at the model's rate card for this prompt size, times the batch discount (1.0 realtime)."""
-        price = spec.price_for_prompt(self.input_tokens + self.cache_read + self.write_5m + self.write_1h)
+        price = spec.rates_for_prompt(self.input_tokens + self.cache_read + self.write_5m + self.write_1h)
         dollars = (
             self.input_tokens * price.input
             + self.output_tokens * price.output

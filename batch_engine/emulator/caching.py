@@ -70,8 +70,10 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def plan(self, model: str, segments: Sequence[Segment], min_tokens: int, now: float) -> CachePlan:
-        """What this prompt would read and write now, without changing anything."""
+    def plan(
+        self, model: str, segments: Sequence[Segment], min_tokens: int, now: float, *, may_hit: bool = True
+    ) -> CachePlan:
+        """What this prompt would read and write now, without changing anything (`may_hit` False: a miss)."""
         breakpoints = [index for index, segment in enumerate(segments) if segment.ttl is not None]
         if not breakpoints:
             return NO_CACHING
@@ -81,7 +83,7 @@ class PromptCache:
         for segment in segments[: breakpoints[-1] + 1]:
             running += segment.tokens
             prefix_tokens.append(running)
-        hit = self._longest_hit(keys, breakpoints, now)
+        hit = self._longest_hit(keys, breakpoints, now) if may_hit else -1
         read = prefix_tokens[hit] if hit >= 0 else 0
         written_upto = read
         write_5m = write_1h = 0

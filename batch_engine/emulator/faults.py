@@ -9,7 +9,9 @@ from typing import Literal, get_args
 from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
 from batch_engine.emulator.wire import ApiFailure
 
-FaultKind = Literal["429", "529", "500", "drop", "error_event", "spend_limit"]
+FaultKind = Literal[
+    "429", "529", "500", "drop", "error_event", "spend_limit", "spend_limit_400", "spend_limit_402", "500_no_retry"
+]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
@@ -22,6 +24,22 @@ def failure_for(kind: str, retry_after_s: float) -> ApiFailure:
             "You have reached your specified API usage limits. You will regain access when the limit resets.",
             details={"error_code": "enforced_spend_limit_reached"},
         )
+    if kind == "spend_limit_400":
+        # A spend limit the organisation set for itself: a 400 (docs: /api/rate-limits; reference §3).
+        return ApiFailure(
+            "invalid_request_error",
+            "You have reached your specified API usage limits. You will regain access when the limit resets.",
+        )
+    if kind == "spend_limit_402":
+        # The linked organisation's spend limit: a 402 billing_error (docs: /api/errors; issue #15).
+        return ApiFailure(
+            "billing_error",
+            "Your linked organization has reached its spend limit.",
+            details={"error_code": "linked_organization_spend_limit_reached"},
+        )
+    if kind == "500_no_retry":
+        # A 500 the API marks not worth retrying (seen in an incident, anthropics/claude-code#35491).
+        return ApiFailure("api_error", "Internal server error", headers={"x-should-retry": "false"})
     if kind == "429":
         return ApiFailure(
             "rate_limit_error",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batch_engine.config import ModelSpec
+from batch_engine.emulator.catalog import VERSION_2026_10_21, ModelRules
 from batch_engine.emulator.structured import check_compatible, schema_of
 from batch_engine.emulator.tokenizer import block_tokens, json_tokens, without_cache_control
 from batch_engine.emulator.wire import ApiFailure, invalid
@@ -35,6 +35,7 @@ COUNT_PARAMS = frozenset(
         "speed",
     }
 )
+SAMPLING_PARAMS = frozenset({"temperature", "top_p", "top_k"})
 MAX_BREAKPOINTS = 4
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 CACHE_TTLS = ("5m", "1h")
@@ -61,7 +62,7 @@ class Thinking:
 @dataclass(frozen=True, slots=True)
 class MessageRequest:
     model: str
-    spec: ModelSpec
+    spec: ModelRules
     max_tokens: int  # 0 for count_tokens
     segments: tuple[Segment, ...]
     last_user_text: str
@@ -76,13 +77,18 @@ class MessageRequest:
         return sum(segment.tokens for segment in self.segments)
 
 
-def parse_request(params: Any, models: Mapping[str, ModelSpec], *, counting: bool = False) -> MessageRequest:
-    """Validate Messages params; raise ApiFailure (400 / 404) with the API's kind of message."""
+def parse_request(
+    params: Any, models: Mapping[str, ModelRules], *, counting: bool = False, api_version: str = VERSION_2026_10_21
+) -> MessageRequest:
+    """Validate Messages params under an API version; raise ApiFailure (400 / 404) with the API's kind of message."""
     if not isinstance(params, dict):
         raise invalid("Request body must be a JSON object.")
+    current = api_version >= VERSION_2026_10_21
     allowed = COUNT_PARAMS if counting else MESSAGE_PARAMS
     for key in params:
-        if key not in allowed:
+        # 2026-10-21 dropped the sampling params from the schema on every model, even at their default values
+        # (docs: /api/migration-2026-10-21; reference §0.1). 2023-06-01 keeps the per-model rules of `_sampling`.
+        if key not in allowed or (current and key in SAMPLING_PARAMS):
             raise invalid(f"{key}: Extra inputs are not permitted")
     model, spec = _model(params, models)
     max_tokens = 0 if counting else _max_tokens(params, model, spec)
@@ -90,19 +96,20 @@ def parse_request(params: Any, models: Mapping[str, ModelSpec], *, counting: boo
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: at least one message is required")
     segments: list[Segment] = []
-    tools = _tools(params.get("tools"), segments)
-    _system(params.get("system"), segments)
-    last_user_text = _messages(messages, segments)
+    tools = _tools(params.get("tools"), segments, spec.tokenizer)
+    _system(params.get("system"), segments, spec.tokenizer)
+    last_user_text = _messages(messages, segments, spec.tokenizer, current)
     hidden_slots = _automatic_cache_control(params.get("cache_control"), segments)
     _check_breakpoints(segments, hidden_slots)
     thinking = _thinking(params, spec, max_tokens, counting)
-    forced_tool = _tool_choice(params.get("tool_choice"), tools, thinking)
-    if forced_tool is not None and not spec.forced_tool_choice:
-        # whats-new-sonnet-5-5 "Forced tool use returns an error" (also Opus 5.5 and Fable 5.1).
-        raise invalid(f"tool_choice: forcing tool use is not supported on the model {model}; use 'auto'.")
+    forced_tool = _tool_choice(params.get("tool_choice"), tools, thinking, spec, model)
     _sampling(params, spec, thinking)
     json_schema = schema_of(params.get("output_config"), model, spec.structured_outputs)
     check_compatible(json_schema is not None, messages[-1].get("role") == "assistant")
+    total = sum(segment.tokens for segment in segments)
+    if not counting and total > spec.context_tokens:
+        # The API's wording for a prompt over the model's context window.
+        raise invalid(f"prompt is too long: {total} tokens > {spec.context_tokens} maximum")
     if messages[-1].get("role") == "assistant" and (not spec.sampling_params or thinking is not None):
         raise invalid(
             "This model does not support assistant message prefill. The conversation must end with a user message."
@@ -124,7 +131,7 @@ def parse_request(params: Any, models: Mapping[str, ModelSpec], *, counting: boo
     )
 
 
-def _model(params: dict[str, Any], models: Mapping[str, ModelSpec]) -> tuple[str, ModelSpec]:
+def _model(params: dict[str, Any], models: Mapping[str, ModelRules]) -> tuple[str, ModelRules]:
     model = params.get("model")
     if model is None:
         raise invalid("model: Field required")
@@ -136,7 +143,7 @@ def _model(params: dict[str, Any], models: Mapping[str, ModelSpec]) -> tuple[str
     return model, spec
 
 
-def _max_tokens(params: dict[str, Any], model: str, spec: ModelSpec) -> int:
+def _max_tokens(params: dict[str, Any], model: str, spec: ModelRules) -> int:
     max_tokens = params.get("max_tokens")
     if max_tokens is None:
         raise invalid("max_tokens: Field required")
@@ -164,7 +171,7 @@ def _ttl(block: dict[str, Any], where: str) -> str | None:
     return str(ttl)
 
 
-def _tools(tools: Any, segments: list[Segment]) -> dict[str, dict[str, Any]]:
+def _tools(tools: Any, segments: list[Segment], family: str) -> dict[str, dict[str, Any]]:
     if tools is None:
         return {}
     if not isinstance(tools, list):
@@ -183,16 +190,16 @@ def _tools(tools: Any, segments: list[Segment]) -> dict[str, dict[str, Any]]:
         if tool["name"] in by_name:
             raise invalid(f"tools: Tool names must be unique ({tool['name']!r} appears twice)")
         by_name[tool["name"]] = tool
-        segments.append(Segment(b"tool", tool, json_tokens(without_cache_control(tool)), _ttl(tool, where)))
+        segments.append(Segment(b"tool", tool, json_tokens(without_cache_control(tool), family), _ttl(tool, where)))
     return by_name
 
 
-def _system(system: Any, segments: list[Segment]) -> None:
+def _system(system: Any, segments: list[Segment], family: str) -> None:
     if system is None:
         return
     if isinstance(system, str):
         if system:
-            segments.append(Segment(b"system", {"type": "text", "text": system}, block_tokens(system), None))
+            segments.append(Segment(b"system", {"type": "text", "text": system}, block_tokens(system, family), None))
         return
     if not isinstance(system, list):
         raise invalid("system: Input should be a valid string or a list of text blocks")
@@ -202,10 +209,10 @@ def _system(system: Any, segments: list[Segment]) -> None:
             raise invalid(f"{where}: Input should be a text block")
         if not block["text"].strip():
             raise invalid(f"{where}.text: text content blocks must contain non-whitespace text")
-        segments.append(Segment(b"system", block, block_tokens(block), _ttl(block, where)))
+        segments.append(Segment(b"system", block, block_tokens(block, family), _ttl(block, where)))
 
 
-def _messages(messages: list[Any], segments: list[Segment]) -> str:
+def _messages(messages: list[Any], segments: list[Segment], family: str, current: bool) -> str:
     last_user_text = ""
     for index, message in enumerate(messages):
         where = f"messages.{index}"
@@ -222,13 +229,15 @@ def _messages(messages: list[Any], segments: list[Segment]) -> str:
         if isinstance(content, str):
             if not content.strip() and not (role == "assistant" and index == len(messages) - 1):
                 raise invalid(f"{where}.content: text content blocks must contain non-whitespace text")
-            segments.append(Segment(tag, {"type": "text", "text": content}, block_tokens(content), None))
+            segments.append(Segment(tag, {"type": "text", "text": content}, block_tokens(content, family), None))
             texts.append(content)
         elif isinstance(content, list) and content:
             for position, block in enumerate(content):
                 block_where = f"{where}.content.{position}"
                 _check_block(block, block_where)
-                segments.append(Segment(tag, block, block_tokens(block), _ttl(block, block_where)))
+                if current:
+                    _check_version_2026_10_21(block, block_where, role)
+                segments.append(Segment(tag, block, block_tokens(block, family), _ttl(block, block_where)))
                 if block["type"] == "text":
                     texts.append(block["text"])
                 elif block["type"] == "tool_result" and isinstance(block.get("content"), str):
@@ -259,6 +268,15 @@ def _check_block(block: Any, where: str) -> None:
         raise invalid(f"{where}.type: Input tag '{kind}' found using 'type' does not match any of the expected tags")
 
 
+def _check_version_2026_10_21(block: dict[str, Any], where: str, role: str) -> None:
+    # Under 2026-10-21 a document block may only come from the user, and a user's text block may not carry
+    # citations (docs: /api/migration-2026-10-21; reference §0.1).
+    if role == "assistant" and block["type"] == "document":
+        raise invalid(f"{where}: document blocks are not permitted in assistant messages")
+    if role == "user" and block["type"] == "text" and block.get("citations"):
+        raise invalid(f"{where}.citations: citations are not permitted on text blocks in user messages")
+
+
 def _automatic_cache_control(control: Any, segments: list[Segment]) -> int:
     """Put the top-level breakpoint on the last block; return the slots it takes that no segment shows."""
     # Automatic caching always takes one of the four slots, even on a block that already has a breakpoint.
@@ -281,12 +299,14 @@ def _check_breakpoints(segments: list[Segment], hidden_slots: int) -> None:
         raise invalid("cache_control: a ttl='1h' cache entry must come before any ttl='5m' entry.")
 
 
-def _thinking(params: dict[str, Any], spec: ModelSpec, max_tokens: int, counting: bool) -> Thinking | None:
+def _thinking(params: dict[str, Any], spec: ModelRules, max_tokens: int, counting: bool) -> Thinking | None:
     config = params.get("thinking")
     effort = _effort(params.get("output_config"))
     if config is None:
-        # Models with thinking always on think even when the request does not ask.
-        return Thinking("adaptive", None, effort or "medium", "summarized") if spec.thinking_always_on else None
+        # The 5.x models think when `thinking` is omitted (D-HK, D-SN, D-TT in catalog.py).
+        if spec.thinks_by_default:
+            return Thinking("adaptive", None, effort or spec.default_effort, spec.default_display)
+        return None
     if not isinstance(config, dict) or config.get("type") not in (
         "enabled",
         "adaptive",
@@ -295,15 +315,20 @@ def _thinking(params: dict[str, Any], spec: ModelSpec, max_tokens: int, counting
     ):
         raise invalid("thinking.type: Input should be 'enabled', 'adaptive', 'disabled' or 'between_tools'")
     kind = config["type"]
-    display = config.get("display") or "summarized"
+    display = config.get("display") or spec.default_display
     if display not in ("summarized", "omitted"):
         raise invalid("thinking.display: Input should be 'summarized' or 'omitted'")
     if kind in ("disabled", "between_tools"):
-        if spec.thinking_always_on and kind == "disabled":
-            raise invalid("thinking: thinking cannot be disabled for this model")
-        return Thinking("adaptive", None, effort or "medium", display) if spec.thinking_always_on else None
+        if kind not in spec.off_values:
+            hint = f"; use {{'type': '{next(iter(spec.off_values))}'}}" if spec.off_values else ""
+            raise invalid(f"thinking.type.{kind} is not supported for this model{hint}")
+        if spec.thinks_by_default and effort in ("xhigh", "max"):
+            # Haiku 5.5 / Opus 5 take `disabled`, Sonnet 5.5 `between_tools`, only at effort high or lower.
+            raise invalid(f"thinking.type.{kind} is not supported with output_config.effort {effort!r}")
+        # `between_tools` keeps only the short notes between tool calls: a request without tools thinks not at all.
+        return None
     if kind == "adaptive":
-        return Thinking("adaptive", None, effort or "high", display)
+        return Thinking("adaptive", None, effort or spec.default_effort, display)
     if not spec.manual_thinking:
         raise invalid(
             '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
@@ -330,7 +355,9 @@ def _effort(output_config: Any) -> str | None:
     return effort if isinstance(effort, str) else None
 
 
-def _tool_choice(choice: Any, tools: dict[str, dict[str, Any]], thinking: Thinking | None) -> dict[str, Any] | None:
+def _tool_choice(
+    choice: Any, tools: dict[str, dict[str, Any]], thinking: Thinking | None, spec: ModelRules, model: str
+) -> dict[str, Any] | None:
     if choice is None:
         return None
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
@@ -340,6 +367,9 @@ def _tool_choice(choice: Any, tools: dict[str, dict[str, Any]], thinking: Thinki
         return None
     if not tools:
         raise invalid("tool_choice: a tool_choice that forces tool use needs tools")
+    if not spec.forced_tool_choice:
+        # Opus 5.5, Sonnet 5.5 and Fable 5.1 return an error for forced tool use (D-SN; reference §0.4).
+        raise invalid(f"tool_choice: forcing tool use is not supported on the model {model}; use 'auto'.")
     if thinking is not None:
         raise invalid("Thinking may not be enabled when tool_choice forces tool use.")
     if kind == "any":
@@ -350,7 +380,8 @@ def _tool_choice(choice: Any, tools: dict[str, dict[str, Any]], thinking: Thinki
     return tools[name]
 
 
-def _sampling(params: dict[str, Any], spec: ModelSpec, thinking: Thinking | None) -> None:
+def _sampling(params: dict[str, Any], spec: ModelRules, thinking: Thinking | None) -> None:
+    # Reached with sampling params only under API version 2023-06-01 (2026-10-21 rejects them up front).
     temperature = params.get("temperature")
     for name in ("temperature", "top_p", "top_k"):
         value = params.get(name)

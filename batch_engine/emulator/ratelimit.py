@@ -131,6 +131,19 @@ class RateLimiter:
         bucket.take(1, now)
         return None
 
+    def batch_headers(self) -> dict[str, str]:
+        """anthropic-ratelimit-requests-* for a Batches response: the batch endpoints' own RPM (all of them,
+        polling included, share it; docs: /api/rate-limits, Message Batches). Absent when unlimited."""
+        bucket = self._batch
+        if bucket is None:
+            return {}
+        now = time.monotonic()
+        return {
+            "anthropic-ratelimit-requests-limit": str(bucket.limit),
+            "anthropic-ratelimit-requests-remaining": str(bucket.remaining(now)),
+            "anthropic-ratelimit-requests-reset": rfc3339(time.time() + bucket.seconds_to_full(now)),
+        }
+
     def headers(self, model: str) -> dict[str, str]:
         """anthropic-ratelimit-* headers for a Messages response (reset times are RFC 3339, wall clock)."""
         buckets = self._buckets(model)

@@ -16,9 +16,8 @@ import orjson
 
 from batch_engine.emulator.params import MessageRequest
 from batch_engine.emulator.structured import Generator
-from batch_engine.emulator.tokenizer import json_tokens
+from batch_engine.emulator.tokenizer import json_tokens, prefix_within, text_tokens
 from batch_engine.emulator.wire import new_id
-from batch_engine.planning.tokens import estimate_tokens
 
 _WORDS = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
@@ -43,6 +42,17 @@ class Reply:
     stop_sequence: str | None
     output_tokens: int
     thinking_tokens: int
+    stop_details: dict[str, Any] | None = None
+
+
+# A refusal: `stop_reason: "refusal"` with `stop_details` {type, category, explanation} (SDK 2.x
+# types/refusal_stop_details.py); the 5.5 models' safety classifiers can decline a request (docs: Haiku 5.5 and
+# Sonnet 5.5 what's new, "refusals and fallbacks"). Billed for the input and whatever output came before it.
+REFUSAL_DETAILS = {
+    "type": "refusal",
+    "category": "cyber",
+    "explanation": "Declined by the emulator's --refusal-rate (a stand-in for the API's safety classifiers).",
+}
 
 
 def _filler(chars: int, offset: int) -> str:
@@ -62,12 +72,18 @@ def _thinking_tokens(request: MessageRequest, seed: int) -> int:
     base = THINKING_BY_EFFORT[thinking.effort] + seed % 32
     if thinking.budget_tokens is not None:
         return min(thinking.budget_tokens, base)
-    # Adaptive thinking sizes itself to the request: it leaves at least half of max_tokens for the answer.
-    return min(base, request.max_tokens // 2)
+    # Thinking tokens count toward max_tokens and adaptive thinking does not save room for the answer: a small
+    # max_tokens can be spent on thinking alone, ending `max_tokens` with no text (docs: Haiku 5.5 what's new).
+    return min(base, request.max_tokens)
 
 
 def build_reply(
-    request: MessageRequest, *, custom_id: str | None, reply_tokens: int | None, invalid_output: bool = False
+    request: MessageRequest,
+    *,
+    custom_id: str | None,
+    reply_tokens: int | None,
+    invalid_output: bool = False,
+    refuse: bool = False,
 ) -> Reply:
     """The content, stop reason and output tokens for a validated request.
 
@@ -75,6 +91,8 @@ def build_reply(
     against it; with `invalid_output` (the emulator's injected fault) it does not.
     """
     digest = reply_digest(request.last_user_text)
+    if refuse:
+        return Reply([], "refusal", None, 1, 0, REFUSAL_DETAILS)
     seed = int(digest[:8], 16)
     echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
     thinking_tokens = _thinking_tokens(request, seed)
@@ -83,9 +101,21 @@ def build_reply(
         summary = "" if request.thinking.display == "omitted" else f"Considering the request ({echo})."
         signature = base64.b64encode(hashlib.sha256(f"{request.model}|{echo}".encode()).digest()).decode()
         content.append({"type": "thinking", "thinking": summary, "signature": signature})
-    available = request.max_tokens - thinking_tokens
+    # Output also stops where the context window does: the newer models then say so with their own stop reason
+    # (docs: /build-with-claude/handling-stop-reasons, `model_context_window_exceeded`).
+    room = request.spec.context_tokens - request.total_tokens
+    limit, limit_reason = (
+        (room, "model_context_window_exceeded")
+        if room < request.max_tokens
+        else (
+            request.max_tokens,
+            "max_tokens",
+        )
+    )
+    thinking_tokens = min(thinking_tokens, limit)
+    available = limit - thinking_tokens
     if available <= 0:
-        return Reply(content, "max_tokens", None, max(1, request.max_tokens), thinking_tokens)
+        return Reply(content, limit_reason, None, max(1, limit), thinking_tokens)
 
     if request.forced_tool is not None:
         schema = request.forced_tool.get("input_schema", {})
@@ -97,7 +127,7 @@ def build_reply(
             "name": request.forced_tool["name"],
             "input": tool_input,
         }
-        used = min(available, json_tokens(tool_input) + 8)
+        used = min(available, json_tokens(tool_input, request.spec.tokenizer) + 8)
         content.append(block)
         return Reply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
 
@@ -107,7 +137,10 @@ def build_reply(
         text = answer if isinstance(answer, str) and invalid_output else orjson.dumps(answer).decode()
     else:
         target = reply_tokens if reply_tokens is not None else 20 + seed % 41
-        text = echo + " " + _filler(max(0, target * 4 - len(echo) - 1), seed)
+        text = echo + " " + _filler(max(0, target * 8 - len(echo) - 1), seed)
+        # The reply is `target` tokens long, but never shorter than its echo (the proof of what it answers).
+        family = request.spec.tokenizer
+        text = prefix_within(text, max(target, text_tokens(echo, family)), family).rstrip()
     stop_reason, stop_sequence = "end_turn", None
     for sequence in request.stop_sequences:
         position = text.find(sequence)
@@ -116,13 +149,13 @@ def build_reply(
     if stop_sequence is not None:
         text = text[: text.find(stop_sequence)]
         stop_reason = "stop_sequence"
-    if estimate_tokens(text) > available:
-        # The text is ASCII, so 4 characters are one token.
-        text = text[: available * 4]
-        stop_reason, stop_sequence = "max_tokens", None
+    family = request.spec.tokenizer
+    if text_tokens(text, family) > available:
+        text = prefix_within(text, available, family)
+        stop_reason, stop_sequence = limit_reason, None
     if text:
         content.append({"type": "text", "text": text})
-    output_tokens = max(1, thinking_tokens + estimate_tokens(text))
+    output_tokens = max(1, thinking_tokens + text_tokens(text, family))
     return Reply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
 
 
@@ -137,6 +170,7 @@ def message_json(
         "content": reply.content,
         "stop_reason": reply.stop_reason,
         "stop_sequence": reply.stop_sequence,
+        "stop_details": reply.stop_details,
         "usage": usage,
     }
 
@@ -153,7 +187,14 @@ def sse_events(message: dict[str, Any]) -> list[bytes]:
     """The server-sent events that stream `message`, in the API's order."""
     usage = message["usage"]
     start_usage = {**usage, "output_tokens": 1}
-    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "stop_details": None,
+        "usage": start_usage,
+    }
     events = [
         _event("message_start", {"type": "message_start", "message": start}),
         _event("ping", {"type": "ping"}),
@@ -184,7 +225,11 @@ def sse_events(message: dict[str, Any]) -> list[bytes]:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                "delta": {
+                    "stop_reason": message["stop_reason"],
+                    "stop_sequence": message["stop_sequence"],
+                    "stop_details": message["stop_details"],
+                },
                 "usage": delta_usage,
             },
         )

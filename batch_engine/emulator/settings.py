@@ -52,7 +52,16 @@ class EmulatorSettings(BaseModel):
     reply_tokens: int | None = Field(default=None, ge=1)
     # Share of JSON answers (output_config.format or a forced tool) made not to validate against their schema.
     invalid_output_rate: float = Field(default=0.0, ge=0, le=1)
+    # Share of answered requests (Messages and batch rows) that end `stop_reason: "refusal"`, billed.
+    refusal_rate: float = Field(default=0.0, ge=0, le=1)
+    # Requests waiting in the batch processing queue, across all batches; a create over it is a 429.
+    batch_queue_cap: int | None = Field(default=None, ge=1)
+    # Share of batch rows whose live cache entry is actually read: batch cache hits are best-effort, "typically
+    # 30-98%" (docs: /build-with-claude/batch-processing, prompt caching with Message Batches). A miss writes again.
+    batch_cache_hit_rate: float = Field(default=0.6, ge=0, le=1)
     api_key: str | None = Field(default=None, min_length=1, repr=False)
+    # Ignored: the emulator serves its own model catalog (catalog.py), written from the docs rather than from the
+    # engine's config. Kept so existing `--config` command lines and callers still run.
     config_path: Path | None = None
     state_file: Path | None = None
     max_message_body_bytes: int = Field(default=32_000_000, ge=1024)

@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-from batch_engine.config import ModelSpec, load_config
 from batch_engine.emulator.batches import OUTCOMES, Batch, BatchStore, RowFaults
 from batch_engine.emulator.billing import Billed, Ledger
 from batch_engine.emulator.caching import CachePlan, PromptCache
+from batch_engine.emulator.catalog import MODELS, VERSION_2026_10_21, ModelRules
 from batch_engine.emulator.clock import ScaledClock
 from batch_engine.emulator.faults import FaultInjector
 from batch_engine.emulator.params import MessageRequest, parse_request
@@ -29,6 +29,8 @@ from batch_engine.errors import ConfigError
 from batch_engine.io import atomic_write_bytes, loads, read_bytes
 
 SNAPSHOT_VERSION = 1
+# "All usage is charged at 50% of the standard API prices" (docs: /build-with-claude/batch-processing).
+BATCH_DISCOUNT = 0.5
 logger = logging.getLogger(__name__)
 
 
@@ -61,9 +63,7 @@ class EmulatorState:
                 raise ConfigError(f"{settings.state_file}: not a usable emulator state file ({exc})") from exc
 
     def _fresh(self, settings: EmulatorSettings) -> None:
-        config = load_config(settings.config_path)
-        self.models: Mapping[str, ModelSpec] = config.models
-        self.batch_discount = config.batch_discount
+        self.models: Mapping[str, ModelRules] = MODELS
         self.clock = ScaledClock(settings.time_scale)
         self.cache = PromptCache()
         self.limiter = RateLimiter(settings)
@@ -99,15 +99,14 @@ class EmulatorState:
             self.faults = FaultInjector(new.seed)
             self.latency_rng = random.Random(new.seed)
             self.output_rng = random.Random(f"{new.seed}:invalid-output")
-        if new.config_path != old.config_path:
-            config = load_config(new.config_path)
-            self.models, self.batch_discount = config.models, config.batch_discount
         return new
 
     # --- Messages -------------------------------------------------------------------------------------------
 
-    def prepare_message(self, params: Any, *, counting: bool = False) -> Prepared:
-        request = parse_request(params, self.models, counting=counting)
+    def prepare_message(
+        self, params: Any, *, counting: bool = False, api_version: str = VERSION_2026_10_21
+    ) -> Prepared:
+        request = parse_request(params, self.models, counting=counting, api_version=api_version)
         if counting:
             return Prepared(request, CachePlan())
         plan = self.cache.plan(request.model, request.segments, request.spec.min_cacheable_tokens, self.clock.now())
@@ -121,18 +120,31 @@ class EmulatorState:
         json_answer = request.json_schema is not None or request.forced_tool is not None
         broken = json_answer and rate > 0 and self.output_rng.random() < rate
         reply = build_reply(
-            request, custom_id=custom_id, reply_tokens=self.settings.reply_tokens, invalid_output=broken
+            request,
+            custom_id=custom_id,
+            reply_tokens=self.settings.reply_tokens,
+            invalid_output=broken,
+            refuse=self._refuses(request, custom_id),
         )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
-        discount = self.batch_discount if lane == "batch" else 1.0
+        discount = BATCH_DISCOUNT if lane == "batch" else 1.0
         self.ledger.add(lane, billed, billed.cost_usd(request.spec, discount))
         tier = "batch" if lane == "batch" else "standard"
         self.dirty = True
         return message_json(request, reply, billed.usage_json(tier)), billed
 
+    def _refuses(self, request: MessageRequest, custom_id: str | None) -> bool:
+        rate = self.settings.refusal_rate
+        if not rate:
+            return False
+        # A hash of the request, not a shared RNG: the same prompt is refused again, whatever the timing.
+        key = f"{self.settings.seed}:{custom_id}:{request.model}:{request.last_user_text}"
+        draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+        return draw < rate
+
     # --- Batches --------------------------------------------------------------------------------------------
 
-    def create_batch(self, custom_ids: list[str], params: list[Any]) -> Batch:
+    def create_batch(self, custom_ids: list[str], params: list[Any], api_version: str = VERSION_2026_10_21) -> Batch:
         settings = self.settings
         faults = RowFaults(
             settings.batch_row_error_rate,
@@ -140,11 +152,30 @@ class EmulatorState:
             settings.batch_row_expire_rate,
             settings.batch_never_ends,
         )
-        batch = self.batches.create(custom_ids, params, self.clock.now(), settings.batch_duration_s, faults)
+        batch = self.batches.create(
+            custom_ids, params, self.clock.now(), settings.batch_duration_s, faults, api_version
+        )
         self.stats.record_batch(custom_ids)
         self.dirty = True
         self.wake.set()
         return batch
+
+    def queue_room(self, requests: int) -> float | None:
+        """None when `requests` more fit the batch processing queue, else seconds until room may open.
+
+        Batch limits cover the requests waiting in the processing queue across all batches (Start 200k, Build
+        300k, Scale 500k); a create over it is refused with a 429 (docs: /api/rate-limits, Message Batches).
+        """
+        cap = self.settings.batch_queue_cap
+        if cap is None:
+            return None
+        active = self.batches.active()
+        waiting = sum(batch.size - batch.next_row for batch in active)
+        if waiting + requests <= cap:
+            return None
+        now = self.clock.now()
+        soonest = min((batch.created_at + batch.duration_s - now for batch in active), default=0.0)
+        return max(0.0, soonest) / self.clock.time_scale
 
     def touch(self, batch: Batch) -> None:
         """Bring a batch's status up to date with the clock (expiry, cancellation, end) without new rows."""
@@ -200,7 +231,14 @@ class EmulatorState:
             failure = ApiFailure(batch.faults.error_type, "Injected by the emulator: this row failed.")
             return self._errored(custom_id, failure), "errored"
         try:
-            prepared = self.prepare_message(params)
+            # Rows are validated as the create request's API version says (checked only when processed).
+            prepared = self.prepare_message(params, api_version=batch.api_version)
+            if prepared.plan.hit is not None and not self._batch_cache_hits(batch, index):
+                request = prepared.request
+                miss = self.cache.plan(
+                    request.model, request.segments, request.spec.min_cacheable_tokens, self.clock.now(), may_hit=False
+                )
+                prepared = Prepared(request, miss)
             message, _ = self.answer(prepared, custom_id=custom_id, lane="batch")
         except ApiFailure as failure:
             return self._errored(custom_id, failure), "errored"
@@ -215,6 +253,15 @@ class EmulatorState:
     def _errored(custom_id: str, failure: ApiFailure) -> bytes:
         error = error_body(failure.error_type, failure.message, new_id("req_"))
         return orjson.dumps({"custom_id": custom_id, "result": {"type": "errored", "error": error}})
+
+    def _batch_cache_hits(self, batch: Batch, index: int) -> bool:
+        rate = self.settings.batch_cache_hit_rate
+        if rate >= 1:
+            return True
+        # By custom_id, not batch id: the same workload hits and misses alike on every run.
+        key = f"cache:{self.settings.seed}:{batch.custom_ids[index]}"
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < rate
 
     def _row_fate(self, batch: Batch, index: int) -> str | None:
         faults = batch.faults

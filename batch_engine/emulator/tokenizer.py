@@ -1,25 +1,62 @@
-"""The emulator's one tokenizer, used for usage, count_tokens, caching and rate limits alike.
+"""The emulator's own tokenizer, per model family, used for usage, count_tokens, caching and rate limits alike.
 
-Text counts as ceil(UTF-8 bytes / 4) per block (`batch_engine.planning.tokens.estimate_tokens`); tools and
-other structured blocks count by their JSON size; images and PDFs by fixed sizes.
+It is deliberately not the engine's offline estimate (ceil(bytes / 4)): if the emulator counted with the engine's
+rule, every estimate would be exact in tests and `plan --count-tokens` could never show an error.
+
+Text splits into pieces like a byte-pair tokenizer's: a word of up to 6 letters with its leading space, up to 3
+digits, one punctuation mark, or a run of whitespace. That is the "legacy" family (Claude 4.6 and older). The
+"new" family (Claude 4.7 and later, all 5.x) counts 1.3x as many for the same text: "the same text counts as
+approximately 30 percent more tokens than on Claude Haiku 4.5" (docs: /models/haiku-5-5/whats-new-haiku-5-5).
+Tools and other structured blocks count by their JSON text; images and PDFs by fixed sizes.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
-# One rule for the engine's estimates and the emulator's billing, so planned and billed counts agree.
-from batch_engine.planning.tokens import estimate_tokens
-
 # Fixed costs for binary content; the real API sizes images by pixels and PDFs by pages.
 IMAGE_TOKENS = 1600
 DOCUMENT_TOKENS = 3000
+_PIECE = re.compile(r" ?[A-Za-z]{1,6}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
+# Family → tokens per ten legacy pieces.
+_FAMILY_TENTHS = {"legacy": 10, "new": 13}
 
 
-def json_tokens(value: Any) -> int:
-    return (len(orjson.dumps(value)) + 3) // 4
+def text_tokens(text: str, family: str) -> int:
+    """Tokens of a text for a model family ("legacy" or "new"); deterministic."""
+    if not text:
+        return 0
+    pieces = len(_PIECE.findall(text))
+    if not text.isascii():
+        # Non-ASCII characters the pattern saw as punctuation: each multi-byte character costs one more token.
+        pieces += sum(1 for char in text if ord(char) > 0x7F)
+    return (pieces * _FAMILY_TENTHS[family] + 9) // 10
+
+
+def prefix_within(text: str, tokens: int, family: str) -> str:
+    """The longest prefix of `text`, cut between tokens, that counts at most `tokens`."""
+    if text_tokens(text, family) <= tokens:
+        return text
+    if text.isascii():
+        # ceil(pieces * tenths / 10) <= tokens  <=>  pieces <= tokens * 10 // tenths
+        keep = tokens * 10 // _FAMILY_TENTHS[family]
+        ends = [match.end() for match in _PIECE.finditer(text, 0)]
+        return text[: ends[keep - 1]] if keep > 0 else ""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text_tokens(text[:middle], family) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+def json_tokens(value: Any, family: str) -> int:
+    return text_tokens(orjson.dumps(value).decode(), family)
 
 
 def without_cache_control(block: dict[str, Any]) -> dict[str, Any]:
@@ -28,31 +65,31 @@ def without_cache_control(block: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in block.items() if key != "cache_control"}
 
 
-def block_tokens(block: Any) -> int:
+def block_tokens(block: Any, family: str) -> int:
     """Tokens of one content block, tool definition or string."""
     if isinstance(block, str):
-        return estimate_tokens(block)
+        return text_tokens(block, family)
     if not isinstance(block, dict):
-        return json_tokens(block)
+        return json_tokens(block, family)
     kind = block.get("type")
     if kind == "text" and isinstance(block.get("text"), str):
-        return estimate_tokens(block["text"])
+        return text_tokens(block["text"], family)
     if kind == "thinking" and isinstance(block.get("thinking"), str):
-        return estimate_tokens(block["thinking"])
+        return text_tokens(block["thinking"], family)
     if kind == "redacted_thinking" and isinstance(block.get("data"), str):
-        return estimate_tokens(block["data"])
+        return text_tokens(block["data"], family)
     if kind == "image":
         return IMAGE_TOKENS
     if kind == "document":
         source = block.get("source")
         if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
-            return estimate_tokens(source["data"])
+            return text_tokens(source["data"], family)
         return DOCUMENT_TOKENS
     if kind == "tool_use":
-        return estimate_tokens(str(block.get("name", ""))) + json_tokens(block.get("input", {}))
+        return text_tokens(str(block.get("name", "")), family) + json_tokens(block.get("input", {}), family)
     if kind == "tool_result":
         content = block.get("content", "")
         if isinstance(content, list):
-            return sum(block_tokens(item) for item in content)
-        return block_tokens(content)
-    return json_tokens(without_cache_control(block))
+            return sum(block_tokens(item, family) for item in content)
+        return block_tokens(content, family)
+    return json_tokens(without_cache_control(block), family)

@@ -17,12 +17,12 @@ from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.ledger import Ledger
-from batch_engine.models import TaskResult
+from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import folded
 from batch_engine.telemetry.usage_log import UsageLog, usage_record
 
-BILLED = ("succeeded", "invalid_output")  # statuses of rows whose request was billed
+BILLED = BILLED_STATUSES  # statuses of rows whose request was billed
 
 
 async def all_or_none(*calls: Awaitable[None]) -> None:

@@ -23,6 +23,7 @@ from batch_engine.client import (
     batch_results,
     cancel_batch,
     create_batch,
+    error_headers,
     list_batches,
     retrieve_batch,
 )
@@ -127,12 +128,30 @@ class BatchLane:
                 adopted = await self._reconcile(record)
                 if adopted is not None:
                     return self._record_batch(record, adopted, adopted=True)
-            try:
-                info = await self.ctx.policy.call(lambda: self._create_once(record))
-            except ApiError as exc:
-                self._create_failed(record, exc)
-                return None
-            return self._record_batch(record, info, adopted=False)
+            while True:
+                try:
+                    info = await self.ctx.policy.call(lambda: self._create_once(record))
+                except ApiError as exc:
+                    if isinstance(exc, TransientApiError) and exc.status == 429 and await self._wait_for_room(exc):
+                        continue
+                    self._create_failed(record, exc)
+                    return None
+                return self._record_batch(record, info, adopted=False)
+
+    async def _wait_for_room(self, exc: TransientApiError) -> bool:
+        """After a 429 on create, wait for room (False at the lane deadline).
+
+        Batch limits cap the requests waiting in the processing queue across all batches, and a create over the cap
+        is a 429 (docs: /api/rate-limits). Room opens as earlier batches end, so the chunk waits for it: sending its
+        rows realtime instead would pay twice the price for what the queue will take later.
+        """
+        left = self.deadline - self.clock()
+        if left <= 0:
+            return False
+        wait = min(left, exc.retry_after_s if exc.retry_after_s is not None else self.poll_interval_s)
+        self.ctx.logger.warning("batch create refused (%s); waiting %.1fs for room in the queue", exc.message, wait)
+        await self.sleep(wait)
+        return True
 
     def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
         """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
@@ -276,7 +295,16 @@ class BatchLane:
     def _create_failed(self, record: ChunkRecord, exc: ApiError) -> None:
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="failed")
         self._settle(record, 0.0)
-        if isinstance(exc, PermanentApiError):
+        if isinstance(exc, TransientApiError) and exc.status == 429:
+            # Still no room in the batch queue at the deadline: the rows time out rather than go realtime.
+            error = ErrorInfo(type="batch_queue_full", message=f"no room in the batch queue by the deadline: {exc}")
+            rows = [
+                failed(self.ctx.tasks[i], "timed_out", "batch", self.ctx.attempts.get(i, 0), error)
+                for i in record.task_indexes
+            ]
+            self.ctx.record(rows)
+            self.ctx.logger.error("chunk %s: %s", record.chunk_key, error.message)
+        elif isinstance(exc, PermanentApiError):
             # The API refused the whole batch (400, 413...): no row can succeed as sent.
             error = ErrorInfo(type=exc.error_type or "invalid_request_error", message=exc.message)
             rows = [
@@ -314,6 +342,7 @@ class BatchLane:
                 # and never holds the realtime lane.
                 asked_s = exc.retry_after_s or 0.0
                 self.ctx.logger.warning("batch %s: poll failed (%s); polling again", batch_id, exc.message)
+                self._observe_refusal(exc)
             else:
                 if info.status != last_status:
                     self.ctx.logger.info("batch %s: %s %s", batch_id, info.status, _counts(info))
@@ -343,6 +372,16 @@ class BatchLane:
                 wait = min(wait, max(0.0, self.deadline - now))
             await self.sleep(wait)
             delay = min(delay * _POLL_GROWTH, self.poll_interval_s)
+
+    def _observe_refusal(self, exc: TransientApiError) -> None:
+        """A 429 from the batch endpoints corrects the lane's RPM bucket from its rate-limit headers.
+
+        The batch endpoints share one RPM, polling included, and answer with their own
+        anthropic-ratelimit-requests-* headers (docs: /api/rate-limits, Message Batches): a lane configured for more
+        than the account has learns the real limit instead of polling into 429s.
+        """
+        if exc.status == 429:
+            self.rpm.observe(error_headers(exc))
 
     async def _cancel(self, record: ChunkRecord) -> None:
         assert record.batch_id is not None

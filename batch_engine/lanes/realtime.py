@@ -87,7 +87,10 @@ class RealtimeLane:
     def _uncached_estimate(self, task: PlannedTask) -> int:
         # Cache reads do not count toward ITPM: once a prefix is cached, charge only what follows it.
         cached = self.ctx.cached_prefix_tokens.get(task.cache_key, 0) if task.cache_key else 0
-        return max(1, task.estimated_input_tokens - cached)
+        # The counted figure (run --count-tokens) when there is one, else the offline estimate.
+        estimator = self.ctx.estimator
+        prompt = estimator.input_tokens(task) if estimator is not None else task.estimated_input_tokens
+        return max(1, prompt - cached)
 
     async def _shared_slot(self, model: str) -> None:
         shared = self.ctx.shared_limit

@@ -151,6 +151,22 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
                 )
             )
             continue
+        params = with_user_text(frame, user_text)
+        spec = config.models[model]
+        estimated = estimate_params_tokens(params, spec.tokenizer_factor)
+        if estimated > spec.context_tokens:
+            # The API answers 400 "prompt is too long" (in a batch, only once the batch ends): refuse it here.
+            rejections.append(
+                Rejection(
+                    index=record.index,
+                    line=record.line,
+                    task_id=checked.task_id,
+                    field="params" if user_text is None else "input_data",
+                    reason=f"prompt of ~{estimated:,} tokens (offline estimate) exceeds {model}'s context window "
+                    f"of {spec.context_tokens:,}",
+                )
+            )
+            continue
         seen.add(checked.task_id)
         requested = (checked.params or {}).get("max_tokens") or checked.max_tokens or task_type.max_tokens
         if frame["max_tokens"] < requested:
@@ -158,7 +174,6 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
             where = f"line {record.line}" if record.line is not None else f"record {record.index}"
             first = f"{where}, task_id {checked.task_id}"
             capped.setdefault((source, model, requested, frame["max_tokens"]), [0, first])[0] += 1
-        params = with_user_text(frame, user_text)
         tasks.append(
             PlannedTask(
                 index=record.index,
@@ -170,7 +185,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
                 model=model,
                 frame=frame,
                 user_text=user_text,
-                estimated_input_tokens=estimate_params_tokens(params),
+                estimated_input_tokens=estimated,
                 cache_key=cache_key(frame),
                 stream=task_type.stream,
                 metadata=checked.metadata,

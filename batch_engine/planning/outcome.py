@@ -32,6 +32,32 @@ def message_text(content: list[dict[str, Any]]) -> str:
     return "".join(str(block.get("text", "")) for block in content if block.get("type") == "text")
 
 
+# A 200 is not always an answer (reference anthropic-api.md §0.6; SDK 2.x types/stop_reason.py).
+_INCOMPLETE_STOP_REASONS = {
+    "pause_turn": "the turn was paused (a server-tool loop); it needs a follow-up request to finish",
+    "model_context_window_exceeded": "the answer was cut off at the model's context window",
+}
+
+
+def answer_status(message: dict[str, Any], content: list[dict[str, Any]]) -> tuple[Status, ErrorInfo | None]:
+    """Whether a 200 did the task: succeeded, refused or incomplete (both billed), with the reason when not."""
+    stop_reason = message.get("stop_reason")
+    if stop_reason == "refusal":
+        details = message.get("stop_details") or {}
+        category = details.get("category") if isinstance(details, dict) else None
+        explanation = details.get("explanation") if isinstance(details, dict) else None
+        reason = "the model declined the request" + (f" (category {category})" if category else "")
+        return "refused", ErrorInfo(type="refusal", message=f"{reason}: {explanation}" if explanation else reason)
+    if stop_reason in _INCOMPLETE_STOP_REASONS:
+        return "incomplete", ErrorInfo(type=str(stop_reason), message=_INCOMPLETE_STOP_REASONS[str(stop_reason)])
+    answered = any(block.get("type") in ("text", "tool_use") for block in content)
+    if stop_reason == "max_tokens" and not answered:
+        # Thinking counts toward max_tokens: a small max_tokens can be spent on thinking alone.
+        message_text_ = "max_tokens was reached before any text (thinking may have used all of it)"
+        return "incomplete", ErrorInfo(type="max_tokens", message=message_text_)
+    return "succeeded", None
+
+
 def succeeded(
     task: PlannedTask,
     message: dict[str, Any],
@@ -40,19 +66,21 @@ def succeeded(
     config: Config,
     batch_id: str | None = None,
 ) -> TaskResult:
-    """The output row of a task whose request succeeded, costed at the route's price.
+    """The output row of a task whose request was answered (a 200), costed at the route's price.
 
-    With an output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
+    Its status says whether the answer did the task (see `answer_status`); it is billed either way. Refused and
+    incomplete rows are not retried: a second attempt is billed again and is likely to end the same way. With an
+    output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
     """
     usage = usage_from_api(message.get("usage"))
     content = list(message.get("content") or [])
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
     text = message_text(content)
-    status: Status = "succeeded"
     parsed: Any = None
-    error: ErrorInfo | None = None
-    if task.output is not None:
+    # Refused or incomplete first: such an answer did not do the task, whatever its shape.
+    status, error = answer_status(message, content)
+    if status == "succeeded" and task.output is not None:
         parsed, reason = task.output.parse(content, text)
         if reason is not None:
             status = "invalid_output"

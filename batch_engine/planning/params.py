@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
+from dataclasses import dataclass
 from typing import Any
 
 from batch_engine.config import Config, ModelSpec, Route, TaskType, Thinking
@@ -44,10 +45,37 @@ def render(template: str, variables: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _thinking(thinking: Thinking, manual_ok: bool, max_tokens: int) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ThinkingRules:
+    """What a model does about thinking: manual budgets accepted, thinks by default, the value that turns it off."""
+
+    manual_ok: bool
+    thinks_by_default: bool
+    off: str  # "disabled", "between_tools" or "none" (cannot be turned off)
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ThinkingRules:
+        return cls(spec.manual_thinking, spec.thinks_by_default, spec.thinking_off)
+
+
+# The lowest effort: what a task type that wants thinking "off" gets on a model that cannot turn it off.
+LOWEST_EFFORT = "low"
+# The smallest thinking budget the API accepts (budget_tokens >= 1024, docs: /build-with-claude/extended-thinking).
+# A model that thinks with less room than this in max_tokens can spend all of it thinking and return no text.
+THINKING_ROOM_TOKENS = 1024
+
+
+def _thinking(thinking: Thinking, rules: ThinkingRules, max_tokens: int) -> dict[str, Any]:
     if thinking.mode == "off":
-        return {}
-    if thinking.mode == "manual" and manual_ok and thinking.budget_tokens is not None:
+        if not rules.thinks_by_default:
+            return {}
+        # The 5.x models think when `thinking` is omitted, and thinking tokens count toward max_tokens: "off" must
+        # be said, in the value each model accepts (Haiku 5.5 / Opus 5: disabled; Sonnet 5.5: between_tools).
+        if rules.off != "none":
+            return {"thinking": {"type": rules.off}}
+        # Opus 5.5 and Fable cannot turn it off ("disabled" is a 400): the least thinking is the lowest effort.
+        return {"thinking": {"type": "adaptive"}, "output_config": {"effort": LOWEST_EFFORT}}
+    if thinking.mode == "manual" and rules.manual_ok and thinking.budget_tokens is not None:
         if thinking.budget_tokens < max_tokens:
             return {"thinking": {"type": "enabled", "budget_tokens": thinking.budget_tokens}}
         return {}
@@ -60,12 +88,29 @@ def _thinking(thinking: Thinking, manual_ok: bool, max_tokens: int) -> dict[str,
 
 def output_form(spec: ModelSpec, thinking: Thinking) -> OutputForm:
     """How a schema reaches `spec`'s model: its structured outputs, else a forced tool where the model accepts one
-    (never with thinking: the API refuses forced tool use with thinking on), else the prompt."""
+    (never with thinking: the API refuses forced tool use with thinking on, so only where thinking "off" can really
+    turn it off), else the prompt."""
     if spec.structured_outputs:
         return "output_config"
-    if spec.forced_tool_choice and not spec.thinking_always_on and thinking.mode == "off":
+    if spec.forced_tool_choice and spec.thinking_off != "none" and thinking.mode == "off":
         return "tool"
     return "prompt"
+
+
+def thinking_warning(task_type_name: str, task_type: TaskType, model: str, spec: ModelSpec) -> str | None:
+    """Why a task type may come back without an answer on `model` because of thinking, or None."""
+    thinks = task_type.thinking.mode != "off" or (spec.thinks_by_default and spec.thinking_off == "none")
+    if task_type.thinking.mode == "off" and spec.thinks_by_default and spec.thinking_off == "none":
+        cannot = f"{model} cannot turn thinking off; task type {task_type_name} is sent effort {LOWEST_EFFORT!r}"
+        if task_type.max_tokens < THINKING_ROOM_TOKENS:
+            return f"{cannot}, and its max_tokens {task_type.max_tokens} may all go to thinking (no text, billed)"
+        return cannot
+    if thinks and task_type.max_tokens < THINKING_ROOM_TOKENS:
+        return (
+            f"task type {task_type_name} thinks on {model} but max_tokens {task_type.max_tokens} leaves no room "
+            f"for it (thinking counts toward max_tokens; under {THINKING_ROOM_TOKENS} it may end with no text)"
+        )
+    return None
 
 
 def build_request(
@@ -97,10 +142,14 @@ def build_request(
             else prompt_instruction(output.schema)
         )
     ttl = None
-    if system_text and task_type.cache_system and estimate_tokens(system_text) >= spec.min_cacheable_tokens:
+    if (
+        system_text
+        and task_type.cache_system
+        and estimate_tokens(system_text, spec.tokenizer_factor) >= spec.min_cacheable_tokens
+    ):
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
         ttl = "1h" if route == "batch" else "5m"
-    frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, spec.manual_thinking, output)
+    frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, ThinkingRules.of(spec), output)
     return model, frame, user_text
 
 
@@ -118,7 +167,7 @@ def _frame(
     system_text: str,
     ttl: str | None,
     thinking: Thinking,
-    manual_ok: bool,
+    rules: ThinkingRules,
     output: OutputSpec | None = None,  # hashed by identity: one instance per task type and model
 ) -> dict[str, Any]:
     # "messages" is a placeholder that keeps the key order of the params (model, max_tokens, messages, ...).
@@ -128,7 +177,7 @@ def _frame(
         if ttl is not None:
             block["cache_control"] = {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
         frame["system"] = [block]
-    frame.update(_thinking(thinking, manual_ok, max_tokens))
+    frame.update(_thinking(thinking, rules, max_tokens))
     if output is not None:
         part = request_part(output.schema, output.form)
         if "output_config" in part and "output_config" in frame:
@@ -190,7 +239,7 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
 def thinking_label(params: dict[str, Any]) -> str | None:
     """'adaptive:<effort>', 'manual:<budget>' or None: how much thinking a request asked for."""
     thinking = params.get("thinking")
-    if not isinstance(thinking, dict) or thinking.get("type") in (None, "disabled"):
+    if not isinstance(thinking, dict) or thinking.get("type") in (None, "disabled", "between_tools"):
         return None
     if thinking.get("type") == "enabled":
         return f"manual:{thinking.get('budget_tokens')}"

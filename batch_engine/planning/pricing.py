@@ -32,7 +32,27 @@ def baseline_cost(usage: Usage, spec: ModelSpec) -> float:
     return (usage.prompt_tokens * price.input + usage.output_tokens * price.output) * _PER_TOKEN
 
 
-def estimate_cost(input_tokens: int, max_output_tokens: int, spec: ModelSpec, route: Route, config: Config) -> float:
-    """Upper-bound estimate before sending: every output token up to max_tokens, no cache savings."""
-    usage = Usage(input_tokens=input_tokens, output_tokens=max_output_tokens)
+def estimate_cost(
+    input_tokens: int,
+    max_output_tokens: int,
+    spec: ModelSpec,
+    route: Route,
+    config: Config,
+    cache_write: tuple[int, str] | None = None,
+) -> float:
+    """Upper-bound estimate before sending: every output token up to max_tokens, no cache savings.
+
+    `cache_write` (prefix tokens, TTL) prices the cacheable prefix as a cache write, every time: cache hits inside a
+    batch are best-effort ("typically 30-98%", docs: batch-processing), so a prefix may be written again and again,
+    and a write costs more than plain input (1.25x for 5 minutes, 2x for 1 hour).
+    """
+    written, ttl = cache_write if cache_write is not None else (0, "5m")
+    written = min(written, input_tokens)
+    usage = Usage(
+        input_tokens=input_tokens - written,
+        output_tokens=max_output_tokens,
+        cache_creation_input_tokens=written,
+        cache_write_5m_tokens=written if ttl != "1h" else 0,
+        cache_write_1h_tokens=written if ttl == "1h" else 0,
+    )
     return cost(usage, spec, route, config.batch_discount)

@@ -49,6 +49,9 @@ def validate_record(value: Any, index: int, line: int | None, config: Config) ->
         problem = _output_format_problem(task, config)
         if problem is not None:
             return reject(*problem)
+        refused = api_version_rejection(task.params)
+        if refused is not None:
+            return reject(*refused)
     return task
 
 
@@ -118,3 +121,29 @@ def _raw_params_problem(task: TaskRequest, config: Config) -> tuple[str, str] | 
 
 def _list_of_objects(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+# The SDK (anthropic 2.x) sends `anthropic-version: 2026-10-21`. Under that version the API answers 400 on every
+# model for these, even at default values; in a batch only after the whole batch ends, as `errored` rows.
+# Source: docs /api/migration-2026-10-21 (reference anthropic-api.md §0.1).
+_SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
+
+
+def api_version_rejection(params: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, reason) for raw params that API version 2026-10-21 refuses, or None."""
+    for name in _SAMPLING_PARAMS:
+        if name in params:
+            return f"params.{name}", "not accepted by API version 2026-10-21 on any model (remove it)"
+    messages = params.get("messages")
+    for position, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for index, block in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(block, dict):
+                continue
+            where = f"params.messages.{position}.content.{index}"
+            role = message.get("role")
+            if role == "assistant" and block.get("type") == "document":
+                return where, "document blocks in assistant messages are refused by API version 2026-10-21"
+            if role == "user" and block.get("type") == "text" and block.get("citations"):
+                return f"{where}.citations", "citations on user text blocks are refused by API version 2026-10-21"
+    return None

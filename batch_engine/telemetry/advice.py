@@ -160,7 +160,7 @@ class OptimizationReport:
     sections: tuple[Section, ...]
     tier_costs: tuple[TierCost, ...]
     max_tokens: tuple[MaxTokensFinding, ...]
-    spend_by: dict[str, tuple[SpendRow, ...]]  # "model", "route", "task type"
+    spend_by: dict[str, tuple[SpendRow, ...]]  # "model", "route", "task type", "status"
     combined_after_usd: float  # the period's spend with every saving applied together
 
     def _of(self, kind: Kind) -> list[Recommendation]:
@@ -296,6 +296,8 @@ def analyze(
             "task type": _spend_rows(records, lambda r: r.task_type),
             # Billed answers that did not validate against their output schema (asked again, or lost).
             **({INVALID_OUTPUTS: _spend_rows(invalid, lambda r: r.task_type)} if invalid else {}),
+            # Refused and incomplete answers are billed too, though they did not do the task (issue #15).
+            "status": _spend_rows(records, lambda r: r.status),
         },
         combined_after_usd=_combined_after(records, config, savings, target_model),
     )

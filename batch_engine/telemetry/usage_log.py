@@ -117,7 +117,8 @@ class UsageLog(SqliteStore):
 def usage_record(
     task: PlannedTask, result: TaskResult, run_key: str, at: float, latency_s: float | None, config: Config
 ) -> UsageRecord:
-    """The usage-log row of a billed result (succeeded, or invalid_output: answered, but not to the schema)."""
+    """The usage-log row of a billed result: succeeded, refused, incomplete, or invalid_output (answered, but not
+    to the schema)."""
     usage = result.usage or Usage()
     spec = config.models.get(result.model or task.model) or config.models[task.model]
     prefix_key, prefix_tokens, ttl = system_prefix(task.frame)
