@@ -60,6 +60,18 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+# The row blob is JSON text from orjson; `attempts` is read from it rather than kept in a column of its own, so
+# ledgers written before this rule keep working.
+_SAVE_RESULT = """
+INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+ON CONFLICT (run_key, idx) DO UPDATE SET
+    status = excluded.status, route = excluded.route, cost_usd = excluded.cost_usd,
+    recorded_at = excluded.recorded_at, row = excluded.row
+WHERE results.status <> 'succeeded'
+    AND COALESCE(json_extract(CAST(results.row AS TEXT), '$.attempts'), 0) <= ?8
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     run_key: str
@@ -223,15 +235,26 @@ class Ledger(SqliteStore):
     # --- results ---------------------------------------------------------------------------------------
 
     def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
-        """Store finished rows in one transaction; a later row for the same task replaces the earlier one."""
+        """Store finished rows in one transaction. A later row for the same task replaces the earlier one only
+        if that one did not succeed and the later one was not sent fewer times: collecting a batch again (a
+        Prefect retry, a second collector) never replaces a paid success with an older error."""
         rows = [
-            (run_key, r.index, r.status, r.route, r.cost_usd or 0.0, now, orjson.dumps(r.model_dump(mode="json")))
+            (
+                run_key,
+                r.index,
+                r.status,
+                r.route,
+                r.cost_usd or 0.0,
+                now,
+                orjson.dumps(r.model_dump(mode="json")),
+                r.attempts,
+            )
             for r in results
         ]
         if not rows:
             return
         with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany(_SAVE_RESULT, rows)
 
     def spent(self, run_key: str) -> float:
         """USD billed so far for the run's finished rows."""

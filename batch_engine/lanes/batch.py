@@ -360,6 +360,10 @@ class BatchLane:
         """Stream the results into the ledger; then resubmit the retryable rows if time allows."""
         fresh = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
         record = fresh or record
+        if record.status == "collected":
+            # Collected already (a Prefect retry of this step, another collector): its rows are in the ledger.
+            self.ctx.logger.info("chunk %s: batch %s already collected", record.chunk_key, record.batch_id)
+            return
         if info.archived:
             self._archived(record)
             return

@@ -134,6 +134,8 @@ class RealtimeLane:
             self.ctx.progress.realtime_in_flight -= 1
         crash_point("realtime.answered")
         self.ctx.latencies[task.index] = time.perf_counter() - started
+        if reply.request_id is not None:
+            self.ctx.request_ids[task.index] = reply.request_id
         limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
