@@ -36,6 +36,8 @@ SPEND_LIMIT_CODES = frozenset(
     {"enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached"}
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Error types of the API's error statuses, for an SSE `error` event, which arrives after the stream's 200.
+_STREAM_ERROR_STATUS = {"rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 # What a call can raise: the SDK's errors, and transport errors it lets through unwrapped once a streamed body
 # (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway through.
 _CALL_ERRORS = (anthropic.AnthropicError, httpx2.TransportError)
@@ -106,6 +108,9 @@ def translate(exc: BaseException) -> ApiError:
         error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
         details: dict[str, Any] = error["details"] if isinstance(error.get("details"), dict) else {}
         error_type = str(error.get("type") or "api_error")
+        if status < 400:
+            # An `error` event in a stream that began with a 200: the status that error would have had.
+            status = _STREAM_ERROR_STATUS.get(error_type, status)
         error_code = details.get("error_code")
         message = str(error.get("message") or exc.message)
         kwargs: dict[str, Any] = {
