@@ -191,6 +191,14 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help=f"inject faults, repeatable; KIND is one of {', '.join(_FAULT_SETTINGS)}",
     )
     parser.add_argument("--fault-endpoints", default="messages", help="endpoints random faults hit (*: all)")
+    parser.add_argument(
+        "--fault-after-commit",
+        type=_rate,
+        default=0.0,
+        metavar="RATE",
+        help="share of batches.create and Messages calls that do their work (the batch is created, the message "
+        "answered and billed) and then answer 500 or 529, as an API without idempotency keys can",
+    )
     parser.add_argument("--row-error-type", default="api_error", help="error type of injected errored rows")
     parser.add_argument("--batch-duration", type=_duration, default=2.0, help="time a batch takes to end")
     parser.add_argument("--batch-never-ends", action="store_true", help="batches end only by expiring")
@@ -256,6 +264,16 @@ def _dollars(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1")
+    return rate
+
+
 def _fault_rate(text: str) -> tuple[str, float]:
     kind, _, rate = text.partition("=")
     if kind not in _FAULT_SETTINGS:
@@ -283,6 +301,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "batch_rpm": args.batch_rpm,
         "count_tokens_rpm": args.count_tokens_rpm,
         "fault_endpoints": tuple(args.fault_endpoints.split(",")),
+        "fault_after_commit_rate": args.fault_after_commit,
         "batch_row_error_type": args.row_error_type,
         "batch_duration_s": args.batch_duration,
         "batch_never_ends": args.batch_never_ends,

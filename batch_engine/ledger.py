@@ -7,6 +7,7 @@ sends only what is left. Batch creation is not idempotent, so the intent row is 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     status TEXT NOT NULL,
     request_counts BLOB,
     canceled_by_us INTEGER NOT NULL DEFAULT 0,
+    sent_at REAL,
+    last_sent_at REAL,
     PRIMARY KEY (run_key, chunk_key)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_batch ON chunks (batch_id);
@@ -94,6 +97,11 @@ class ChunkRecord:
     status: ChunkStatus
     request_counts: dict[str, int] | None
     canceled_by_us: bool
+    # When the first and the latest `batches.create` of the chunk were sent (None: never sent, so no batch can
+    # exist for it). A batch made by a create whose answer was lost was created between the two (plus a
+    # request timeout): the window an unrecorded batch must fall in to be adopted.
+    sent_at: float | None = None
+    last_sent_at: float | None = None
 
     @property
     def open(self) -> bool:
@@ -112,6 +120,8 @@ def _chunk(row: sqlite3.Row) -> ChunkRecord:
         status=row["status"],
         request_counts=orjson.loads(row["request_counts"]) if row["request_counts"] else None,
         canceled_by_us=bool(row["canceled_by_us"]),
+        sent_at=row["sent_at"],
+        last_sent_at=row["last_sent_at"],
     )
 
 
@@ -132,6 +142,19 @@ class Ledger(SqliteStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA, SCHEMA_VERSION, "run ledger")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add what later versions keep to a ledger written by an earlier one (the schema only grows)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(chunks)")}
+        if "sent_at" not in columns:
+            with self._transaction():
+                self._db.execute("ALTER TABLE chunks ADD COLUMN sent_at REAL")
+                self._db.execute("ALTER TABLE chunks ADD COLUMN last_sent_at REAL")
+                # Earlier versions did not record sends: an open intent may have been sent.
+                self._db.execute(
+                    "UPDATE chunks SET sent_at = intent_at, last_sent_at = intent_at WHERE status = 'intent'"
+                )
 
     @classmethod
     def open(cls, state_dir: Path) -> Ledger:
@@ -181,21 +204,33 @@ class Ledger(SqliteStore):
 
     def record_intent(self, run_key: str, chunk_key: str, task_indexes: Iterable[int], now: float) -> ChunkRecord:
         """Written (and durable) before `batches.create` is called for the chunk."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO chunks (run_key, chunk_key, task_indexes, intent_at, status) "
-            "VALUES (?, ?, ?, ?, 'intent')",
-            (run_key, chunk_key, orjson.dumps(list(task_indexes)), now),
-        )
+        with self._durable():
+            self._db.execute(
+                "INSERT OR IGNORE INTO chunks (run_key, chunk_key, task_indexes, intent_at, status) "
+                "VALUES (?, ?, ?, ?, 'intent')",
+                (run_key, chunk_key, orjson.dumps(list(task_indexes)), now),
+            )
         record = self.chunk(run_key, chunk_key)
         assert record is not None
         return record
 
+    def record_send(self, run_key: str, chunk_key: str, now: float) -> None:
+        """Written (durable) just before each `batches.create` of the chunk is sent."""
+        with self._durable():
+            self._db.execute(
+                "UPDATE chunks SET sent_at = COALESCE(sent_at, ?1), last_sent_at = ?1 "
+                "WHERE run_key = ?2 AND chunk_key = ?3",
+                (now, run_key, chunk_key),
+            )
+
     def record_batch(self, run_key: str, chunk_key: str, batch_id: str, created_at: float) -> None:
-        """Written the moment `batches.create` returns."""
-        self._db.execute(
-            "UPDATE chunks SET batch_id = ?, created_at = ?, status = 'submitted' WHERE run_key = ? AND chunk_key = ?",
-            (batch_id, created_at, run_key, chunk_key),
-        )
+        """Written (durable) the moment `batches.create` returns."""
+        with self._durable():
+            self._db.execute(
+                "UPDATE chunks SET batch_id = ?, created_at = ?, status = 'submitted' "
+                "WHERE run_key = ? AND chunk_key = ?",
+                (batch_id, created_at, run_key, chunk_key),
+            )
 
     def update_chunk(
         self,
@@ -303,6 +338,19 @@ class Ledger(SqliteStore):
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[None]:
+        """A write that must survive a power cut, not only a crash: what stops a second `batches.create`.
+
+        WAL with synchronous=NORMAL (the rest of the ledger) may lose the last commits on power loss; FULL
+        syncs the WAL at this commit.
+        """
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
 
 class _Transaction:

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 import orjson
 from pydantic import ValidationError
 
-from batch_engine.emulator.faults import FAULT_KINDS, failure_for
+from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
 from batch_engine.emulator.settings import ENDPOINTS
@@ -285,6 +285,8 @@ class EmulatorApp:
     def _fault(self, endpoint: str) -> str | None:
         """Draw a fault: error faults raise here; "drop" and "error_event" are left to the handler."""
         kind = self.state.faults.draw(endpoint, self.state.settings)
+        if kind == "after_commit" and endpoint not in AFTER_COMMIT_ENDPOINTS:
+            kind = "500"  # nothing to commit first
         if kind in ("429", "529", "500", "spend_limit") or (kind == "error_event" and endpoint != "messages"):
             raise failure_for("529" if kind == "error_event" else kind, self.state.settings.fault_retry_after_s)
         return kind
@@ -324,6 +326,8 @@ class EmulatorApp:
         message, billed = state.answer(prepared, custom_id=None, lane="realtime")
         state.limiter.charge_output(model, billed.output_tokens)
         state.stats.record_realtime_success(incoming.body)
+        if fault == "after_commit":
+            raise state.faults.after_commit_failure()  # answered and billed, yet the client sees an error
         headers = state.limiter.headers(model)
         if not prepared.request.stream:
             return Outgoing(200, [orjson.dumps(message)], headers=headers, drop=fault == "drop")
@@ -377,6 +381,8 @@ class EmulatorApp:
             custom_ids.append(custom_id)
             params.append(row_params)
         batch = self.state.create_batch(custom_ids, params)
+        if fault == "after_commit":
+            raise self.state.faults.after_commit_failure()  # created, yet the client sees an error
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
 
