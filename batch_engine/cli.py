@@ -774,7 +774,8 @@ def _add_batches_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     collect = verb(
         "collect",
         "finish a run whose process is gone: fetch its ended batches' results, send what is left realtime, "
-        "write OUT. Exit 0/1 as `run`; 3 when batches are still running (nothing written: collect again later).",
+        "write OUT. Exit 0/1 as `run`; 3 when batches are still running or another live process holds the run "
+        "(nothing written: collect again later).",
     )
     collect.add_argument("--run", metavar="RUN_KEY", required=True, help="the run (a unique key prefix will do)")
     collect.add_argument("-o", "--output", type=Path, required=True, help="result file to write")
@@ -886,7 +887,7 @@ def _batches_collect(args: argparse.Namespace) -> int:
     from batch_engine import operations
     from batch_engine.client import api_from_environment
     from batch_engine.display import render_summary
-    from batch_engine.errors import ConfigError
+    from batch_engine.errors import ConfigError, RunBusyError
 
     api = api_from_environment()
     if api is None:
@@ -897,7 +898,11 @@ def _batches_collect(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    run = operations.reopen(args.state_dir, args.run, args.output)
+    try:
+        run = operations.reopen(args.state_dir, args.run, args.output)
+    except RunBusyError as exc:
+        print(f"skipped: {exc}")
+        return _STILL_RUNNING
     try:
         collected = asyncio.run(operations.collect(run, api, wait=args.wait, logger=logger))
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,14 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (run_key, chunk_key)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_batch ON chunks (batch_id);
+CREATE TABLE IF NOT EXISTS leases (
+    run_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -84,6 +92,18 @@ class RunRecord:
     started_at: float
     finished_at: float | None
     status: RunStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who works on a run: one process at a time, for as long as it keeps the heartbeat going."""
+
+    run_key: str
+    owner: str  # random per opened run: two runs of one process are two owners
+    host: str
+    pid: int
+    heartbeat_at: float
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +209,37 @@ class Ledger(SqliteStore):
         self._db.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
         )
+
+    # --- leases ----------------------------------------------------------------------------------------
+
+    def take_lease(self, lease: Lease, holder_alive: Callable[[Lease], bool]) -> Lease | None:
+        """Take the run's lease, or return the live lease another owner holds.
+
+        Atomic across processes (BEGIN IMMEDIATE): of two processes taking the lease at once, one gets it. The
+        held lease is taken over when `holder_alive` says its owner is gone.
+        """
+        with self._transaction():
+            row = self._db.execute("SELECT * FROM leases WHERE run_key = ?", (lease.run_key,)).fetchone()
+            if row is not None:
+                held = Lease(*row)
+                if held.owner != lease.owner and holder_alive(held):
+                    return held
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                (lease.run_key, lease.owner, lease.host, lease.pid, lease.heartbeat_at, lease.expires_at),
+            )
+        return None
+
+    def renew_lease(self, run_key: str, owner: str, now: float, expires_at: float) -> bool:
+        """Move the lease's heartbeat on; False when `owner` no longer holds it (it was taken over)."""
+        cursor = self._db.execute(
+            "UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE run_key = ? AND owner = ?",
+            (now, expires_at, run_key, owner),
+        )
+        return cursor.rowcount > 0
+
+    def release_lease(self, run_key: str, owner: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE run_key = ? AND owner = ?", (run_key, owner))
 
     # --- chunks ----------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
+from batch_engine.lease import RunLease
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
@@ -158,6 +159,7 @@ class Run:
     plan: Plan
     ledger: Ledger
     record: RunRecord
+    lease: RunLease
 
     @property
     def key(self) -> str:
@@ -173,15 +175,21 @@ class Run:
         config = effective_config(config, options)
         key = run_key(file_digest(input_path), config, options.mode)
         ledger = Ledger.open(options.state_dir)
+        lease: RunLease | None = None
         try:
             # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
             paths = str(input_path.resolve()), str(output_path.resolve())
             record = ledger.begin(key, *paths, _stored_options(options), time.time())
+            # One process per run: a second `run`, an overlapping flow run or a collector stops here.
+            lease = RunLease(ledger, key)
+            lease.take()
             crash_point("plan.started")
             # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
             started = datetime.fromtimestamp(record.started_at, UTC)
             plan = make_plan(iter_records(input_path), config, started, route=options.mode)
         except BaseException:
+            if lease is not None:
+                lease.release()
             ledger.close()
             raise
         # The plan lives as long as the run: out of the collector's sight, so that every full collection while
@@ -189,7 +197,7 @@ class Run:
         # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
-        return cls(input_path, output_path, config, options, plan, ledger, record)
+        return cls(input_path, output_path, config, options, plan, ledger, record, lease)
 
     @classmethod
     def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
@@ -209,6 +217,7 @@ class Run:
         return cls.prepare(input_path, Path(record.output_path), config, options)
 
     def close(self) -> None:
+        self.lease.release()
         self.ledger.close()
         gc.unfreeze()
 
@@ -300,7 +309,8 @@ class Run:
         deadline = self.record.started_at + limits.batch_timeout_s
         usage_log = ctx.usage_log = UsageLog.open(self.options.state_dir)
         try:
-            yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
+            async with self.lease.heartbeat():
+                yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
         finally:
             usage_log.close()
             await client.close()
