@@ -375,6 +375,18 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="run as the batch-orchestrator Prefect flow (a temporary local server unless PREFECT_API_URL is set); "
         "default: only when PREFECT_API_URL is set, else the same run loop in this process, without Prefect",
     )
+    changed = parser.add_mutually_exclusive_group()
+    changed.add_argument(
+        "--resume-run",
+        metavar="KEY",
+        help="finish this unfinished run exactly as it was started (its recorded config), whatever changed since",
+    )
+    changed.add_argument(
+        "--supersede",
+        action="store_true",
+        help="replace an unfinished run of the same input whose requests differ: keep its batches and results for "
+        "every unchanged task, send only what changed",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -414,6 +426,8 @@ def _run(args: argparse.Namespace) -> int:
         emulate=args.emulate,
         max_cost_usd=args.max_cost_usd,
         count_tokens=args.count_tokens,
+        resume_run=args.resume_run,
+        supersede=args.supersede,
     )
     progress = Progress()
     if with_prefect:
@@ -516,6 +530,8 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
                 count_tokens=args.count_tokens,
                 emulate=args.emulate,
                 output_format="parsed-jsonl" if args.parsed_only else args.output_format,
+                resume_run=args.resume_run,
+                supersede=args.supersede,
             )
 
     summary = asyncio.run(go())

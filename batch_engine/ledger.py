@@ -23,7 +23,7 @@ SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite3"
 
 ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed"]
-RunStatus = Literal["running", "submitted", "complete"]
+RunStatus = Literal["running", "submitted", "complete", "superseded"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -204,6 +204,41 @@ class Ledger(SqliteStore):
         else:
             rows = self._db.execute("SELECT * FROM runs WHERE status = ? ORDER BY started_at", (status,)).fetchall()
         return [_run(row) for row in rows]
+
+    def has_work(self, run_key: str) -> bool:
+        """Whether the run sent anything: a chunk intent or a finished row."""
+        for table in ("chunks", "results"):
+            if self._db.execute(f"SELECT 1 FROM {table} WHERE run_key = ? LIMIT 1", (run_key,)).fetchone():
+                return True
+        return False
+
+    def supersede(self, old_key: str, new_key: str, unchanged: set[int], finished_at: float) -> list[str]:
+        """Hand an unfinished run's work on unchanged tasks to the run that replaces it, in one transaction.
+
+        Its finished rows of `unchanged` tasks move to `new_key`, and so does each recorded batch still owing
+        results, narrowed to its unchanged rows (a batch with none stays behind; nothing is cancelled). The old
+        run is marked superseded. Returns the batch ids that moved.
+        """
+        moved: list[str] = []
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE results SET run_key = ? WHERE run_key = ? AND idx = ?",
+                [(new_key, old_key, index) for index in sorted(unchanged)],
+            )
+            for chunk in self.chunks(old_key):
+                kept = [index for index in chunk.task_indexes if index in unchanged]
+                if chunk.batch_id is None or not chunk.open or not kept:
+                    continue
+                self._db.execute(
+                    "UPDATE chunks SET run_key = ?, chunk_key = ?, task_indexes = ? "
+                    "WHERE run_key = ? AND chunk_key = ?",
+                    (new_key, f"{chunk.chunk_key}@{old_key[:8]}", orjson.dumps(kept), old_key, chunk.chunk_key),
+                )
+                moved.append(chunk.batch_id)
+            self._db.execute(
+                "UPDATE runs SET status = 'superseded', finished_at = ? WHERE run_key = ?", (finished_at, old_key)
+            )
+        return moved
 
     def set_run_status(self, run_key: str, status: RunStatus, finished_at: float | None = None) -> None:
         self._db.execute(

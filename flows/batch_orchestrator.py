@@ -209,6 +209,8 @@ async def batch_orchestrator(
     api_key_block: str = DEFAULT_SECRET_BLOCK,
     global_rate_limit: GlobalRateLimit | None = None,
     fail_on_task_failures: bool = False,
+    resume_run: str | None = None,
+    supersede: bool = False,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
@@ -220,7 +222,8 @@ async def batch_orchestrator(
     `global_rate_limit` names a Prefect global concurrency limit with slot decay (e.g. `anthropic-rpm`) that
     realtime requests also take slots from, shared by every worker and flow run; or maps each model to its own
     limit (`{"claude-haiku-4-5": "anthropic-rpm-haiku", "*": "anthropic-rpm"}`; a model with no entry and no
-    `"*"` takes no shared slot).
+    `"*"` takes no shared slot). `resume_run` finishes that unfinished run as it was started; `supersede`
+    replaces an unfinished run of the same input whose requests differ (see the README, "Crash safety").
     """
     logger = get_run_logger()
     options = run_options(
@@ -234,6 +237,8 @@ async def batch_orchestrator(
         emulate=emulate,
         max_cost_usd=max_cost_usd,
         count_tokens=count_tokens,
+        resume_run=resume_run,
+        supersede=supersede,
     )
     run = await plan_run(input_path, output_path, options)
     try:
