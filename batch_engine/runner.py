@@ -341,7 +341,7 @@ class Run:
         # Open batches already hold their rows: reserve their estimate until they are collected.
         waiting = {i for c in self.ledger.chunks(self.key) if c.open and c.batch_id for i in c.task_indexes}
         ctx.budget = Budget(limit, spent_usd=spent)
-        ctx.budget.reserved_usd = sum(estimator.cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
+        ctx.budget.reserved_usd = sum(estimator.max_cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
         return estimate
 

@@ -134,13 +134,14 @@ class BatchLane:
             return self._record_batch(record, info, adopted=False)
 
     def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
-        """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
+        """The chunk cut to what the budget still allows (each row's most it can cost, at batch prices); the rest
+        is skipped."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if budget is None or estimator is None:
             return work.task_indexes
         kept = 0
         for index in work.task_indexes:
-            if not budget.reserve(estimator.cost(self.ctx.tasks[index], "batch")):
+            if not budget.reserve(estimator.max_cost(self.ctx.tasks[index], "batch")):
                 break
             kept += 1
         skipped = work.task_indexes[kept:]
@@ -159,7 +160,7 @@ class BatchLane:
         """Swap the chunk's reservation for what its rows really cost."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if budget is not None and estimator is not None:
-            estimate = sum(estimator.cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
+            estimate = sum(estimator.max_cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
             budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
