@@ -22,7 +22,8 @@ from batch_engine.store import SqliteStore
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite3"
 
-ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed"]
+# lost: the API no longer knows its recorded batch (404: deleted in the Console or by another tool).
+ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed", "lost"]
 RunStatus = Literal["running", "submitted", "complete", "superseded"]
 
 _SCHEMA = """

@@ -20,7 +20,7 @@ from batch_engine.client import (
     list_batches,
     retrieve_batch,
 )
-from batch_engine.errors import LedgerError
+from batch_engine.errors import LedgerError, PermanentApiError
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
@@ -181,7 +181,13 @@ async def collect(
 
         async def settle(chunk: ChunkRecord) -> None:
             assert chunk.batch_id is not None
-            info = await _retrieve(batch.ctx.client, chunk.batch_id)
+            try:
+                info = await _retrieve(batch.ctx.client, chunk.batch_id)
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+                await batch.wait_and_collect(chunk)  # gone: marked lost, its rows sent again
+                return
             # Past the batch timeout, collecting cancels what still runs, exactly as the run would have.
             if info.status == "ended" or wait or time.time() >= batch.deadline:
                 await batch.wait_and_collect(chunk)

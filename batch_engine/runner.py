@@ -19,7 +19,7 @@ from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, RunChangedError
+from batch_engine.errors import BudgetError, LedgerError, PermanentApiError, RunChangedError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
@@ -369,8 +369,13 @@ class Run:
 
         for chunk in self.open_batches():
             assert chunk.batch_id is not None
-            if await status(chunk.batch_id) != "ended":
-                return False
+            try:
+                if await status(chunk.batch_id) != "ended":
+                    return False
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+                # Gone from the API: collecting it marks it lost and resubmits its rows.
         return True
 
     async def send(self, lanes: Lanes, steps: Steps | None = None, *, wait: bool = True) -> bool:
@@ -474,7 +479,11 @@ class Run:
         finished_at = max([started_at, *last.values()])
         durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
         durations["total"] = round(finished_at - started_at, 3)
-        batches = [(c.chunk_key, c.batch_id, c.request_counts) for c in self.ledger.chunks(self.key) if c.batch_id]
+        batches = [
+            (c.chunk_key, c.batch_id, c.request_counts, c.status == "lost")
+            for c in self.ledger.chunks(self.key)
+            if c.batch_id
+        ]
         summary = summarize(
             self.rows(),
             run_key=self.key,

@@ -300,8 +300,29 @@ class BatchLane:
     # --- wait ----------------------------------------------------------------------------------------------
 
     async def wait_and_collect(self, record: ChunkRecord) -> None:
-        info = await self.wait(record)
+        try:
+            info = await self.wait(record)
+        except PermanentApiError as exc:
+            if exc.status != 404:
+                raise
+            await self._lost(record)
+            return
         await self.collect(record, info)
+
+    async def _lost(self, record: ChunkRecord) -> None:
+        """The recorded batch is gone from the API (404): mark it lost and send its unfinished rows again."""
+        finished = self.ctx.ledger.finished_indexes(record.run_key)
+        unfinished = tuple(index for index in record.task_indexes if index not in finished)
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="lost")
+        self._settle(record, 0.0)
+        self.ctx.logger.warning(
+            "batch %s of chunk %s: not found (404: deleted in the Console or by another tool); marked lost, its %d "
+            "unfinished rows are sent again",
+            record.batch_id,
+            record.chunk_key,
+            len(unfinished),
+        )
+        await self._resubmit(record, unfinished)
 
     async def wait(self, record: ChunkRecord) -> BatchInfo:
         """Poll until the batch ends; past the deadline cancel it first. Poll errors never fail tasks."""
@@ -379,11 +400,16 @@ class BatchLane:
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
         crash_point("batch.collected")
         self._settle(record, spent)
-        if not retry:
+        await self._resubmit(record, tuple(task.index for task in retry))
+
+    async def _resubmit(self, record: ChunkRecord, indexes: tuple[int, ...]) -> None:
+        """Send `indexes` of the chunk in a batch of their own if time allows; else they go realtime."""
+        if not indexes:
             return
+        retry = indexes
         remaining = self.deadline - self.clock()
         if remaining >= self.timeout_s / 2:
-            work = ChunkWork(_next_key(record.chunk_key), tuple(task.index for task in retry))
+            work = ChunkWork(_next_key(record.chunk_key), indexes)
             self.ctx.logger.info("chunk %s: resubmitting %d rows as %s", record.chunk_key, len(retry), work.key)
             crash_point("batch.resubmit.before")
             if self.wait_for_resubmissions:
