@@ -21,7 +21,8 @@ import orjson
 from anthropic.resources.messages import AsyncMessages
 from anthropic.types.messages import MessageBatch
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
 
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
 
@@ -185,18 +186,30 @@ class RetryPolicy:
         """Run `fn` under the policy; the last error is re-raised as it was.
 
         `backoff_step` maps the retry number to the step of the exponential backoff it waits (default: the same),
-        for a caller that knows whether the failures are the API's state or this request's bad luck."""
+        for a caller that knows whether the failures are the API's state or this request's bad luck. The time
+        bound holds within one request: no wait starts that would end past `max_time_s` since the first attempt
+        (time counted as the waits asked for, or the wall clock if that is more)."""
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
             attempt = state.attempt_number
             return self.wait_s(attempt if backoff_step is None else backoff_step(attempt), error)
 
+        waited = [0.0]
+
+        def out_of_time(state: RetryCallState) -> bool:
+            elapsed = max(state.seconds_since_start or 0.0, waited[0])
+            return elapsed + (state.upcoming_sleep or 0.0) > self.max_time_s
+
+        async def sleep(seconds: float) -> None:
+            waited[0] += seconds
+            await self.sleep(seconds)
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_time_s),
+            stop=stop_after_attempt(self.attempts) | _StopWhen(out_of_time),
             wait=wait,
             retry=retry_if_exception_type(TransientApiError),
-            sleep=self.sleep,
+            sleep=sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -204,6 +217,16 @@ class RetryPolicy:
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+class _StopWhen(stop_base):
+    """A tenacity stop condition from a predicate on the retry state."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self._predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._predicate(retry_state)
 
 
 # --- messages ----------------------------------------------------------------------------------------------

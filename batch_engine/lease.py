@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from batch_engine.errors import RunBusyError
+from batch_engine.io import pid_alive
 from batch_engine.ledger import Lease, Ledger
 
 # Long enough that a loop busy writing a large output does not lose the lease; a dead process on this host is
@@ -24,21 +25,11 @@ LEASE_TTL_S = 600.0
 HEARTBEAT_S = 30.0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def holder_alive(lease: Lease, now: float | None = None) -> bool:
     """Whether the lease's owner may still be working: heartbeat not expired and, on this host, its pid alive."""
     if lease.expires_at <= (time.time() if now is None else now):
         return False
-    return lease.host != socket.gethostname() or _pid_alive(lease.pid)
+    return lease.host != socket.gethostname() or pid_alive(lease.pid)
 
 
 @dataclass
