@@ -326,6 +326,8 @@ class EmulatorApp:
         message, billed = state.answer(prepared, custom_id=None, lane="realtime")
         state.limiter.charge_output(model, billed.output_tokens)
         state.stats.record_realtime_success(incoming.body)
+        if fault in ("drop", "after_commit", "error_event"):
+            state.stats.record_unanswered(billed.cost_usd(prepared.request.spec, 1.0))
         if fault == "after_commit":
             raise state.faults.after_commit_failure()  # answered and billed, yet the client sees an error
         headers = state.limiter.headers(model)
