@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from crash_support import DRIVER, config_file, engine_env, run_driver, run_process
 from engine_support import generated_tasks, read_output, write_jsonl
 
 from batch_engine.emulator import RunningEmulator
-from batch_engine.ledger import Ledger
+from batch_engine.errors import RunBusyError
+from batch_engine.lease import RunLease, holder_alive
+from batch_engine.ledger import Lease, Ledger
 
 ARGS = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml"]
 
@@ -84,3 +88,33 @@ def test_a_second_process_on_a_live_run_is_refused_and_a_dead_ones_run_is_taken_
     stats = emulator.stats()
     assert stats["batches_created"] == 1 and stats["duplicate_succeeded_custom_ids"] == 0
     assert stats["repeated_realtime_requests"] <= 10  # only the realtime requests in flight at the kill, if any
+
+
+def _lease(run_key: str, owner: str, host: str, pid: int, expires_in: float) -> Lease:
+    now = time.time()
+    return Lease(run_key, owner, host, pid, now, now + expires_in)
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_lease_is_taken_over_only_when_its_owner_is_gone(tmp_path: Path) -> None:
+    here = socket.gethostname()
+    with Ledger.open(tmp_path) as ledger:
+        cases = {
+            "live here": (_lease("a", "x", here, os.getpid(), 600), True),
+            "dead pid here": (_lease("b", "x", here, _dead_pid(), 600), False),
+            "other host, heartbeat fresh": (_lease("c", "x", "elsewhere", 1, 600), True),
+            "other host, heartbeat expired": (_lease("d", "x", "elsewhere", 1, -1), False),
+        }
+        for name, (held, busy) in cases.items():
+            ledger.take_lease(held, holder_alive)
+            lease = RunLease(ledger, held.run_key)
+            if busy:
+                with pytest.raises(RunBusyError, match=f"pid {held.pid} on {held.host}"):
+                    lease.take()
+            else:
+                lease.take()  # taken over
+                assert lease.renew(), name
