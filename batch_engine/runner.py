@@ -604,7 +604,7 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     unfinished = [
         record
         for record in ledger.runs()
-        if record.status in ("running", "submitted") and record.options.get(_INPUT_DIGEST) == digest
+        if record.status in ("running", "submitted") and _same_input(record, digest, paths[0])
     ]
     for record in unfinished:
         plan = _plan_at(input_path, config, record.started_at, options.mode)
@@ -630,6 +630,13 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
         if idle not in busy:
             ledger.set_run_status(idle.run_key, "superseded", now)
     return _Opened(record, config, plan, digests, tuple(busy))
+
+
+def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
+    recorded = record.options.get(_INPUT_DIGEST)
+    # A run recorded before runs kept their input's digest (and keyed by the config): the same file path is
+    # taken as the same input, so an upgrade never starts a silent second run beside it.
+    return recorded == digest if recorded is not None else record.input_path == input_path
 
 
 def _find_run(ledger: Ledger, key: str) -> RunRecord:

@@ -4,13 +4,18 @@ that changes requests is refused while the old run is unfinished, with the two w
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from crash_support import config_file, run_driver
 from engine_support import generated_tasks, read_output, write_jsonl
 
+from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
+from batch_engine.errors import RunChangedError
 from batch_engine.ledger import Ledger
+from batch_engine.runner import Run, RunOptions
 
 # The realtime task type's max_tokens: editing it changes every realtime request and no batch row.
 USER_QUERY_MAX_TOKENS = "max_tokens = 512\ncache_system = true\nsystem = \"Answer the user's question"
@@ -108,3 +113,15 @@ def test_supersede_keeps_the_old_runs_batch_for_unchanged_tasks_and_sends_only_w
     realtime = sum(row["route"] == "realtime" for row in rows)
     assert realtime == 20 and stats["messages_succeeded"] - realtime_before == realtime
     assert {row["batch_id"] for row in rows if row["route"] == "batch"} != {None}
+
+
+def test_an_unfinished_run_recorded_by_the_earlier_version_is_not_silently_run_beside(tmp_path: Path) -> None:
+    # A ledger written before run keys were request digests: its run has no input digest and an old-style key.
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(10))
+    with Ledger.open(tmp_path / "state") as ledger:
+        ledger.begin("0ld5ty1ek3y", str(tasks.resolve()), str(tmp_path / "out.json"), {"mode": None}, time.time())
+        ledger.record_intent("0ld5ty1ek3y", "c0", [1, 2], time.time())
+        ledger.record_batch("0ld5ty1ek3y", "c0", "msgbatch_old", time.time())
+
+    with pytest.raises(RunChangedError, match=r"run 0ld5ty1ek3y .*msgbatch_old.*--resume-run 0ld5ty1ek3y.*--supersede"):
+        Run.prepare(tasks, tmp_path / "out.json", load_config(), RunOptions(state_dir=tmp_path / "state"))
