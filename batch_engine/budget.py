@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from batch_engine.config import Config, ModelSpec, Route
 from batch_engine.models import ErrorInfo
@@ -42,6 +43,24 @@ class Estimator:
             self.input_tokens(task), self.output_tokens(task), spec, route, self.config, cache_write_of(task, spec)
         )
 
+    def max_cost(self, task: PlannedTask, route: Route) -> float:
+        """The most the task's request can cost: what the budget reserves while it is in flight.
+
+        Output: all of max_tokens (thinking included). Input: the exact count when there is one, else four
+        tokens per estimated token (the estimate is a quarter of the text's bytes; no tokenizer makes more than
+        a token per byte of text), every token at the dearest input rate (a 1-hour cache write) and the rate
+        card of the prompt size that bound reaches.
+        """
+        counted = self.counted_input.get(task.index)
+        input_tokens = counted if counted is not None else 4 * task.estimated_input_tokens
+        spec = self.config.models[task.model]
+        price = spec.price_for_prompt(input_tokens)
+        dollars = (
+            input_tokens * max(price.input, price.cache_write_5m, price.cache_write_1h)
+            + int(task.frame.get("max_tokens", 0)) * price.output
+        ) / 1_000_000
+        return dollars * (self.config.batch_discount if route == "batch" else 1.0)
+
 
 def cache_write_of(task: PlannedTask, spec: ModelSpec) -> tuple[int, str] | None:
     """(estimated tokens, TTL) of the task's system prompt when it carries a cache breakpoint, else None."""
@@ -66,6 +85,19 @@ class Budget:
             return False
         self.reserved_usd += estimate_usd
         return True
+
+    def try_reserve(self, estimate_usd: float, settling_usd: float) -> Literal["reserved", "wait", "refused"]:
+        """Reserve if it fits; "wait" if it would fit once `settling_usd` of the reservations (requests in flight,
+        settled soon) are settled at no more than they reserved; else refuse and stop."""
+        if self.stopped:
+            return "refused"
+        if self.spent_usd + self.reserved_usd + estimate_usd <= self.limit_usd:
+            self.reserved_usd += estimate_usd
+            return "reserved"
+        if settling_usd > 0 and self.spent_usd + self.reserved_usd - settling_usd + estimate_usd <= self.limit_usd:
+            return "wait"
+        self.stopped = True
+        return "refused"
 
     def settle(self, estimate_usd: float, actual_usd: float) -> None:
         self.reserved_usd = max(0.0, self.reserved_usd - estimate_usd)

@@ -191,6 +191,14 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help=f"inject faults, repeatable; KIND is one of {', '.join(_FAULT_SETTINGS)}",
     )
     parser.add_argument("--fault-endpoints", default="messages", help="endpoints random faults hit (*: all)")
+    parser.add_argument(
+        "--fault-after-commit",
+        type=_rate,
+        default=0.0,
+        metavar="RATE",
+        help="share of batches.create and Messages calls that do their work (the batch is created, the message "
+        "answered and billed) and then answer 500 or 529, as an API without idempotency keys can",
+    )
     parser.add_argument("--row-error-type", default="api_error", help="error type of injected errored rows")
     parser.add_argument("--batch-duration", type=_duration, default=2.0, help="time a batch takes to end")
     parser.add_argument("--batch-never-ends", action="store_true", help="batches end only by expiring")
@@ -276,6 +284,16 @@ def _dollars(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1")
+    return rate
+
+
 def _fault_rate(text: str) -> tuple[str, float]:
     kind, _, rate = text.partition("=")
     if kind not in _FAULT_SETTINGS:
@@ -303,6 +321,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "batch_rpm": args.batch_rpm,
         "count_tokens_rpm": args.count_tokens_rpm,
         "fault_endpoints": tuple(args.fault_endpoints.split(",")),
+        "fault_after_commit_rate": args.fault_after_commit,
         "batch_row_error_type": args.row_error_type,
         "batch_duration_s": args.batch_duration,
         "batch_never_ends": args.batch_never_ends,
@@ -379,6 +398,18 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="run as the batch-orchestrator Prefect flow (a temporary local server unless PREFECT_API_URL is set); "
         "default: only when PREFECT_API_URL is set, else the same run loop in this process, without Prefect",
     )
+    changed = parser.add_mutually_exclusive_group()
+    changed.add_argument(
+        "--resume-run",
+        metavar="KEY",
+        help="finish this unfinished run exactly as it was started (its recorded config), whatever changed since",
+    )
+    changed.add_argument(
+        "--supersede",
+        action="store_true",
+        help="replace an unfinished run of the same input whose requests differ: keep its batches and results for "
+        "every unchanged task, send only what changed",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -418,6 +449,8 @@ def _run(args: argparse.Namespace) -> int:
         emulate=args.emulate,
         max_cost_usd=args.max_cost_usd,
         count_tokens=args.count_tokens,
+        resume_run=args.resume_run,
+        supersede=args.supersede,
     )
     progress = Progress()
     if with_prefect:
@@ -520,6 +553,8 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
                 count_tokens=args.count_tokens,
                 emulate=args.emulate,
                 output_format="parsed-jsonl" if args.parsed_only else args.output_format,
+                resume_run=args.resume_run,
+                supersede=args.supersede,
             )
 
     summary = asyncio.run(go())
@@ -778,7 +813,8 @@ def _add_batches_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     collect = verb(
         "collect",
         "finish a run whose process is gone: fetch its ended batches' results, send what is left realtime, "
-        "write OUT. Exit 0/1 as `run`; 3 when batches are still running (nothing written: collect again later).",
+        "write OUT. Exit 0/1 as `run`; 3 when batches are still running or another live process holds the run "
+        "(nothing written: collect again later).",
     )
     collect.add_argument("--run", metavar="RUN_KEY", required=True, help="the run (a unique key prefix will do)")
     collect.add_argument("-o", "--output", type=Path, required=True, help="result file to write")
@@ -890,7 +926,7 @@ def _batches_collect(args: argparse.Namespace) -> int:
     from batch_engine import operations
     from batch_engine.client import api_from_environment
     from batch_engine.display import render_summary
-    from batch_engine.errors import ConfigError
+    from batch_engine.errors import ConfigError, RunBusyError
 
     api = api_from_environment()
     if api is None:
@@ -901,7 +937,11 @@ def _batches_collect(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    run = operations.reopen(args.state_dir, args.run, args.output)
+    try:
+        run = operations.reopen(args.state_dir, args.run, args.output)
+    except RunBusyError as exc:
+        print(f"skipped: {exc}")
+        return _STILL_RUNNING
     try:
         collected = asyncio.run(operations.collect(run, api, wait=args.wait, logger=logger))
     finally:

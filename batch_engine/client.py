@@ -21,7 +21,8 @@ import orjson
 from anthropic.resources.messages import AsyncMessages
 from anthropic.types.messages import MessageBatch
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
 
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
 
@@ -37,6 +38,8 @@ SPEND_LIMIT_CODES = frozenset(
 )
 SELF_SET_SPEND_LIMIT = "reached your specified API usage limits"
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Error types of the API's error statuses, for an SSE `error` event, which arrives after the stream's 200.
+_STREAM_ERROR_STATUS = {"rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 # What a call can raise: the SDK's errors, and transport errors it lets through unwrapped once a streamed body
 # (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway through.
 _CALL_ERRORS = (anthropic.AnthropicError, httpx2.TransportError)
@@ -107,6 +110,9 @@ def translate(exc: BaseException) -> ApiError:
         error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
         details: dict[str, Any] = error["details"] if isinstance(error.get("details"), dict) else {}
         error_type = str(error.get("type") or "api_error")
+        if status < 400:
+            # An `error` event in a stream that began with a 200: the status that error would have had.
+            status = _STREAM_ERROR_STATUS.get(error_type, status)
         error_code = details.get("error_code")
         message = str(error.get("message") or exc.message)
         kwargs: dict[str, Any] = {
@@ -187,18 +193,30 @@ class RetryPolicy:
         """Run `fn` under the policy; the last error is re-raised as it was.
 
         `backoff_step` maps the retry number to the step of the exponential backoff it waits (default: the same),
-        for a caller that knows whether the failures are the API's state or this request's bad luck."""
+        for a caller that knows whether the failures are the API's state or this request's bad luck. The time
+        bound holds within one request: no wait starts that would end past `max_time_s` since the first attempt
+        (time counted as the waits asked for, or the wall clock if that is more)."""
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
             attempt = state.attempt_number
             return self.wait_s(attempt if backoff_step is None else backoff_step(attempt), error)
 
+        waited = [0.0]
+
+        def out_of_time(state: RetryCallState) -> bool:
+            elapsed = max(state.seconds_since_start or 0.0, waited[0])
+            return elapsed + (state.upcoming_sleep or 0.0) > self.max_time_s
+
+        async def sleep(seconds: float) -> None:
+            waited[0] += seconds
+            await self.sleep(seconds)
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_time_s),
+            stop=stop_after_attempt(self.attempts) | _StopWhen(out_of_time),
             wait=wait,
             retry=retry_if_exception_type(TransientApiError),
-            sleep=self.sleep,
+            sleep=sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -206,6 +224,16 @@ class RetryPolicy:
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+class _StopWhen(stop_base):
+    """A tenacity stop condition from a predicate on the retry state."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self._predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._predicate(retry_state)
 
 
 # --- messages ----------------------------------------------------------------------------------------------

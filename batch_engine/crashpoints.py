@@ -15,7 +15,7 @@ ENV_VAR = "BATCH_ENGINE_CRASH_AT"
 
 # Every point, where it sits, and what a kill there leaves behind.
 CRASH_POINTS: dict[str, str] = {
-    "plan.started": "run record written, nothing planned yet",
+    "plan.started": "input planned and run record written, nothing sent",
     "plan.done": "input planned, nothing sent",
     "preflight.done": "estimate made, nothing sent",
     "batch.intent": "chunk intent written, create not sent",

@@ -5,6 +5,8 @@
     ├── ConfigError                   the TOML config is malformed; the message names the key
     ├── BudgetError                   the plan's estimated cost is over --max-cost-usd (nothing was sent)
     ├── LedgerError                   the run ledger is unusable or an ambiguous batch create cannot be resolved
+    │   ├── RunBusyError              another live process holds the run's lease (`collect` skips the run)
+    │   └── RunChangedError           an unfinished run of the same input would send other requests
     └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
         ├── TransientApiError         worth retrying: 408, 409, 429, 5xx, 529, dropped connections, timeouts
         └── PermanentApiError         retrying cannot help: 400, 401, 403, 404, 413, spend limits
@@ -35,6 +37,14 @@ class BudgetError(BatchEngineError):
 
 class LedgerError(BatchEngineError):
     """The run ledger cannot be used, or its state needs a human decision."""
+
+
+class RunBusyError(LedgerError):
+    """Another process that is still alive holds the run's lease: two processes would both send everything."""
+
+
+class RunChangedError(LedgerError):
+    """The ledger holds an unfinished run of the same input whose requests differ from this one's."""
 
 
 class ApiError(BatchEngineError):

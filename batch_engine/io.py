@@ -6,6 +6,7 @@ import glob
 import hashlib
 import io
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -171,11 +172,12 @@ def file_digest(path: Path) -> str:
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     """Stream `chunks` to a temporary file beside `path`, fsync, then rename over it (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A writer killed mid-write left its temporary file behind; this write replaces what it was writing.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_dead_writers(path)
+    # Named by host and pid, so a later writer can tell a dead writer's leftover from a live writer's file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600 whatever the umask: give the output the mode any other new file would get.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
@@ -187,6 +189,36 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _sweep_dead_writers(path: Path) -> None:
+    """Remove temporary files beside `path` that a writer killed mid-write left behind (its pid is gone on this
+    host); a live writer's file, or another host's, is left alone."""
+    prefix = f".{path.name}.{_HOST}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = stale.name[len(prefix) :].partition(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def iter_record_lines(path: Path) -> Iterator[bytes]:

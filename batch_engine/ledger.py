@@ -7,8 +7,9 @@ sends only what is left. Batch creation is not idempotent, so the intent row is 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +22,9 @@ from batch_engine.store import SqliteStore
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite3"
 
-ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed"]
-RunStatus = Literal["running", "submitted", "complete"]
+# lost: the API no longer knows its recorded batch (404: deleted in the Console or by another tool).
+ChunkStatus = Literal["intent", "submitted", "ended", "collected", "failed", "lost"]
+RunStatus = Literal["running", "submitted", "complete", "superseded"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -44,9 +46,19 @@ CREATE TABLE IF NOT EXISTS chunks (
     status TEXT NOT NULL,
     request_counts BLOB,
     canceled_by_us INTEGER NOT NULL DEFAULT 0,
+    sent_at REAL,
+    last_sent_at REAL,
     PRIMARY KEY (run_key, chunk_key)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_batch ON chunks (batch_id);
+CREATE TABLE IF NOT EXISTS leases (
+    run_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -57,6 +69,18 @@ CREATE TABLE IF NOT EXISTS results (
     row BLOB NOT NULL,
     PRIMARY KEY (run_key, idx)
 );
+"""
+
+
+# The row blob is JSON text from orjson; `attempts` is read from it rather than kept in a column of its own, so
+# ledgers written before this rule keep working.
+_SAVE_RESULT = """
+INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+ON CONFLICT (run_key, idx) DO UPDATE SET
+    status = excluded.status, route = excluded.route, cost_usd = excluded.cost_usd,
+    recorded_at = excluded.recorded_at, row = excluded.row
+WHERE results.status <> 'succeeded'
+    AND COALESCE(json_extract(CAST(results.row AS TEXT), '$.attempts'), 0) <= ?8
 """
 
 
@@ -72,6 +96,18 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """Who works on a run: one process at a time, for as long as it keeps the heartbeat going."""
+
+    run_key: str
+    owner: str  # random per opened run: two runs of one process are two owners
+    host: str
+    pid: int
+    heartbeat_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkRecord:
     run_key: str
     chunk_key: str
@@ -82,6 +118,11 @@ class ChunkRecord:
     status: ChunkStatus
     request_counts: dict[str, int] | None
     canceled_by_us: bool
+    # When the first and the latest `batches.create` of the chunk were sent (None: never sent, so no batch can
+    # exist for it). A batch made by a create whose answer was lost was created between the two (plus a
+    # request timeout): the window an unrecorded batch must fall in to be adopted.
+    sent_at: float | None = None
+    last_sent_at: float | None = None
 
     @property
     def open(self) -> bool:
@@ -100,6 +141,8 @@ def _chunk(row: sqlite3.Row) -> ChunkRecord:
         status=row["status"],
         request_counts=orjson.loads(row["request_counts"]) if row["request_counts"] else None,
         canceled_by_us=bool(row["canceled_by_us"]),
+        sent_at=row["sent_at"],
+        last_sent_at=row["last_sent_at"],
     )
 
 
@@ -120,6 +163,19 @@ class Ledger(SqliteStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA, SCHEMA_VERSION, "run ledger")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add what later versions keep to a ledger written by an earlier one (the schema only grows)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(chunks)")}
+        if "sent_at" not in columns:
+            with self._transaction():
+                self._db.execute("ALTER TABLE chunks ADD COLUMN sent_at REAL")
+                self._db.execute("ALTER TABLE chunks ADD COLUMN last_sent_at REAL")
+                # Earlier versions did not record sends: an open intent may have been sent.
+                self._db.execute(
+                    "UPDATE chunks SET sent_at = intent_at, last_sent_at = intent_at WHERE status = 'intent'"
+                )
 
     @classmethod
     def open(cls, state_dir: Path) -> Ledger:
@@ -150,10 +206,76 @@ class Ledger(SqliteStore):
             rows = self._db.execute("SELECT * FROM runs WHERE status = ? ORDER BY started_at", (status,)).fetchall()
         return [_run(row) for row in rows]
 
+    def has_work(self, run_key: str) -> bool:
+        """Whether the run sent anything: a chunk intent or a finished row."""
+        for table in ("chunks", "results"):
+            if self._db.execute(f"SELECT 1 FROM {table} WHERE run_key = ? LIMIT 1", (run_key,)).fetchone():
+                return True
+        return False
+
+    def supersede(self, old_key: str, new_key: str, unchanged: set[int], finished_at: float) -> list[str]:
+        """Hand an unfinished run's work on unchanged tasks to the run that replaces it, in one transaction.
+
+        Its finished rows of `unchanged` tasks move to `new_key`, and so does each recorded batch still owing
+        results, narrowed to its unchanged rows (a batch with none stays behind; nothing is cancelled). The old
+        run is marked superseded. Returns the batch ids that moved.
+        """
+        moved: list[str] = []
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE results SET run_key = ? WHERE run_key = ? AND idx = ?",
+                [(new_key, old_key, index) for index in sorted(unchanged)],
+            )
+            for chunk in self.chunks(old_key):
+                kept = [index for index in chunk.task_indexes if index in unchanged]
+                if chunk.batch_id is None or not chunk.open or not kept:
+                    continue
+                self._db.execute(
+                    "UPDATE chunks SET run_key = ?, chunk_key = ?, task_indexes = ? "
+                    "WHERE run_key = ? AND chunk_key = ?",
+                    (new_key, f"{chunk.chunk_key}@{old_key[:8]}", orjson.dumps(kept), old_key, chunk.chunk_key),
+                )
+                moved.append(chunk.batch_id)
+            self._db.execute(
+                "UPDATE runs SET status = 'superseded', finished_at = ? WHERE run_key = ?", (finished_at, old_key)
+            )
+        return moved
+
     def set_run_status(self, run_key: str, status: RunStatus, finished_at: float | None = None) -> None:
         self._db.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
         )
+
+    # --- leases ----------------------------------------------------------------------------------------
+
+    def take_lease(self, lease: Lease, holder_alive: Callable[[Lease], bool]) -> Lease | None:
+        """Take the run's lease, or return the live lease another owner holds.
+
+        Atomic across processes (BEGIN IMMEDIATE): of two processes taking the lease at once, one gets it. The
+        held lease is taken over when `holder_alive` says its owner is gone.
+        """
+        with self._transaction():
+            row = self._db.execute("SELECT * FROM leases WHERE run_key = ?", (lease.run_key,)).fetchone()
+            if row is not None:
+                held = Lease(*row)
+                if held.owner != lease.owner and holder_alive(held):
+                    return held
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                (lease.run_key, lease.owner, lease.host, lease.pid, lease.heartbeat_at, lease.expires_at),
+            )
+        return None
+
+    def renew_lease(self, run_key: str, owner: str, now: float, expires_at: float) -> bool:
+        """Move the lease's heartbeat on; False when `owner` no longer holds it (it was taken over)."""
+        cursor = self._db.execute(
+            "UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE run_key = ? AND owner = ?",
+            (now, expires_at, run_key, owner),
+        )
+        return cursor.rowcount > 0
+
+    def release_lease(self, run_key: str, owner: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE run_key = ? AND owner = ?", (run_key, owner))
 
     # --- chunks ----------------------------------------------------------------------------------------
 
@@ -169,21 +291,33 @@ class Ledger(SqliteStore):
 
     def record_intent(self, run_key: str, chunk_key: str, task_indexes: Iterable[int], now: float) -> ChunkRecord:
         """Written (and durable) before `batches.create` is called for the chunk."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO chunks (run_key, chunk_key, task_indexes, intent_at, status) "
-            "VALUES (?, ?, ?, ?, 'intent')",
-            (run_key, chunk_key, orjson.dumps(list(task_indexes)), now),
-        )
+        with self._durable():
+            self._db.execute(
+                "INSERT OR IGNORE INTO chunks (run_key, chunk_key, task_indexes, intent_at, status) "
+                "VALUES (?, ?, ?, ?, 'intent')",
+                (run_key, chunk_key, orjson.dumps(list(task_indexes)), now),
+            )
         record = self.chunk(run_key, chunk_key)
         assert record is not None
         return record
 
+    def record_send(self, run_key: str, chunk_key: str, now: float) -> None:
+        """Written (durable) just before each `batches.create` of the chunk is sent."""
+        with self._durable():
+            self._db.execute(
+                "UPDATE chunks SET sent_at = COALESCE(sent_at, ?1), last_sent_at = ?1 "
+                "WHERE run_key = ?2 AND chunk_key = ?3",
+                (now, run_key, chunk_key),
+            )
+
     def record_batch(self, run_key: str, chunk_key: str, batch_id: str, created_at: float) -> None:
-        """Written the moment `batches.create` returns."""
-        self._db.execute(
-            "UPDATE chunks SET batch_id = ?, created_at = ?, status = 'submitted' WHERE run_key = ? AND chunk_key = ?",
-            (batch_id, created_at, run_key, chunk_key),
-        )
+        """Written (durable) the moment `batches.create` returns."""
+        with self._durable():
+            self._db.execute(
+                "UPDATE chunks SET batch_id = ?, created_at = ?, status = 'submitted' "
+                "WHERE run_key = ? AND chunk_key = ?",
+                (batch_id, created_at, run_key, chunk_key),
+            )
 
     def update_chunk(
         self,
@@ -223,15 +357,26 @@ class Ledger(SqliteStore):
     # --- results ---------------------------------------------------------------------------------------
 
     def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
-        """Store finished rows in one transaction; a later row for the same task replaces the earlier one."""
+        """Store finished rows in one transaction. A later row for the same task replaces the earlier one only
+        if that one did not succeed and the later one was not sent fewer times: collecting a batch again (a
+        Prefect retry, a second collector) never replaces a paid success with an older error."""
         rows = [
-            (run_key, r.index, r.status, r.route, r.cost_usd or 0.0, now, orjson.dumps(r.model_dump(mode="json")))
+            (
+                run_key,
+                r.index,
+                r.status,
+                r.route,
+                r.cost_usd or 0.0,
+                now,
+                orjson.dumps(r.model_dump(mode="json")),
+                r.attempts,
+            )
             for r in results
         ]
         if not rows:
             return
         with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany(_SAVE_RESULT, rows)
 
     def spent(self, run_key: str) -> float:
         """USD billed so far for the run's finished rows."""
@@ -280,6 +425,19 @@ class Ledger(SqliteStore):
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[None]:
+        """A write that must survive a power cut, not only a crash: what stops a second `batches.create`.
+
+        WAL with synchronous=NORMAL (the rest of the ledger) may lose the last commits on power loss; FULL
+        syncs the WAL at this commit.
+        """
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
 
 class _Transaction:

@@ -20,7 +20,7 @@ from batch_engine.client import (
     list_batches,
     retrieve_batch,
 )
-from batch_engine.errors import LedgerError
+from batch_engine.errors import LedgerError, PermanentApiError
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
@@ -95,7 +95,7 @@ async def status(client: AsyncClient, ledger: Ledger, batch_id: str) -> BatchVie
 async def cancel(
     client: AsyncClient, ledger: Ledger, *, run_key: str | None = None, batch_id: str | None = None
 ) -> list[BatchView]:
-    """Cancel one batch, or every batch of a run still in progress; returns what the API says after.
+    """Cancel one batch a run recorded, or every batch of a run still in progress; returns what the API says after.
 
     Cancelled rows come back `canceled`; a later `run` of the same file resubmits them (the run is not
     forgotten), and `collect` finishes the run with whatever the batches had done by then.
@@ -103,6 +103,12 @@ async def cancel(
     if (run_key is None) == (batch_id is None):
         raise ValueError("cancel takes a run key or a batch id")
     if batch_id is not None:
+        if ledger.chunk_by_batch(batch_id) is None:
+            # Never cancel what is not proven ours: on a shared key it may be another job's.
+            raise LedgerError(
+                f"batch {batch_id} is not recorded by any run in {ledger.path}, so it may be another job's; "
+                "not cancelling it (pass the --state-dir of the run that made it, or cancel it in the Console)"
+            )
         targets = [await _retrieve(client, batch_id)]
     else:
         assert run_key is not None
@@ -175,7 +181,13 @@ async def collect(
 
         async def settle(chunk: ChunkRecord) -> None:
             assert chunk.batch_id is not None
-            info = await _retrieve(batch.ctx.client, chunk.batch_id)
+            try:
+                info = await _retrieve(batch.ctx.client, chunk.batch_id)
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+                await batch.wait_and_collect(chunk)  # gone: marked lost, its rows sent again
+                return
             # Past the batch timeout, collecting cancels what still runs, exactly as the run would have.
             if info.status == "ended" or wait or time.time() >= batch.deadline:
                 await batch.wait_and_collect(chunk)

@@ -25,11 +25,12 @@ def summarize(
     started_at: float,
     finished_at: float,
     total: int,
-    batches: Sequence[tuple[str, str, dict[str, int] | None]],
+    batches: Sequence[tuple[str, str, dict[str, int] | None, bool]],
     durations_s: dict[str, float],
     config: Config,
 ) -> RunSummary:
-    """Summarize the output rows of a run; `batches` are (chunk key, batch id, last request counts)."""
+    """Summarize the output rows of a run; `batches` are (chunk key, batch id, last request counts, lost: the
+    API no longer knows the batch)."""
     by_status: Counter[str] = Counter()
     by_route: Counter[str] = Counter()
     # Plain ints while counting: a pydantic attribute assignment costs ~1 µs, seven of them per row.
@@ -85,10 +86,10 @@ def summarize(
             BatchSummary(
                 id=batch_id,
                 chunk=chunk,
-                status="ended" if counts and not counts.get("processing") else "in_progress",
+                status="lost" if lost else "ended" if counts and not counts.get("processing") else "in_progress",
                 request_counts=counts,
             )
-            for chunk, batch_id, counts in batches
+            for chunk, batch_id, counts, lost in batches
         ],
         tokens=tokens,
         cost=CostSummary.of(spent, baseline),

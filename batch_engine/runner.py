@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import heapq
 import logging
 import time
@@ -16,20 +15,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import orjson
-
 from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError
+from batch_engine.errors import BudgetError, LedgerError, PermanentApiError, RunChangedError
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
+from batch_engine.lease import RunLease
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import rejection_result
 from batch_engine.report import encode_output, summarize
 from batch_engine.telemetry.usage_log import UsageLog, output_history
@@ -56,6 +55,8 @@ class RunOptions:
     max_cost_usd: float | None = None  # refuse before sending, and stop sending, past this spend
     count_tokens: bool = False  # exact input counts (messages.count_tokens) for the pre-flight estimate
     config_path: Path | None = None  # recorded with the run so another process (`collect`) can reopen it
+    resume_run: str | None = None  # finish this recorded run as it was (its recorded config), whatever changed
+    supersede: bool = False  # replace an unfinished run of the same input whose requests differ
 
 
 # Against the emulator a batch ends in seconds; polling every minute would only add waiting.
@@ -83,6 +84,8 @@ def run_options(
     emulate: bool,
     max_cost_usd: float | None,
     count_tokens: bool,
+    resume_run: str | None = None,
+    supersede: bool = False,
 ) -> RunOptions:
     """The engine's options from the CLI's flags or the flow's parameters (the same for both)."""
     return RunOptions(
@@ -96,6 +99,8 @@ def run_options(
         max_cost_usd=max_cost_usd,
         count_tokens=count_tokens,
         config_path=Path(config_path) if config_path else None,
+        resume_run=resume_run,
+        supersede=supersede,
     )
 
 
@@ -111,11 +116,21 @@ def emulated_api(state_dir: Path, config_path: Path | None) -> Iterator[ApiSetti
         yield ApiSettings(SecretStr("emulated"), emulator.base_url)
 
 
-def _stored_options(options: RunOptions) -> dict[str, Any]:
-    # Everything but the state dir (the ledger lives in it): what `Run.reopen` needs to rebuild the run.
-    stored = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "state_dir"}
+_NOT_STORED = frozenset({"state_dir", "resume_run", "supersede"})
+
+
+def _stored_options(options: RunOptions, config: Config, input_digest: str) -> dict[str, Any]:
+    # What `--resume-run` and `Run.reopen` need to rebuild the run as it was: the options (but the state dir,
+    # where the ledger lives, and this invocation's choices), the whole config, and the input's digest.
+    stored: dict[str, Any] = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in _NOT_STORED}
     stored["config_path"] = None if options.config_path is None else str(options.config_path.resolve())
+    stored[_CONFIG] = config.model_dump(mode="json")
+    stored[_INPUT_DIGEST] = input_digest
     return stored
+
+
+_CONFIG = "config"
+_INPUT_DIGEST = "input_digest"
 
 
 def effective_config(config: Config, options: RunOptions) -> Config:
@@ -132,21 +147,6 @@ def effective_config(config: Config, options: RunOptions) -> Config:
     return config.model_copy(update={"limits": config.limits.model_copy(update=limits)})
 
 
-def run_key(input_digest: str, config: Config, mode: Route | None) -> str:
-    """Hash of the input content and every setting that shapes the requests or the chunks.
-
-    Concurrency, rate limits, polling and timeouts are left out on purpose: re-running after a crash with a
-    different --concurrency must re-attach to the same batches, not start a second run that pays twice.
-    """
-    shaping = config.model_dump(mode="json", exclude={"limits"})
-    shaping["chunking"] = [config.limits.max_requests_per_batch, config.limits.max_bytes_per_batch]
-    shaping["mode"] = mode
-    digest = hashlib.blake2b(digest_size=10)
-    digest.update(input_digest.encode())
-    digest.update(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS))
-    return digest.hexdigest()
-
-
 @dataclass
 class Run:
     """A planned run bound to its ledger entry; the phases below are what the CLI and the Prefect flow call."""
@@ -158,6 +158,7 @@ class Run:
     plan: Plan
     ledger: Ledger
     record: RunRecord
+    lease: RunLease
 
     @property
     def key(self) -> str:
@@ -169,19 +170,23 @@ class Run:
 
     @classmethod
     def prepare(cls, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> Run:
-        """Plan the input and open its ledger entry (a re-run gets the same key, start time and plan)."""
+        """Plan the input and open its ledger entry: the unfinished run that sends the same requests (same key,
+        start time and plan), `--resume-run KEY` as it was, or a new run (refused while an unfinished run of the
+        same input that sent something would send other requests, unless `--supersede`)."""
         config = effective_config(config, options)
-        key = run_key(file_digest(input_path), config, options.mode)
         ledger = Ledger.open(options.state_dir)
+        lease: RunLease | None = None
         try:
-            # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
-            paths = str(input_path.resolve()), str(output_path.resolve())
-            record = ledger.begin(key, *paths, _stored_options(options), time.time())
+            opened = _open_run(ledger, input_path, output_path, config, options)
             crash_point("plan.started")
-            # Planning with the original start time keeps deadline-based routing, and so the chunks, stable.
-            started = datetime.fromtimestamp(record.started_at, UTC)
-            plan = make_plan(iter_records(input_path), config, started, route=options.mode)
+            # One process per run: a second `run`, an overlapping flow run or a collector stops here.
+            lease = RunLease(ledger, opened.record.run_key)
+            lease.take()
+            if opened.superseded:
+                opened = _supersede(ledger, opened, options)
         except BaseException:
+            if lease is not None:
+                lease.release()
             ledger.close()
             raise
         # The plan lives as long as the run: out of the collector's sight, so that every full collection while
@@ -189,26 +194,24 @@ class Run:
         # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
-        return cls(input_path, output_path, config, options, plan, ledger, record)
+        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease)
 
     @classmethod
     def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
-        """A recorded run, opened again in another process with the options it started with (`collect`)."""
-        known = {f.name for f in fields(RunOptions)} - {"state_dir"}
+        """A recorded run, opened again in another process as it was started (`collect`)."""
+        known = {f.name for f in fields(RunOptions)} - {"state_dir", "resume_run", "supersede"}
         stored = {name: value for name, value in record.options.items() if name in known}
         config_path = stored.pop("config_path", None)
-        options = RunOptions(state_dir=state_dir, config_path=Path(config_path) if config_path else None, **stored)
-        config = load_config(options.config_path)
-        input_path = Path(record.input_path)
-        # Checked before `prepare`, which would otherwise open a second run for the changed file.
-        if run_key(file_digest(input_path), effective_config(config, options), options.mode) != record.run_key:
-            raise LedgerError(
-                f"run {record.run_key}: {input_path} or its config changed since the run started; "
-                "re-run the new file instead"
-            )
-        return cls.prepare(input_path, Path(record.output_path), config, options)
+        options = RunOptions(
+            state_dir=state_dir,
+            config_path=Path(config_path) if config_path else None,
+            resume_run=record.run_key,
+            **stored,
+        )
+        return cls.prepare(Path(record.input_path), Path(record.output_path), load_config(options.config_path), options)
 
     def close(self) -> None:
+        self.lease.release()
         self.ledger.close()
         gc.unfreeze()
 
@@ -227,9 +230,11 @@ class Run:
             key = f"c{chunk.number}"
             if key in recorded:
                 continue
-            indexes = tuple(self.plan.tasks[pos].index for pos in chunk.task_positions)
-            works.append(ChunkWork(key, indexes))
-            covered.update(indexes)
+            # Rows a superseded run's batch still carries, or already finished there, are not sent again.
+            indexes = tuple(i for pos in chunk.task_positions if (i := self.plan.tasks[pos].index) not in covered)
+            if indexes:
+                works.append(ChunkWork(key, indexes))
+                covered.update(indexes)
         # Rows of collected (or failed) chunks still unfinished: their resubmission was cut short by a crash.
         ever_chunked = {index for chunk in recorded.values() for index in chunk.task_indexes}
         orphans = tuple(t.index for t in self.plan.tasks if t.index in ever_chunked and t.index not in covered)
@@ -300,7 +305,8 @@ class Run:
         deadline = self.record.started_at + limits.batch_timeout_s
         usage_log = ctx.usage_log = UsageLog.open(self.options.state_dir)
         try:
-            yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
+            async with self.lease.heartbeat():
+                yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
         finally:
             usage_log.close()
             await client.close()
@@ -335,7 +341,7 @@ class Run:
         # Open batches already hold their rows: reserve their estimate until they are collected.
         waiting = {i for c in self.ledger.chunks(self.key) if c.open and c.batch_id for i in c.task_indexes}
         ctx.budget = Budget(limit, spent_usd=spent)
-        ctx.budget.reserved_usd = sum(estimator.cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
+        ctx.budget.reserved_usd = sum(estimator.max_cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
         return estimate
 
@@ -363,8 +369,13 @@ class Run:
 
         for chunk in self.open_batches():
             assert chunk.batch_id is not None
-            if await status(chunk.batch_id) != "ended":
-                return False
+            try:
+                if await status(chunk.batch_id) != "ended":
+                    return False
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+                # Gone from the API: collecting it marks it lost and resubmits its rows.
         return True
 
     async def send(self, lanes: Lanes, steps: Steps | None = None, *, wait: bool = True) -> bool:
@@ -468,7 +479,11 @@ class Run:
         finished_at = max([started_at, *last.values()])
         durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
         durations["total"] = round(finished_at - started_at, 3)
-        batches = [(c.chunk_key, c.batch_id, c.request_counts) for c in self.ledger.chunks(self.key) if c.batch_id]
+        batches = [
+            (c.chunk_key, c.batch_id, c.request_counts, c.status == "lost")
+            for c in self.ledger.chunks(self.key)
+            if c.batch_id
+        ]
         summary = summarize(
             self.rows(),
             run_key=self.key,
@@ -544,6 +559,133 @@ def _rejection_index(rejection: Rejection) -> int:
 
 def _first(pair: tuple[int, TaskResult | bytes]) -> int:
     return pair[0]
+
+
+# --- which run a `run` opens -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    record: RunRecord
+    config: Config
+    plan: Plan
+    digests: dict[int, bytes]
+    superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
+
+
+def _plan_at(input_path: Path, config: Config, started_at: float, mode: Route | None) -> Plan:
+    # Planning with the run's own start time keeps deadline-based routing, and so the chunks, stable.
+    return make_plan(iter_records(input_path), config, datetime.fromtimestamp(started_at, UTC), route=mode)
+
+
+def _recorded_config(record: RunRecord, fallback: Config) -> Config:
+    snapshot = record.options.get(_CONFIG)
+    return fallback if snapshot is None else Config.model_validate(snapshot)
+
+
+def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> _Opened:
+    digest = file_digest(input_path)
+    # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
+    paths = str(input_path.resolve()), str(output_path.resolve())
+    if options.resume_run is not None:
+        record = _find_run(ledger, options.resume_run)
+        recorded = effective_config(_recorded_config(record, config), options)
+        mode = record.options.get("mode")
+        plan = _plan_at(input_path, recorded, record.started_at, mode)
+        digests = request_digests(plan)
+        if run_identity(digest, plan, digests) != record.run_key:
+            raise LedgerError(
+                f"run {record.run_key}: {input_path} no longer gives the requests that run sent (the file, or the "
+                "engine's rendering, changed); it cannot be finished as it was: run the file as a new run"
+            )
+        record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
+        return _Opened(record, recorded, plan, digests)
+    # The unfinished runs of this input: one that sends the same requests is this run.
+    unfinished = [
+        record
+        for record in ledger.runs()
+        if record.status in ("running", "submitted") and _same_input(record, digest, paths[0])
+    ]
+    for record in unfinished:
+        plan = _plan_at(input_path, config, record.started_at, options.mode)
+        digests = request_digests(plan)
+        if run_identity(digest, plan, digests) == record.run_key:
+            record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
+            return _Opened(record, config, plan, digests)
+    now = time.time()
+    plan = _plan_at(input_path, config, now, options.mode)
+    digests = request_digests(plan)
+    key = run_identity(digest, plan, digests)
+    existing = ledger.run(key)
+    if existing is not None:  # a completed run of the same requests: its output is written again
+        existing = ledger.begin(key, *paths, existing.options, existing.started_at)
+        plan = _plan_at(input_path, config, existing.started_at, options.mode)
+        return _Opened(existing, config, plan, digests)
+    busy = [record for record in unfinished if ledger.has_work(record.run_key)]
+    if busy and not options.supersede:
+        raise _changed(ledger, busy[0], input_path)
+    record = ledger.begin(key, *paths, _stored_options(options, config, digest), now)
+    # Unfinished runs that sent nothing are simply replaced; the others hand over their work (`_supersede`).
+    for idle in unfinished:
+        if idle not in busy:
+            ledger.set_run_status(idle.run_key, "superseded", now)
+    return _Opened(record, config, plan, digests, tuple(busy))
+
+
+def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
+    recorded = record.options.get(_INPUT_DIGEST)
+    # A run recorded before runs kept their input's digest (and keyed by the config): the same file path is
+    # taken as the same input, so an upgrade never starts a silent second run beside it.
+    return recorded == digest if recorded is not None else record.input_path == input_path
+
+
+def _find_run(ledger: Ledger, key: str) -> RunRecord:
+    record = ledger.run(key)
+    matches = [record] if record is not None else [r for r in ledger.runs() if key and r.run_key.startswith(key)]
+    if len(matches) != 1:
+        what = "is ambiguous" if matches else "is not"
+        raise LedgerError(f"--resume-run {key!r} {what} a run in {ledger.path}")
+    return matches[0]
+
+
+def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedError:
+    open_batches = [c.batch_id for c in ledger.chunks(record.run_key) if c.open and c.batch_id]
+    batches = f"open batches: {', '.join(open_batches)}" if open_batches else "no open batch"
+    return RunChangedError(
+        f"run {record.run_key} of {input_path} is unfinished ({batches}) and sent other requests than this run "
+        f"would (its config, mode or routing changed); finish it as it was with `--resume-run {record.run_key}`, "
+        "or pass `--supersede` to keep its batches and results for every unchanged task and send only what changed"
+    )
+
+
+def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
+    """Take the work of the unfinished runs `opened` replaces: their batches and results of unchanged tasks."""
+    for old in opened.superseded:
+        old_lease = RunLease(ledger, old.run_key)
+        old_lease.take()  # a live process on the old run must not see its batches move
+        try:
+            if any(c.status == "intent" and c.sent_at is not None for c in ledger.chunks(old.run_key)):
+                raise LedgerError(
+                    f"run {old.run_key} has a batch create whose outcome is unknown; finish it first with "
+                    f"`--resume-run {old.run_key}`"
+                )
+            old_config = effective_config(_recorded_config(old, opened.config), options)
+            old_plan = _plan_at(Path(old.input_path), old_config, old.started_at, old.options.get("mode"))
+            old_digests = request_digests(old_plan)
+            unchanged = {i for i, d in old_digests.items() if opened.digests.get(i) == d}
+            moved = ledger.supersede(old.run_key, opened.record.run_key, unchanged, time.time())
+            log.warning(
+                "run %s supersedes run %s: %d of %d tasks unchanged; %d open batches kept (%s)",
+                opened.record.run_key,
+                old.run_key,
+                len(unchanged),
+                len(opened.plan.tasks),
+                len(moved),
+                ", ".join(moved) or "none",
+            )
+        finally:
+            old_lease.release()
+    return opened
 
 
 async def run(

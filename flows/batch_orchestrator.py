@@ -31,7 +31,7 @@ from batch_engine.artifacts import (
     summary_markdown,
 )
 from batch_engine.config import Route, load_config
-from batch_engine.errors import BatchEngineError
+from batch_engine.errors import BatchEngineError, RunBusyError
 from batch_engine.lanes import Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
@@ -209,6 +209,8 @@ async def batch_orchestrator(
     api_key_block: str = DEFAULT_SECRET_BLOCK,
     global_rate_limit: GlobalRateLimit | None = None,
     fail_on_task_failures: bool = False,
+    resume_run: str | None = None,
+    supersede: bool = False,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
@@ -220,7 +222,8 @@ async def batch_orchestrator(
     `global_rate_limit` names a Prefect global concurrency limit with slot decay (e.g. `anthropic-rpm`) that
     realtime requests also take slots from, shared by every worker and flow run; or maps each model to its own
     limit (`{"claude-haiku-4-5": "anthropic-rpm-haiku", "*": "anthropic-rpm"}`; a model with no entry and no
-    `"*"` takes no shared slot).
+    `"*"` takes no shared slot). `resume_run` finishes that unfinished run as it was started; `supersede`
+    replaces an unfinished run of the same input whose requests differ (see the README, "Crash safety").
     """
     logger = get_run_logger()
     options = run_options(
@@ -234,6 +237,8 @@ async def batch_orchestrator(
         emulate=emulate,
         max_cost_usd=max_cost_usd,
         count_tokens=count_tokens,
+        resume_run=resume_run,
+        supersede=supersede,
     )
     run = await plan_run(input_path, output_path, options)
     try:
@@ -269,9 +274,10 @@ async def collect(
 
     A run whose batches are still running is left for the next collect, so no process waits on a batch. One
     run that cannot be finished (its input changed, over budget...) does not hold up the others; the flow fails
-    at the end, naming it. `include_running` also takes runs left `running` by a flow run that died; only use
-    it when no flow run is working on this state dir. `global_rate_limit` is as for `batch-orchestrator`: the
-    realtime leftovers take slots from it; it is checked before any run is looked at.
+    at the end, naming it. A run another live process holds (its lease) is skipped, and the log says so.
+    `include_running` also takes runs left `running` by a flow run that died (a live one is skipped).
+    `global_rate_limit` is as for `batch-orchestrator`: the realtime leftovers take slots from it; it is checked
+    before any run is looked at.
     """
     logger = get_run_logger()
     shared = await _shared_limit(global_rate_limit)
@@ -286,6 +292,10 @@ async def collect(
                 summary = await _collect_one(run, logger, block=api_key_block, shared=shared, described=described)
             finally:
                 run.close()
+        except RunBusyError as exc:
+            # Another live process (the run itself, another collector) works on it: not ours to touch.
+            logger.warning("run %s: skipped: %s", record.run_key, exc)
+            continue
         except BatchEngineError as exc:
             logger.error("run %s: cannot be finished: %s", record.run_key, exc)
             failed.append(record.run_key)

@@ -8,6 +8,7 @@ as well: that is what lets tests/test_crash_points.py kill and re-run a real pro
 about a minute.
 
     python tests/crash_driver.py INPUT -o OUTPUT --state-dir DIR [--config F] [--batch-only] [--batch-timeout S]
+        [--resume-run KEY] [--supersede]
 
 Exit 0: every task succeeded; 1: some failed; 2: a BatchEngineError (one `Error:` line), like the CLI.
 """
@@ -36,13 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
     parser.add_argument("--batch-timeout", type=float, default=None)
+    parser.add_argument("--resume-run", default=None)
+    parser.add_argument("--supersede", action="store_true")
     args = parser.parse_args(argv)
     try:
         api = api_from_environment()
         if api is None:
             raise ConfigError("no API key: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for the emulator)")
         options = RunOptions(
-            state_dir=args.state_dir, mode=args.mode, batch_timeout_s=args.batch_timeout, config_path=args.config
+            state_dir=args.state_dir,
+            mode=args.mode,
+            batch_timeout_s=args.batch_timeout,
+            config_path=args.config,
+            resume_run=args.resume_run,
+            supersede=args.supersede,
         )
         summary = asyncio.run(run(args.input, args.output, api=api, config=load_config(args.config), options=options))
     except BatchEngineError as exc:

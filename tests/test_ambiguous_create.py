@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from crash_support import config_file, emulator_batches, engine_env, run_driver, run_process
 from engine_support import generated_tasks, read_output, write_jsonl
 from pydantic import SecretStr
@@ -121,6 +122,54 @@ def test_two_unrecorded_batches_carrying_the_chunk_stop_the_cli_with_one_error_l
     assert emulator.stats()["batches_created"] == 2
     _, rows = read_output(tmp_path / "out.json")
     assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+
+
+@pytest.mark.parametrize("fault", ["after_commit", "drop"])
+def test_a_create_that_landed_and_then_failed_is_adopted_not_repeated(
+    emulator: RunningEmulator, tmp_path: Path, fault: str
+) -> None:
+    # The API created the batch, then answered 500/529 (or nothing): there is no idempotency key, so only looking
+    # for the batch before retrying keeps the chunk from being paid twice.
+    tasks = _setup(tmp_path)
+    emulator.script_fault("batches_create", fault)
+
+    ran = run_driver(tmp_path, emulator.base_url, ARGS)
+
+    assert ran.returncode == 0, ran.stderr
+    assert emulator.stats()["batches_created"] == 1
+    assert emulator.stats()["duplicate_succeeded_custom_ids"] == 0
+    ((landed, _),) = emulator_batches(emulator.base_url, with_ids=False)
+    assert f"adopted batch {landed.id}" in ran.stderr
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+
+
+def test_a_running_batch_of_another_job_is_neither_adopted_nor_cancelled(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # Killed after writing the intent, before sending the create: no batch of ours can exist. Meanwhile another
+    # job (another shard, state dir or team on the same key) created a batch of the chunk's size.
+    emulator.configure(batch_duration_s=600)
+    tasks = _setup(tmp_path)
+    crashed = run_driver(tmp_path, emulator.base_url, [*ARGS, "--batch-timeout", "2"], crash_at="batch.intent")
+    assert crashed.returncode == -9
+    foreign = _create(emulator.base_url, [f"other{i}" for i in range(len(tasks))])
+
+    rerun = run_driver(tmp_path, emulator.base_url, [*ARGS, "--batch-timeout", "2"])
+
+    assert rerun.returncode in (0, 1), rerun.stderr
+    assert foreign not in {chunk.batch_id for chunk in _chunks(tmp_path / "state")}
+    infos = {info.id: info for info, _ in emulator_batches(emulator.base_url, with_ids=False)}
+    assert infos[foreign].status == "in_progress" and infos[foreign].request_counts["canceled"] == 0
+    assert emulator.stats()["batches_created"] == 2
+
+    # Nor does `batches cancel` touch a batch no run of this state dir recorded.
+    cli = [sys.executable, "-m", "batch_engine.cli", "batches", "cancel", foreign, "--state-dir", "state"]
+    refused = run_process(cli, engine_env(emulator.base_url), tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith("Error:"), refused.stderr
+    assert foreign in refused.stderr
+    infos = {info.id: info for info, _ in emulator_batches(emulator.base_url, with_ids=False)}
+    assert infos[foreign].status == "in_progress"
 
 
 def _create(base_url: str, custom_ids: list[str]) -> str:

@@ -189,3 +189,28 @@ def test_unknown_run_is_one_error_line(emulator: RunningEmulator, tmp_path: Path
 
     assert missing.returncode == 2
     assert missing.stderr.startswith("Error: no run 'nope'") and missing.stderr.count("\n") == 1
+
+
+def test_a_recorded_batch_deleted_elsewhere_is_marked_lost_and_its_rows_resubmitted(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    tasks = _setup(tmp_path, count=30, max_requests=100)
+    killed = run_driver(tmp_path, emulator.base_url, [*RUN_ARGS, "--batch-only"], crash_at="batch.ended")
+    assert killed.returncode == -9
+    run = _run_record(tmp_path)
+    with Ledger.open(tmp_path / "state") as ledger:
+        (lost,) = [chunk.batch_id for chunk in ledger.chunks(run.run_key) if chunk.batch_id]
+    assert lost is not None
+    # Deleted in the Console (or by another tool): the API answers 404 for it from now on.
+    _ops(emulator, tmp_path, lambda client, _: client.messages.batches.delete(lost))
+
+    rerun = run_driver(tmp_path, emulator.base_url, [*RUN_ARGS, "--batch-only"])
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"batch {lost} of chunk c0: not found" in rerun.stderr and "marked lost" in rerun.stderr
+    run_section, rows = read_output(tmp_path / "out.json")
+    assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+    assert all(row["status"] == "succeeded" and row["batch_id"] != lost for row in rows)
+    statuses = {batch["id"]: batch["status"] for batch in run_section["batches"]}
+    assert statuses.pop(lost) == "lost" and set(statuses.values()) == {"ended"}
+    assert emulator.stats()["batches_created"] == 2

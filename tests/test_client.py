@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import anthropic
+import httpx2
 import orjson
 import pytest
 
-from batch_engine.client import BatchBody
+from batch_engine.client import BatchBody, translate
+from batch_engine.errors import TransientApiError
 
 
 @pytest.mark.parametrize("rows", [0, 1, 999, 1000, 1001, 2500])
@@ -19,3 +22,18 @@ def test_the_batch_body_is_the_requests_document_whatever_the_block_boundaries(r
     assert b"".join(body.blocks()) == expected
     assert len(body) == len(expected)
     assert b"".join(body.blocks()) == expected  # every pass gives the same bytes
+
+
+@pytest.mark.parametrize(
+    ("error_type", "status"), [("overloaded_error", 529), ("api_error", 500), ("rate_limit_error", 429)]
+)
+def test_an_error_event_in_a_stream_is_the_error_its_status_would_be(error_type: str, status: int) -> None:
+    # What the SDK raises for an SSE `error` event: the stream's own 200 response, the event's error as the body.
+    response = httpx2.Response(200, request=httpx2.Request("POST", "https://api.example/v1/messages"))
+    body = {"type": "error", "error": {"type": error_type, "message": "mid-stream"}}
+    sdk_error = anthropic.APIStatusError("mid-stream", response=response, body=body)
+
+    error = translate(sdk_error)
+
+    assert isinstance(error, TransientApiError)
+    assert (error.status, error.error_type) == (status, error_type)

@@ -202,6 +202,30 @@ def test_sending_stops_at_the_budget_and_the_rest_is_skipped_budget(emulator: Ru
     assert summary.counts["by_status"]["skipped_budget"] == len(skipped)
 
 
+@pytest.mark.parametrize("concurrency", [1, 8, 32])
+def test_the_budget_is_hard_at_any_concurrency(emulator: RunningEmulator, tmp_path: Path, concurrency: int) -> None:
+    types = {"job": TaskType(mode="realtime", **SHORT)}
+    config = _config(types, realtime_concurrency=concurrency)
+    # History says ~20 output tokens per answer; tonight's answers are 40x longer, so estimates run low.
+    emulator.configure(reply_tokens=20)
+    _run(emulator, _tasks(tmp_path / "warmup.jsonl", {"job": 5}), tmp_path / "warmup.json", config)
+    emulator.reset()
+    emulator.configure(reply_tokens=800)
+    out = tmp_path / "out.json"
+
+    summary = _run(
+        emulator, _tasks(tmp_path / "tasks.jsonl", {"job": 60}, mode="realtime"), out, config, max_cost_usd=0.004
+    )
+
+    billed = emulator.stats()["cost_usd"]["total"]
+    assert billed <= 0.004 and summary.cost.total_usd <= 0.004
+    rows = _rows(out)
+    succeeded = sum(row["status"] == "succeeded" for row in rows)
+    assert succeeded + sum(row["status"] == "skipped_budget" for row in rows) == 60
+    # Hard, not timid: it stops only when one more request could go over (each costs ~$0.0004 here).
+    assert billed > 0.004 - 2 * 0.000_55
+
+
 # --- usage log, cache-stats, report --------------------------------------------------------------------------
 
 

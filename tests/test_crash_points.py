@@ -32,6 +32,7 @@ from batch_engine.config import load_config
 from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.ledger import Ledger
+from batch_engine.telemetry.usage_log import UsageLog
 
 PARALLEL = 3
 
@@ -105,6 +106,7 @@ class Outcome:
     chunk_batches: list[str] = field(default_factory=list)
     emulator_batches: dict[str, set[str]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, tuple[int, float]] = field(default_factory=dict)  # route → (rows, USD) in the usage log
 
 
 def _settled_stats(emulator: Any) -> dict[str, Any]:
@@ -163,6 +165,10 @@ def _scenario(point: str, root: Path) -> Outcome:
         outcome.chunk_batches = _ledger_state(work / "state")[1]
         outcome.emulator_batches = {info.id: ids for info, ids in emulator_batches(emulator.base_url)}
         outcome.stats = _settled_stats(emulator)
+    with UsageLog.open(work / "state") as log:
+        for record in log.records():
+            rows, cost = outcome.usage.get(record.route, (0, 0.0))
+            outcome.usage[record.route] = (rows + 1, cost + record.cost_usd)
     return outcome
 
 
@@ -235,3 +241,12 @@ def test_a_run_killed_here_completes_on_rerun_without_duplicates(point: str, out
     assert stats["messages_succeeded"] - outcome.realtime_billed_at_kill == len(realtime_after_kill)
     for index, before in outcome.finished_at_kill.items():
         assert rows[index] == before
+
+    # The usage log is what the API billed: every batch row once, to the cent; realtime requests too, except
+    # those in flight at the kill (billed, never answered to anyone: at most one per realtime worker).
+    batch_rows, batch_cost = outcome.usage.get("batch", (0, 0.0))
+    assert batch_cost == pytest.approx(stats["cost_usd"]["batch"], abs=1e-9)
+    assert batch_rows == sum(row["status"] == "succeeded" and row["route"] == "batch" for row in rows)
+    realtime_rows, realtime_cost = outcome.usage.get("realtime", (0, 0.0))
+    assert 0 <= stats["messages_succeeded"] - realtime_rows <= config.limits.realtime_concurrency
+    assert realtime_cost <= stats["cost_usd"]["realtime"] + 1e-9

@@ -283,3 +283,36 @@ def test_error_answers_carry_x_should_retry_and_batch_answers_their_rate_limit(
     listed = client.messages.batches.with_raw_response.list()
     assert listed.headers["anthropic-ratelimit-requests-limit"] == "50"
     assert int(listed.headers["anthropic-ratelimit-requests-remaining"]) < 50
+
+
+def test_an_after_commit_fault_does_the_work_and_then_answers_an_error(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.script_fault("batches_create", "after_commit")
+    emulator.script_fault("messages", "after_commit")
+    request = {"custom_id": "a", "params": {"model": HAIKU, "max_tokens": 5, "messages": MESSAGES}}
+
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.batches.create(requests=[request])  # type: ignore[list-item]
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.create(model=HAIKU, max_tokens=5, messages=MESSAGES)
+
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1 and len(client.messages.batches.list().data) == 1
+    assert stats["messages_succeeded"] == 1 and stats["cost_usd"]["realtime"] > 0
+    assert stats["faults_injected"] == {"after_commit": 2}
+
+
+def test_the_after_commit_rate_hits_creates_and_messages_whatever_the_fault_endpoints(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    emulator.configure(seed=3, fault_after_commit_rate=0.5)
+    failed = 0
+    for _ in range(40):
+        try:
+            client.messages.create(model=HAIKU, max_tokens=5, messages=MESSAGES)
+        except anthropic.APIStatusError as exc:
+            assert exc.status_code in (500, 529)
+            failed += 1
+    assert 5 < failed < 35
+    assert emulator.stats()["messages_succeeded"] == 40  # every one was answered and billed

@@ -139,3 +139,17 @@ def test_batch_rows_errored_as_invalid_requests_are_not_resubmitted(emulator: Ru
     assert all(row["status"] == "succeeded" for row in output.rows if row not in errored)
     assert stats["batches_created"] == 1 and stats["batch_rows_created"] == 100
     assert messages_calls(stats) == {}  # and none went realtime either
+
+
+def test_an_error_event_after_the_200_of_a_stream_is_retried_like_its_status(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # `overloaded_error` as an SSE event after the 200 is the API's 529: transient, retried, not a failed task.
+    emulator.script_fault("messages", "error_event")
+    tasks = [{"task_id": "long", "task_type": "user_query", "max_tokens": 30_000, "input_data": {"question": "l?"}}]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    (row,) = output.rows
+    assert (row["status"], row["route"], row["attempts"]) == ("succeeded", "realtime", 2), row
+    assert emulator.stats()["faults_injected"] == {"error_event": 1}

@@ -217,4 +217,18 @@ def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
     assert all(message in row["error"]["message"] for row in stopped)
     # The batch lane is not affected by the realtime lane's spend-limit stop.
     assert all(row["status"] == "succeeded" for row in output.rows if row["route"] == "batch")
-    assert "realtime lane stopped" in caplog.text
+    assert "realtime lane stopped" in caplog.text and "enforced_spend_limit_reached" in caplog.text
+
+
+def test_no_wait_starts_that_would_end_past_the_time_bound(emulator: RunningEmulator) -> None:
+    # Each 429 asks for 200 s; with 300 s to spend, the second wait would end at 400 s: the policy gives up instead.
+    emulator.configure(fault_retry_after_s=200)
+    emulator.script_fault("messages", "429", count=10)
+    waits = Waits()
+
+    with pytest.raises(TransientApiError):
+        _call(emulator, RetryPolicy(attempts=8, max_time_s=300, sleep=waits.sleep), _hello())
+
+    (waited,) = waits.requested  # the retry-after, plus its jitter
+    assert 200 <= waited <= 300
+    assert messages_calls(emulator.stats()) == {"429": 2}

@@ -10,8 +10,22 @@ from batch_engine.emulator.settings import ENDPOINTS, EmulatorSettings
 from batch_engine.emulator.wire import ApiFailure
 
 FaultKind = Literal[
-    "429", "529", "500", "drop", "error_event", "spend_limit", "spend_limit_400", "spend_limit_402", "500_no_retry"
+    "429",
+    "529",
+    "500",
+    "drop",
+    "error_event",
+    "spend_limit",
+    "spend_limit_400",
+    "spend_limit_402",
+    "500_no_retry",
+    "after_commit",
 ]
+# Endpoints whose request can take effect and still fail: the batch is created, or the message answered and
+# billed, and then the client gets a 500 or 529. The API documents no idempotency key for either, so a client
+# cannot tell this from a failure before the work (the API docs, "Errors": 500/529 say nothing of whether the
+# request was processed).
+AFTER_COMMIT_ENDPOINTS = ("batches_create", "messages")
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
@@ -77,6 +91,9 @@ class FaultInjector:
         queue = self._scripted.get(endpoint)
         if queue:
             return self._count(queue.popleft())
+        after_commit = settings.fault_after_commit_rate if endpoint in AFTER_COMMIT_ENDPOINTS else 0.0
+        if after_commit and self._rng.random() < after_commit:
+            return self._count("after_commit")
         if endpoint not in settings.fault_endpoints and "*" not in settings.fault_endpoints:
             return None
         rates = (
@@ -93,6 +110,10 @@ class FaultInjector:
                 return self._count(kind)
             draw -= rate
         return None
+
+    def after_commit_failure(self) -> ApiFailure:
+        """The error answered after an `after_commit` fault did its work: a 500 or a 529, at random."""
+        return failure_for("500" if self._rng.random() < 0.5 else "529", 0)
 
     def _count(self, kind: str) -> str:
         self.injected[kind] = self.injected.get(kind, 0) + 1

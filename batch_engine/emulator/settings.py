@@ -45,6 +45,9 @@ class EmulatorSettings(BaseModel):
     fault_rate_drop: float = Field(default=0.0, ge=0, le=1)
     fault_retry_after_s: float = Field(default=1.0, ge=0)
     fault_endpoints: tuple[str, ...] = ("messages",)
+    # batches.create and Messages only, whatever fault_endpoints says: do the work (create, answer and bill),
+    # then answer 500 or 529.
+    fault_after_commit_rate: float = Field(default=0.0, ge=0, le=1)
     batch_row_error_rate: float = Field(default=0.0, ge=0, le=1)
     batch_row_error_type: RowErrorType = "api_error"
     batch_row_expire_rate: float = Field(default=0.0, ge=0, le=1)

@@ -31,6 +31,10 @@ class Stats:
         self._realtime_bodies: set[bytes] = set()
         # Wall-clock time the first API request arrived (a start-up benchmark measures a client's launch to it).
         self.first_request_at: float | None = None
+        # Messages billed whose answer never reached the client (a dropped connection, an error after the work,
+        # a stream's error event): billed, yet no client can have logged them.
+        self.unanswered_messages = 0
+        self.unanswered_usd = 0.0
 
     def record_arrival(self) -> None:
         if self.first_request_at is None:
@@ -69,8 +73,14 @@ class Stats:
             self.repeated_realtime_requests += 1
         self._realtime_bodies.add(digest)
 
+    def record_unanswered(self, cost_usd: float) -> None:
+        self.unanswered_messages += 1
+        self.unanswered_usd += cost_usd
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "unanswered_messages": self.unanswered_messages,
+            "unanswered_cost_usd": self.unanswered_usd,
             "calls": {endpoint: dict(by_status) for endpoint, by_status in self.calls.items()},
             "messages_succeeded": self.messages_succeeded,
             "repeated_realtime_requests": self.repeated_realtime_requests,
@@ -105,6 +115,8 @@ class Stats:
         self.duplicate_custom_ids = data["duplicate_custom_ids_across_batches"]
         self.duplicate_successes = data["duplicate_succeeded_custom_ids"]
         self.duplicate_batch_payloads = data["duplicate_batch_payloads"]
+        self.unanswered_messages = data.get("unanswered_messages", 0)
+        self.unanswered_usd = data.get("unanswered_cost_usd", 0.0)
         self.deleted_batch_rows = data["deleted_batch_rows"]
         self.first_request_at = data.get("first_request_at")
         self.custom_id_batches = data["custom_id_batches"]

@@ -121,18 +121,28 @@ class LaneContext:
     budget: Budget | None = None
     estimator: Estimator | None = None
     latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
+    request_ids: dict[int, str] = field(default_factory=dict)  # input index → request-id of its billed reply
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
 
     def record(self, results: list[TaskResult], at: float | None = None) -> None:
         """Log the billed rows, make every row durable, then count them (as finished `at`, default now).
 
-        The usage log goes first: if the process dies between the two writes, the task is sent again on resume
-        and really is billed twice, which the log then shows.
+        The usage log goes first: if the process dies between the two writes, a realtime task is sent again on
+        resume and really is billed twice, which the log then shows; a batch row read again is logged once (its
+        key is the batch id and custom_id).
         """
         now = time.time() if at is None else at
         if self.usage_log is not None:
             self.usage_log.append(
-                usage_record(self.tasks[r.index], r, self.run_key, now, self.latencies.pop(r.index, None), self.config)
+                usage_record(
+                    self.tasks[r.index],
+                    r,
+                    self.run_key,
+                    now,
+                    self.latencies.pop(r.index, None),
+                    self.config,
+                    self.request_ids.pop(r.index, None),
+                )
                 for r in results
                 if r.status in BILLED
             )

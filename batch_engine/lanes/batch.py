@@ -42,11 +42,8 @@ _JITTER = random.Random()
 _UNLIMITED = 10**12  # the Batches API limits requests per minute only
 _FLUSH_ROWS = 1000  # ledger transaction size while streaming results
 _POLL_GROWTH = 1.5
-# How far before an intent a matching batch may have been created (clock skew between us and the API).
-_RECONCILE_SKEW_S = 300.0
-# Result rows read to tell whose an unrecorded batch is: a foreign batch fails on its first row, and a batch
-# whose first thousand custom_ids are all this chunk's is this chunk's.
-_VERIFY_ROWS = 1000
+# How far outside its send window a batch of ours may seem to have been created (clock skew with the API).
+_RECONCILE_SKEW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +110,9 @@ class BatchLane:
         """The chunk's batch: the recorded one, or a new one created exactly once. None if it cannot be created."""
         ledger, key = self.ctx.ledger, self.ctx.run_key
         record = ledger.chunk(key, work.key)
-        ambiguous = record is not None and record.status == "intent"
+        # An intent whose create was sent (a crash, or a lost answer, since): the batch may exist. One never sent
+        # cannot have a batch, so nothing is looked for (and nobody else's batch can be mistaken for it).
+        ambiguous = record is not None and record.status == "intent" and record.sent_at is not None
         if record is None:
             indexes = self._within_budget(work)
             if not indexes:
@@ -154,13 +153,14 @@ class BatchLane:
         return True
 
     def _within_budget(self, work: ChunkWork) -> tuple[int, ...]:
-        """The chunk cut to what the budget still allows (estimated at batch prices); the rest is skipped."""
+        """The chunk cut to what the budget still allows (each row's most it can cost, at batch prices); the rest
+        is skipped."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if budget is None or estimator is None:
             return work.task_indexes
         kept = 0
         for index in work.task_indexes:
-            if not budget.reserve(estimator.cost(self.ctx.tasks[index], "batch")):
+            if not budget.reserve(estimator.max_cost(self.ctx.tasks[index], "batch")):
                 break
             kept += 1
         skipped = work.task_indexes[kept:]
@@ -179,20 +179,22 @@ class BatchLane:
         """Swap the chunk's reservation for what its rows really cost."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if budget is not None and estimator is not None:
-            estimate = sum(estimator.cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
+            estimate = sum(estimator.max_cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
             budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
         tasks = self.ctx.tasks
         body = BatchBody(lambda: ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes))
+        await self._slot()
+        self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
+        crash_point("batch.create.before")
         try:
-            await self._slot()
-            crash_point("batch.create.before")
             info = await create_batch(self.ctx.client, body)
-        except TransientApiError as exc:
-            if exc.status is None or exc.status in (408, 504):
-                # No clear answer: the create may have landed. Adopt it rather than create a duplicate.
-                adopted = await self._reconcile(record)
+        except ApiError as exc:
+            if _outcome_unknown(exc):
+                # The create may have landed (the API has no idempotency key): adopt it rather than pay twice.
+                sent = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
+                adopted = await self._reconcile(sent or record)
                 if adopted is not None:
                     return adopted
             raise
@@ -202,17 +204,23 @@ class BatchLane:
     async def _reconcile(self, record: ChunkRecord) -> BatchInfo | None:
         """The batch an interrupted create made for this chunk, or None when the API has none.
 
-        Candidates are batches the ledger does not know, created since the intent (less clock skew), with the
-        chunk's request count. An ended candidate is checked by its results' custom_ids, so a batch of the same
-        size from another chunk or job is told apart; a lone running candidate is adopted (its results are
-        matched by custom_id when collected). Several running candidates are waited for until they end (at most
-        until the lane deadline). Two batches that both carry the chunk's rows need a human: LedgerError.
+        Only a batch proven ours is adopted. Candidates are batches no run in the ledger knows, created inside
+        the chunk's send window (from its first create sent to its last plus a request timeout, widened by the
+        clock skew), with the chunk's request count. An ended candidate is ours when its results' custom_ids
+        are exactly the chunk's; a running candidate when it is the only candidate left. Several running
+        candidates are waited for until they end (at most until the lane deadline), then told apart by their
+        results. Two batches that both carry the chunk's rows need a human: LedgerError.
         """
+        first_sent = record.sent_at if record.sent_at is not None else record.intent_at
+        last_sent = record.last_sent_at if record.last_sent_at is not None else self.clock()
+        window_end = last_sent + self.ctx.config.limits.request_timeout_s + _RECONCILE_SKEW_S
         found = await self.ctx.policy.call(
-            lambda: self._slot(list_batches(self.ctx.client, created_after=record.intent_at - _RECONCILE_SKEW_S))
+            lambda: self._slot(list_batches(self.ctx.client, created_after=first_sent - _RECONCILE_SKEW_S))
         )
         known = self.ctx.ledger.known_batch_ids()
-        candidates = [b for b in found if b.id not in known and b.total == len(record.task_indexes)]
+        candidates = [
+            b for b in found if b.id not in known and b.total == len(record.task_indexes) and b.created_at <= window_end
+        ]
         custom_ids = {self.ctx.tasks[index].task_id for index in record.task_indexes}
         while candidates:
             matches: list[BatchInfo] = []
@@ -259,19 +267,18 @@ class BatchLane:
         return await self.ctx.policy.call(lambda: self._slot(retrieve_batch(self.ctx.client, batch_id)))
 
     async def _carries(self, batch_id: str, custom_ids: set[str]) -> bool:
-        """Whether an ended batch's results are rows of `custom_ids` (the first _VERIFY_ROWS rows are read)."""
+        """Whether an ended batch's results are exactly the rows of `custom_ids` (a foreign batch fails at its
+        first row not in the set)."""
 
         async def check() -> bool:
             await self._slot(requests=2)
-            read = 0
+            seen: set[str] = set()
             async with contextlib.aclosing(batch_results(self.ctx.client, batch_id)) as rows:
                 async for row in rows:
                     if row.custom_id not in custom_ids:
                         return False
-                    read += 1
-                    if read >= _VERIFY_ROWS:
-                        break
-            return True
+                    seen.add(row.custom_id)
+            return seen == custom_ids
 
         return await self.ctx.policy.call(check)
 
@@ -321,8 +328,29 @@ class BatchLane:
     # --- wait ----------------------------------------------------------------------------------------------
 
     async def wait_and_collect(self, record: ChunkRecord) -> None:
-        info = await self.wait(record)
+        try:
+            info = await self.wait(record)
+        except PermanentApiError as exc:
+            if exc.status != 404:
+                raise
+            await self._lost(record)
+            return
         await self.collect(record, info)
+
+    async def _lost(self, record: ChunkRecord) -> None:
+        """The recorded batch is gone from the API (404): mark it lost and send its unfinished rows again."""
+        finished = self.ctx.ledger.finished_indexes(record.run_key)
+        unfinished = tuple(index for index in record.task_indexes if index not in finished)
+        self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="lost")
+        self._settle(record, 0.0)
+        self.ctx.logger.warning(
+            "batch %s of chunk %s: not found (404: deleted in the Console or by another tool); marked lost, its %d "
+            "unfinished rows are sent again",
+            record.batch_id,
+            record.chunk_key,
+            len(unfinished),
+        )
+        await self._resubmit(record, unfinished)
 
     async def wait(self, record: ChunkRecord) -> BatchInfo:
         """Poll until the batch ends; past the deadline cancel it first. Poll errors never fail tasks."""
@@ -399,6 +427,10 @@ class BatchLane:
         """Stream the results into the ledger; then resubmit the retryable rows if time allows."""
         fresh = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
         record = fresh or record
+        if record.status == "collected":
+            # Collected already (a Prefect retry of this step, another collector): its rows are in the ledger.
+            self.ctx.logger.info("chunk %s: batch %s already collected", record.chunk_key, record.batch_id)
+            return
         if info.archived:
             self._archived(record)
             return
@@ -407,11 +439,16 @@ class BatchLane:
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, status="collected")
         crash_point("batch.collected")
         self._settle(record, spent)
-        if not retry:
+        await self._resubmit(record, tuple(task.index for task in retry))
+
+    async def _resubmit(self, record: ChunkRecord, indexes: tuple[int, ...]) -> None:
+        """Send `indexes` of the chunk in a batch of their own if time allows; else they go realtime."""
+        if not indexes:
             return
+        retry = indexes
         remaining = self.deadline - self.clock()
         if remaining >= self.timeout_s / 2:
-            work = ChunkWork(_next_key(record.chunk_key), tuple(task.index for task in retry))
+            work = ChunkWork(_next_key(record.chunk_key), indexes)
             self.ctx.logger.info("chunk %s: resubmitting %d rows as %s", record.chunk_key, len(retry), work.key)
             crash_point("batch.resubmit.before")
             if self.wait_for_resubmissions:
@@ -496,6 +533,12 @@ class BatchLane:
             return "retry"
         status = row.type if row.type in ("errored", "expired", "canceled") else "errored"
         return failed(task, status, "batch", attempts, error, batch_id=batch_id)  # type: ignore[arg-type]
+
+
+def _outcome_unknown(exc: ApiError) -> bool:
+    """Whether a failed create may have created its batch: no answer, a timeout, a conflict, or any 5xx (a 500
+    or 529 can come after the work was done). A 429 and the other 4xx refuse the request before any work."""
+    return exc.status is None or exc.status in (408, 409) or exc.status >= 500
 
 
 def _counts(info: BatchInfo) -> str:

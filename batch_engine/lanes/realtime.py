@@ -66,6 +66,8 @@ class RealtimeLane:
         self.spend_limit: SpendLimitError | None = None
         self._shared_left: dict[str, int] = {}  # shared limit name → slots taken and not yet used
         self._shared_locks: dict[str, asyncio.Lock] = {}
+        self._settled = asyncio.Condition()  # notified when a budgeted request settles its reservation
+        self._in_flight_usd = 0.0  # this lane's budget reservations of requests in flight
 
     async def run(self, tasks: Sequence[PlannedTask]) -> None:
         """Send every task; each ends with a row in the ledger, whatever happens to its request."""
@@ -137,6 +139,8 @@ class RealtimeLane:
             self.ctx.progress.realtime_in_flight -= 1
         crash_point("realtime.answered")
         self.ctx.latencies[task.index] = time.perf_counter() - started
+        if reply.request_id is not None:
+            self.ctx.request_ids[task.index] = reply.request_id
         limiter.observe(reply.headers, permit)
         usage = usage_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
@@ -150,11 +154,27 @@ class RealtimeLane:
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if budget is None or estimator is None:
             return await self._send_unbudgeted(task)
-        estimate = estimator.cost(task, "realtime")
-        if not budget.reserve(estimate):
-            return failed(task, "skipped_budget", "realtime", self.ctx.attempts.get(task.index, 0), budget.refusal())
-        result = await self._send_unbudgeted(task)
-        budget.settle(estimate, result.cost_usd or 0.0)
+        # A hard budget: reserve the most the request can cost, so the requests in flight together can never
+        # spend past the limit, at any concurrency. When only the in-flight reservations stand in the way, wait
+        # for them to settle at their real (lower) cost instead of giving up.
+        reservation = estimator.max_cost(task, "realtime")
+        async with self._settled:
+            while (answer := budget.try_reserve(reservation, self._in_flight_usd)) == "wait":
+                await self._settled.wait()
+            if answer == "refused":
+                return failed(
+                    task, "skipped_budget", "realtime", self.ctx.attempts.get(task.index, 0), budget.refusal()
+                )
+            self._in_flight_usd += reservation
+        result: TaskResult | None = None
+        try:
+            result = await self._send_unbudgeted(task)
+        finally:
+            # Settled before waking the waiters, so they see the real cost. Cut short, it may have cost it all.
+            budget.settle(reservation, reservation if result is None else result.cost_usd or 0.0)
+            async with self._settled:
+                self._in_flight_usd -= reservation
+                self._settled.notify_all()
         return result
 
     async def _send_unbudgeted(self, task: PlannedTask) -> TaskResult:

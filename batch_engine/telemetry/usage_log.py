@@ -50,6 +50,9 @@ class UsageRecord:
     cache_ttl: str | None  # TTL of the system prompt's breakpoint: "5m", "1h", or None when not marked
     thinking: str | None  # "adaptive:<effort>", "manual:<budget>", or None
     route_reason: str
+    # What makes a billed request unique: "batch:<batch id>:<custom_id>", or "request:<request-id>" for realtime.
+    # Unique in the log, so re-reading a batch's results after a crash logs nothing twice.
+    request_key: str | None = None
 
     @property
     def cache_write_tokens(self) -> int:
@@ -77,6 +80,8 @@ _SCHEMA = (
     + ",\n    ".join(_column(f.name, str(f.type)) for f in fields(UsageRecord))
     + "\n);\nCREATE INDEX IF NOT EXISTS usage_by_time ON usage (at);\n"
 )
+# Logs written before request keys existed get the column; their old rows keep NULL (never a conflict).
+_REQUEST_KEY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS usage_by_request ON usage (request_key)"
 
 
 class UsageLog(SqliteStore):
@@ -84,17 +89,22 @@ class UsageLog(SqliteStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA, SCHEMA_VERSION, "usage log")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+        if "request_key" not in columns:
+            self._db.execute("ALTER TABLE usage ADD COLUMN request_key TEXT")
+        self._db.execute(_REQUEST_KEY_INDEX)
 
     @classmethod
     def open(cls, state_dir: Path) -> UsageLog:
         return cls(Path(state_dir) / USAGE_FILE)
 
     def append(self, records: Iterable[UsageRecord]) -> None:
+        """Log billed requests; one already logged under the same request key is left as it is."""
         rows = [_ROW(record) for record in records]
         if rows:
             placeholders = ", ".join("?" * len(_COLUMNS))
             self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows)
+            self._db.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows)
             self._db.execute("COMMIT")
 
     def recent_outputs(self, since: float = 0.0, limit: int = HISTORY_ROWS) -> Iterator[tuple[str, str, int]]:
@@ -115,10 +125,16 @@ class UsageLog(SqliteStore):
 
 
 def usage_record(
-    task: PlannedTask, result: TaskResult, run_key: str, at: float, latency_s: float | None, config: Config
+    task: PlannedTask,
+    result: TaskResult,
+    run_key: str,
+    at: float,
+    latency_s: float | None,
+    config: Config,
+    request_id: str | None = None,
 ) -> UsageRecord:
     """The usage-log row of a billed result: succeeded, refused, incomplete, or invalid_output (answered, but not
-    to the schema)."""
+    to the schema); `request_id` is a realtime reply's request-id."""
     usage = result.usage or Usage()
     spec = config.models.get(result.model or task.model) or config.models[task.model]
     prefix_key, prefix_tokens, ttl = system_prefix(task.frame)
@@ -146,7 +162,15 @@ def usage_record(
         cache_ttl=ttl,
         thinking=thinking_label(task.frame),
         route_reason=task.route_reason,
+        request_key=request_key(task, result, request_id),
     )
+
+
+def request_key(task: PlannedTask, result: TaskResult, request_id: str | None) -> str | None:
+    """The key a billed request is logged under: its batch row, or its realtime request id."""
+    if result.batch_id is not None:
+        return f"batch:{result.batch_id}:{task.task_id}"
+    return None if request_id is None else f"request:{request_id}"
 
 
 def output_history(
