@@ -114,7 +114,7 @@ def test_plan_warns_when_a_thinking_task_type_leaves_no_room_for_thinking() -> N
     records = [{"task_id": "g", "task_type": "generate_tests", "input_data": {"code": "def f(): pass"}}]
     plan = make_plan(_records(records), config, NOW)
     (warning,) = plan_summary(plan, config)["warnings"]
-    assert warning.startswith("task type generate_tests thinks on claude-sonnet-5-5 but max_tokens 300")
+    assert warning.startswith("warning: task type generate_tests thinks on claude-sonnet-5-5 but max_tokens 300")
 
 
 def _records(values: list[dict[str, Any]]) -> Any:
