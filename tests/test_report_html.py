@@ -83,7 +83,9 @@ def test_the_html_report_renders_in_chromium_with_the_usage_logs_figures(
 ) -> None:
     page = tmp_path / "report.html"
 
-    assert main(["report", "--html", str(page), "--state-dir", str(tmp_path / "state"), "--days", "7"]) == 0
+    args = ["report", "--html", str(page), "--output", str(tmp_path / "report.md"), "--days", "7"]
+
+    assert main([*args, "--state-dir", str(tmp_path / "state")]) == 0
 
     text = page.read_text()
     # Self-contained: nothing fetched from anywhere (no script, no external stylesheet, font or image).
