@@ -31,7 +31,10 @@ RECORDS: dict[str, tuple[dict[str, Any], str | None]] = {
         "params.model",
     ),
     "max_latency_nan": ({"input_data": {"question": "q"}, "max_latency_s": "NaN"}, "max_latency_s"),
-    "model_honoured": ({"params": {"messages": MESSAGES, "model": "claude-sonnet-5-5"}}, None),
+    "model_honoured": (
+        {"params": {"messages": MESSAGES, "model": "claude-sonnet-4-6"}},
+        None,
+    ),  # thinks only when asked
     "capped": ({"input_data": {"question": "q"}, "max_tokens": 10**9}, None),
 }
 
@@ -84,7 +87,7 @@ def test_bad_records_are_rejections_naming_the_field_in_validate_plan_and_run(ba
     assert set(rows) == set(RECORDS)
     for task_id, field in rejected.items():
         assert rows[task_id]["status"] == "rejected" and field in rows[task_id]["error"]["message"], rows[task_id]
-    assert rows["model_honoured"]["status"] == "succeeded" and rows["model_honoured"]["model"] == "claude-sonnet-5-5"
+    assert rows["model_honoured"]["status"] == "succeeded" and rows["model_honoured"]["model"] == "claude-sonnet-4-6"
     assert rows["capped"]["status"] == "succeeded"
 
 
