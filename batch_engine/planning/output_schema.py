@@ -62,7 +62,9 @@ class SchemaError(ValueError):
     """A schema the API's structured outputs would refuse; `path` is a JSON pointer into the schema."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path or '/'}: {reason}")
+        # One line whatever the schema's keys hold: a key with a newline must not split the rejection line.
+        shown = "".join(char if char.isprintable() else repr(char)[1:-1] for char in path or "/")
+        super().__init__(f"{shown}: {reason}")
         self.path = path
         self.reason = reason
 
