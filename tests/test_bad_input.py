@@ -31,7 +31,7 @@ RECORDS: dict[str, tuple[dict[str, Any], str | None]] = {
         "params.model",
     ),
     "max_latency_nan": ({"input_data": {"question": "q"}, "max_latency_s": "NaN"}, "max_latency_s"),
-    "model_honoured": ({"params": {"messages": MESSAGES, "model": "claude-sonnet-5-5"}}, None),
+    "model_honoured": ({"params": {"messages": MESSAGES, "model": "claude-sonnet-5-5", "max_tokens": 4096}}, None),
     "capped": ({"input_data": {"question": "q"}, "max_tokens": 10**9}, None),
 }
 
