@@ -18,7 +18,8 @@ Route = Literal["batch", "realtime"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan in any number: TOML allows them, and e.g. `tokenizer_factor = inf` crashed planning.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Price(_Strict):
