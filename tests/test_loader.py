@@ -103,10 +103,20 @@ def test_atomic_write_replaces_the_whole_file_and_leaves_no_temp_files(tmp_path:
 
 
 def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
     from batch_engine.io import atomic_write_bytes
 
+    # Temp names carry the writer's host and pid (#14): only a dead writer's file of this target is swept.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().replace(".", "_")
     target = tmp_path / "results.json"
-    (tmp_path / ".results.json.abc123.tmp").write_bytes(b"half a fil")
-    (tmp_path / ".other.json.abc123.tmp").write_bytes(b"someone else's")
+    (tmp_path / f".results.json.{host}.{int(gone.stdout)}.abc123.tmp").write_bytes(b"half a fil")
+    other = f".other.json.{host}.{int(gone.stdout)}.abc123.tmp"
+    (tmp_path / other).write_bytes(b"someone else's")
     atomic_write_bytes(target, b"whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abc123.tmp", "results.json"]
+    assert os.path.exists(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other, "results.json"]
