@@ -84,7 +84,7 @@ def _run(
                 if batch_sleep is not None:
                     lanes.batch.sleep = batch_sleep
                 await prepared.preflight(lanes)
-                await prepared.execute(lanes)
+                await prepared.send(lanes)
             prepared.write_output()
         finally:
             prepared.close()
