@@ -133,3 +133,20 @@ def run_engine(
 def messages_calls(stats: dict[str, Any]) -> dict[str, int]:
     """Calls to POST /v1/messages by status ("200", "429", "dropped", ...)."""
     return dict(stats["calls"].get("POST /v1/messages", {}))
+
+
+class FakeClock:
+    """Time that moves only when something sleeps on it (or the test says so); every requested sleep is recorded.
+    A sleep yields to the event loop once, as a real one would."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)

@@ -5,25 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_support import FakeClock
 
 from batch_engine.lanes.limiter import Permit, RateLimiter
 
 BIG = 10**9
-
-
-class FakeClock:
-    """Time that only moves when the limiter sleeps (or the test says so); every requested sleep is recorded."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def _limiter(clock: FakeClock, rpm: int = BIG, itpm: int = BIG, otpm: int = BIG) -> RateLimiter:

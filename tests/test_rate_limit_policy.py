@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import fast_config, messages_calls, read_output, write_jsonl
+from engine_support import FakeClock, fast_config, messages_calls, read_output, write_jsonl
 from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings, RetryPolicy
@@ -20,22 +20,6 @@ from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.runner import Run, RunOptions
 
 BIG = 10**9
-
-
-class FakeClock:
-    """The limiters' time: it moves only when a limiter sleeps, and every sleep a limiter asks for is recorded."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 class Waits:
