@@ -15,21 +15,21 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from batch_engine.config import Config, load_config
 from batch_engine.errors import BatchEngineError
-from batch_engine.io import dumps, iter_records
+from batch_engine.files import dumps, iter_records
 from batch_engine.planning import Plan, make_plan
+from batch_engine.planning.plan_summary import plan_summary, render_plan_summary
 from batch_engine.runner import DEFAULT_STATE_DIR
 from batch_engine.schema import json_schema
-from batch_engine.summary import plan_summary, render_plan_summary
 
 if TYPE_CHECKING:
     from batch_engine.client import ApiSettings, AsyncClient
     from batch_engine.lanes import Progress
-    from batch_engine.ledger import Ledger
     from batch_engine.models import RunSummary
     from batch_engine.operations import BatchView
     from batch_engine.runner import RunOptions
+    from batch_engine.state.ledger import Ledger
+    from batch_engine.state.usage_log import UsageRecord
     from batch_engine.telemetry.advice import OptimizationReport
-    from batch_engine.telemetry.usage_log import UsageRecord
     from batch_engine.token_count import TokenCounts
 
 Command = Callable[[argparse.Namespace], int]
@@ -91,8 +91,8 @@ def _load_plan(args: argparse.Namespace) -> tuple[Config, Plan]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from batch_engine.budget import Estimator
-    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog, output_history
+    from batch_engine.planning.budget import Estimator
+    from batch_engine.state.usage_log import USAGE_FILE, UsageLog, output_history
 
     config, plan = _load_plan(args)
     history: dict[tuple[str, str], int] = {}
@@ -425,8 +425,8 @@ def _positive_int(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run a task file: in this process, or as the `batch-orchestrator` Prefect flow (--prefect, PREFECT_API_URL)."""
-    from batch_engine.display import render_summary
     from batch_engine.lanes import Progress
+    from batch_engine.render.terminal import render_summary
     from batch_engine.runner import run_options
 
     # Bad config, input or key: one `Error:` line and exit 2 before anything starts.
@@ -477,7 +477,7 @@ def _run_here(
     from rich.console import Console
 
     from batch_engine.client import api_from_environment
-    from batch_engine.display import live_progress
+    from batch_engine.render.terminal import live_progress
     from batch_engine.runner import emulated_api, run
 
     api_context = (
@@ -529,7 +529,7 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
 
     from rich.console import Console
 
-    from batch_engine.display import live_progress
+    from batch_engine.render.terminal import live_progress
     from flows import batch_orchestrator as orchestrator
     from flows.ephemeral import start_ephemeral_server
 
@@ -656,7 +656,7 @@ def _usage_records(state_dir: Path, days: float) -> list[UsageRecord]:
     import time
 
     from batch_engine.errors import ConfigError
-    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog
+    from batch_engine.state.usage_log import USAGE_FILE, UsageLog
 
     if not (state_dir / USAGE_FILE).exists():
         raise ConfigError(f"{state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
@@ -698,14 +698,14 @@ def _cache_stats(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import time
 
-    from batch_engine.budget import Estimator
     from batch_engine.config import default_config_text
     from batch_engine.errors import ConfigError
-    from batch_engine.io import atomic_write_bytes, read_text
+    from batch_engine.files import atomic_write_bytes, read_text
+    from batch_engine.planning.budget import Estimator
+    from batch_engine.render.advice_markdown import render_report
+    from batch_engine.state.usage_log import observations, output_history
     from batch_engine.telemetry.advice import SCOPES, analyze
-    from batch_engine.telemetry.advice_markdown import render_report
     from batch_engine.telemetry.config_patch import apply_changes, change_comment
-    from batch_engine.telemetry.usage_log import observations, output_history
 
     if args.analyze_only and args.write_config is not None:
         raise ConfigError("--analyze-only writes nothing: drop --write-config, or drop --analyze-only")
@@ -749,8 +749,8 @@ def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report:
     import os
 
     from batch_engine.errors import ConfigError
-    from batch_engine.io import atomic_write_bytes
-    from batch_engine.telemetry.charts import Advice, html_page, markdown_charts
+    from batch_engine.files import atomic_write_bytes
+    from batch_engine.render.charts import Advice, html_page, markdown_charts
 
     if args.html is None and not args.prefect_artifact:
         return
@@ -831,7 +831,7 @@ def _with_api(state_dir: Path, call: Callable[[AsyncClient, Ledger], Awaitable[T
 
     from batch_engine.client import api_from_environment, make_client
     from batch_engine.errors import ConfigError, LedgerError
-    from batch_engine.ledger import LEDGER_FILE, Ledger
+    from batch_engine.state.ledger import LEDGER_FILE, Ledger
 
     api = api_from_environment()
     if api is None:
@@ -925,8 +925,8 @@ def _batches_collect(args: argparse.Namespace) -> int:
 
     from batch_engine import operations
     from batch_engine.client import api_from_environment
-    from batch_engine.display import render_summary
     from batch_engine.errors import ConfigError, RunBusyError
+    from batch_engine.render.terminal import render_summary
 
     api = api_from_environment()
     if api is None:
@@ -968,9 +968,11 @@ def _add_bench_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from batch_engine.bench import main as bench_main
+    # A subprocess, not an import: the benchmarks sit above the library and nothing in it imports them.
+    import subprocess
 
-    return bench_main([args.benchmark, *args.arguments])
+    command = [sys.executable, "-m", "batch_engine.bench", args.benchmark, *args.arguments]
+    return subprocess.run(command, check=False).returncode
 
 
 # --- entry point ------------------------------------------------------------------------------------------
