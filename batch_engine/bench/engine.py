@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.cli import _duration
+from batch_engine.cli.args import duration as _duration
 from batch_engine.client import ApiSettings, make_client
 from batch_engine.config import Config, load_config
 from batch_engine.files import iter_records
