@@ -134,7 +134,7 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
                 prepared.options = replace(options, output_format=output_format)
                 prepared.output_path = work / f"out.{output_format}"
                 with _phase(phases, f"merge + write {output_format}"):
-                    prepared.write_output()
+                    prepared.finish()
                 sizes[output_format] = prepared.output_path.stat().st_size / 2**20
         finally:
             prepared.close()

@@ -530,8 +530,8 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
     from rich.console import Console
 
     from batch_engine.display import live_progress
-    from flows import batch_orchestrator as orchestrator
-    from flows.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration import orchestrator
+    from batch_engine.orchestration.ephemeral import start_ephemeral_server
 
     _quiet_prefect_console()
     start_ephemeral_server(args.state_dir)
@@ -592,12 +592,11 @@ def _quiet_prefect_console() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     import batch_engine
-    import flows
 
-    roots = tuple(str(Path(str(package.__file__)).parent) + os.sep for package in (batch_engine, flows))
+    root = str(Path(str(batch_engine.__file__)).parent) + os.sep
 
     def run_lines_only(record: logging.LogRecord) -> bool:
-        return record.pathname.startswith(roots)
+        return record.pathname.startswith(root)
 
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
@@ -764,7 +763,7 @@ def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report:
     if args.prefect_artifact:
         if not os.environ.get("PREFECT_API_URL"):
             raise ConfigError("--prefect-artifact needs a Prefect server: set PREFECT_API_URL")
-        from flows.report import CHARTS_ARTIFACT_KEY, publish_report_charts
+        from batch_engine.orchestration.report_charts import CHARTS_ARTIFACT_KEY, publish_report_charts
 
         _quiet_prefect_console()
         publish_report_charts(markdown_charts(records, found))

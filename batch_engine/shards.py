@@ -107,7 +107,7 @@ class ShardOutput:
 
 
 def parse_output(data: bytes) -> tuple[RunSummary, list[TaskResult]]:
-    """A run's output file (JSON or JSONL, as `Run.write_output` writes them) as its summary and rows."""
+    """A run's output file (JSON or JSONL, as `Run.finish` writes them) as its summary and rows."""
     # Both start with one line holding the summary: JSON output is that line alone, with the rows inside it.
     first, _, rest = data.partition(b"\n")
     head = orjson.loads(first)

@@ -113,8 +113,8 @@ def _cpu_s(pid: int | None) -> float:
 
 def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
     """Median wall and CPU time of the engine alone and of the flow on the same file; task runs per flow run."""
-    from flows.batch_orchestrator import batch_orchestrator
-    from flows.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.orchestrator import batch_orchestrator
 
     server_pid = start_ephemeral_server()
     engine_s: list[float] = []

@@ -28,9 +28,9 @@ from batch_engine.client import ApiSettings
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import BatchEngineError
 from batch_engine.ledger import Ledger
+from batch_engine.orchestration.deployments import NIGHTLY_CRON, build_deployments
+from batch_engine.orchestration.orchestrator import batch_orchestrator, collect, plan_run, submit_chunk, unwalked
 from batch_engine.runner import RunOptions
-from flows.batch_orchestrator import batch_orchestrator, collect, plan_run, submit_chunk
-from flows.serve import NIGHTLY_CRON, build_deployments
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TASKS = ROOT / "samples" / "nightly_tasks.json"
@@ -205,7 +205,7 @@ def test_a_retried_submit_task_does_not_create_a_second_batch(api_env: RunningEm
             async with run.lanes(ApiSettings(SecretStr(API_KEY), api_env.base_url), logger=crash) as lanes:
                 (work,) = run.chunk_works()
                 retrying = submit_chunk.with_options(retries=1, retry_delay_seconds=0)
-                state = await retrying(lanes.batch, work, return_state=True)
+                state = await retrying(unwalked(run), unwalked(lanes), work, return_state=True)
             (chunk,) = run.ledger.chunks(run.key)
             return state, chunk.batch_id
         finally:

@@ -22,9 +22,9 @@ from batch_engine.errors import ConfigError
 from batch_engine.lanes import SharedLimit
 from batch_engine.ledger import Ledger
 from batch_engine.models import RunSummary
+from batch_engine.orchestration.limits import check_models, create_command, limit_names, shared_rate_limit
+from batch_engine.orchestration.orchestrator import _describe_shared_limit, batch_orchestrator, collect
 from batch_engine.runner import Run, RunOptions
-from flows.batch_orchestrator import _describe_shared_limit, batch_orchestrator, collect
-from flows.limits import check_models, create_command, limit_names, shared_rate_limit
 
 
 async def _create(name: str, limit: int, decay: float, *, active: bool = True) -> None:
@@ -143,7 +143,7 @@ def _run_with_shared_limit(
 
     try:
         asyncio.run(go())
-        return run.write_output()
+        return run.finish()
     finally:
         run.close()
 

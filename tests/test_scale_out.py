@@ -27,9 +27,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from test_prefect_e2e import PREFECT, ROOT, _pids_with_env, _start, _stop, running_server
 
 from batch_engine.ledger import Ledger
+from batch_engine.orchestration.deployments import _parse_args, build_deployments, scale_out_deployments
+from batch_engine.orchestration.sharded import ShardFile, shard_parameters
 from batch_engine.shards import shard_specs
-from flows.serve import _parse_args, build_deployments, scale_out_deployments
-from flows.sharded import ShardFile, shard_parameters
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,7 +167,7 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
         worker_env = dict(env, ANTHROPIC_BASE_URL=base_url, ANTHROPIC_API_KEY="sk-ant-scale-out-test")
         for number in range(2):
             log = tmp_path / f"serve-{number}.log"
-            serves.append((_start([sys.executable, "-m", "flows.serve"], worker_env, log), log))
+            serves.append((_start([sys.executable, str(ROOT / "flows" / "serve.py")], worker_env, log), log))
         _wait_until_served(api_url, serves)
 
         parameters = {

@@ -242,7 +242,7 @@ def test_the_prefect_flow_asks_again_as_often_as_the_config_says(
     prefect_harness: None, emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `batch-engine run` runs this flow: its leftovers phase must repeat while answers have retries left.
-    from flows.batch_orchestrator import batch_orchestrator
+    from batch_engine.orchestration.orchestrator import batch_orchestrator
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
