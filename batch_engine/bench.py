@@ -206,7 +206,7 @@ def _engine(
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
     if task_latency:
         latencies = progress.task_seconds
-    return _Measured(summary.counts["total"], wall, cpu, summary.counts["failed"], latencies, finished)
+    return _Measured(summary.counts.total, wall, cpu, summary.counts.failed, latencies, finished)
 
 
 def bench_realtime(

@@ -205,7 +205,7 @@ def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
     return {
         "bench": "batch",
         "tasks": tasks,
-        "succeeded": summary.counts["succeeded"],
+        "succeeded": summary.counts.succeeded,
         "batches": len(summary.batches),
         "input_mib": round(input_mib, 1),
         "wall_s": round(wall, 2),
@@ -238,9 +238,9 @@ def bench_cost(tasks_path: Path, config_path: Path, poll_s: float) -> dict[str, 
     cost = summary.cost
     return {
         "bench": "cost",
-        "tasks": summary.counts["total"],
-        "succeeded": summary.counts["succeeded"],
-        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts["by_route"].items()),
+        "tasks": summary.counts.total,
+        "succeeded": summary.counts.succeeded,
+        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts.by_route.items()),
         "billed_usd": cost.total_usd,
         "baseline_usd": cost.baseline_usd,
         "savings_usd": cost.savings_usd,

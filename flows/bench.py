@@ -141,7 +141,7 @@ def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
                 summary = asyncio.run(run(input_path, work / "engine.json", api=api, config=config, options=options))
                 engine_s.append(time.perf_counter() - started)
                 engine_cpu.append(time.process_time() - cpu)
-                assert summary.counts["succeeded"] == tasks, summary.counts
+                assert summary.counts.succeeded == tasks, summary.counts
 
                 emulator.reset()
                 started, cpu, server = time.perf_counter(), time.process_time(), _cpu_s(server_pid)
@@ -149,7 +149,7 @@ def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
                 flow_s.append(time.perf_counter() - started)
                 flow_cpu.append(time.process_time() - cpu)
                 flow_summary = flow_state.result()
-                assert flow_summary.counts["succeeded"] == tasks, flow_summary.counts
+                assert flow_summary.counts.succeeded == tasks, flow_summary.counts
                 flow_run_id = flow_state.state_details.flow_run_id
                 assert flow_run_id is not None
                 task_runs.append(asyncio.run(_task_run_count(flow_run_id)))

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchEngineError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    print(f"{summary.counts['succeeded']} of {summary.counts['total']} succeeded")
+    print(f"{summary.counts.succeeded} of {summary.counts.total} succeeded")
     return 0 if summary.all_succeeded else 1
 
 

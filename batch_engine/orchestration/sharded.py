@@ -181,10 +181,10 @@ async def batch_sharded(
     logger.info(
         "sharded run %s: %d tasks, %d succeeded, %d failed, %d rejected; cost $%.4f; output %s",
         summary.run_key,
-        counts["total"],
-        counts["succeeded"],
-        counts["failed"],
-        counts["rejected"],
+        counts.total,
+        counts.succeeded,
+        counts.failed,
+        counts.rejected,
         summary.cost.total_usd,
         output_path,
     )
