@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,10 +25,10 @@ from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.lease import RunLease
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.models import Rejection, RunSummary, TaskResult
+from batch_engine.models import RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.identity import request_digests, run_identity
-from batch_engine.planning.merge import rejection_result
+from batch_engine.planning.merge import in_input_order
 from batch_engine.report import encode_output, summarize
 from batch_engine.telemetry.usage_log import UsageLog, output_history
 from batch_engine.token_count import count_plan_tokens
@@ -497,15 +496,11 @@ class Run:
 
     def rows(self) -> Iterator[TaskResult]:
         """One row per input record, in input order: ledger results merged with rejections."""
-        rejected = (rejection_result(r) for r in sorted(self.plan.rejections, key=_rejection_index))
-        yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
+        return in_input_order(((row.index, row) for row in self.ledger.results(self.key)), self.plan.rejections)
 
     def row_json(self) -> Iterator[TaskResult | bytes]:
         """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
-        stored: Iterator[tuple[int, TaskResult | bytes]] = self.ledger.result_json(self.key)
-        rejected = ((r.index, rejection_result(r)) for r in sorted(self.plan.rejections, key=_rejection_index))
-        for _, row in heapq.merge(stored, rejected, key=_first):
-            yield row
+        return in_input_order(self.ledger.result_json(self.key), self.plan.rejections)
 
     def missing(self) -> list[PlannedTask]:
         """Planned tasks without a finished row."""
@@ -614,14 +609,6 @@ class DirectPhases:
 
 
 DIRECT_PHASES = DirectPhases()
-
-
-def _rejection_index(rejection: Rejection) -> int:
-    return rejection.index
-
-
-def _first(pair: tuple[int, TaskResult | bytes]) -> int:
-    return pair[0]
 
 
 # --- which run a `run` opens -----------------------------------------------------------------------------------

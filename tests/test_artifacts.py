@@ -73,7 +73,7 @@ def _summary(**changes: Any) -> RunSummary:
         cache_hit_rate=0.45,
         durations_s={"batch": 280.0, "total": 300.0},
     )
-    return summary.model_copy(update=changes)
+    return RunSummary.model_validate({**summary.model_dump(), **changes})
 
 
 def test_the_table_has_one_row_per_task_type_route_and_model_with_formatted_figures_and_no_total_row() -> None:
