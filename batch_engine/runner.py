@@ -178,6 +178,8 @@ class Run:
         lease: RunLease | None = None
         try:
             opened = _open_run(ledger, input_path, output_path, config, options)
+            for idle in opened.idle:
+                ledger.set_run_status(idle.run_key, "superseded", opened.record.started_at)
             crash_point("plan.started")
             # One process per run: a second `run`, an overlapping flow run or a collector stops here.
             lease = RunLease(ledger, opened.record.run_key)
@@ -621,6 +623,7 @@ class _Opened:
     plan: Plan
     digests: dict[int, bytes]
     superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
+    idle: tuple[RunRecord, ...] = ()  # unfinished runs of the same input that sent nothing: simply replaced
 
 
 def _plan_at(input_path: Path, config: Config, started_at: float, mode: Route | None) -> Plan:
@@ -675,11 +678,10 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     if busy and not options.supersede:
         raise _changed(ledger, busy[0], input_path)
     record = ledger.begin(key, *paths, _stored_options(options, config, digest), now)
-    # Unfinished runs that sent nothing are simply replaced; the others hand over their work (`_supersede`).
-    for idle in unfinished:
-        if idle not in busy:
-            ledger.set_run_status(idle.run_key, "superseded", now)
-    return _Opened(record, config, plan, digests, tuple(busy))
+    # Unfinished runs that sent nothing are simply replaced (`Run.prepare`); the others hand over their work
+    # (`_supersede`).
+    idle = tuple(run for run in unfinished if run not in busy)
+    return _Opened(record, config, plan, digests, tuple(busy), idle)
 
 
 def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:

@@ -133,3 +133,27 @@ def test_no_module_shadows_a_standard_library_module() -> None:
     # A package directory shadows too (`tests/support/` is fine, `tests/email/` would not be).
     names = {path.stem for path in ours if path.stem != "__init__"} | {path.parent.name for path in ours}
     assert sorted(names & set(sys.stdlib_module_names)) == []
+
+
+def test_only_run_changes_a_run_status() -> None:
+    # One run loop: every status change (running, submitted, complete, superseded) is a phase of `Run`; the flows,
+    # the CLI and `batches collect` only call the phases.
+    writers = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        owners = {
+            id(call): node.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            for call in ast.walk(node)
+            if isinstance(call, ast.Call)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "set_run_status"
+            ):
+                writers.append(f"{name}:{node.lineno} in {owners.get(id(node), 'module level')}")
+    assert writers, "no status write found: the test no longer sees them"
+    assert [w for w in writers if not w.startswith(f"{PACKAGE}.runner:") or not w.endswith(" in Run")] == []

@@ -33,6 +33,7 @@ from batch_engine.artifacts import (
     summary_markdown,
 )
 from batch_engine.config import Route, load_config
+from batch_engine.crashpoints import crash_point
 from batch_engine.errors import BatchEngineError, RunBusyError
 from batch_engine.lanes import Progress, SharedLimit
 from batch_engine.lanes.batch import ChunkWork
@@ -163,6 +164,7 @@ async def publish_artifacts(run: Run, summary: RunSummary) -> None:
         summary_markdown(summary, breakdown), key=SUMMARY_KEY, description=summary_headline(summary)
     )
     await acreate_table_artifact(breakdown.table(), key=TABLE_KEY, description=breakdown.table_description())
+    crash_point("flow.artifacts.published")
 
 
 class TaskPhases:
