@@ -212,6 +212,15 @@ class Run:
         )
         return cls.prepare(Path(record.input_path), Path(record.output_path), load_config(options.config_path), options)
 
+    def describe(self) -> str:
+        """One line on what the run will do: `run KEY: 304 tasks (241 batch, 63 realtime), 0 rejected, 1 chunk`."""
+        plan = self.plan
+        batch = sum(task.route == "batch" for task in plan.tasks)
+        return (
+            f"run {self.key}: {plural(len(plan.tasks), 'task')} ({batch} batch, {len(plan.tasks) - batch} realtime), "
+            f"{len(plan.rejections)} rejected, {plural(len(plan.chunks), 'chunk')}"
+        )
+
     def close(self) -> None:
         self.lease.release()
         self.ledger.close()

@@ -84,7 +84,9 @@ def unwalked(value: T) -> T:
 @task(name="plan", cache_policy=NO_CACHE)
 async def plan_run(input_path: str, output_path: str, options: RunOptions) -> Run:
     """Load the config, plan the input and open (or re-open) its ledger entry."""
-    return Run.prepare(Path(input_path), Path(output_path), load_config(options.config_path), options)
+    run = Run.prepare(Path(input_path), Path(output_path), load_config(options.config_path), options)
+    get_run_logger().info("%s", run.describe())
+    return run
 
 
 @task(name="find-waiting-runs", cache_policy=NO_CACHE)
@@ -257,7 +259,6 @@ async def batch_orchestrator(
         supersede=supersede,
     )
     run = await plan_run(input_path, output_path, options)
-    _log_plan(run, logger)
     try:
         if run.completed:
             logger.info("run %s is already complete: its output is rewritten from the ledger, nothing is sent", run.key)
@@ -331,20 +332,6 @@ async def collect(
 
 # The CLI's live display reads the lanes' counters; a flow run without one counts into a private Progress.
 live_progress: ContextVar[Progress | None] = ContextVar("live_progress", default=None)
-
-
-def _log_plan(run: Run, logger: Logger) -> None:
-    plan = run.plan
-    batch = sum(task.route == "batch" for task in plan.tasks)
-    logger.info(
-        "run %s: %s (%d batch, %d realtime), %d rejected, %s",
-        run.key,
-        plural(len(plan.tasks), "task"),
-        batch,
-        len(plan.tasks) - batch,
-        len(plan.rejections),
-        plural(len(plan.chunks), "chunk"),
-    )
 
 
 async def _send(
