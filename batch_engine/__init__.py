@@ -36,8 +36,8 @@ _EXPORTS = {
     "Config": "batch_engine.config",
     "load_config": "batch_engine.config",
     "make_plan": "batch_engine.planning",
-    "iter_records": "batch_engine.io",
-    "RawRecord": "batch_engine.io",
+    "iter_records": "batch_engine.files",
+    "RawRecord": "batch_engine.files",
     "Plan": "batch_engine.planning",
     "PlannedTask": "batch_engine.planning",
     # models: the input record, the output rows and the output file
@@ -119,7 +119,7 @@ if TYPE_CHECKING:
         SpendLimitError,
         TransientApiError,
     )
-    from batch_engine.io import RawRecord, iter_records
+    from batch_engine.files import RawRecord, iter_records
     from batch_engine.models import (
         BatchSummary,
         CostSummary,

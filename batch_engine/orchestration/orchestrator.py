@@ -24,7 +24,15 @@ from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from batch_engine.artifacts import (
+from batch_engine.config import Route, load_config
+from batch_engine.crashpoints import crash_point
+from batch_engine.errors import BatchEngineError, RunBusyError
+from batch_engine.lanes import Progress, SharedLimit
+from batch_engine.lanes.batch import ChunkWork
+from batch_engine.models import RunSummary
+from batch_engine.orchestration.api_key import DEFAULT_SECRET_BLOCK, api_settings
+from batch_engine.orchestration.limits import GlobalRateLimit, check_models, shared_rate_limit
+from batch_engine.render.artifacts import (
     SUMMARY_KEY,
     TABLE_KEY,
     RunBreakdown,
@@ -32,15 +40,6 @@ from batch_engine.artifacts import (
     summary_headline,
     summary_markdown,
 )
-from batch_engine.config import Route, load_config
-from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BatchEngineError, RunBusyError
-from batch_engine.lanes import Progress, SharedLimit
-from batch_engine.lanes.batch import ChunkWork
-from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.models import RunSummary
-from batch_engine.orchestration.api_key import DEFAULT_SECRET_BLOCK, api_settings
-from batch_engine.orchestration.limits import GlobalRateLimit, check_models, shared_rate_limit
 from batch_engine.runner import (
     DEFAULT_STATE_DIR,
     Lanes,
@@ -50,6 +49,7 @@ from batch_engine.runner import (
     plural,
     run_options,
 )
+from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
