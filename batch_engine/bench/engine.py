@@ -534,7 +534,7 @@ BENCH_SCHEMA: dict[str, Any] = {
 
 def bench_validate(rows: int) -> dict[str, Any]:
     """CPU time per row to parse an answer's JSON text and validate it against a 10-field schema (compiled once)."""
-    from batch_engine.planning.output_schema import OutputSpec
+    from batch_engine.structured_output import OutputSpec
 
     started = time.process_time()
     spec = OutputSpec.of(BENCH_SCHEMA, "output_config")

@@ -10,8 +10,8 @@ from typing import Any
 
 from batch_engine.config import Config, ModelSpec, Route, TaskType, Thinking
 from batch_engine.models import TaskRequest
-from batch_engine.planning.output_schema import OutputForm, OutputSpec, prompt_instruction, request_part
 from batch_engine.planning.tokens import estimate_tokens
+from batch_engine.structured_output import OutputForm, OutputSpec, prompt_instruction, request_part
 
 MAX_BREAKPOINTS = 4  # the API rejects a request with more than four cache_control blocks
 _FORMATTER = string.Formatter()

@@ -8,18 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_engine.files import RawRecord
-from batch_engine.state.ledger import Ledger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batch_engine.config import Config, Route, load_config
+from batch_engine.files import RawRecord
 from batch_engine.models import Rejection, TaskRequest, TaskResult
 from batch_engine.planning import PlannedTask, make_plan
 from batch_engine.planning.chunking import chunk_tasks, row_bytes
 from batch_engine.planning.merge import in_input_order
 from batch_engine.planning.params import TemplateError, count_breakpoints, render
 from batch_engine.planning.routing import route_task
+from batch_engine.state.ledger import Ledger
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 LONG = "Follow the house style carefully. " * 100  # ~3,400 bytes ≈ 850 tokens, above every 5.x minimum
