@@ -190,7 +190,7 @@ def _engine(
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
     if task_latency:
         latencies = progress.task_seconds
-    return _Measured(summary.counts["total"], wall, cpu, summary.counts["failed"], latencies, finished)
+    return _Measured(summary.counts.total, wall, cpu, summary.counts.failed, latencies, finished)
 
 
 def bench_realtime(
@@ -519,7 +519,7 @@ BENCH_SCHEMA: dict[str, Any] = {
 
 def bench_validate(rows: int) -> dict[str, Any]:
     """CPU time per row to parse an answer's JSON text and validate it against a 10-field schema (compiled once)."""
-    from batch_engine.planning.output_schema import OutputSpec
+    from batch_engine.structured_output import OutputSpec
 
     started = time.process_time()
     spec = OutputSpec.of(BENCH_SCHEMA, "output_config")

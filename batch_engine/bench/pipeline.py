@@ -135,7 +135,7 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
                 prepared.options = replace(options, output_format=output_format)
                 prepared.output_path = work / f"out.{output_format}"
                 with _phase(phases, f"merge + write {output_format}"):
-                    prepared.write_output()
+                    prepared.finish()
                 sizes[output_format] = prepared.output_path.stat().st_size / 2**20
         finally:
             prepared.close()
@@ -207,7 +207,7 @@ def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
     return {
         "bench": "batch",
         "tasks": tasks,
-        "succeeded": summary.counts["succeeded"],
+        "succeeded": summary.counts.succeeded,
         "batches": len(summary.batches),
         "input_mib": round(input_mib, 1),
         "wall_s": round(wall, 2),
@@ -241,9 +241,9 @@ def bench_cost(tasks_path: Path, config_path: Path, poll_s: float) -> dict[str, 
     cost = summary.cost
     return {
         "bench": "cost",
-        "tasks": summary.counts["total"],
-        "succeeded": summary.counts["succeeded"],
-        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts["by_route"].items()),
+        "tasks": summary.counts.total,
+        "succeeded": summary.counts.succeeded,
+        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts.by_route.items()),
         "billed_usd": cost.total_usd,
         "baseline_usd": cost.baseline_usd,
         "savings_usd": cost.savings_usd,

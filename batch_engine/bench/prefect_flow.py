@@ -88,8 +88,8 @@ def _cpu_s(pid: int | None) -> float:
 
 def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
     """Median wall and CPU time of the engine alone and of the flow on the same file; task runs per flow run."""
-    from flows.batch_orchestrator import batch_orchestrator
-    from flows.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.orchestrator import batch_orchestrator
 
     server_pid = start_ephemeral_server()
     engine_s: list[float] = []
@@ -115,7 +115,7 @@ def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
                 summary = asyncio.run(run(input_path, work / "engine.json", api=api, config=config, options=options))
                 engine_s.append(time.perf_counter() - started)
                 engine_cpu.append(time.process_time() - cpu)
-                assert summary.counts["succeeded"] == tasks, summary.counts
+                assert summary.counts.succeeded == tasks, summary.counts
 
                 httpx.post(f"{emulator.base_url}/_emulator/reset").raise_for_status()
                 started, cpu, server = time.perf_counter(), time.process_time(), _cpu_s(server_pid)
@@ -123,7 +123,7 @@ def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
                 flow_s.append(time.perf_counter() - started)
                 flow_cpu.append(time.process_time() - cpu)
                 flow_summary = flow_state.result()
-                assert flow_summary.counts["succeeded"] == tasks, flow_summary.counts
+                assert flow_summary.counts.succeeded == tasks, flow_summary.counts
                 flow_run_id = flow_state.state_details.flow_run_id
                 assert flow_run_id is not None
                 task_runs.append(asyncio.run(_task_run_count(flow_run_id)))

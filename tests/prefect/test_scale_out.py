@@ -24,10 +24,10 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
 from batch_engine.emulator import emulator_process as start_emulator_process
+from batch_engine.orchestration.deployments import _parse_args, build_deployments, scale_out_deployments
+from batch_engine.orchestration.sharded import ShardFile, shard_parameters
 from batch_engine.planning.shards import shard_specs
 from batch_engine.state.ledger import Ledger
-from flows.serve import _parse_args, build_deployments, scale_out_deployments
-from flows.sharded import ShardFile, shard_parameters
 from tests.support.engine import messages_calls, write_jsonl
 from tests.support.prefect_server import PREFECT, ROOT, pids_with_env, running_server, start_process, stop_process
 
@@ -152,7 +152,7 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
             worker_env = dict(env, ANTHROPIC_BASE_URL=base_url, ANTHROPIC_API_KEY="sk-ant-scale-out-test")
             for number in range(2):
                 log = tmp_path / f"serve-{number}.log"
-                serves.append((start_process([sys.executable, "-m", "flows.serve"], worker_env, log), log))
+                serves.append((start_process([sys.executable, str(ROOT / "flows" / "serve.py")], worker_env, log), log))
             _wait_until_served(api_url, serves)
 
             parameters = {
