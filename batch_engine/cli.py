@@ -24,10 +24,11 @@ from batch_engine.summary import plan_summary, render_plan_summary
 if TYPE_CHECKING:
     from batch_engine.client import ApiSettings, AsyncClient
     from batch_engine.lanes import Progress
-    from batch_engine.ledger import Ledger
     from batch_engine.models import RunSummary
     from batch_engine.operations import BatchView
     from batch_engine.runner import RunOptions
+    from batch_engine.state.backend import RunLedger
+    from batch_engine.state.url import StateUrl
     from batch_engine.telemetry.advice import OptimizationReport
     from batch_engine.telemetry.usage_log import UsageRecord
     from batch_engine.token_count import TokenCounts
@@ -58,6 +59,23 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STATE_URL_HELP = (
+    "where the run ledger and usage log live: sqlite:///DIR or postgresql://user@host/db (default: "
+    "$BATCH_ENGINE_STATE_URL, else the config's state_url, else the SQLite files in --state-dir)"
+)
+
+
+def _add_state_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-url", default=None, metavar="URL", help=STATE_URL_HELP)
+
+
+def _state(args: argparse.Namespace, config: Config | None = None) -> StateUrl:
+    """The state URL of a command: --state-url, $BATCH_ENGINE_STATE_URL, the config's, or --state-dir."""
+    from batch_engine.state.url import resolve_state_url
+
+    return resolve_state_url(args.state_url, args.state_dir, None if config is None else config.state_url)
+
+
 # --- plan / validate / schema ------------------------------------------------------------------------------
 
 
@@ -73,6 +91,7 @@ def _add_plan_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     plan.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="its usage log informs output estimates"
     )
+    _add_state_url(plan)
     plan.set_defaults(func=_plan)
 
     validate = sub.add_parser("validate", help="check a task file; list rejections")
@@ -92,12 +111,14 @@ def _load_plan(args: argparse.Namespace) -> tuple[Config, Plan]:
 
 def _plan(args: argparse.Namespace) -> int:
     from batch_engine.budget import Estimator
-    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog, output_history
+    from batch_engine.state.backend import open_usage_log, usage_log_exists
+    from batch_engine.telemetry.usage_log import output_history
 
     config, plan = _load_plan(args)
     history: dict[tuple[str, str], int] = {}
-    if (args.state_dir / USAGE_FILE).exists():
-        with UsageLog.open(args.state_dir) as log:
+    state = _state(args, config)
+    if usage_log_exists(state):
+        with open_usage_log(state) as log:
             history = output_history(log.recent_outputs())
     counts = _count_tokens(plan, config, args) if args.count_tokens else None
     estimator = Estimator(config, counts.by_index if counts else {}, history)
@@ -370,6 +391,7 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("-o", "--output", type=Path, required=True, help="result file (JSON, or JSONL)")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
+    _add_state_url(parser)
     parser.add_argument("--concurrency", type=_positive_int, help="realtime requests in flight at most")
     parser.add_argument("--batch-timeout", type=_positive_duration, help="cancel batches not ended by then (e.g. 24h)")
     parser.add_argument("--poll-interval", type=_positive_duration, help="longest wait between batch polls (e.g. 60s)")
@@ -451,6 +473,7 @@ def _run(args: argparse.Namespace) -> int:
         count_tokens=args.count_tokens,
         resume_run=args.resume_run,
         supersede=args.supersede,
+        state_url=args.state_url,
     )
     progress = Progress()
     if with_prefect:
@@ -555,6 +578,7 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
                 output_format="parsed-jsonl" if args.parsed_only else args.output_format,
                 resume_run=args.resume_run,
                 supersede=args.supersede,
+                state_url=args.state_url,
             )
 
     summary = asyncio.run(go())
@@ -614,6 +638,7 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
     stats.add_argument("--config", type=Path, default=None, help="price table (default: the shipped one)")
     stats.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    _add_state_url(stats)
     stats.set_defaults(func=_cache_stats)
 
     report = sub.add_parser("report", help="optimization report from the usage log (Markdown)")
@@ -630,6 +655,7 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    _add_state_url(report)
     report.add_argument("--plan", type=Path, metavar="INPUT", help="also analyse this task file before it runs")
     report.add_argument(
         "--scope",
@@ -652,15 +678,18 @@ def _add_insight_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     report.set_defaults(func=_report)
 
 
-def _usage_records(state_dir: Path, days: float) -> list[UsageRecord]:
+def _usage_records(args: argparse.Namespace, days: float) -> list[UsageRecord]:
+    """The usage log's records of the last `days`: this machine's files, or the team's shared database."""
     import time
 
     from batch_engine.errors import ConfigError
-    from batch_engine.telemetry.usage_log import USAGE_FILE, UsageLog
+    from batch_engine.state.backend import open_usage_log, usage_log_exists
+    from batch_engine.telemetry.usage_log import USAGE_FILE
 
-    if not (state_dir / USAGE_FILE).exists():
-        raise ConfigError(f"{state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
-    with UsageLog.open(state_dir) as log:
+    state = _state(args, load_config(args.config))
+    if not usage_log_exists(state):
+        raise ConfigError(f"{args.state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
+    with open_usage_log(state) as log:
         return log.records(since=time.time() - days * 86_400)
 
 
@@ -670,7 +699,7 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
     from batch_engine.telemetry.cache_stats import cache_stats
 
-    rows = cache_stats(_usage_records(args.state_dir, args.days), args.by, load_config(args.config))
+    rows = cache_stats(_usage_records(args, args.days), args.by, load_config(args.config))
     if args.json:
         sys.stdout.write(dumps([row.as_json() for row in rows]).decode() + "\n")
         return 0
@@ -717,7 +746,7 @@ def _report(args: argparse.Namespace) -> int:
     scopes = SCOPES if args.scope == "all" else (args.scope,)
     if args.model is not None and "model" not in scopes:
         raise ConfigError(f"--model prices the model scope: use it with --scope model or all, not {args.scope}")
-    records = _usage_records(args.state_dir, args.days)
+    records = _usage_records(args, args.days)
     config = load_config(args.config)
     planned = None
     if args.plan is not None:
@@ -786,6 +815,7 @@ def _add_batches_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     def verb(name: str, summary: str) -> argparse.ArgumentParser:
         parser = verbs.add_parser(name, help=summary, description=summary)
         parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
+        _add_state_url(parser)
         return parser
 
     listing = verb("list", "recent batches (newest first), or every batch of one run with its live status")
@@ -825,25 +855,30 @@ def _add_batches_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 _STILL_RUNNING = 3
 
 
-def _with_api(state_dir: Path, call: Callable[[AsyncClient, Ledger], Awaitable[T]], *, need_ledger: bool) -> T:
-    """Run `call` with a client for the environment's API and the state dir's ledger (empty if there is none)."""
+def _with_api(
+    args: argparse.Namespace, call: Callable[[AsyncClient, RunLedger], Awaitable[T]], *, need_ledger: bool
+) -> T:
+    """Run `call` with a client for the environment's API and the command's ledger (empty if there is none)."""
     import asyncio
 
     from batch_engine.client import api_from_environment, make_client
     from batch_engine.errors import ConfigError, LedgerError
     from batch_engine.ledger import LEDGER_FILE, Ledger
+    from batch_engine.state.backend import ledger_exists, open_ledger
 
     api = api_from_environment()
     if api is None:
         raise ConfigError("no API key: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL to use the emulator)")
-    path = state_dir / LEDGER_FILE
-    if need_ledger and not path.exists():
-        raise LedgerError(f"{path}: no run ledger here; pass the --state-dir the run used")
+    state = _state(args)
+    exists = ledger_exists(state)
+    if need_ledger and not exists:
+        path = args.state_dir / LEDGER_FILE
+        raise LedgerError(f"{path}: no run ledger here; pass the --state-dir (or --state-url) the run used")
 
     async def go() -> T:
         client = make_client(api)
         # Without a ledger file nothing is ours: an empty in-memory one instead of creating files.
-        ledger = Ledger.open(state_dir) if path.exists() else Ledger(Path(":memory:"))
+        ledger = open_ledger(state) if exists else Ledger(Path(":memory:"))
         try:
             return await call(client, ledger)
         finally:
@@ -874,7 +909,7 @@ def _batches_list(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     views = _with_api(
-        args.state_dir,
+        args,
         lambda client, ledger: operations.list_views(
             client, ledger, run_key=args.run, days=args.days, limit=args.limit
         ),
@@ -888,7 +923,7 @@ def _batches_status(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     view = _with_api(
-        args.state_dir, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False
+        args, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False
     )
     _print_views([view], args.json)
     return 0
@@ -898,7 +933,7 @@ def _batches_cancel(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     views = _with_api(
-        args.state_dir,
+        args,
         lambda client, ledger: operations.cancel(client, ledger, run_key=args.run, batch_id=args.batch_id),
         need_ledger=args.run is not None,
     )
@@ -913,7 +948,7 @@ def _batches_delete(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     _with_api(
-        args.state_dir, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False
+        args, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False
     )
     print(f"{args.batch_id}: deleted")
     return 0
@@ -938,7 +973,7 @@ def _batches_collect(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        run = operations.reopen(args.state_dir, args.run, args.output)
+        run = operations.reopen(args.state_dir, _state(args), args.run, args.output)
     except RunBusyError as exc:
         print(f"skipped: {exc}")
         return _STILL_RUNNING

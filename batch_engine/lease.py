@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from batch_engine.errors import RunBusyError
 from batch_engine.io import pid_alive
-from batch_engine.ledger import Lease, Ledger
+from batch_engine.ledger import Lease
+from batch_engine.state.backend import RunLedger
 
 # Long enough that a loop busy writing a large output does not lose the lease; a dead process on this host is
 # taken over at once (by its pid), so only a process on another host waits this long after a crash.
@@ -36,7 +37,7 @@ def holder_alive(lease: Lease, now: float | None = None) -> bool:
 class RunLease:
     """This process's lease on one run."""
 
-    ledger: Ledger
+    ledger: RunLedger
     run_key: str
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
 

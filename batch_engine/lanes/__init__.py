@@ -16,11 +16,11 @@ from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.ledger import Ledger
+from batch_engine.state.backend import RunLedger, UsageStore
 from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import folded
-from batch_engine.telemetry.usage_log import UsageLog, usage_record
+from batch_engine.telemetry.usage_log import usage_record
 
 BILLED = BILLED_STATUSES  # statuses of rows whose request was billed
 
@@ -108,7 +108,7 @@ class LaneContext:
 
     client: AsyncClient
     config: Config
-    ledger: Ledger
+    ledger: RunLedger
     run_key: str
     tasks: dict[int, PlannedTask]  # by input index
     attempts: dict[int, int]  # input index → requests sent for it so far (batch rows and realtime calls)
@@ -117,7 +117,7 @@ class LaneContext:
     progress: Progress = field(default_factory=Progress)
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     cached_prefix_tokens: dict[str, int] = field(default_factory=dict)  # cache_key → tokens seen cached
-    usage_log: UsageLog | None = None
+    usage_log: UsageStore | None = None
     budget: Budget | None = None
     estimator: Estimator | None = None
     latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
