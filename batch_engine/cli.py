@@ -922,9 +922,7 @@ def _batches_list(args: argparse.Namespace) -> int:
 def _batches_status(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
-    view = _with_api(
-        args, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False
-    )
+    view = _with_api(args, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False)
     _print_views([view], args.json)
     return 0
 
@@ -947,9 +945,7 @@ def _batches_cancel(args: argparse.Namespace) -> int:
 def _batches_delete(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
-    _with_api(
-        args, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False
-    )
+    _with_api(args, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False)
     print(f"{args.batch_id}: deleted")
     return 0
 

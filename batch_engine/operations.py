@@ -22,10 +22,10 @@ from batch_engine.client import (
 )
 from batch_engine.errors import LedgerError, PermanentApiError
 from batch_engine.ledger import ChunkRecord, RunRecord
-from batch_engine.state.backend import RunLedger, open_ledger
-from batch_engine.state.url import StateUrl
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
+from batch_engine.state.backend import RunLedger, open_ledger
+from batch_engine.state.url import StateUrl
 
 log = logging.getLogger("batch_engine")
 _POLICY = RetryPolicy(attempts=5, max_time_s=60.0)

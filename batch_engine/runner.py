@@ -26,13 +26,13 @@ from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.lease import RunLease
 from batch_engine.ledger import ChunkRecord, RunRecord
-from batch_engine.state.backend import RunLedger, open_ledger, open_usage_log
-from batch_engine.state.url import StateUrl, resolve_state_url
 from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import rejection_result
 from batch_engine.report import encode_output, summarize
+from batch_engine.state.backend import RunLedger, open_ledger, open_usage_log
+from batch_engine.state.url import StateUrl, resolve_state_url
 from batch_engine.telemetry.usage_log import output_history
 from batch_engine.token_count import count_plan_tokens
 

@@ -36,8 +36,6 @@ from batch_engine.lanes import Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.ledger import ChunkRecord, RunRecord
 from batch_engine.models import RunSummary
-from batch_engine.state.backend import open_ledger
-from batch_engine.state.url import resolve_state_url
 from batch_engine.runner import (
     DEFAULT_STATE_DIR,
     DIRECT_STEPS,
@@ -48,6 +46,8 @@ from batch_engine.runner import (
     plural,
     run_options,
 )
+from batch_engine.state.backend import open_ledger
+from batch_engine.state.url import resolve_state_url
 from flows.limits import GlobalRateLimit, check_models, shared_rate_limit
 from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
 

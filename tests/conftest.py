@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_support import PostgresServer, running_postgres
 
 from batch_engine.emulator import EmulatorSettings, RunningEmulator, start_emulator
 
@@ -73,3 +74,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if nightly:
         config.hook.pytest_deselected(items=nightly)
         items[:] = [item for item in items if not item.get_closest_marker("nightly")]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (fails, never skips, when its binaries are missing)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh state URL of each backend: the SQLite files in a temporary state directory, or a new database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

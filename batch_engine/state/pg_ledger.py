@@ -192,7 +192,8 @@ class PgLedger:
 
     def has_work(self, run_key: str) -> bool:
         row = self._one(
-            "SELECT EXISTS (SELECT 1 FROM chunks WHERE run_key = %s) OR EXISTS (SELECT 1 FROM results WHERE run_key = %s)",
+            "SELECT EXISTS (SELECT 1 FROM chunks WHERE run_key = %s) "
+            "OR EXISTS (SELECT 1 FROM results WHERE run_key = %s)",
             (run_key, run_key),
         )
         return bool(row and row[0])
@@ -257,7 +258,9 @@ class PgLedger:
             )
         return None
 
-    def _alive(self, held: Lease, backend_pid: int, backend_start: object, holder_alive: Callable[[Lease], bool]) -> bool:
+    def _alive(
+        self, held: Lease, backend_pid: int, backend_start: object, holder_alive: Callable[[Lease], bool]
+    ) -> bool:
         if not holder_alive(held):
             return False
         row = self._one(
@@ -392,9 +395,7 @@ class PgLedger:
         return float(row[0]) if row else 0.0
 
     def last_recorded(self, run_key: str) -> dict[str, float]:
-        rows = self._all(
-            "SELECT route, MAX(recorded_at) FROM results WHERE run_key = %s GROUP BY route", (run_key,)
-        )
+        rows = self._all("SELECT route, MAX(recorded_at) FROM results WHERE run_key = %s GROUP BY route", (run_key,))
         return {row[0] or "none": row[1] for row in rows}
 
     def finished_indexes(self, run_key: str) -> set[int]:
@@ -433,4 +434,3 @@ class PgLedger:
             cursor.itersize = 5000
             cursor.execute(query.encode(), args)
             yield from cursor
-

@@ -69,9 +69,7 @@ class PgUsageLog:
         if not rows:
             return
         with self._db.transaction():
-            self._db.execute(
-                b"CREATE TEMPORARY TABLE IF NOT EXISTS usage_in (LIKE usage) ON COMMIT DELETE ROWS"
-            )
+            self._db.execute(b"CREATE TEMPORARY TABLE IF NOT EXISTS usage_in (LIKE usage) ON COMMIT DELETE ROWS")
             with self._db.cursor() as cursor, cursor.copy(f"COPY usage_in ({_NAMES}) FROM STDIN".encode()) as copy:
                 for row in rows:
                     copy.write_row(row)

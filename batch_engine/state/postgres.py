@@ -52,9 +52,7 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str, migrat
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute(_VERSIONS)
-            row = conn.execute(
-                "SELECT version FROM batch_engine_schema WHERE component = %s", (component,)
-            ).fetchone()
+            row = conn.execute("SELECT version FROM batch_engine_schema WHERE component = %s", (component,)).fetchone()
             version = 0 if row is None else int(str(row[0]))
             if version > len(migrations):
                 raise LedgerError(
