@@ -8,7 +8,7 @@ as well: that is what lets tests/test_crash_points.py kill and re-run a real pro
 about a minute.
 
     python tests/crash_driver.py INPUT -o OUTPUT --state-dir DIR [--config F] [--batch-only] [--batch-timeout S]
-        [--resume-run KEY] [--supersede]
+        [--resume-run KEY] [--supersede] [--state-url URL]
 
 Exit 0: every task succeeded; 1: some failed; 2: a BatchEngineError (one `Error:` line), like the CLI.
 """
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-timeout", type=float, default=None)
     parser.add_argument("--resume-run", default=None)
     parser.add_argument("--supersede", action="store_true")
+    parser.add_argument("--state-url", default=None)
     args = parser.parse_args(argv)
     try:
         api = api_from_environment()
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_path=args.config,
             resume_run=args.resume_run,
             supersede=args.supersede,
+            state_url=args.state_url,
         )
         summary = asyncio.run(run(args.input, args.output, api=api, config=load_config(args.config), options=options))
     except BatchEngineError as exc:

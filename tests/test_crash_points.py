@@ -11,7 +11,9 @@ again, unarmed, and:
 - no task finished before the kill was sent again (no later batch carries it; realtime successes billed
   after the kill are exactly the rows the re-run finished) and its row is unchanged.
 
-Scenarios run a few at a time, each with its own emulator; `-k POINT` runs only the selected ones.
+Every scenario runs on both state backends: the SQLite files in the state directory, and a database of its own on
+the session's PostgreSQL server. Scenarios run a few at a time, each with its own emulator; `-k POINT` (and
+`-k sqlite` / `-k postgresql`) runs only the selected ones.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from typing import Any
 import pytest
 from crash_support import config_file, emulator_batches, run_driver
 from engine_support import expected_text_prefix, generated_tasks, read_output, write_jsonl
+from pg_support import PostgresServer
 
 from batch_engine import crashpoints
 from batch_engine.config import load_config
 from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
-from batch_engine.ledger import Ledger
-from batch_engine.telemetry.usage_log import UsageLog
+from batch_engine.state.backend import open_ledger, open_usage_log
+from batch_engine.state.url import StateUrl, parse_state_url
 
 PARALLEL = 3
 
@@ -120,8 +123,8 @@ def _settled_stats(emulator: Any) -> dict[str, Any]:
         previous = current
 
 
-def _ledger_state(state_dir: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    with Ledger.open(state_dir) as ledger:
+def _ledger_state(state: StateUrl) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    with open_ledger(state) as ledger:
         runs = ledger.runs()
         if not runs:
             return {}, []
@@ -131,10 +134,12 @@ def _ledger_state(state_dir: Path) -> tuple[dict[int, dict[str, Any]], list[str]
         return rows, batches
 
 
-def _scenario(point: str, root: Path) -> Outcome:
+def _scenario(point: str, backend: str, root: Path, pg: PostgresServer | None) -> Outcome:
     shape = SHAPES[SCENARIOS[point]]
-    work = root / point.replace(":", "_")
+    work = root / backend / point.replace(":", "_")
     work.mkdir(parents=True)
+    url = f"sqlite:///{work / 'state'}" if pg is None else pg.create_database()
+    state = parse_state_url(url)
     tasks = generated_tasks(shape.tasks, realtime_every=shape.realtime_every)
     write_jsonl(work / "tasks.jsonl", tasks)
     config_file(
@@ -144,10 +149,11 @@ def _scenario(point: str, root: Path) -> Outcome:
         max_requests_per_batch=shape.max_requests_per_batch,
     )
     args = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml", *shape.flags]
+    args += ["--state-url", url]
     with start_emulator(EmulatorSettings(**shape.emulator)) as emulator:
         crashed = run_driver(work, emulator.base_url, args, crash_at=point)
         stats = _settled_stats(emulator)
-        finished, batches = _ledger_state(work / "state")
+        finished, batches = _ledger_state(state)
         outcome = Outcome(
             point=point,
             tasks=tasks,
@@ -162,10 +168,10 @@ def _scenario(point: str, root: Path) -> Outcome:
         outcome.rerun_code, outcome.rerun_stderr = rerun.returncode, rerun.stderr[-2000:]
         if rerun.returncode in (0, 1):
             outcome.rows = read_output(work / "out.json")[1]
-        outcome.chunk_batches = _ledger_state(work / "state")[1]
+        outcome.chunk_batches = _ledger_state(state)[1]
         outcome.emulator_batches = {info.id: ids for info, ids in emulator_batches(emulator.base_url)}
         outcome.stats = _settled_stats(emulator)
-    with UsageLog.open(work / "state") as log:
+    with open_usage_log(state) as log:
         for record in log.records():
             rows, cost = outcome.usage.get(record.route, (0, 0.0))
             outcome.usage[record.route] = (rows + 1, cost + record.cost_usd)
@@ -173,17 +179,23 @@ def _scenario(point: str, root: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+def outcomes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Outcome]:
     """Every selected scenario, run `PARALLEL` at a time (each waits mostly on its processes and batches)."""
     selected = [
-        item.callspec.params["point"]
+        (item.callspec.params["point"], item.callspec.params["backend"])
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec") and "point" in item.callspec.params
     ]
+    pg = request.getfixturevalue("postgres_server") if any(b == "postgresql" for _, b in selected) else None
     root = tmp_path_factory.mktemp("crash")
     with ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {point: pool.submit(_scenario, point, root) for point in dict.fromkeys(selected)}
-        return {point: future.result() for point, future in futures.items()}
+        futures = {
+            (point, backend): pool.submit(_scenario, point, backend, root, pg if backend == "postgresql" else None)
+            for point, backend in dict.fromkeys(selected)
+        }
+        return {key: future.result() for key, future in futures.items()}
 
 
 def test_every_crash_point_is_in_the_code_and_has_a_scenario() -> None:
@@ -200,9 +212,12 @@ def test_every_crash_point_is_in_the_code_and_has_a_scenario() -> None:
     assert {point.partition(":")[0] for point in SCENARIOS} == set(CRASH_POINTS)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("point", list(SCENARIOS))
-def test_a_run_killed_here_completes_on_rerun_without_duplicates(point: str, outcomes: dict[str, Outcome]) -> None:
-    outcome = outcomes[point]
+def test_a_run_killed_here_completes_on_rerun_without_duplicates(
+    point: str, backend: str, outcomes: dict[tuple[str, str], Outcome]
+) -> None:
+    outcome = outcomes[point, backend]
     assert outcome.crash_code == -9, f"the run was not killed at {point}: {outcome.crash_stderr}"
     if point.partition(":")[0] not in ("output.renamed", "run.complete"):
         assert not outcome.output_after_crash, "a killed run left an output file"
