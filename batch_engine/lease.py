@@ -76,3 +76,16 @@ class RunLease:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+
+
+def abandoned_leases(ledger: RunLedger, input_path: str) -> list[Lease]:
+    """The leases on unfinished runs of `input_path` whose holder is gone: a worker that died mid-run (its process
+    killed, its machine lost). On PostgreSQL that shows at once (its database session ends); on SQLite by its pid
+    on this host, else when its heartbeat expires."""
+    found = []
+    for record in ledger.runs():
+        if record.status in ("running", "submitted") and record.input_path == input_path:
+            lease = ledger.lease(record.run_key)
+            if lease is not None and not ledger.lease_alive(lease, holder_alive):
+                found.append(lease)
+    return found
