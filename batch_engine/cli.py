@@ -969,7 +969,7 @@ def _batches_collect(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        run = operations.reopen(args.state_dir, _state(args), args.run, args.output)
+        run = operations.reopen(args.state_dir, args.run, args.output, _state(args))
     except RunBusyError as exc:
         print(f"skipped: {exc}")
         return _STILL_RUNNING

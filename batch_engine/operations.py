@@ -25,7 +25,7 @@ from batch_engine.ledger import ChunkRecord, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
 from batch_engine.state.backend import RunLedger, open_ledger
-from batch_engine.state.url import StateUrl
+from batch_engine.state.url import StateUrl, resolve_state_url
 
 log = logging.getLogger("batch_engine")
 _POLICY = RetryPolicy(attempts=5, max_time_s=60.0)
@@ -150,8 +150,10 @@ class Collected:
     running: list[str]
 
 
-def reopen(state_dir: Path, state: StateUrl, run_key: str, output_path: Path) -> Run:
-    """A recorded run opened again in this process, writing to `output_path`."""
+def reopen(state_dir: Path, run_key: str, output_path: Path, state: StateUrl | None = None) -> Run:
+    """A recorded run opened again in this process, writing to `output_path`, from the ledger at `state` (the
+    SQLite files in `state_dir` when None)."""
+    state = state or resolve_state_url(None, state_dir)
     with open_ledger(state) as ledger:
         record = find_run(ledger, run_key)
     run = Run.reopen(record, state_dir, state)
