@@ -21,10 +21,10 @@ from batch_engine.client import (
     retrieve_batch,
 )
 from batch_engine.errors import LedgerError, PermanentApiError
-from batch_engine.ledger import ChunkRecord, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
 from batch_engine.state.backend import RunLedger, open_ledger
+from batch_engine.state.ledger import ChunkRecord, RunRecord
 from batch_engine.state.url import StateUrl, resolve_state_url
 
 log = logging.getLogger("batch_engine")

@@ -1,7 +1,7 @@
 """The state backend interface: what the engine needs of a run ledger and of a usage log, whichever database
 keeps them, and `open_ledger` / `open_usage_log` choosing the implementation from a state URL.
 
-SQLite (`batch_engine.ledger`, `batch_engine.telemetry.usage_log`) is the default for one machine; PostgreSQL
+SQLite (`batch_engine.state.ledger`, `batch_engine.state.usage_log`) is the default for one machine; PostgreSQL
 (`batch_engine.state.pg_ledger`, `batch_engine.state.pg_usage_log`) is for several workers sharing one state.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from batch_engine.ledger import ChunkRecord, ChunkStatus, Lease, RunRecord, RunStatus
 from batch_engine.models import TaskResult
+from batch_engine.state.ledger import ChunkRecord, ChunkStatus, Lease, RunRecord, RunStatus
 from batch_engine.state.url import StateUrl
-from batch_engine.telemetry.usage_log import UsageRecord
+from batch_engine.state.usage_log import UsageRecord
 
 
 class RunLedger(Protocol):
@@ -92,7 +92,7 @@ def open_ledger(state: StateUrl) -> RunLedger:
         from batch_engine.state.pg_ledger import PgLedger
 
         return PgLedger.connect(state.dsn)
-    from batch_engine.ledger import Ledger
+    from batch_engine.state.ledger import Ledger
 
     assert state.directory is not None
     return Ledger.open(state.directory)
@@ -104,7 +104,7 @@ def open_usage_log(state: StateUrl) -> UsageStore:
         from batch_engine.state.pg_usage_log import PgUsageLog
 
         return PgUsageLog.connect(state.dsn)
-    from batch_engine.telemetry.usage_log import UsageLog
+    from batch_engine.state.usage_log import UsageLog
 
     assert state.directory is not None
     return UsageLog.open(state.directory)
@@ -114,7 +114,7 @@ def usage_log_exists(state: StateUrl) -> bool:
     """Whether a usage log was written at `state` (a database always has one once a run used it)."""
     if state.dsn is not None:
         return True
-    from batch_engine.telemetry.usage_log import USAGE_FILE
+    from batch_engine.state.usage_log import USAGE_FILE
 
     assert state.directory is not None
     return (state.directory / USAGE_FILE).exists()
@@ -123,7 +123,7 @@ def usage_log_exists(state: StateUrl) -> bool:
 def ledger_exists(state: StateUrl) -> bool:
     if state.dsn is not None:
         return True
-    from batch_engine.ledger import LEDGER_FILE
+    from batch_engine.state.ledger import LEDGER_FILE
 
     assert state.directory is not None
     return (state.directory / LEDGER_FILE).exists()

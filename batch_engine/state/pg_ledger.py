@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
-from batch_engine.ledger import ChunkRecord, ChunkStatus, Lease, RunRecord, RunStatus
 from batch_engine.models import TaskResult
+from batch_engine.state.ledger import ChunkRecord, ChunkStatus, Lease, RunRecord, RunStatus
 from batch_engine.state.postgres import connect, migrate
 from batch_engine.state.url import redact
 

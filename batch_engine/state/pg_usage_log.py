@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Self
 
 from batch_engine.state.postgres import connect, migrate
-from batch_engine.telemetry.usage_log import _COLUMNS, _ROW, HISTORY_ROWS, UsageRecord
+from batch_engine.state.usage_log import _COLUMNS, _ROW, HISTORY_ROWS, UsageRecord
 
 if TYPE_CHECKING:
     import psycopg
