@@ -133,6 +133,20 @@ def test_a_stored_success_is_never_replaced_and_a_later_attempt_replaces_an_erro
         assert ledger.invalid_outputs("run1", []) == []
 
 
+def test_a_large_block_of_results_follows_the_same_rule(state_url: str) -> None:
+    """A batch's results arrive in blocks of thousands (PostgreSQL copies those in): the same rule per row."""
+    with _ledger(state_url) as ledger:
+        ledger.begin("run1", "in", "out", {}, 1.0)
+        ledger.save_results("run1", [_result(0), _result(1, "errored", 2, 0.0)], 10.0)
+        block = [_result(i, "errored", 1, 0.0) for i in range(500)]
+        block += [_result(2, "succeeded", 1), _result(3, "errored", 3, 0.0)]  # the same tasks again, later
+        ledger.save_results("run1", block, 20.0)
+        rows = {row.index: row for row in ledger.results("run1")}
+        assert len(rows) == 500 and ledger.finished_indexes("run1") == set(range(500))
+        assert (rows[0].status, rows[1].attempts) == ("succeeded", 2)  # kept: a success, a row sent more times
+        assert (rows[2].status, rows[3].attempts, rows[4].status) == ("succeeded", 3, "errored")
+
+
 def test_supersede_moves_unchanged_rows_and_open_batches_in_one_step(state_url: str) -> None:
     with _ledger(state_url) as ledger:
         ledger.begin("old", "in", "out", {}, 1.0)
