@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-from batch_engine.bench.engine import _emulator_process, _engine, _write_realtime_tasks, print_table
+from batch_engine.bench.engine import REPLY_TOKENS, _engine, _write_realtime_tasks, print_table
 from batch_engine.bench.pipeline import bench_batch
+from batch_engine.emulator import emulator_process
 from batch_engine.state.url import parse_state_url
 
 
@@ -55,10 +56,10 @@ def bench_state(state_url: str, realtime: int, batch: int, concurrency: int, rou
 
 
 def _realtime_row(backend: str, url: str | None, tasks: int, concurrency: int, round_: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process() as (base_url, _):
+    with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS) as emulator:
         path = Path(tmp) / "tasks.jsonl"
         _write_realtime_tasks(path, tasks, f"{backend}{round_}-{os.getpid()}-")
-        measured = _engine(base_url, path, Path(tmp) / "state", concurrency, state_url=url)
+        measured = _engine(emulator.base_url, path, Path(tmp) / "state", concurrency, state_url=url)
     return {
         "bench": "state",
         "lane": "realtime",

@@ -111,7 +111,9 @@ def test_a_shard_whose_worker_is_killed_mid_batch_is_finished_by_the_other_worke
                 cwd = tmp_path / f"worker-{number}"
                 cwd.mkdir()
                 log = tmp_path / f"serve-{number}.log"
-                serves.append((start_process([sys.executable, "-m", "flows.serve"], worker_env, log, cwd=cwd), log))
+                serves.append(
+                    (start_process([sys.executable, str(ROOT / "flows" / "serve.py")], worker_env, log, cwd=cwd), log)
+                )
             _wait_until_served(server.api_url, serves)
 
             parameters: dict[str, Any] = {
