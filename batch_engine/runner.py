@@ -19,7 +19,14 @@ from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, PermanentApiError, RunChangedError
+from batch_engine.errors import (
+    ApiError,
+    BatchUnfinishedError,
+    BudgetError,
+    LedgerError,
+    PermanentApiError,
+    RunChangedError,
+)
 from batch_engine.io import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
@@ -390,20 +397,33 @@ class Run:
             lanes.batch.ctx.logger.warning("%s", warning.removeprefix("warning: "))
         await steps.estimate(lanes)
         self.ledger.set_run_status(self.key, "running")
-        await all_or_none(self._batch_lane(lanes, steps, wait), self._realtime_lane(lanes, steps))
+        unfinished: dict[str, ApiError] = {}
+        await all_or_none(self._batch_lane(lanes, steps, wait, unfinished), self._realtime_lane(lanes, steps))
+        if unfinished:
+            # The realtime lane has finished; so do the rows that are in no open batch. Then the run stops short
+            # of its output, its open batches kept for the same command to collect.
+            await self.send_leftovers(lanes, steps)
+            self.ledger.set_run_status(self.key, "submitted")
+            raise self._unfinished(unfinished)
         if self.open_batches():
             self.ledger.set_run_status(self.key, "submitted")
             return False
         await self.send_leftovers(lanes, steps)
         return True
 
-    async def _batch_lane(self, lanes: Lanes, steps: Steps, wait: bool) -> None:
+    async def _batch_lane(self, lanes: Lanes, steps: Steps, wait: bool, unfinished: dict[str, ApiError]) -> None:
         batch = lanes.batch
 
         async def chunk(work: ChunkWork) -> None:
-            record = await steps.submit(batch, work)
-            if record is not None and wait:
-                await steps.collect(batch, record)
+            try:
+                record = await steps.submit(batch, work)
+                if record is not None and wait:
+                    await steps.collect(batch, record)
+            except ApiError as exc:
+                # One batch's calls failing after every retry say nothing of the other batches, and must never
+                # stop the realtime lane: the batch stays open in the ledger, for the run to report at the end.
+                unfinished[work.key] = exc
+                batch.ctx.logger.warning("chunk %s: %s", work.key, self._unfinished_reason(work.key, exc))
 
         works = self.chunk_works()
         if works:
@@ -416,6 +436,21 @@ class Run:
                 progress.batch_rows_done,
                 progress.batch_rows_failed,
             )
+
+    def _unfinished_reason(self, chunk_key: str, exc: ApiError) -> str:
+        chunk = self.ledger.chunk(self.key, chunk_key)
+        batch = f"batch {chunk.batch_id}" if chunk is not None and chunk.batch_id else "its batch create"
+        return f"{batch}: {exc.message} (after every retry); it stays open in the ledger"
+
+    def _unfinished(self, unfinished: dict[str, ApiError]) -> BatchUnfinishedError:
+        key, exc = next(iter(unfinished.items()))
+        others = f" (and {len(unfinished) - 1} more chunks)" if len(unfinished) > 1 else ""
+        error = BatchUnfinishedError(
+            f"chunk {key}: {self._unfinished_reason(key, exc)}{others}; every other task finished. Its rows are "
+            "paid for and not sent again: run the same command again to collect it"
+        )
+        error.__cause__ = exc
+        return error
 
     async def _realtime_lane(self, lanes: Lanes, steps: Steps) -> None:
         if self.realtime_tasks():
