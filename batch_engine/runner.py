@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, RunChangedError
+from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
 from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
@@ -457,7 +457,14 @@ class Run:
         """
         phases = phases or DIRECT_PHASES
         await phases.begin(self, lanes)
-        await all_or_none(self._batch_lane(lanes, phases, wait), self._realtime_lane(lanes, phases))
+        unfinished: dict[str, ApiError] = {}
+        await all_or_none(self._batch_lane(lanes, phases, wait, unfinished), self._realtime_lane(lanes, phases))
+        if unfinished:
+            # The realtime lane has finished; so do the rows that are in no open batch. Then the run stops short
+            # of its output, parked with its open batches for the same command to collect.
+            await self._leftovers(lanes, phases)
+            await phases.park(self)
+            raise self._unfinished(unfinished)
         if await phases.park(self):
             return False
         await self._leftovers(lanes, phases)
@@ -487,11 +494,17 @@ class Run:
     async def _collect(self, lanes: Lanes, phases: Phases, record: ChunkRecord, wait: bool) -> None:
         await phases.collect(self, lanes, record, wait)
 
-    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool) -> None:
+    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool, unfinished: dict[str, ApiError]) -> None:
         async def chunk(work: ChunkWork) -> None:
-            record = await phases.submit(self, lanes, work)
-            if record is not None and wait:
-                await phases.collect(self, lanes, record, True)
+            try:
+                record = await phases.submit(self, lanes, work)
+                if record is not None and wait:
+                    await phases.collect(self, lanes, record, True)
+            except ApiError as exc:
+                # One batch's calls failing after every retry say nothing of the other batches, and must never
+                # stop the realtime lane: the batch stays open in the ledger, for the run to report at the end.
+                unfinished[work.key] = exc
+                lanes.ctx.logger.warning("chunk %s: %s", work.key, self._unfinished_reason(work.key, exc))
 
         works = self.chunk_works()
         if works:
@@ -504,6 +517,21 @@ class Run:
                 progress.batch_rows_done,
                 progress.batch_rows_failed,
             )
+
+    def _unfinished_reason(self, chunk_key: str, exc: ApiError) -> str:
+        chunk = self.ledger.chunk(self.key, chunk_key)
+        batch = f"batch {chunk.batch_id}" if chunk is not None and chunk.batch_id else "its batch create"
+        return f"{batch}: {exc.message} (after every retry); it stays open in the ledger"
+
+    def _unfinished(self, unfinished: dict[str, ApiError]) -> BatchUnfinishedError:
+        key, exc = next(iter(unfinished.items()))
+        others = f" (and {len(unfinished) - 1} more chunks)" if len(unfinished) > 1 else ""
+        error = BatchUnfinishedError(
+            f"chunk {key}: {self._unfinished_reason(key, exc)}{others}; every other task finished. Its rows are "
+            "paid for and not sent again: run the same command again to collect it"
+        )
+        error.__cause__ = exc
+        return error
 
     async def _realtime_lane(self, lanes: Lanes, phases: Phases) -> None:
         if self.realtime_tasks():
