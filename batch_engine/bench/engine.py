@@ -28,6 +28,7 @@ import logging
 import os
 import statistics
 import sys
+import subprocess
 import tempfile
 import time
 import urllib.request
