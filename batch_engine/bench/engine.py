@@ -27,8 +27,8 @@ import asyncio
 import logging
 import os
 import statistics
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
