@@ -13,6 +13,7 @@
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
     python -m batch_engine.bench startup --requests 1000 --latency 250ms
+    python -m batch_engine.bench state --state-url postgresql://localhost/bench --realtime 10000 --batch 100000
 
 Every benchmark that talks to the API serves the emulator from its own process (`batch-engine emulator`), so
 it does not share a core's worth of GIL with the client being measured. `plan`, `batch` and `cost` live in
@@ -25,16 +26,13 @@ import argparse
 import asyncio
 import logging
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -47,11 +45,13 @@ from pydantic import SecretStr
 from batch_engine.cli.args import duration as _duration
 from batch_engine.client import ApiSettings, make_client
 from batch_engine.config import Config, load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.files import iter_records
 from batch_engine.lanes import Progress
 from batch_engine.planning import make_plan
 from batch_engine.runner import RunOptions, run
-from batch_engine.state.usage_log import UsageLog
+from batch_engine.state.backend import open_usage_log
+from batch_engine.state.url import resolve_state_url
 
 _TYPES = [
     ("analyze_logs", {"service": "ingest", "logs": "WARN latency 900ms\n" * 8}),
@@ -71,21 +71,8 @@ def _write_tasks(path: Path, count: int) -> None:
 
 # --- realtime: the engine against a bare SDK loop --------------------------------------------------------------
 
-
-@contextmanager
-def _emulator_process(*options: str) -> Iterator[tuple[str, int]]:
-    """`batch-engine emulator` in a process (and session) of its own: its base URL and PID; stopped by PID."""
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--reply-tokens", "32", *options]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert process.stdout is not None
-        found = re.search(r"http://[\d.]+:\d+", process.stdout.readline())
-        if not found:
-            raise RuntimeError("the emulator did not start")
-        yield found.group(0), process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
+# Short fixed replies: the benchmarks measure the client, not the size of what comes back.
+REPLY_TOKENS = ("--reply-tokens", "32")
 
 
 def _cpu_s(pid: int) -> float:
@@ -189,20 +176,21 @@ def _engine(
     config: Config | None = None,
     *,
     task_latency: bool = False,
+    state_url: str | None = None,
 ) -> _Measured:
     """`batch_engine.runner.run` with --realtime-only semantics: plan, ledger, lane, output file included.
     Latencies (of each billed request; with `task_latency`, of each task, retries included) and finish times are
     read afterwards, outside the measured span."""
     api = ApiSettings(SecretStr("bench"), base_url)
-    options = RunOptions(state_dir=state, mode="realtime", concurrency=concurrency)
+    options = RunOptions(state_dir=state, mode="realtime", concurrency=concurrency, state_url=state_url)
     progress = _TaskTimes()
     wall, cpu = time.perf_counter(), time.process_time()
     summary = asyncio.run(
         run(tasks, state / "out.json", api=api, config=config or load_config(), options=options, progress=progress)
     )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    with UsageLog.open(state) as usage_log:
-        records = usage_log.records()
+    with open_usage_log(resolve_state_url(state_url, state)) as usage_log:
+        records = usage_log.records(run_key=summary.run_key)
     latencies = [record.latency_s for record in records if record.latency_s is not None]
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
     if task_latency:
@@ -221,8 +209,9 @@ def bench_realtime(
     limit_per_s = concurrency / mean_latency_s if mean_latency_s else None
     bare: list[dict[str, Any]] = []
     engine: list[dict[str, Any]] = []
-    emulator = _emulator_process("--latency", str(latency_s), "--jitter", str(jitter_s))
-    with tempfile.TemporaryDirectory() as tmp, emulator as (base_url, pid):
+    emulator = emulator_process(*REPLY_TOKENS, "--latency", str(latency_s), "--jitter", str(jitter_s))
+    with tempfile.TemporaryDirectory() as tmp, emulator as running:
+        base_url, pid = running.base_url, running.pid
         warm = Path(tmp) / "warm.jsonl"
         _write_realtime_tasks(warm, concurrency, "w")
         warm_params = [task.params for task in make_plan(iter_records(warm), config, datetime.now(UTC)).tasks]
@@ -305,9 +294,9 @@ def _ratelimit_row(client: str, measured: _Measured, calls: dict[str, int], limi
 def _on_fresh_emulator(options: list[str], measure: Callable[[str], _Measured]) -> tuple[_Measured, dict[str, int]]:
     """`measure(base_url)` against an emulator of its own (full buckets, no 429s of another client), and the
     emulator's count of Messages calls by status."""
-    with _emulator_process(*options) as (base_url, _):
-        measured = measure(base_url)
-        calls: dict[str, int] = _emulator_stats(base_url)["calls"].get("POST /v1/messages", {})
+    with emulator_process(*REPLY_TOKENS, *options) as emulator:
+        measured = measure(emulator.base_url)
+        calls: dict[str, int] = _emulator_stats(emulator.base_url)["calls"].get("POST /v1/messages", {})
     return measured, calls
 
 
@@ -669,6 +658,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     startup.add_argument("--latency", type=_duration, default=0.25, help="emulator latency (default 250ms)")
     startup.add_argument("--rounds", type=int, default=3, help="alternate bare/engine this many times")
     startup.add_argument("--prefect-rounds", type=int, default=0, help="also time `run --prefect` this many times")
+    state = sub.add_parser("state", help="the same realtime and batch runs on SQLite and on --state-url, side by side")
+    state.add_argument("--state-url", required=True, help="postgresql://... (an empty database is best)")
+    state.add_argument("--realtime", type=int, default=10_000, help="realtime tasks per run")
+    state.add_argument("--batch", type=int, default=100_000, help="batch tasks per run")
+    state.add_argument("--concurrency", type=int, default=32)
+    state.add_argument("--rounds", type=int, default=1, help="alternate the backends this many times")
     prefect = sub.add_parser(
         "prefect", help="the Prefect flow vs the engine alone (python -m batch_engine.bench.prefect_flow)"
     )
@@ -720,6 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from batch_engine.bench.startup import bench_startup, print_startup
 
         print_startup(bench_startup(args.requests, args.concurrency, args.latency, args.rounds, args.prefect_rounds))
+    elif args.name == "state":
+        from batch_engine.bench.state import bench_state
+
+        bench_state(args.state_url, args.realtime, args.batch, args.concurrency, args.rounds)
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

@@ -28,9 +28,10 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.bench.engine import _emulator_process, _emulator_stats, _write_tasks, print_table
+from batch_engine.bench.engine import REPLY_TOKENS, _emulator_stats, _write_tasks, print_table
 from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.models import TaskResult
 from batch_engine.planning import Plan, PlannedTask
 from batch_engine.planning.outcome import succeeded
@@ -184,14 +185,18 @@ def print_plan(results: list[dict[str, Any]]) -> None:
 # --- batch: the batch lane end to end against the emulator -----------------------------------------------------
 
 
-def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
-    """`tasks` tasks forced onto the batch lane; the emulator (own process) ends every batch at once."""
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process("--batch-duration", "0") as (base_url, pid):
+def bench_batch(tasks: int, poll_s: float, state_url: str | None = None) -> dict[str, Any]:
+    """`tasks` tasks forced onto the batch lane; the emulator (own process) ends every batch at once. The ledger
+    and usage log are at `state_url` (default: SQLite files in a temporary state directory)."""
+    with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS, "--batch-duration", "0") as emulator:
+        base_url, pid = emulator.base_url, emulator.pid
         work = Path(tmp)
         path = work / "tasks.jsonl"
         _write_tasks(path, tasks)
         api = ApiSettings(SecretStr("bench"), base_url)
-        options = RunOptions(state_dir=work / "state", mode="batch", poll_interval_s=poll_s, output_format="jsonl")
+        options = RunOptions(
+            state_dir=work / "state", mode="batch", poll_interval_s=poll_s, output_format="jsonl", state_url=state_url
+        )
         _reset_peak()
         wall, cpu = time.perf_counter(), time.process_time()
         summary = asyncio.run(run(path, work / "out.jsonl", api=api, config=load_config(), options=options))
@@ -226,7 +231,8 @@ def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
 def bench_cost(tasks_path: Path, config_path: Path, poll_s: float) -> dict[str, Any]:
     """The sample workload with its own config, routed as configured: billed vs all-realtime no-cache cost."""
     emulator = ("--batch-duration", "0", "--config", str(config_path))
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process(*emulator) as (base_url, _):
+    with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS, *emulator) as running:
+        base_url = running.base_url
         work = Path(tmp)
         api = ApiSettings(SecretStr("bench"), base_url)
         options = RunOptions(state_dir=work / "state", poll_interval_s=poll_s, config_path=config_path)

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,12 @@ from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings, list_batches, make_client
 from batch_engine.config import default_config_text, parse_config
+from batch_engine.emulator import EmulatorProcess, emulator_process
 from batch_engine.files import atomic_write_bytes, iter_records
 from batch_engine.runner import RunOptions, run
-from batch_engine.state.ledger import ChunkRecord, Ledger
-from batch_engine.state.usage_log import UsageLog
+from batch_engine.state.backend import open_ledger, open_usage_log
+from batch_engine.state.ledger import ChunkRecord
+from batch_engine.state.url import resolve_state_url
 
 FAULTS = {"429": 0.10, "529": 0.05, "500": 0.03, "drop": 0.02, "row_error": 0.05, "row_expire": 0.02}
 START_TIMEOUT_S = 30.0
@@ -88,32 +89,13 @@ def _config_text(**limits: object) -> str:
     return text
 
 
-@contextmanager
-def _emulator(batch_duration_s: float, seed: int, after_commit: float) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """`batch-engine emulator` in its own process, injecting FAULTS on every endpoint; its URL."""
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--fault-endpoints", "*"]
-    command += ["--fault-after-commit", str(after_commit)]
-    command += ["--batch-duration", f"{batch_duration_s}s", "--seed", str(seed), "--row-error-type", "api_error"]
+def _emulator(batch_duration_s: float, seed: int, after_commit: float) -> AbstractContextManager[EmulatorProcess]:
+    """`batch-engine emulator` in its own process, injecting FAULTS on every endpoint."""
+    options = ["--fault-endpoints", "*", "--fault-after-commit", str(after_commit)]
+    options += ["--batch-duration", f"{batch_duration_s}s", "--seed", str(seed), "--row-error-type", "api_error"]
     for kind, rate in FAULTS.items():
-        command += ["--fault-rate", f"{kind}={rate}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        found = None
-        while found is None and time.monotonic() < deadline and process.poll() is None:
-            found = re.search(r"http://[\d.]+:\d+", process.stdout.readline())
-        if found is None:
-            raise RuntimeError("the emulator did not start")
-        yield found.group(0), process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        options += ["--fault-rate", f"{kind}={rate}"]
+    return emulator_process(*options, stderr=subprocess.DEVNULL, start_timeout_s=START_TIMEOUT_S)
 
 
 def _get_json(url: str) -> Any:
@@ -139,8 +121,12 @@ def soak(
     max_row_attempts: int = 5,
     seed: int = 0,
     after_commit: float = 0.02,
+    state_url: str | None = None,
 ) -> SoakResult:
-    """Run `tasks` generated tasks through the engine against a faulty emulator and measure what happened."""
+    """Run `tasks` generated tasks through the engine against a faulty emulator and measure what happened.
+
+    The run's ledger and usage log are at `state_url` (an empty database, for PostgreSQL), else SQLite files in a
+    temporary state directory."""
     with tempfile.TemporaryDirectory(prefix="batch_engine_soak_") as tmp:
         work = Path(tmp)
         input_path, output_path = work / "tasks.jsonl", work / "results.json"
@@ -158,7 +144,8 @@ def soak(
             ),
             "soak config",
         )
-        with _emulator(batch_duration_s, seed, after_commit) as (base_url, process):
+        with _emulator(batch_duration_s, seed, after_commit) as emulator:
+            base_url = emulator.base_url
             started = time.perf_counter()
             asyncio.run(
                 run(
@@ -166,18 +153,19 @@ def soak(
                     output_path,
                     api=ApiSettings(SecretStr("sk-soak"), base_url),
                     config=config,
-                    options=RunOptions(state_dir=work / "state"),
+                    options=RunOptions(state_dir=work / "state", state_url=state_url),
                 )
             )
             wall = time.perf_counter() - started
             stats = _get_json(f"{base_url}/_emulator/stats")
-            emulator_rss = _peak_rss_mib(process.pid)
+            emulator_rss = _peak_rss_mib(emulator.pid)
             api_batches = asyncio.run(_batch_ids(base_url))
-        with Ledger.open(work / "state") as ledger:
+        state = resolve_state_url(state_url, work / "state")
+        with open_ledger(state) as ledger:
             recorded = ledger.known_batch_ids()
             (record,) = ledger.runs()
             repeats = _whole_chunk_resubmissions(ledger.chunks(record.run_key))
-        with UsageLog.open(work / "state") as log:
+        with open_usage_log(state) as log:
             usage = log.records()
         document = orjson.loads(output_path.read_bytes())
         rows = document["results"]
@@ -265,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.02,
         help="share of creates and Messages answered 5xx after the work",
     )
+    parser.add_argument(
+        "--state-url", default=None, help="an empty database to keep the run's state in (default: SQLite files)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the engine's log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(message)s")
@@ -276,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_row_attempts=args.max_row_attempts,
         seed=args.seed,
         after_commit=args.fault_after_commit,
+        state_url=args.state_url,
     )
     _print(result)
     clean = result.accounted_for == result.tasks and not result.duplicate_batch_successes
