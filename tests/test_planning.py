@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batch_engine.config import Config, load_config
+from batch_engine.io import RawRecord
 from batch_engine.models import Rejection, TaskRequest, TaskResult
-from batch_engine.planning import PlannedTask
+from batch_engine.planning import PlannedTask, make_plan
 from batch_engine.planning.chunking import chunk_tasks, row_bytes
 from batch_engine.planning.merge import merge
 from batch_engine.planning.params import TemplateError, build_params, count_breakpoints, render
 from batch_engine.planning.routing import route_task
+from batch_engine.planning.rows import RowEncoder
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 LONG = "Follow the house style carefully. " * 100  # ~3,400 bytes ≈ 850 tokens, above every 5.x minimum
@@ -196,3 +199,38 @@ def test_raw_params_with_more_than_four_breakpoints_are_rejected(config: Config)
     assert rejection.field == "params"
     record["params"]["messages"][0]["content"] = [marked]  # type: ignore[index]
     assert isinstance(validate_record(record, 0, 1, config), TaskRequest)
+
+
+def records_of(values: list[dict[str, object]]) -> list[RawRecord]:
+    return [RawRecord(index=i, line=i + 1, value=value) for i, value in enumerate(values)]
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(user_texts=st.lists(_TEXT, min_size=1, max_size=5), system=_TEXT)
+def test_a_batch_row_is_the_bytes_its_params_encode_to(config: Config, user_texts: list[str], system: str) -> None:
+    # Frames are encoded once and rows spliced from them: the upload must still send exactly the task's params.
+    records = [
+        {"task_id": f"t{i}", "task_type": "summarize", "input_data": {"document": text}, "system": system + '%s"{'}
+        for i, text in enumerate(user_texts)
+    ]
+    records.append(
+        {"task_id": "raw", "task_type": "summarize", "params": {"messages": [{"role": "user", "content": "r"}]}}
+    )
+    plan = make_plan(records_of(records), config, NOW)
+    encoder = RowEncoder()
+    for planned in plan.tasks:
+        expected = orjson.dumps({"custom_id": planned.task_id, "params": planned.params})
+        assert encoder.row(planned) == expected
+        assert encoder.size(planned) == len(expected) == row_bytes(planned) - 1
+
+
+def test_a_shared_system_prompt_is_one_string_for_every_task(config: Config) -> None:
+    records = [{"task_id": f"t{i}", "task_type": "analyze_logs", "input_data": {"service": "s", "logs": str(i)}}
+               for i in range(3)]  # fmt: skip
+    plan = make_plan(records_of(records), config, NOW)
+    systems = {id(planned.params["system"][0]["text"]) for planned in plan.tasks}
+    assert len(systems) == 1
+    assert len({id(planned.frame) for planned in plan.tasks}) == 1

@@ -26,13 +26,23 @@ class TemplateError(ValueError):
         self.field = field
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(template: str) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
+    return tuple(_FORMATTER.parse(template))
+
+
 def render(template: str, variables: dict[str, Any]) -> str:
     """Fill `{name}` placeholders; attribute access, indexing and format specs are refused.
 
-    str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed.
+    str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed. A template
+    without placeholders is returned as it is: every task then shares the one string (and its cached hash), so a
+    ~5 KB system prompt is neither copied nor hashed again per task.
     """
+    parsed = _parsed(template)
+    if len(parsed) == 1 and parsed[0][1] is None:
+        return template
     out: list[str] = []
-    for literal, name, spec, conversion in _FORMATTER.parse(template):
+    for literal, name, spec, conversion in parsed:
         out.append(literal)
         if name is None:
             continue
@@ -145,7 +155,7 @@ def build_request(
     if (
         system_text
         and task_type.cache_system
-        and estimate_tokens(system_text, spec.tokenizer_factor) >= spec.min_cacheable_tokens
+        and _text_tokens(system_text, spec.tokenizer_factor) >= spec.min_cacheable_tokens
     ):
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
         ttl = "1h" if route == "batch" else "5m"
@@ -159,7 +169,13 @@ def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: 
     return model, with_user_text(frame, user_text)
 
 
-# Bounded, so per-task system prompts do not grow it without end.
+# Bounded, so per-task system prompts do not grow it without end. Shared prompts are one string object (see
+# `render`), whose hash Python keeps: a lookup does not read the prompt again.
+@functools.lru_cache(maxsize=1024)
+def _text_tokens(text: str, factor: float) -> int:
+    return estimate_tokens(text, factor)
+
+
 @functools.lru_cache(maxsize=1024)
 def _frame(
     model: str,
