@@ -69,8 +69,9 @@ T = TypeVar("T")
 def unwalked(value: T) -> T:
     """`quote(value)`, typed as the value: Prefect passes it to the task without walking it for futures.
 
-    Arguments that carry the whole plan (the run, the lanes) go through this; walking them costs about a
-    second per task call at 10,000 tasks.
+    Arguments that carry the whole plan (the run, the lanes) or a chunk's row indexes (a `ChunkWork`, a
+    `ChunkRecord`: ~47k each at 1M tasks) go through this: walking them cost ~0.65 s of event-loop stall per
+    task call at 1M tasks (issue #22), stalling the realtime lane with it.
     """
     return cast(T, quote(value))
 
@@ -170,10 +171,10 @@ class TaskSteps:
         return await estimate_and_budget(unwalked(lanes))
 
     async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
-        return await submit_chunk(batch, work)
+        return await submit_chunk(unwalked(batch), unwalked(work))
 
     async def collect(self, batch: BatchLane, record: ChunkRecord) -> None:
-        await wait_and_collect(batch, record)
+        await wait_and_collect(unwalked(batch), unwalked(record))
 
     async def realtime(self, lanes: Lanes) -> int:
         return await realtime_lane(unwalked(lanes))
@@ -352,7 +353,7 @@ async def _collect_one(
             logger.warning("SIMULATED: collecting from the built-in emulator; nothing is billed")
         # A submission that died half-way left chunks without a batch: create them now, collect them later.
         for work in run.unsubmitted_works():
-            await submit_chunk(lanes.batch, work)
+            await TASK_STEPS.submit(lanes.batch, work)
         if not await run.batches_ended(lanes):
             logger.info("run %s: batches still running; left for the next collect", run.key)
             return None
@@ -362,7 +363,7 @@ async def _collect_one(
         run.ledger.set_run_status(run.key, "running")
         # Retryable rows are resubmitted but not waited for: the next collect finishes that batch.
         lanes.batch.wait_for_resubmissions = False
-        await all_or_none(*(wait_and_collect(lanes.batch, record) for record in run.open_batches()))
+        await all_or_none(*(TASK_STEPS.collect(lanes.batch, record) for record in run.open_batches()))
         if run.open_batches():
             run.ledger.set_run_status(run.key, "submitted")
             logger.info("run %s: rows resubmitted in a new batch; left for the next collect", run.key)
