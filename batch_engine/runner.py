@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import gc
 import heapq
+import itertools
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -14,6 +17,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import orjson
 
 from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
@@ -30,7 +35,7 @@ from batch_engine.models import Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import rejection_result
-from batch_engine.report import encode_output, summarize
+from batch_engine.report import Tally, encode_head, encode_rows, encode_tail
 from batch_engine.telemetry.usage_log import UsageLog, output_history
 from batch_engine.token_count import count_plan_tokens
 
@@ -63,6 +68,20 @@ class RunOptions:
 EMULATED_POLL_S = 1.0
 # In the state dir: emulated batches outlive the process that created them, so `collect` can finish them.
 EMULATOR_STATE_FILE = "emulator-state.json"
+
+
+def process_started_at() -> float:
+    """When this process started (epoch seconds, from Linux's /proc; elsewhere when this module was imported):
+    where a CLI run's start-up is measured from."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_IMPORTED_AT = time.time()
 
 
 def plural(count: int, noun: str) -> str:
@@ -159,6 +178,7 @@ class Run:
     ledger: Ledger
     record: RunRecord
     lease: RunLease
+    timeline: Timeline
 
     @property
     def key(self) -> str:
@@ -169,10 +189,23 @@ class Run:
         return self.record.status == "complete"
 
     @classmethod
-    def prepare(cls, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> Run:
+    def prepare(
+        cls,
+        input_path: Path,
+        output_path: Path,
+        config: Config,
+        options: RunOptions,
+        *,
+        launched_at: float | None = None,
+    ) -> Run:
         """Plan the input and open its ledger entry: the unfinished run that sends the same requests (same key,
         start time and plan), `--resume-run KEY` as it was, or a new run (refused while an unfinished run of the
-        same input that sent something would send other requests, unless `--supersede`)."""
+        same input that sent something would send other requests, unless `--supersede`).
+
+        `launched_at`: when the invocation started (the CLI's process start), so the run's durations include its
+        start-up; by default, now.
+        """
+        prepare_at = time.time()
         config = effective_config(config, options)
         ledger = Ledger.open(options.state_dir)
         lease: RunLease | None = None
@@ -194,7 +227,8 @@ class Run:
         # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
-        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease)
+        timeline = Timeline(launched_at if launched_at is not None else prepare_at, prepare_at, time.time())
+        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, timeline)
 
     @classmethod
     def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
@@ -445,63 +479,105 @@ class Run:
         rejected = (rejection_result(r) for r in sorted(self.plan.rejections, key=_rejection_index))
         yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
 
-    def row_json(self) -> Iterator[TaskResult | bytes]:
-        """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
+    def output_rows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """One row per input record, in input order, as (its output JSON, that JSON decoded): ledger rows as
+        stored, merged with the rejections. Raises after the last row when a planned task has no row."""
         stored: Iterator[tuple[int, TaskResult | bytes]] = self.ledger.result_json(self.key)
         rejected = ((r.index, rejection_result(r)) for r in sorted(self.plan.rejections, key=_rejection_index))
-        for _, row in heapq.merge(stored, rejected, key=_first):
-            yield row
-
-    def missing(self) -> list[PlannedTask]:
-        """Planned tasks without a finished row."""
-        # Both sides walked in index order: a set of every finished index would make writing the output
-        # grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
-        finished = self.ledger.iter_finished_indexes(self.key)
-        done = next(finished, None)
+        # The plan's tasks walked beside the rows, both in index order: a set of every finished index would make
+        # writing the output grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
+        planned = iter(self.plan.tasks)
+        task = next(planned, None)
         missing: list[PlannedTask] = []
-        for task in self.plan.tasks:  # in input (index) order
-            while done is not None and done < task.index:
-                done = next(finished, None)
-            if done != task.index:
+        for index, row in heapq.merge(stored, rejected, key=_first):
+            while task is not None and task.index < index:
                 missing.append(task)
-        return missing
-
-    def write_output(self) -> RunSummary:
-        """Write the merged output atomically, mark the run complete, and return its summary."""
-        missing = self.missing()
+                task = next(planned, None)
+            if task is not None and task.index == index:
+                task = next(planned, None)
+            if isinstance(row, bytes):
+                yield row, orjson.loads(row)
+            else:
+                decoded = row.model_dump(mode="json")
+                yield orjson.dumps(decoded), decoded
+        if task is not None:
+            missing.append(task)
+            missing.extend(planned)
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
+
+    def write_output(self) -> RunSummary:
+        """Write the merged output atomically, mark the run complete, and return its summary.
+
+        One pass over the ledger: each row is written as stored and counted into the summary on the way; the
+        summary, which the output puts first, is then written with the rows after it.
+        """
         crash_point("output.before")
+        write_at = time.time()
         # Everything below comes from the ledger, so any process (a resumed run, `collect`, a re-run of a
         # completed run) writes the same bytes.
-        last = self.ledger.last_recorded(self.key)
         started_at = self.record.started_at
-        finished_at = max([started_at, *last.values()])
-        durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
-        durations["total"] = round(finished_at - started_at, 3)
         batches = [
             (c.chunk_key, c.batch_id, c.request_counts, c.status == "lost")
             for c in self.ledger.chunks(self.key)
             if c.batch_id
         ]
-        summary = summarize(
-            self.rows(),
-            run_key=self.key,
-            input_path=self.record.input_path,
-            output_path=self.record.output_path,
-            simulated=self.options.simulated,
-            started_at=started_at,
-            finished_at=finished_at,
-            total=self.plan.total_records,
-            batches=batches,
-            durations_s=durations,
-            config=self.config,
-        )
-        atomic_write_chunks(self.output_path, encode_output(summary, self.row_json(), self.options.output_format))
+        output_format = self.options.output_format
+        tally = Tally(self.config)
+
+        def counted() -> Iterator[bytes]:
+            for row, decoded in self.output_rows():
+                tally.add(decoded)
+                yield row
+
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.output_path.parent) as rows:
+            rows.writelines(encode_rows(counted(), output_format))
+            # The invocation that completes the run records its phases; a rewrite gets them back.
+            kept = self.ledger.keep_durations(self.key, self.timeline.durations(write_at, time.time()))
+            durations, finished_at = kept["durations_s"], kept["finished_at"]
+            summary = tally.summary(
+                run_key=self.key,
+                input_path=self.record.input_path,
+                output_path=self.record.output_path,
+                simulated=self.options.simulated,
+                started_at=started_at,
+                finished_at=finished_at,
+                total=self.plan.total_records,
+                batches=batches,
+                durations_s=durations,
+            )
+            rows.seek(0)
+            body = iter(functools.partial(rows.read, 1 << 20), b"")
+            output = itertools.chain([encode_head(summary, output_format)], body, [encode_tail(output_format)])
+            atomic_write_chunks(self.output_path, output)
         crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
         crash_point("run.complete")
         return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """When this invocation of a run started, began planning and had planned (epoch seconds): with the write,
+    its phases cover the whole wall time."""
+
+    launched_at: float
+    prepare_at: float
+    planned_at: float
+
+    def durations(self, write_at: float, written_at: float) -> dict[str, Any]:
+        """`durations_s` (start-up, plan, send: both lanes and the leftovers, write; total = their sum, the
+        invocation's wall time up to the output's rename) and `finished_at`."""
+        phases = {
+            "startup": self.prepare_at - self.launched_at,
+            "plan": self.planned_at - self.prepare_at,
+            "send": write_at - self.planned_at,
+            "write": written_at - write_at,
+        }
+        durations = {phase: round(seconds, 3) for phase, seconds in phases.items()}
+        durations["total"] = round(sum(durations.values()), 3)
+        return {"durations_s": durations, "finished_at": written_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,12 +774,16 @@ async def run(
     logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     progress: Progress | None = None,
     policy: RetryPolicy | None = None,
+    launched_at: float | None = None,
 ) -> RunSummary:
     """Run a task file end to end (or resume it), write the merged output, and return the run summary.
 
     A completed run is not sent again: its output is rewritten from the ledger without any API call.
+    `launched_at`: when the invocation started (see `Run.prepare`).
     """
-    prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
+    prepared = Run.prepare(
+        Path(input_path), Path(output_path), config, options or RunOptions(), launched_at=launched_at
+    )
     try:
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:

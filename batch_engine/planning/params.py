@@ -231,7 +231,8 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
     """(digest, estimated tokens, breakpoint TTL) of the system prompt; digest None when there is none.
 
     Unlike `cache_key` this sees prompts that were *not* marked for caching, which is what the optimization
-    report needs to spot a repeated prefix nobody cached.
+    report needs to spot a repeated prefix nobody cached. Called for every task (the budget's estimate, the usage
+    log), so each distinct prompt is hashed and measured once (see `_prefix_facts`).
     """
     system = params.get("system")
     if isinstance(system, str):
@@ -240,16 +241,26 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
         blocks = system
     else:
         return None, 0, None
-    texts = "\x00".join(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
-    if not texts:
+    texts = tuple(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
+    digest, tokens = _prefix_facts(str(params.get("model")), texts)
+    if digest is None:
         return None, 0, None
     ttl: str | None = None
     for block in blocks:
         control = block.get("cache_control") if isinstance(block, dict) else None
         if isinstance(control, dict):
             ttl = str(control.get("ttl", "5m"))
-    digest = hashlib.blake2b(f"{params.get('model')}\x00{texts}".encode(), digest_size=12).hexdigest()
-    return digest, estimate_tokens(texts), ttl
+    return digest, tokens, ttl
+
+
+# Keyed by the prompt strings themselves: tasks that share a frame share those string objects, whose hash Python
+# keeps, so a lookup does not read a ~5 KB prompt again. Bounded, so per-task prompts do not grow it without end.
+@functools.lru_cache(maxsize=1024)
+def _prefix_facts(model: str, texts: tuple[str, ...]) -> tuple[str | None, int]:
+    joined = "\x00".join(texts)
+    if not joined:
+        return None, 0
+    return hashlib.blake2b(f"{model}\x00{joined}".encode(), digest_size=12).hexdigest(), estimate_tokens(joined)
 
 
 def thinking_label(params: dict[str, Any]) -> str | None:
