@@ -24,7 +24,7 @@ class Tally:
         self.config = config
         self.by_status: Counter[str] = Counter()
         self.by_route: Counter[str] = Counter()
-        self.tokens = dict.fromkeys(_TOKEN_FIELDS, 0)
+        self.tokens = dict.fromkeys(TokenTotals.model_fields, 0)
         self.spent = self.baseline = 0.0
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -38,14 +38,23 @@ class Tally:
         usage = row.get("usage")
         if usage is None:
             return
+        # Spelled out, not looped over the names: this runs once per output row.
         tokens = self.tokens
-        for name, field in _TOKEN_FIELDS.items():
-            tokens[name] += usage.get(field, 0)
+        uncached, read, written = (
+            usage.get("input_tokens", 0),
+            usage.get("cache_read_input_tokens", 0),
+            usage.get("cache_creation_input_tokens", 0),
+        )
+        tokens["input"] += uncached
+        tokens["output"] += usage.get("output_tokens", 0)
+        tokens["cache_read"] += read
+        tokens["cache_write"] += written
+        tokens["cache_write_5m"] += usage.get("cache_write_5m_tokens", 0)
+        tokens["cache_write_1h"] += usage.get("cache_write_1h_tokens", 0)
+        tokens["thinking"] += usage.get("thinking_tokens", 0)
         spec = self.config.models.get(row.get("model") or "")
         if spec is not None:
-            prompt = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
-            prompt += usage.get("cache_creation_input_tokens", 0)
-            self.baseline += baseline_tokens_cost(prompt, usage.get("output_tokens", 0), spec)
+            self.baseline += baseline_tokens_cost(uncached + read + written, usage.get("output_tokens", 0), spec)
 
     def summary(
         self,
@@ -97,18 +106,6 @@ class Tally:
             cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
             durations_s=dict(durations_s),
         )
-
-
-# TokenTotals field → the Usage field it adds up.
-_TOKEN_FIELDS = {
-    "input": "input_tokens",
-    "output": "output_tokens",
-    "cache_read": "cache_read_input_tokens",
-    "cache_write": "cache_creation_input_tokens",
-    "cache_write_5m": "cache_write_5m_tokens",
-    "cache_write_1h": "cache_write_1h_tokens",
-    "thinking": "thinking_tokens",
-}
 
 
 def _row_json(row: TaskResult | bytes) -> bytes:

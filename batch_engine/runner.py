@@ -645,7 +645,6 @@ class _Opened:
     record: RunRecord
     config: Config
     plan: Plan
-    digests: dict[int, bytes]
     superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
 
 
@@ -668,14 +667,13 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
         recorded = effective_config(_recorded_config(record, config), options)
         mode = record.options.get("mode")
         plan = _plan_at(input_path, recorded, record.started_at, mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) != record.run_key:
+        if run_identity(digest, plan) != record.run_key:
             raise LedgerError(
                 f"run {record.run_key}: {input_path} no longer gives the requests that run sent (the file, or the "
                 "engine's rendering, changed); it cannot be finished as it was: run the file as a new run"
             )
         record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-        return _Opened(record, recorded, plan, digests)
+        return _Opened(record, recorded, plan)
     # The unfinished runs of this input: one that sends the same requests is this run.
     unfinished = [
         record
@@ -684,19 +682,17 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     ]
     for record in unfinished:
         plan = _plan_at(input_path, config, record.started_at, options.mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) == record.run_key:
+        if run_identity(digest, plan) == record.run_key:
             record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-            return _Opened(record, config, plan, digests)
+            return _Opened(record, config, plan)
     now = time.time()
     plan = _plan_at(input_path, config, now, options.mode)
-    digests = request_digests(plan)
-    key = run_identity(digest, plan, digests)
+    key = run_identity(digest, plan)
     existing = ledger.run(key)
     if existing is not None:  # a completed run of the same requests: its output is written again
         existing = ledger.begin(key, *paths, existing.options, existing.started_at)
         plan = _plan_at(input_path, config, existing.started_at, options.mode)
-        return _Opened(existing, config, plan, digests)
+        return _Opened(existing, config, plan)
     busy = [record for record in unfinished if ledger.has_work(record.run_key)]
     if busy and not options.supersede:
         raise _changed(ledger, busy[0], input_path)
@@ -705,7 +701,7 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     for idle in unfinished:
         if idle not in busy:
             ledger.set_run_status(idle.run_key, "superseded", now)
-    return _Opened(record, config, plan, digests, tuple(busy))
+    return _Opened(record, config, plan, tuple(busy))
 
 
 def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
@@ -736,6 +732,7 @@ def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedE
 
 def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
     """Take the work of the unfinished runs `opened` replaces: their batches and results of unchanged tasks."""
+    digests = request_digests(opened.plan)
     for old in opened.superseded:
         old_lease = RunLease(ledger, old.run_key)
         old_lease.take()  # a live process on the old run must not see its batches move
@@ -748,7 +745,7 @@ def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
             old_config = effective_config(_recorded_config(old, opened.config), options)
             old_plan = _plan_at(Path(old.input_path), old_config, old.started_at, old.options.get("mode"))
             old_digests = request_digests(old_plan)
-            unchanged = {i for i, d in old_digests.items() if opened.digests.get(i) == d}
+            unchanged = {i for i, d in old_digests.items() if digests.get(i) == d}
             moved = ledger.supersede(old.run_key, opened.record.run_key, unchanged, time.time())
             log.warning(
                 "run %s supersedes run %s: %d of %d tasks unchanged; %d open batches kept (%s)",

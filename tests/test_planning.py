@@ -140,7 +140,7 @@ def planned(i: int, size: int, key: str | None) -> PlannedTask:
         estimated_input_tokens=size // 4,
         cache_key=key,
         stream=False,
-        metadata=None,
+        metadata_json=None,
     )
 
 

@@ -45,8 +45,15 @@ class PlannedTask:
     estimated_input_tokens: int
     cache_key: str | None  # digest of the cacheable prefix; rows sharing it are kept adjacent in batches
     stream: bool  # send with messages.stream on the realtime lane
-    metadata: dict[str, Any] | None
+    # The record's metadata as JSON (decoded when its result is built): as a dict it took ~250 bytes of each
+    # task's ~860 in the plan of a nightly job's records.
+    metadata_json: bytes | None
     output: OutputSpec | None = None  # the answer's schema and the form it is requested in (shared, never mutate)
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """The record's metadata, copied to its output row."""
+        return None if self.metadata_json is None else orjson.loads(self.metadata_json)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -203,7 +210,7 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
                 estimated_input_tokens=estimated,
                 cache_key=prefix_key,
                 stream=task_type.stream,
-                metadata=checked.metadata,
+                metadata_json=None if checked.metadata is None else orjson.dumps(checked.metadata),
                 output=output,
             )
         )
