@@ -11,16 +11,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from batch_engine.budget import Budget, Estimator
 from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.ledger import Ledger
 from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.outcome import folded
-from batch_engine.telemetry.usage_log import UsageLog, usage_record
+from batch_engine.state.ledger import Ledger
+from batch_engine.state.usage_log import UsageLog, usage_record
 
 BILLED = BILLED_STATUSES  # statuses of rows whose request was billed
 
@@ -114,12 +114,12 @@ class LaneContext:
     attempts: dict[int, int]  # input index → requests sent for it so far (batch rows and realtime calls)
     policy: RetryPolicy
     logger: logging.Logger | logging.LoggerAdapter[Any]
+    usage_log: UsageLog
+    estimator: Estimator
+    budget: Budget  # Budget.unlimited() without max_cost_usd
     progress: Progress = field(default_factory=Progress)
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     cached_prefix_tokens: dict[str, int] = field(default_factory=dict)  # cache_key → tokens seen cached
-    usage_log: UsageLog | None = None
-    budget: Budget | None = None
-    estimator: Estimator | None = None
     latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
     request_ids: dict[int, str] = field(default_factory=dict)  # input index → request-id of its billed reply
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
@@ -132,21 +132,20 @@ class LaneContext:
         key is the batch id and custom_id).
         """
         now = time.time() if at is None else at
-        if self.usage_log is not None:
-            self.usage_log.append(
-                usage_record(
-                    self.tasks[r.index],
-                    r,
-                    self.run_key,
-                    now,
-                    self.latencies.pop(r.index, None),
-                    self.config,
-                    self.request_ids.pop(r.index, None),
-                )
-                for r in results
-                if r.status in BILLED
+        self.usage_log.append(
+            usage_record(
+                self.tasks[r.index],
+                r,
+                self.run_key,
+                now,
+                self.latencies.pop(r.index, None),
+                self.config,
+                self.request_ids.pop(r.index, None),
             )
-            crash_point("usage.logged")
+            for r in results
+            if r.status in BILLED
+        )
+        crash_point("usage.logged")
         if self.has_output_schemas:
             results = self._fold_retries(results)
         self.ledger.save_results(self.run_key, results, now)

@@ -31,11 +31,11 @@ from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.ledger import ChunkRecord
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
 from batch_engine.planning.rows import RowEncoder
+from batch_engine.state.ledger import ChunkRecord
 
 T = TypeVar("T")
 # A generator of our own: jitter must not disturb (or depend on) the global random state.
@@ -158,7 +158,7 @@ class BatchLane:
         """The chunk cut to what the budget still allows (each row's most it can cost, at batch prices); the rest
         is skipped."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
-        if budget is None or estimator is None:
+        if not budget.limited:
             return work.task_indexes
         kept = 0
         for index in work.task_indexes:
@@ -180,7 +180,7 @@ class BatchLane:
     def _settle(self, record: ChunkRecord, actual_usd: float) -> None:
         """Swap the chunk's reservation for what its rows really cost."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
-        if budget is not None and estimator is not None:
+        if budget.limited:
             estimate = sum(estimator.max_cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
             budget.settle(estimate, actual_usd)
 
@@ -328,6 +328,22 @@ class BatchLane:
             )
 
     # --- wait ----------------------------------------------------------------------------------------------
+
+    async def collect_if_ended(self, record: ChunkRecord) -> bool:
+        """Collect the batch if it has ended, is gone (404: marked lost, its rows sent again) or is past the
+        deadline (cancelled first, as a waiting run would); True then. False, untouched, while it still runs."""
+        assert record.batch_id is not None
+        if self.clock() < self.deadline:
+            try:
+                info = await self._retrieve(record.batch_id)
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                if info.status != "ended":
+                    return False
+        await self.wait_and_collect(record)
+        return True
 
     async def wait_and_collect(self, record: ChunkRecord) -> None:
         try:

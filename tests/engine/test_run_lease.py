@@ -1,0 +1,120 @@
+"""One process per run: a second process on a live run is refused (a collector skips the run), and a run whose
+process died is taken over by the next one. Real processes, killed for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batch_engine.emulator import RunningEmulator
+from batch_engine.errors import RunBusyError
+from batch_engine.state.lease import RunLease, holder_alive
+from batch_engine.state.ledger import Lease, Ledger
+from tests.support.crash import DRIVER, config_file, engine_env, run_driver, run_process
+from tests.support.engine import generated_tasks, read_output, write_jsonl
+
+ARGS = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml"]
+
+
+def _wait_for_batch(state: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the first run exited early"
+        if (state / "ledger.sqlite3").exists():
+            with Ledger.open(state) as ledger:
+                runs = ledger.runs()
+                if runs and any(chunk.batch_id for chunk in ledger.chunks(runs[0].run_key)):
+                    return
+        assert time.monotonic() < deadline, "the first run recorded no batch"
+        time.sleep(0.1)
+
+
+def test_a_second_process_on_a_live_run_is_refused_and_a_dead_ones_run_is_taken_over(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    emulator.configure(batch_duration_s=3600)  # the first run waits on its batch until it is killed
+    tasks = generated_tasks(30)
+    write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    config_file(tmp_path / "config.toml", batch_poll_initial_s=0.05, batch_poll_interval_s=0.2)
+    first = subprocess.Popen(
+        [sys.executable, str(DRIVER), *ARGS],
+        cwd=tmp_path,
+        env=engine_env(emulator.base_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_batch(tmp_path / "state", first)
+        realtime_before = emulator.stats()["messages_succeeded"]
+
+        with Ledger.open(tmp_path / "state") as ledger:
+            (run,) = ledger.runs()
+
+        second = run_driver(tmp_path, emulator.base_url, ARGS)
+        collect = ["batches", "collect", "--run", run.run_key, "-o", "c.json", "--state-dir", "state"]
+        collector = run_process(
+            [sys.executable, "-m", "batch_engine.cli", *collect], engine_env(emulator.base_url), tmp_path
+        )
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+    assert second.returncode == 2, second.stderr
+    (error,) = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
+    assert f"pid {first.pid}" in error and "being worked on" in error
+    assert collector.returncode == 3, collector.stderr
+    assert "skipped" in collector.stdout and f"pid {first.pid}" in collector.stdout
+    # Neither sent anything: one batch, no realtime request beyond the first run's.
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1
+    assert stats["messages_succeeded"] == realtime_before
+
+    # The first process is gone (killed): the next run takes its lease over and finishes on the same batch.
+    emulator.advance_clock(3600)
+    third = run_driver(tmp_path, emulator.base_url, ARGS)
+
+    assert third.returncode == 0, third.stderr
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1 and stats["duplicate_succeeded_custom_ids"] == 0
+    assert stats["repeated_realtime_requests"] <= 10  # only the realtime requests in flight at the kill, if any
+
+
+def _lease(run_key: str, owner: str, host: str, pid: int, expires_in: float) -> Lease:
+    now = time.time()
+    return Lease(run_key, owner, host, pid, now, now + expires_in)
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_lease_is_taken_over_only_when_its_owner_is_gone(tmp_path: Path) -> None:
+    here = socket.gethostname()
+    with Ledger.open(tmp_path) as ledger:
+        cases = {
+            "live here": (_lease("a", "x", here, os.getpid(), 600), True),
+            "dead pid here": (_lease("b", "x", here, _dead_pid(), 600), False),
+            "other host, heartbeat fresh": (_lease("c", "x", "elsewhere", 1, 600), True),
+            "other host, heartbeat expired": (_lease("d", "x", "elsewhere", 1, -1), False),
+        }
+        for name, (held, busy) in cases.items():
+            ledger.take_lease(held, holder_alive)
+            lease = RunLease(ledger, held.run_key)
+            if busy:
+                with pytest.raises(RunBusyError, match=f"pid {held.pid} on {held.host}"):
+                    lease.take()
+            else:
+                lease.take()  # taken over
+                assert lease.renew(), name
