@@ -22,7 +22,7 @@ import orjson
 from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, RunChangedError
+from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
 from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
@@ -33,9 +33,11 @@ from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import in_input_order
 from batch_engine.planning.run_summary import Tally, encode_head, encode_rows, encode_tail
+from batch_engine.state.backend import RunLedger, UsageStore, open_ledger, open_usage_log
 from batch_engine.state.lease import RunLease
-from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.state.usage_log import UsageLog, output_history
+from batch_engine.state.ledger import ChunkRecord, RunRecord
+from batch_engine.state.url import StateUrl, resolve_state_url
+from batch_engine.state.usage_log import output_history
 from batch_engine.token_count import count_plan_tokens
 
 DEFAULT_STATE_DIR = Path(".batch_engine")
@@ -62,6 +64,9 @@ class RunOptions:
     config_path: Path | None = None  # recorded with the run so another process (`collect`) can reopen it
     resume_run: str | None = None  # finish this recorded run as it was (its recorded config), whatever changed
     supersede: bool = False  # replace an unfinished run of the same input whose requests differ
+    # Where the ledger and the usage log live (`sqlite:///dir`, `postgresql://...`); None: $BATCH_ENGINE_STATE_URL,
+    # else the config's `state_url`, else the SQLite files in `state_dir`.
+    state_url: str | None = None
 
 
 # Against the emulator a batch ends in seconds; polling every minute would only add waiting.
@@ -105,6 +110,7 @@ def run_options(
     count_tokens: bool,
     resume_run: str | None = None,
     supersede: bool = False,
+    state_url: str | None = None,
 ) -> RunOptions:
     """The engine's options from the CLI's flags or the flow's parameters (the same for both)."""
     return RunOptions(
@@ -120,6 +126,7 @@ def run_options(
         config_path=Path(config_path) if config_path else None,
         resume_run=resume_run,
         supersede=supersede,
+        state_url=state_url,
     )
 
 
@@ -135,7 +142,8 @@ def emulated_api(state_dir: Path, config_path: Path | None) -> Iterator[ApiSetti
         yield ApiSettings(SecretStr("emulated"), emulator.base_url)
 
 
-_NOT_STORED = frozenset({"state_dir", "resume_run", "supersede"})
+# state_url: where the ledger is (it may carry a password), not what the run is.
+_NOT_STORED = frozenset({"state_dir", "resume_run", "supersede", "state_url"})
 
 
 def _stored_options(options: RunOptions, config: Config, input_digest: str) -> dict[str, Any]:
@@ -146,6 +154,16 @@ def _stored_options(options: RunOptions, config: Config, input_digest: str) -> d
     stored[_CONFIG] = config.model_dump(mode="json")
     stored[_INPUT_DIGEST] = input_digest
     return stored
+
+
+def state_location(options: RunOptions, config: Config) -> StateUrl:
+    """Where the run's ledger and usage log live: `options.state_url`, $BATCH_ENGINE_STATE_URL, the config's
+    `state_url`, or the SQLite files in `options.state_dir`."""
+    return resolve_state_url(options.state_url, options.state_dir, config.state_url)
+
+
+def _url_text(state: StateUrl) -> str:
+    return state.dsn if state.dsn is not None else f"sqlite:///{state.directory}"
 
 
 _CONFIG = "config"
@@ -175,9 +193,10 @@ class Run:
     config: Config
     options: RunOptions
     plan: Plan
-    ledger: Ledger
+    ledger: RunLedger
     record: RunRecord
     lease: RunLease
+    state: StateUrl
     timeline: Timeline
 
     @property
@@ -207,7 +226,8 @@ class Run:
         """
         prepare_at = time.time()
         config = effective_config(config, options)
-        ledger = Ledger.open(options.state_dir)
+        state = state_location(options, config)
+        ledger = open_ledger(state)
         lease: RunLease | None = None
         try:
             opened = _open_run(ledger, input_path, output_path, config, options)
@@ -230,18 +250,22 @@ class Run:
         gc.freeze()
         crash_point("plan.done")
         timeline = Timeline(launched_at if launched_at is not None else prepare_at, prepare_at, time.time())
-        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, timeline)
+        return cls(
+            input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, state, timeline
+        )
 
     @classmethod
-    def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
-        """A recorded run, opened again in another process as it was started (`collect`)."""
-        known = {f.name for f in fields(RunOptions)} - {"state_dir", "resume_run", "supersede"}
+    def reopen(cls, record: RunRecord, state_dir: Path, state: StateUrl | None = None) -> Run:
+        """A recorded run, opened again in another process as it was started (`collect`), from the ledger at
+        `state` (the SQLite files in `state_dir` when None)."""
+        known = {f.name for f in fields(RunOptions)} - _NOT_STORED
         stored = {name: value for name, value in record.options.items() if name in known}
         config_path = stored.pop("config_path", None)
         options = RunOptions(
             state_dir=state_dir,
             config_path=Path(config_path) if config_path else None,
             resume_run=record.run_key,
+            state_url=None if state is None else _url_text(state),
             **stored,
         )
         return cls.prepare(Path(record.input_path), Path(record.output_path), load_config(options.config_path), options)
@@ -340,9 +364,9 @@ class Run:
         limits = self.config.limits
         logger = logger or log
         client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
-        usage_log: UsageLog | None = None
+        usage_log: UsageStore | None = None
         try:
-            usage_log = UsageLog.open(self.options.state_dir)
+            usage_log = open_usage_log(self.state)
             estimator = await self._estimator(client, usage_log, logger)
             tasks = self.tasks_by_index()
             ctx = LaneContext(
@@ -368,7 +392,7 @@ class Run:
                 usage_log.close()
             await client.close()
 
-    async def _estimator(self, client: AsyncClient, usage_log: UsageLog, logger: Logger) -> Estimator:
+    async def _estimator(self, client: AsyncClient, usage_log: UsageStore, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}
         if self.options.count_tokens:
             counts = await count_plan_tokens(client, self.plan.tasks, self.config.limits.count_tokens_rpm)
@@ -469,7 +493,14 @@ class Run:
         """
         phases = phases or DIRECT_PHASES
         await phases.begin(self, lanes)
-        await all_or_none(self._batch_lane(lanes, phases, wait), self._realtime_lane(lanes, phases))
+        unfinished: dict[str, ApiError] = {}
+        await all_or_none(self._batch_lane(lanes, phases, wait, unfinished), self._realtime_lane(lanes, phases))
+        if unfinished:
+            # The realtime lane has finished; so do the rows that are in no open batch. Then the run stops short
+            # of its output, parked with its open batches for the same command to collect.
+            await self._leftovers(lanes, phases)
+            await phases.park(self)
+            raise self._unfinished(unfinished)
         if await phases.park(self):
             return False
         await self._leftovers(lanes, phases)
@@ -499,11 +530,17 @@ class Run:
     async def _collect(self, lanes: Lanes, phases: Phases, record: ChunkRecord, wait: bool) -> None:
         await phases.collect(self, lanes, record, wait)
 
-    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool) -> None:
+    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool, unfinished: dict[str, ApiError]) -> None:
         async def chunk(work: ChunkWork) -> None:
-            record = await phases.submit(self, lanes, work)
-            if record is not None and wait:
-                await phases.collect(self, lanes, record, True)
+            try:
+                record = await phases.submit(self, lanes, work)
+                if record is not None and wait:
+                    await phases.collect(self, lanes, record, True)
+            except ApiError as exc:
+                # One batch's calls failing after every retry say nothing of the other batches, and must never
+                # stop the realtime lane: the batch stays open in the ledger, for the run to report at the end.
+                unfinished[work.key] = exc
+                lanes.ctx.logger.warning("chunk %s: %s", work.key, self._unfinished_reason(work.key, exc))
 
         works = self.chunk_works()
         if works:
@@ -516,6 +553,21 @@ class Run:
                 progress.batch_rows_done,
                 progress.batch_rows_failed,
             )
+
+    def _unfinished_reason(self, chunk_key: str, exc: ApiError) -> str:
+        chunk = self.ledger.chunk(self.key, chunk_key)
+        batch = f"batch {chunk.batch_id}" if chunk is not None and chunk.batch_id else "its batch create"
+        return f"{batch}: {exc.message} (after every retry); it stays open in the ledger"
+
+    def _unfinished(self, unfinished: dict[str, ApiError]) -> BatchUnfinishedError:
+        key, exc = next(iter(unfinished.items()))
+        others = f" (and {len(unfinished) - 1} more chunks)" if len(unfinished) > 1 else ""
+        error = BatchUnfinishedError(
+            f"chunk {key}: {self._unfinished_reason(key, exc)}{others}; every other task finished. Its rows are "
+            "paid for and not sent again: run the same command again to collect it"
+        )
+        error.__cause__ = exc
+        return error
 
     async def _realtime_lane(self, lanes: Lanes, phases: Phases) -> None:
         if self.realtime_tasks():
@@ -723,7 +775,7 @@ def _recorded_config(record: RunRecord, fallback: Config) -> Config:
     return fallback if snapshot is None else Config.model_validate(snapshot)
 
 
-def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> _Opened:
+def _open_run(ledger: RunLedger, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> _Opened:
     digest = file_digest(input_path)
     # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
     paths = str(input_path.resolve()), str(output_path.resolve())
@@ -775,16 +827,16 @@ def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
     return recorded == digest if recorded is not None else record.input_path == input_path
 
 
-def _find_run(ledger: Ledger, key: str) -> RunRecord:
+def _find_run(ledger: RunLedger, key: str) -> RunRecord:
     record = ledger.run(key)
     matches = [record] if record is not None else [r for r in ledger.runs() if key and r.run_key.startswith(key)]
     if len(matches) != 1:
         what = "is ambiguous" if matches else "is not"
-        raise LedgerError(f"--resume-run {key!r} {what} a run in {ledger.path}")
+        raise LedgerError(f"--resume-run {key!r} {what} a run in {ledger.where}")
     return matches[0]
 
 
-def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedError:
+def _changed(ledger: RunLedger, record: RunRecord, input_path: Path) -> RunChangedError:
     open_batches = [c.batch_id for c in ledger.chunks(record.run_key) if c.open and c.batch_id]
     batches = f"open batches: {', '.join(open_batches)}" if open_batches else "no open batch"
     return RunChangedError(
@@ -794,7 +846,7 @@ def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedE
     )
 
 
-def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
+def _supersede(ledger: RunLedger, opened: _Opened, options: RunOptions) -> _Opened:
     """Take the work of the unfinished runs `opened` replaces: their batches and results of unchanged tasks."""
     digests = request_digests(opened.plan)
     for old in opened.superseded:

@@ -187,15 +187,18 @@ def print_plan(results: list[dict[str, Any]]) -> None:
 # --- batch: the batch lane end to end against the emulator -----------------------------------------------------
 
 
-def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
-    """`tasks` tasks forced onto the batch lane; the emulator (own process) ends every batch at once."""
+def bench_batch(tasks: int, poll_s: float, state_url: str | None = None) -> dict[str, Any]:
+    """`tasks` tasks forced onto the batch lane; the emulator (own process) ends every batch at once. The ledger
+    and usage log are at `state_url` (default: SQLite files in a temporary state directory)."""
     with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS, "--batch-duration", "0") as emulator:
         base_url, pid = emulator.base_url, emulator.pid
         work = Path(tmp)
         path = work / "tasks.jsonl"
         _write_tasks(path, tasks)
         api = ApiSettings(SecretStr("bench"), base_url)
-        options = RunOptions(state_dir=work / "state", mode="batch", poll_interval_s=poll_s, output_format="jsonl")
+        options = RunOptions(
+            state_dir=work / "state", mode="batch", poll_interval_s=poll_s, output_format="jsonl", state_url=state_url
+        )
         _reset_peak()
         wall, cpu = time.perf_counter(), time.process_time()
         summary = asyncio.run(run(path, work / "out.jsonl", api=api, config=load_config(), options=options))

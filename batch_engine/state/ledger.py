@@ -185,6 +185,10 @@ class Ledger(SqliteStore):
     def open(cls, state_dir: Path) -> Ledger:
         return cls(Path(state_dir) / LEDGER_FILE)
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
     # --- runs ------------------------------------------------------------------------------------------
 
     def begin(self, run_key: str, input_path: str, output_path: str, options: dict[str, Any], now: float) -> RunRecord:
@@ -277,6 +281,14 @@ class Ledger(SqliteStore):
                 (lease.run_key, lease.owner, lease.host, lease.pid, lease.heartbeat_at, lease.expires_at),
             )
         return None
+
+    def lease(self, run_key: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE run_key = ?", (run_key,)).fetchone()
+        return Lease(*row) if row else None
+
+    def lease_alive(self, held: Lease, holder_alive: Callable[[Lease], bool]) -> bool:
+        """Whether the holder of `held` may still be working."""
+        return holder_alive(held)
 
     def renew_lease(self, run_key: str, owner: str, now: float, expires_at: float) -> bool:
         """Move the lease's heartbeat on; False when `owner` no longer holds it (it was taken over)."""
