@@ -8,7 +8,9 @@ gives the same bytes, so a re-run of this flow re-attaches every shard to its le
 is split between the shards by their share of the records, and each shard run enforces its own part.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve()` runs a flow in a spawned process, and cloudpickle
+# sends the flow's function by value with only the globals its body uses. String annotations would then name
+# types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import asyncio
 from collections.abc import Awaitable, Mapping, Sequence
