@@ -221,6 +221,14 @@ def _add_emulator_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="share (0-1) of Messages and batch rows answered stop_reason refusal, billed (default 0)",
     )
     parser.add_argument(
+        "--pause-turn-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share (0-1) of Messages and batch rows with a server tool (web search, web fetch, code execution) "
+        "answered stop_reason pause_turn, billed: the server tool loop hit its iteration limit (default 0)",
+    )
+    parser.add_argument(
         "--batch-queue-cap",
         type=int,
         metavar="N",
@@ -330,6 +338,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "reply_tokens": args.reply_tokens,
         "invalid_output_rate": args.invalid_output_rate,
         "refusal_rate": args.refusal_rate,
+        "pause_turn_rate": args.pause_turn_rate,
         "batch_queue_cap": args.batch_queue_cap,
         "batch_cache_hit_rate": args.batch_cache_hit_rate,
         "api_key": args.api_key,

@@ -6,6 +6,7 @@
     ├── BudgetError                   the plan's estimated cost is over --max-cost-usd (nothing was sent)
     ├── LedgerError                   the run ledger is unusable or an ambiguous batch create cannot be resolved
     │   ├── RunBusyError              another live process holds the run's lease (`collect` skips the run)
+    │   ├── LeaseLostError            this process's lease was taken over mid-run: it stops sending at once
     │   └── RunChangedError           an unfinished run of the same input would send other requests
     └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
         ├── TransientApiError         worth retrying: 408, 409, 429, 5xx, 529, dropped connections, timeouts
@@ -41,6 +42,10 @@ class LedgerError(BatchEngineError):
 
 class RunBusyError(LedgerError):
     """Another process that is still alive holds the run's lease: two processes would both send everything."""
+
+
+class LeaseLostError(LedgerError):
+    """Another process took this run's lease over (this one's heartbeat had expired): this one must stop."""
 
 
 class RunChangedError(LedgerError):

@@ -299,6 +299,7 @@ class Run:
             attempts=self.attempts_so_far(),
             policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
             logger=logger or log,
+            lease_check=self.lease.check,
             progress=progress or Progress(),
             shared_limit=shared_limit,
         )

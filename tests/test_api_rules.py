@@ -3,18 +3,21 @@ context windows), end to end: a task file through planning, the real SDK and the
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_support import config_file, engine_env, run_process
 from engine_support import (
     SAMPLE_CONFIG,
     SAMPLE_TASKS,
     fast_config,
     generated_tasks,
     messages_calls,
+    read_output,
     run_engine,
     write_jsonl,
 )
@@ -72,6 +75,41 @@ def test_records_api_version_2026_10_21_refuses_are_rejected_up_front_naming_the
     assert all("2026-10-21" in rows[t]["error"]["message"] for t in ("temp", "top-p", "doc", "cite"))
     stats = emulator.stats()
     assert messages_calls(stats) == {} and stats["batch_rows_created"] == 1
+
+
+def test_forced_tool_choice_where_the_api_refuses_it_is_rejected_up_front_naming_the_field(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    tool = {"name": "label", "description": "a label", "input_schema": {"type": "object", "properties": {}}}
+    forced = {"tools": [tool], "tool_choice": {"type": "tool", "name": "label"}}
+    off = {"type": "disabled"}
+    tasks = [
+        _raw(f"no-{model}", mode, **forced) | {"model": model}
+        for model, mode in (
+            ("claude-opus-5-5", "batch"),
+            ("claude-sonnet-5-5", "realtime"),
+            ("claude-fable-5-1", "batch"),
+        )
+    ]
+    tasks += [
+        _raw("any-opus", "batch", tools=[tool], tool_choice={"type": "any"}) | {"model": "claude-opus-5-5"},
+        # Haiku 5.5 takes forced tool use, but not while it thinks, and it thinks when `thinking` is omitted.
+        _raw("thinking-haiku", "realtime", **forced) | {"model": "claude-haiku-5-5"},
+        _raw("fine-haiku", "realtime", thinking=off, **forced) | {"model": "claude-haiku-5-5"},
+        _raw("fine-auto", "batch", tools=[tool], tool_choice={"type": "auto"}) | {"model": "claude-opus-5-5"},
+    ]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rows = {row["task_id"]: row for row in output.rows}
+    refused = ["no-claude-opus-5-5", "no-claude-sonnet-5-5", "no-claude-fable-5-1", "any-opus", "thinking-haiku"]
+    assert {t: rows[t]["status"] for t in refused} == dict.fromkeys(refused, "rejected")
+    assert all("params.tool_choice" in rows[t]["error"]["message"] for t in refused)
+    assert "claude-sonnet-5-5 refuses" in rows["no-claude-sonnet-5-5"]["error"]["message"]
+    assert "thinks" in rows["thinking-haiku"]["error"]["message"]
+    assert rows["fine-haiku"]["status"] == rows["fine-auto"]["status"] == "succeeded"
+    stats = emulator.stats()
+    assert sum(messages_calls(stats).values()) == 1 and stats["batch_rows_created"] == 1
 
 
 def test_thinking_off_sends_each_models_off_value_and_a_64_token_classifier_gets_its_answer(
@@ -199,6 +237,43 @@ def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
     report = capsys.readouterr().out
     refused_usd = sum(row["cost_usd"] for row in refused)
     assert "## Spend by status" in report and f"| refused | {len(refused)} | ${refused_usd:.4f}" in report
+
+
+def test_a_paused_server_tool_turn_is_incomplete_billed_and_never_succeeded(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # pause_turn: the server-side tool loop reached its iteration limit (docs: /api/handling-stop-reasons).
+    emulator.configure(pause_turn_rate=1.0)
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    tasks = [_raw(f"search-{mode}", mode, tools=[search]) for mode in ("batch", "realtime")]
+    tasks.append(_raw("plain", "realtime"))  # no server tool: nothing to pause
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rows = {row["task_id"]: row for row in output.rows}
+    for task_id in ("search-batch", "search-realtime"):
+        row = rows[task_id]
+        assert (row["status"], row["stop_reason"], row["error"]["type"]) == ("incomplete", "pause_turn", "pause_turn")
+        assert row["cost_usd"] > 0 and row["attempts"] == 1
+    assert rows["plain"]["status"] == "succeeded"
+    assert output.run["counts"]["by_status"] == {"incomplete": 2, "succeeded": 1}
+    assert not output.summary.all_succeeded
+
+
+def test_the_cli_exits_1_and_counts_refused_rows_in_its_summary(emulator: RunningEmulator, tmp_path: Path) -> None:
+    emulator.configure(refusal_rate=1.0)
+    write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(6))
+    config_file(tmp_path / "config.toml", batch_poll_initial_s=0.05, batch_poll_interval_s=0.2)
+    args = ["run", "tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml"]
+
+    ran = run_process([sys.executable, "-m", "batch_engine.cli", *args], engine_env(emulator.base_url), tmp_path)
+
+    assert ran.returncode == 1, ran.stderr
+    assert "Traceback" not in ran.stderr
+    summary = ran.stdout + ran.stderr
+    assert "refused" in summary and "6" in summary, summary
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["status"] for row in rows] == ["refused"] * 6
 
 
 # --- the batch queue cap ------------------------------------------------------------------------------------

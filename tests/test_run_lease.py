@@ -3,6 +3,7 @@ process died is taken over by the next one. Real processes, killed for real."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from crash_support import DRIVER, config_file, engine_env, run_driver, run_proce
 from engine_support import generated_tasks, read_output, write_jsonl
 
 from batch_engine.emulator import RunningEmulator
-from batch_engine.errors import RunBusyError
+from batch_engine.errors import LeaseLostError, RunBusyError
 from batch_engine.lease import RunLease, holder_alive
 from batch_engine.ledger import Lease, Ledger
 
@@ -118,3 +119,70 @@ def test_a_lease_is_taken_over_only_when_its_owner_is_gone(tmp_path: Path) -> No
             else:
                 lease.take()  # taken over
                 assert lease.renew(), name
+
+
+def _take_over(state: Path, run_key: str) -> None:
+    """Another process takes the run's lease as if this one's heartbeat had expired (suspended, partitioned)."""
+    with Ledger.open(state) as ledger:
+        ledger.take_lease(_lease(run_key, "the-other-process", "elsewhere", 1, 600), lambda held: False)
+
+
+def test_a_process_whose_lease_was_taken_over_stops_sending(emulator: RunningEmulator, tmp_path: Path) -> None:
+    # The process was suspended past its lease's expiry and another took the run over: when it wakes up it must
+    # not keep sending what the new owner sends too (every request paid twice).
+    emulator.configure(latency_s=0.05)
+    write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(60))
+    config_file(tmp_path / "config.toml")
+    args = ["run", *ARGS, "--realtime-only", "--concurrency", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batch_engine.cli", *args],
+        cwd=tmp_path,
+        env=engine_env(emulator.base_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, "the run ended before it was taken over"
+            answered = emulator.stats()["messages_succeeded"]
+            if answered >= 5:
+                break
+            assert time.monotonic() < deadline, "the run sent nothing"
+            time.sleep(0.02)
+        with Ledger.open(tmp_path / "state") as ledger:
+            (run,) = ledger.runs()
+        _take_over(tmp_path / "state", run.run_key)
+        taken_at = emulator.stats()["messages_succeeded"]
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+    assert process.returncode == 2, stderr
+    (error,) = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert "taken over" in error and "pid 1 on elsewhere" in error
+    # At most the request in flight at the take-over was answered after it (concurrency 1).
+    assert emulator.stats()["messages_succeeded"] <= taken_at + 1
+    with Ledger.open(tmp_path / "state") as ledger:
+        held = ledger.lease(run.run_key)
+    assert held is not None and held.owner == "the-other-process"  # the stopped process left the lease alone
+
+
+def test_the_heartbeat_that_finds_the_lease_taken_over_stops_the_work(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        lease = RunLease(ledger, "run1")
+        lease.take()
+
+        async def work() -> None:
+            async with lease.heartbeat(every_s=0.02):
+                _take_over(tmp_path, "run1")
+                await asyncio.sleep(30)  # a long wait on a batch: the heartbeat must end it
+
+        started = time.monotonic()
+        with pytest.raises(LeaseLostError, match="taken over by pid 1 on elsewhere"):
+            asyncio.run(work())
+        assert time.monotonic() - started < 5
