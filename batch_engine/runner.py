@@ -26,10 +26,11 @@ from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.lease import RunLease
 from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.models import Rejection, RunSummary, TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.models import ErrorInfo, Rejection, RunSummary, TaskResult
+from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import rejection_result
+from batch_engine.planning.outcome import failed
 from batch_engine.report import encode_output, summarize
 from batch_engine.telemetry.usage_log import UsageLog, output_history
 from batch_engine.token_count import count_plan_tokens
@@ -324,10 +325,11 @@ class Run:
             counted = counts.by_index
             if counts.note:
                 ctx.logger.warning("%s", counts.note)
+        finished = self.ledger.finished_indexes(self.key)
+        self._reject_over_context_window(ctx, counted, finished)
         assert ctx.usage_log is not None
         history = output_history(ctx.usage_log.recent_outputs(since=time.time() - HISTORY_DAYS * 86_400))
         ctx.estimator = estimator = Estimator(self.config, counted, history)
-        finished = self.ledger.finished_indexes(self.key)
         spent = self.ledger.spent(self.key)
         estimate = spent + sum(estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
         limit = self.options.max_cost_usd
@@ -345,6 +347,19 @@ class Run:
         ctx.budget.reserved_usd = sum(estimator.max_cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
         return estimate
+
+    def _reject_over_context_window(self, ctx: LaneContext, counted: dict[int, int], finished: set[int]) -> None:
+        """Tasks the count puts over their model's context window are rejected here, not sent: the API would
+        answer 400 "prompt is too long" (in a batch, only after the whole batch ends)."""
+        unsent = (task for task in self.plan.tasks if task.index not in finished)
+        rows = [
+            failed(task, "rejected", task.route, 0, ErrorInfo(type="rejected", message=f"{field}: {reason}"))
+            for task, field, reason in over_context_window(unsent, counted, self.config)
+        ]
+        if rows:
+            ctx.record(rows)
+            finished.update(row.index for row in rows)
+            ctx.logger.warning("%d tasks rejected: their counted prompt is over the context window", len(rows))
 
     def open_batches(self) -> list[ChunkRecord]:
         """Recorded batches still owing results (submitted or ended, not yet collected)."""

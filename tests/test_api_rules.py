@@ -3,6 +3,7 @@ context windows), end to end: a task file through planning, the real SDK and the
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from crash_support import config_file, engine_env, run_process
 from engine_support import (
+    NO_WAIT_POLICY,
     SAMPLE_CONFIG,
     SAMPLE_TASKS,
     fast_config,
@@ -21,18 +23,22 @@ from engine_support import (
     run_engine,
     write_jsonl,
 )
+from pydantic import SecretStr
 
 from batch_engine.artifacts import RunBreakdown
 from batch_engine.budget import Estimator
 from batch_engine.cli import main
+from batch_engine.client import ApiSettings
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
-from batch_engine.io import iter_records
+from batch_engine.io import RawRecord, iter_records
 from batch_engine.models import TaskResult
 from batch_engine.planning import make_plan
-from batch_engine.runner import RunOptions
+from batch_engine.planning.pricing import estimate_cost
+from batch_engine.runner import Run, RunOptions
 from batch_engine.summary import plan_summary
 from batch_engine.telemetry.usage_log import UsageLog
+from batch_engine.token_count import TokenCounts
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -177,6 +183,92 @@ def test_a_prompt_over_the_context_window_is_rejected_up_front(emulator: Running
         and "exceeds claude-haiku-4-5's context window of 200,000" in (rejected["error"]["message"])
     )
     assert fine["status"] == "succeeded" and fine["usage"]["input_tokens"] > 200_000
+
+
+def test_a_prompt_the_count_puts_over_the_context_window_is_rejected_before_it_is_sent(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # One punctuation mark is one token to a tokenizer, a quarter of one to the offline estimate: ~75K estimated,
+    # ~300K counted, over Haiku 4.5's 200K window.
+    marks = "!" * 300_000
+    tasks = [
+        {"task_id": "dense", "task_type": "summarize", "model": "claude-haiku-4-5", "input_data": {"document": marks}}
+    ]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    (task,) = make_plan(iter_records(path), load_config(), NOW).tasks  # the estimate lets it through
+    assert task.estimated_input_tokens < 200_000
+
+    uncounted = run_engine(emulator, path, tmp_path, output_name="uncounted.json")
+    counted = run_engine(
+        emulator, path, tmp_path / "counted", options=RunOptions(state_dir=tmp_path / "counted", count_tokens=True)
+    )
+
+    (sent,) = uncounted.rows  # sent, and refused by the API: "prompt is too long"
+    assert sent["status"] == "errored" and "prompt is too long" in sent["error"]["message"]
+    (row,) = counted.rows
+    assert row["status"] == "rejected" and row["cost_usd"] == 0
+    assert row["error"]["message"].startswith("input_data: prompt of ")
+    assert "(counted) exceeds claude-haiku-4-5's context window of 200,000" in row["error"]["message"]
+    assert emulator.stats()["batch_rows_created"] == 1  # only the uncounted run sent it
+    summary = plan_summary(
+        make_plan(iter_records(path), load_config(), NOW), load_config(), counts=_counts(task, 300_000)
+    )
+    assert summary["rejected"] == 1 and "task_id dense: input_data:" in summary["rejections"][0]
+
+
+def _counts(task: Any, tokens: int) -> TokenCounts:
+    return TokenCounts({task.index: tokens}, 1)
+
+
+def test_the_cache_write_expected_uses_the_counted_prompt_when_there_is_one() -> None:
+    # Long words: the offline estimate (bytes/4 x 1.3) is above Haiku 5.5's 512-token cache minimum, so planning
+    # marks the system prompt for caching; the tokenizer counts fewer, under the minimum: the API caches nothing.
+    system = " ".join(["abcdef"] * 300)
+    records = [
+        {"task_id": "t", "task_type": "summarize", "system": system, "input_data": {"document": "x"}},
+    ]
+    (task,) = make_plan(iter(_records(records)), load_config(), NOW).tasks
+    config = load_config()
+    assert task.cache_key is not None
+    estimated = Estimator(config)
+    counted = Estimator(config, {task.index: 400})  # what messages.count_tokens says of the whole prompt
+
+    assert estimated.cache_write(task) is not None
+    assert counted.cache_write(task) is None
+    spec = config.models[task.model]
+    output = counted.output_tokens(task)
+    assert counted.cost(task, "batch") == estimate_cost(400, output, spec, "batch", config, None)
+    assert Estimator(config, {task.index: 2_000}).cache_write(task) is not None  # counted above it: a write
+
+
+def _records(values: list[dict[str, Any]]) -> list[RawRecord]:
+    return [RawRecord(index=i, line=i + 1, value=value) for i, value in enumerate(values)]
+
+
+def test_itpm_reservations_use_the_counted_input_when_tokens_were_counted(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    words = " ".join(["abcdef"] * 600)  # the tokenizer counts about half the offline estimate
+    tasks = [_raw(f"t{i}", "realtime", [{"role": "user", "content": f"{i} {words}"}]) for i in range(3)]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    options = RunOptions(state_dir=tmp_path / "state", count_tokens=True)
+    run = Run.prepare(path, tmp_path / "out.json", fast_config(), options)
+
+    async def send() -> Any:
+        async with run.lanes(ApiSettings(SecretStr("sk-test"), emulator.base_url), policy=NO_WAIT_POLICY) as lanes:
+            await run.send(lanes)
+            return lanes.batch.ctx
+
+    try:
+        ctx = asyncio.run(send())
+    finally:
+        run.close()
+
+    counted = sum(ctx.estimator.counted_input.values())
+    estimated = sum(task.estimated_input_tokens for task in run.plan.tasks)
+    assert counted < estimated * 0.8
+    reserved = sum(limiter._taken["itpm"] for limiter in ctx.limiters.values())  # what acquire took, in total
+    assert reserved == counted
 
 
 @pytest.mark.parametrize("model", ["claude-haiku-5-5", "claude-haiku-4-5"])
