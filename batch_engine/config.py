@@ -219,7 +219,7 @@ def _with_output_schemas(config: Config, source: str, base_dir: Path) -> Config:
 
 def _schema_file(path: Path, where: str) -> Any:
     from batch_engine.errors import InputError
-    from batch_engine.io import loads, read_bytes
+    from batch_engine.files import loads, read_bytes
 
     try:
         return loads(read_bytes(path))
@@ -258,6 +258,6 @@ def load_config(path: Path | str | None = None) -> Config:
     """Load the config at `path`, or the one shipped with the package."""
     if path is None:
         return _default_config()
-    from batch_engine.io import read_text
+    from batch_engine.files import read_text
 
     return parse_config(read_text(Path(path)), str(path), Path(path).parent)

@@ -2,7 +2,7 @@
 that point (`name`, or `name:N` for its N-th hit). Unarmed, a call is one dict lookup.
 
 SIGKILL, not an exception: nothing runs after it (no `finally`, no atexit, no flush), which is what a power cut,
-an OOM kill or a preempted worker does to a run. The tests in tests/test_crash_points.py kill a run at each
+an OOM kill or a preempted worker does to a run. The tests in tests/engine/test_crash_points.py kill a run at each
 point and prove a re-run loses nothing and creates no batch twice.
 """
 

@@ -21,9 +21,9 @@ from batch_engine.client import (
     retrieve_batch,
 )
 from batch_engine.errors import LedgerError, PermanentApiError
-from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
+from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
 
 log = logging.getLogger("batch_engine")
 _POLICY = RetryPolicy(attempts=5, max_time_s=60.0)

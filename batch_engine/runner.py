@@ -15,24 +15,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from batch_engine.budget import Budget, Estimator
 from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import BudgetError, LedgerError, PermanentApiError, RunChangedError
-from batch_engine.io import atomic_write_chunks, file_digest, iter_records
+from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.lease import RunLease
-from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
 from batch_engine.models import ErrorInfo, Rejection, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
+from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import rejection_result
 from batch_engine.planning.outcome import failed
-from batch_engine.report import encode_output, summarize
-from batch_engine.telemetry.usage_log import UsageLog, output_history
+from batch_engine.planning.run_summary import encode_output, summarize
+from batch_engine.state.lease import RunLease
+from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
+from batch_engine.state.usage_log import UsageLog, output_history
 from batch_engine.token_count import count_plan_tokens
 
 DEFAULT_STATE_DIR = Path(".batch_engine")

@@ -22,7 +22,12 @@ from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from batch_engine.artifacts import (
+from batch_engine.config import Route, load_config
+from batch_engine.errors import BatchEngineError, RunBusyError
+from batch_engine.lanes import Progress, SharedLimit, all_or_none
+from batch_engine.lanes.batch import BatchLane, ChunkWork
+from batch_engine.models import RunSummary
+from batch_engine.render.artifacts import (
     SUMMARY_KEY,
     TABLE_KEY,
     RunBreakdown,
@@ -30,12 +35,6 @@ from batch_engine.artifacts import (
     summary_headline,
     summary_markdown,
 )
-from batch_engine.config import Route, load_config
-from batch_engine.errors import BatchEngineError, RunBusyError
-from batch_engine.lanes import Progress, SharedLimit, all_or_none
-from batch_engine.lanes.batch import BatchLane, ChunkWork
-from batch_engine.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.models import RunSummary
 from batch_engine.runner import (
     DEFAULT_STATE_DIR,
     DIRECT_STEPS,
@@ -46,8 +45,9 @@ from batch_engine.runner import (
     plural,
     run_options,
 )
+from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
+from flows.api_key import DEFAULT_SECRET_BLOCK, api_settings
 from flows.limits import GlobalRateLimit, check_models, shared_rate_limit
-from flows.secrets import DEFAULT_SECRET_BLOCK, api_settings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 

@@ -11,5 +11,5 @@ CHARTS_ARTIFACT_KEY = "batch-engine-report-charts"
 
 @flow(name="batch-engine-report", description="Publish the usage log's charts as a Markdown artifact.")
 def publish_report_charts(markdown: str) -> None:
-    """The charts (Markdown from `batch_engine.telemetry.charts.markdown_charts`) under a key that stays the same."""
+    """The charts (Markdown from `batch_engine.render.charts.markdown_charts`) under a key that stays the same."""
     create_markdown_artifact(markdown, key=CHARTS_ARTIFACT_KEY, description="batch_engine usage charts")

@@ -21,12 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from batch_engine import io
 from batch_engine.config import Route
 from batch_engine.errors import BatchEngineError
-from batch_engine.report import encode_output
-from batch_engine.runner import DEFAULT_STATE_DIR, OutputFormat
-from batch_engine.shards import (
+from batch_engine.files import atomic_write_bytes, atomic_write_chunks, file_digest, iter_record_lines, read_bytes
+from batch_engine.planning.run_summary import encode_output
+from batch_engine.planning.shards import (
     ShardedRunSummary,
     ShardOutput,
     ShardSpec,
@@ -36,9 +35,10 @@ from batch_engine.shards import (
     split_budget,
     split_lines,
 )
+from batch_engine.runner import DEFAULT_STATE_DIR, OutputFormat
+from flows.api_key import DEFAULT_SECRET_BLOCK
 from flows.batch_orchestrator import NonNegativeFloat, PositiveInt
 from flows.limits import GlobalRateLimit
-from flows.secrets import DEFAULT_SECRET_BLOCK
 
 DEFAULT_DEPLOYMENT = "batch-orchestrator/on-demand"
 SHARDS_DIR = "shards"
@@ -55,12 +55,12 @@ class ShardFile:
 async def split_input(input_path: str, state_dir: str, shards: int) -> list[ShardFile]:
     """Write the shard files (unchanged bytes are left alone) and return where each shard reads and writes."""
     source = Path(input_path)
-    directory = Path(state_dir) / SHARDS_DIR / f"{io.file_digest(source)[:16]}-{shards}"
+    directory = Path(state_dir) / SHARDS_DIR / f"{file_digest(source)[:16]}-{shards}"
     files = []
-    for spec, content in split_lines(list(io.iter_record_lines(source)), shards):
+    for spec, content in split_lines(list(iter_record_lines(source)), shards):
         path = directory / f"shard-{spec.number:03d}.jsonl"
-        if not path.exists() or io.read_bytes(path) != content:
-            io.atomic_write_bytes(path, content)
+        if not path.exists() or read_bytes(path) != content:
+            atomic_write_bytes(path, content)
         files.append(ShardFile(spec, path, directory / f"shard-{spec.number:03d}.results.json"))
     return files
 
@@ -103,10 +103,10 @@ async def merge_shards(
     """Read every shard's output, write them as one output in input order, and return the merged summary."""
     outputs = []
     for shard in files:
-        summary, rows = parse_output(io.read_bytes(shard.output_path))
+        summary, rows = parse_output(read_bytes(shard.output_path))
         outputs.append(ShardOutput(shard.spec, str(shard.input_path), summary, rows))
     summary = merged_summary(outputs, input_path=input_path, output_path=output_path)
-    io.atomic_write_chunks(Path(output_path), encode_output(summary, merged_rows(outputs), output_format))
+    atomic_write_chunks(Path(output_path), encode_output(summary, merged_rows(outputs), output_format))
     return summary
 
 

@@ -26,7 +26,7 @@ from batch_engine.emulator.settings import EmulatorSettings
 from batch_engine.emulator.stats import Stats
 from batch_engine.emulator.wire import ApiFailure, error_body, new_id, rfc3339
 from batch_engine.errors import ConfigError
-from batch_engine.io import atomic_write_bytes, loads, read_bytes
+from batch_engine.files import atomic_write_bytes, loads, read_bytes
 
 SNAPSHOT_VERSION = 1
 # "All usage is charged at 50% of the standard API prices" (docs: /build-with-claude/batch-processing).

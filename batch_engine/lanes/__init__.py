@@ -11,16 +11,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from batch_engine.budget import Budget, Estimator
 from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.ledger import Ledger
 from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.outcome import folded
-from batch_engine.telemetry.usage_log import UsageLog, usage_record
+from batch_engine.state.ledger import Ledger
+from batch_engine.state.usage_log import UsageLog, usage_record
 
 BILLED = BILLED_STATUSES  # statuses of rows whose request was billed
 

@@ -31,10 +31,10 @@ from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.ledger import ChunkRecord
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
+from batch_engine.state.ledger import ChunkRecord
 
 T = TypeVar("T")
 # A generator of our own: jitter must not disturb (or depend on) the global random state.

@@ -17,7 +17,7 @@ from batch_engine.config import Config, Route
 from batch_engine.models import Rejection
 
 if TYPE_CHECKING:
-    from batch_engine.io import RawRecord
+    from batch_engine.files import RawRecord
     from batch_engine.planning.output_schema import OutputSpec
 
 

@@ -1,1 +1,2 @@
-"""What happened to the bill: the usage log of billed requests, cache statistics, and the optimization report."""
+"""What happened to the bill: cache statistics, the optimization report (`batch-engine report`) and the config
+patch it proposes. The usage log they read is `batch_engine.state.usage_log`."""

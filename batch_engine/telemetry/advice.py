@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
-from batch_engine.budget import Estimator
 from batch_engine.config import Config, ModelSpec, Route, Thinking, Tier
 from batch_engine.models import Usage
 from batch_engine.planning import Plan, PlannedTask
+from batch_engine.planning.budget import Estimator
 from batch_engine.planning.params import system_prefix
 from batch_engine.planning.pricing import cost
+from batch_engine.state.usage_log import UsageRecord
 from batch_engine.telemetry.cache_stats import caching_saved
-from batch_engine.telemetry.usage_log import UsageRecord
 
 Scope = Literal["caching", "model", "streaming", "thinking", "batching"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from batch_engine.config import Config, ModelSpec
-from batch_engine.telemetry.usage_log import UsageRecord
+from batch_engine.state.usage_log import UsageRecord
 
 GroupBy = Literal["task_type", "model", "route"]
 LOW_HIT_RATE = 0.5

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from batch_engine.config import Config, parse_config
 from batch_engine.errors import ConfigError
-from batch_engine.io import dumps
+from batch_engine.files import dumps
 from batch_engine.telemetry.advice import ConfigChange, ConfigValue, Period, Recommendation, usd
 
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
