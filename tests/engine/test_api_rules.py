@@ -241,6 +241,25 @@ def test_the_cache_write_expected_uses_the_counted_prompt_when_there_is_one() ->
     assert Estimator(config, {task.index: 2_000}).cache_write(task) is not None  # counted above it: a write
 
 
+def test_without_a_count_both_checks_use_the_tokenizer_familys_factor() -> None:
+    # 5.x counts ~1.3x the tokens of bytes/4: the offline estimate scales by it, so it neither misses a cacheable
+    # prefix nor lets an over-long prompt through to a 400 (docs: /models/haiku-5-5/whats-new-haiku-5-5).
+    system = "x" * 1_800  # 450 tokens by bytes/4, 585 by the 5.x factor: over Haiku 5.5's 512-token minimum
+    long = "y" * 3_200_000  # 800K tokens by bytes/4, 1.04M by the 5.x factor: over the 1M context window
+    records = [
+        {"task_id": "cached", "task_type": "summarize", "system": system, "input_data": {"document": "x"}},
+        {"task_id": "too-long", "task_type": "summarize", "input_data": {"document": long}},
+    ]
+
+    plan = make_plan(iter(_records(records)), load_config(), NOW)
+
+    (task,) = plan.tasks
+    assert task.model == "claude-haiku-5-5" and task.cache_key is not None
+    (rejection,) = plan.rejections
+    assert rejection.task_id == "too-long" and rejection.field == "input_data"
+    assert "exceeds claude-haiku-5-5's context window of 1,000,000" in rejection.reason
+
+
 def _records(values: list[dict[str, Any]]) -> list[RawRecord]:
     return [RawRecord(index=i, line=i + 1, value=value) for i, value in enumerate(values)]
 
