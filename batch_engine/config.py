@@ -50,7 +50,7 @@ class ModelSpec(_Strict):
     tokenizer_factor: float = Field(default=1.0, gt=0)
     # Structured outputs (output_config.format with a JSON schema): which models take them is listed on the
     # structured-outputs page (platform.claude.com/docs/en/build-with-claude/structured-outputs); a model that
-    # does not gets a fallback form (see planning/output_schema.py).
+    # does not gets a fallback form (see structured_output.py).
     structured_outputs: bool = False
     # Forced tool_choice ({"type": "tool"} / "any") returns 400 on Opus 5.5, Sonnet 5.5 and Fable 5.1
     # (whats-new-sonnet-5-5 "Forced tool use returns an error"; reference §0.4).
@@ -192,7 +192,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
 
 
 def _with_output_schemas(config: Config, source: str, base_dir: Path) -> Config:
-    from batch_engine.planning.output_schema import SchemaError, check_schema, closed
+    from batch_engine.structured_output import SchemaError, check_schema, closed
 
     resolved: dict[str, TaskType] = {}
     for name, task_type in config.task_types.items():

@@ -41,6 +41,7 @@ CRASH_POINTS: dict[str, str] = {
     "output.before_rename": "output temp file complete, not renamed",
     "output.renamed": "output in place, run not marked complete",
     "run.complete": "run marked complete",
+    "flow.artifacts.published": "the flow's artifacts published, its final state not reported",
 }
 
 

@@ -160,6 +160,18 @@ class CostSummary(BaseModel):
         )
 
 
+class RunCounts(BaseModel):
+    """How the run's input records ended."""
+
+    total: int = Field(description="Input records, rejected ones included.")
+    succeeded: int
+    failed: int = Field(description="Neither succeeded nor rejected: every other status.")
+    rejected: int = Field(description="Records refused before anything was sent (bad input).")
+    invalid_output: int = Field(default=0, description="Answered, but not to the task type's output schema.")
+    by_route: dict[Route, int] = Field(default_factory=dict, description="Records that were sent, by route.")
+    by_status: dict[Status, int] = Field(default_factory=dict, description="Every record, by status.")
+
+
 class RunSummary(BaseModel):
     """The `run` section of the output file: what happened, what it cost, and against what baseline."""
 
@@ -169,7 +181,7 @@ class RunSummary(BaseModel):
     simulated: bool = False
     started_at: datetime
     finished_at: datetime
-    counts: dict[str, Any]
+    counts: RunCounts
     batches: list[BatchSummary]
     tokens: TokenTotals
     cost: CostSummary
@@ -178,4 +190,14 @@ class RunSummary(BaseModel):
 
     @property
     def all_succeeded(self) -> bool:
-        return bool(self.counts["succeeded"] == self.counts["total"])
+        return self.counts.succeeded == self.counts.total
+
+
+class OutputFile(BaseModel):
+    """The merged result file (`--format json`): the run summary and one row per input record, in input order.
+
+    `--format jsonl` writes the same as lines: `{"run": ...}` first, then one row per line.
+    """
+
+    run: RunSummary
+    results: list[TaskResult]

@@ -20,7 +20,7 @@ from batch_engine.client import (
     list_batches,
     retrieve_batch,
 )
-from batch_engine.errors import LedgerError, PermanentApiError
+from batch_engine.errors import LedgerError
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
 from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
@@ -164,39 +164,17 @@ async def collect(
     wait: bool = False,
     logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> Collected:
-    """Finish a run whose process is gone: fetch its ended batches, send what is left realtime, write the output.
+    """Finish a run whose process is gone, in this process: the run's collect phase, then `finish` once no batch is
+    left running (see `Run.collect_once`; the `batch-collect` flow calls the same phases as task runs).
 
     Ended batches are collected (an archived one, past the 29-day results window, turns its rows into errored
     rows instead of being retried); chunks whose create was interrupted are reconciled or submitted. With
     `wait`, running batches are waited for (and cancelled at the run's batch timeout, as `run` does); without,
     the output is only written once none is left running, so `collect` can simply be called again later.
     """
-    if run.completed:
-        return Collected(run.write_output(), [])
-    async with run.lanes(api, logger=logger or log) as lanes:
-        await run.preflight(lanes)
-        batch = lanes.batch
-        batch.wait_for_resubmissions = wait
-        await asyncio.gather(*(batch.submit(work) for work in run.unsubmitted_works()))
-
-        async def settle(chunk: ChunkRecord) -> None:
-            assert chunk.batch_id is not None
-            try:
-                info = await _retrieve(batch.ctx.client, chunk.batch_id)
-            except PermanentApiError as exc:
-                if exc.status != 404:
-                    raise
-                await batch.wait_and_collect(chunk)  # gone: marked lost, its rows sent again
-                return
-            # Past the batch timeout, collecting cancels what still runs, exactly as the run would have.
-            if info.status == "ended" or wait or time.time() >= batch.deadline:
-                await batch.wait_and_collect(chunk)
-
-        await asyncio.gather(*(settle(chunk) for chunk in run.open_batches()))
-        running = [chunk.batch_id for chunk in run.open_batches() if chunk.batch_id]
+    if not run.completed:
+        async with run.lanes(api, logger=logger or log) as lanes:
+            running = await run.collect_once(lanes, wait=wait)
         if running:
-            run.ledger.set_run_status(run.key, "submitted")
             return Collected(None, running)
-        while leftovers := run.leftovers():
-            await lanes.run_realtime(leftovers)
-    return Collected(run.write_output(), [])
+    return Collected(run.finish(), [])

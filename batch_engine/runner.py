@@ -5,29 +5,28 @@ from __future__ import annotations
 
 import functools
 import gc
-import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from batch_engine.client import ApiSettings, RetryPolicy, make_client, retrieve_batch
+from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, PermanentApiError, RunChangedError
+from batch_engine.errors import BudgetError, LedgerError, RunChangedError
 from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.models import ErrorInfo, Rejection, RunSummary, TaskResult
+from batch_engine.models import ErrorInfo, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
-from batch_engine.planning.merge import rejection_result
+from batch_engine.planning.merge import in_input_order
 from batch_engine.planning.outcome import failed
 from batch_engine.planning.run_summary import encode_output, summarize
 from batch_engine.state.lease import RunLease
@@ -40,6 +39,7 @@ HISTORY_DAYS = 30  # how far back the usage log informs output estimates
 # "parsed-jsonl" (`--format jsonl --parsed-only`): one {"task_id", "status", "parsed"} line per input record.
 OutputFormat = Literal["json", "jsonl", "parsed-jsonl"]
 log = logging.getLogger("batch_engine")
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +179,8 @@ class Run:
         lease: RunLease | None = None
         try:
             opened = _open_run(ledger, input_path, output_path, config, options)
+            for idle in opened.idle:
+                ledger.set_run_status(idle.run_key, "superseded", opened.record.started_at)
             crash_point("plan.started")
             # One process per run: a second `run`, an overlapping flow run or a collector stops here.
             lease = RunLease(ledger, opened.record.run_key)
@@ -210,6 +212,15 @@ class Run:
             **stored,
         )
         return cls.prepare(Path(record.input_path), Path(record.output_path), load_config(options.config_path), options)
+
+    def describe(self) -> str:
+        """One line on what the run will do: `run KEY: 304 tasks (241 batch, 63 realtime), 0 rejected, 1 chunk`."""
+        plan = self.plan
+        batch = sum(task.route == "batch" for task in plan.tasks)
+        return (
+            f"run {self.key}: {plural(len(plan.tasks), 'task')} ({batch} batch, {len(plan.tasks) - batch} realtime), "
+            f"{len(plan.rejections)} rejected, {plural(len(plan.chunks), 'chunk')}"
+        )
 
     def close(self) -> None:
         self.lease.release()
@@ -288,67 +299,85 @@ class Run:
         policy: RetryPolicy | None = None,
         shared_limit: SharedLimit | None = None,
     ) -> AsyncIterator[Lanes]:
-        """Both lanes over one client (closed on exit); `shared_limit` throttles realtime across processes."""
+        """Both lanes over one client (closed on exit); `shared_limit` throttles realtime across processes.
+
+        The lanes' context is complete here: the usage log, the cost estimator (exact input counts first when
+        `count_tokens` is asked) and the budget (unlimited without `max_cost_usd`).
+        """
         limits = self.config.limits
+        logger = logger or log
         client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
-        ctx = LaneContext(
-            client=client,
-            config=self.config,
-            ledger=self.ledger,
-            run_key=self.key,
-            tasks=self.tasks_by_index(),
-            attempts=self.attempts_so_far(),
-            policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
-            logger=logger or log,
-            lease_check=self.lease.check,
-            progress=progress or Progress(),
-            shared_limit=shared_limit,
-        )
-        deadline = self.record.started_at + limits.batch_timeout_s
-        usage_log = ctx.usage_log = UsageLog.open(self.options.state_dir)
+        usage_log: UsageLog | None = None
         try:
+            usage_log = UsageLog.open(self.options.state_dir)
+            estimator = await self._estimator(client, usage_log, logger)
+            tasks = self.tasks_by_index()
+            ctx = LaneContext(
+                client=client,
+                config=self.config,
+                ledger=self.ledger,
+                run_key=self.key,
+                tasks=tasks,
+                attempts=self.attempts_so_far(),
+                policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
+                logger=logger,
+                lease_check=self.lease.check,
+                usage_log=usage_log,
+                estimator=estimator,
+                budget=self._budget(estimator, tasks),
+                progress=progress or Progress(),
+                shared_limit=shared_limit,
+            )
+            deadline = self.record.started_at + limits.batch_timeout_s
             async with self.lease.heartbeat():
-                yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency), self)
+                yield Lanes(BatchLane(ctx, deadline=deadline), RealtimeLane(ctx, limits.realtime_concurrency))
         finally:
-            usage_log.close()
+            if usage_log is not None:
+                usage_log.close()
             await client.close()
 
-    async def preflight(self, lanes: Lanes) -> float:
-        """Count tokens if asked, estimate what is left to send, and refuse a plan over the budget.
-
-        Returns the estimate. Past this point the lanes enforce the budget request by request.
-        """
-        ctx = lanes.batch.ctx
+    async def _estimator(self, client: AsyncClient, usage_log: UsageLog, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}
         if self.options.count_tokens:
-            counts = await count_plan_tokens(ctx.client, self.plan.tasks, self.config.limits.count_tokens_rpm)
+            counts = await count_plan_tokens(client, self.plan.tasks, self.config.limits.count_tokens_rpm)
             counted = counts.by_index
             if counts.note:
-                ctx.logger.warning("%s", counts.note)
-        finished = self.ledger.finished_indexes(self.key)
-        self._reject_over_context_window(ctx, counted, finished)
-        assert ctx.usage_log is not None
-        history = output_history(ctx.usage_log.recent_outputs(since=time.time() - HISTORY_DAYS * 86_400))
-        ctx.estimator = estimator = Estimator(self.config, counted, history)
-        spent = self.ledger.spent(self.key)
-        estimate = spent + sum(estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
+                logger.warning("%s", counts.note)
+        history = output_history(usage_log.recent_outputs(since=time.time() - HISTORY_DAYS * 86_400))
+        return Estimator(self.config, counted, history)
+
+    def _budget(self, estimator: Estimator, tasks: dict[int, PlannedTask]) -> Budget:
         limit = self.options.max_cost_usd
-        crash_point("preflight.done")
         if limit is None:
-            return estimate
-        if estimate > limit:
-            raise BudgetError(
-                f"estimated cost ${estimate:.4f} is over --max-cost-usd ${limit:.4f} "
-                f"({len(self.plan.tasks) - len(finished)} tasks to send; nothing was sent)"
-            )
+            return Budget.unlimited()
         # Open batches already hold their rows: reserve their estimate until they are collected.
         waiting = {i for c in self.ledger.chunks(self.key) if c.open and c.batch_id for i in c.task_indexes}
-        ctx.budget = Budget(limit, spent_usd=spent)
-        ctx.budget.reserved_usd = sum(estimator.max_cost(ctx.tasks[i], "batch") for i in waiting if i in ctx.tasks)
-        ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, limit)
+        reserved = sum(estimator.max_cost(tasks[i], "batch") for i in waiting if i in tasks)
+        return Budget(limit, spent_usd=self.ledger.spent(self.key), reserved_usd=reserved)
+
+    def estimate(self, lanes: Lanes) -> float:
+        """What the run will have cost once everything left is sent; refuses a plan over the budget.
+
+        Past this point the lanes enforce the budget request by request.
+        """
+        ctx = lanes.ctx
+        finished = self.ledger.finished_indexes(self.key)
+        self._reject_over_context_window(ctx, ctx.estimator.counted_input, finished)
+        spent = self.ledger.spent(self.key)
+        estimate = spent + sum(ctx.estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
+        crash_point("preflight.done")
+        budget = ctx.budget
+        if not budget.limited:
+            return estimate
+        if estimate > budget.limit_usd:
+            raise BudgetError(
+                f"estimated cost ${estimate:.4f} is over --max-cost-usd ${budget.limit_usd:.4f} "
+                f"({len(self.plan.tasks) - len(finished)} tasks to send; nothing was sent)"
+            )
+        ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, budget.limit_usd)
         return estimate
 
-    def _reject_over_context_window(self, ctx: LaneContext, counted: dict[int, int], finished: set[int]) -> None:
+    def _reject_over_context_window(self, ctx: LaneContext, counted: Mapping[int, int], finished: set[int]) -> None:
         """Tasks the count puts over their model's context window are rejected here, not sent: the API would
         answer 400 "prompt is too long" (in a batch, only after the whole batch ends)."""
         unsent = (task for task in self.plan.tasks if task.index not in finished)
@@ -370,62 +399,99 @@ class Run:
         submitted = {chunk.chunk_key for chunk in self.open_batches()}
         return [work for work in self.chunk_works() if work.key not in submitted]
 
-    async def batches_ended(self, lanes: Lanes) -> bool:
-        """One poll per open batch: True when every chunk has a batch and none is still running, so finishing
-        the run will not wait. Also True past the batch timeout: waiting then cancels what is left."""
-        if self.unsubmitted_works():
-            return False
-        if time.time() >= lanes.batch.deadline:
-            return True
-        ctx = lanes.batch.ctx
+    # --- the phases: every entry point composes these, and only these change the run's status ----------------
 
-        async def status(batch_id: str) -> str:
-            info = await ctx.policy.call(lambda: retrieve_batch(ctx.client, batch_id))
-            return info.status
-
-        for chunk in self.open_batches():
-            assert chunk.batch_id is not None
-            try:
-                if await status(chunk.batch_id) != "ended":
-                    return False
-            except PermanentApiError as exc:
-                if exc.status != 404:
-                    raise
-                # Gone from the API: collecting it marks it lost and resubmits its rows.
-        return True
-
-    async def send(self, lanes: Lanes, steps: Steps | None = None, *, wait: bool = True) -> bool:
-        """The run loop: budget, both lanes at once, then whatever the batch lane left goes realtime.
-
-        Every entry point sends through here: `steps` says how each phase runs (called directly by default, or
-        as a Prefect task run by the flow). True when every batch has been collected; False when some were
-        left running (wait=False) for a later `collect`.
-        """
-        steps = steps or DIRECT_STEPS
+    def begin(self, lanes: Lanes) -> float:
+        """Begin sending: the plan's warnings, the estimate (refused over the budget), status `running`."""
         for warning in self.plan.warnings:
-            lanes.batch.ctx.logger.warning("%s", warning.removeprefix("warning: "))
-        await steps.estimate(lanes)
+            lanes.ctx.logger.warning("%s", warning.removeprefix("warning: "))
+        estimate = self.estimate(lanes)
         self.ledger.set_run_status(self.key, "running")
-        await all_or_none(self._batch_lane(lanes, steps, wait), self._realtime_lane(lanes, steps))
-        if self.open_batches():
+        return estimate
+
+    async def submit(self, lanes: Lanes, work: ChunkWork) -> ChunkRecord | None:
+        """The chunk's batch, created exactly once (a retry re-attaches to the recorded one)."""
+        return await lanes.batch.submit(work)
+
+    async def collect(self, lanes: Lanes, record: ChunkRecord, *, wait: bool = True) -> bool:
+        """Collect one batch once it has ended: waiting for it (cancelled at the batch timeout), or, without
+        `wait`, only if it has already ended. True when it was collected."""
+        if wait:
+            await lanes.batch.wait_and_collect(record)
+            return True
+        return await lanes.batch.collect_if_ended(record)
+
+    async def send_realtime(self, lanes: Lanes) -> int:
+        """Send the realtime-route tasks without a finished row; returns how many were sent."""
+        tasks = self.realtime_tasks()
+        await lanes.realtime.run(tasks)
+        return len(tasks)
+
+    async def send_leftovers(self, lanes: Lanes) -> int:
+        """One round of `leftovers()` sent realtime; returns how many were sent."""
+        tasks = self.leftovers()
+        await lanes.realtime.run(tasks)
+        return len(tasks)
+
+    def park(self) -> list[str]:
+        """While batches are open, the run waits for a later collect: status `submitted`. Returns their ids."""
+        running = [chunk.batch_id for chunk in self.open_batches() if chunk.batch_id is not None]
+        if running:
             self.ledger.set_run_status(self.key, "submitted")
+        return running
+
+    # --- the phases in order ---------------------------------------------------------------------------------
+
+    async def send(self, lanes: Lanes, phases: Phases | None = None, *, wait: bool = True) -> bool:
+        """The run loop: begin, both lanes at once, park if batches are left open, then the leftovers realtime.
+
+        Every entry point sends through here: `phases` says how each phase is called (directly by default, or
+        as a Prefect task run by the flow). True when every batch has been collected; False when some were
+        left running (wait=False) for a later `collect_once`.
+        """
+        phases = phases or DIRECT_PHASES
+        await phases.begin(self, lanes)
+        await all_or_none(self._batch_lane(lanes, phases, wait), self._realtime_lane(lanes, phases))
+        if await phases.park(self):
             return False
-        await self.send_leftovers(lanes, steps)
+        await self._leftovers(lanes, phases)
         return True
 
-    async def _batch_lane(self, lanes: Lanes, steps: Steps, wait: bool) -> None:
-        batch = lanes.batch
+    async def collect_once(self, lanes: Lanes, phases: Phases | None = None, *, wait: bool = False) -> list[str]:
+        """Collect a run whose process is gone (`batches collect`, the `batch-collect` flow): submit chunks whose
+        create was interrupted, collect every batch that has ended (every batch with `wait`), park if some still
+        run, else send the leftovers realtime. Returns the batches still running (empty: ready to finish).
 
+        Resubmitted rows are not waited for without `wait`: the next collect finishes their batch. The status
+        stays as it was until `finish`, so a collector that dies leaves the run to the next one.
+        """
+        phases = phases or DIRECT_PHASES
+        await phases.estimate(self, lanes)
+        lanes.batch.wait_for_resubmissions = wait
+        await all_or_none(*(self._submit(lanes, phases, work) for work in self.unsubmitted_works()))
+        await all_or_none(*(self._collect(lanes, phases, record, wait) for record in self.open_batches()))
+        running = await phases.park(self)
+        if not running:
+            await self._leftovers(lanes, phases)
+        return running
+
+    async def _submit(self, lanes: Lanes, phases: Phases, work: ChunkWork) -> None:
+        await phases.submit(self, lanes, work)
+
+    async def _collect(self, lanes: Lanes, phases: Phases, record: ChunkRecord, wait: bool) -> None:
+        await phases.collect(self, lanes, record, wait)
+
+    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool) -> None:
         async def chunk(work: ChunkWork) -> None:
-            record = await steps.submit(batch, work)
+            record = await phases.submit(self, lanes, work)
             if record is not None and wait:
-                await steps.collect(batch, record)
+                await phases.collect(self, lanes, record, True)
 
         works = self.chunk_works()
         if works:
             await all_or_none(*(chunk(work) for work in works))
-            progress = batch.ctx.progress
-            batch.ctx.logger.info(
+            progress = lanes.ctx.progress
+            lanes.ctx.logger.info(
                 "batch lane: %s submitted, %d ended; %d rows succeeded, %d failed",
                 plural(progress.batches_submitted, "batch"),
                 progress.batches_ended,
@@ -433,23 +499,22 @@ class Run:
                 progress.batch_rows_failed,
             )
 
-    async def _realtime_lane(self, lanes: Lanes, steps: Steps) -> None:
+    async def _realtime_lane(self, lanes: Lanes, phases: Phases) -> None:
         if self.realtime_tasks():
-            sent = await steps.realtime(lanes)
-            progress = lanes.realtime.ctx.progress
-            lanes.realtime.ctx.logger.info(
+            sent = await phases.send_realtime(self, lanes)
+            progress = lanes.ctx.progress
+            lanes.ctx.logger.info(
                 "realtime lane: %d tasks, %d succeeded, %d failed",
                 sent,
                 progress.realtime_done,
                 progress.realtime_failed,
             )
 
-    async def send_leftovers(self, lanes: Lanes, steps: Steps | None = None) -> None:
-        """Send realtime every task the batch lane did not finish (none is waiting in an open batch), and answers
-        to ask again, until none is left: an invalid_output row retried once may have another retry left."""
+    async def _leftovers(self, lanes: Lanes, phases: Phases) -> None:
+        # Until none is left: an invalid_output row retried once may have another retry left.
         while self.leftovers():
-            sent = await (steps or DIRECT_STEPS).leftovers(lanes)
-            lanes.batch.ctx.logger.info(
+            sent = await phases.send_leftovers(self, lanes)
+            lanes.ctx.logger.info(
                 "realtime fallback: %d tasks (unfinished by the batch lane, or answers to ask again) sent realtime",
                 sent,
             )
@@ -458,15 +523,11 @@ class Run:
 
     def rows(self) -> Iterator[TaskResult]:
         """One row per input record, in input order: ledger results merged with rejections."""
-        rejected = (rejection_result(r) for r in sorted(self.plan.rejections, key=_rejection_index))
-        yield from heapq.merge(self.ledger.results(self.key), rejected, key=lambda r: r.index)
+        return in_input_order(((row.index, row) for row in self.ledger.results(self.key)), self.plan.rejections)
 
     def row_json(self) -> Iterator[TaskResult | bytes]:
         """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
-        stored: Iterator[tuple[int, TaskResult | bytes]] = self.ledger.result_json(self.key)
-        rejected = ((r.index, rejection_result(r)) for r in sorted(self.plan.rejections, key=_rejection_index))
-        for _, row in heapq.merge(stored, rejected, key=_first):
-            yield row
+        return in_input_order(self.ledger.result_json(self.key), self.plan.rejections)
 
     def missing(self) -> list[PlannedTask]:
         """Planned tasks without a finished row."""
@@ -482,8 +543,8 @@ class Run:
                 missing.append(task)
         return missing
 
-    def write_output(self) -> RunSummary:
-        """Write the merged output atomically, mark the run complete, and return its summary."""
+    def finish(self) -> RunSummary:
+        """Finish: write the merged output atomically, mark the run complete, and return its summary."""
         missing = self.missing()
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
@@ -522,59 +583,59 @@ class Run:
 
 @dataclass(frozen=True, slots=True)
 class Lanes:
+    """The two lanes of one run, over one client and one lane context."""
+
     batch: BatchLane
     realtime: RealtimeLane
-    run: Run
 
-    async def run_batches(self, works: list[ChunkWork]) -> None:
-        await self.batch.run(works)
-
-    async def run_realtime(self, tasks: list[PlannedTask]) -> None:
-        await self.realtime.run(tasks)
+    @property
+    def ctx(self) -> LaneContext:
+        return self.batch.ctx
 
 
-class Steps(Protocol):
-    """How each phase of `Run.send` is executed: called directly, or as a Prefect task run (the flow's)."""
+class Phases(Protocol):
+    """How each phase of a run is called: directly (`run()`, `batches collect`), or as a Prefect task run each
+    (the flows). Every implementation is one call into `Run` per phase, nothing more."""
 
-    async def estimate(self, lanes: Lanes) -> float: ...
-    async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None: ...
-    async def collect(self, batch: BatchLane, record: ChunkRecord) -> None: ...
-    async def realtime(self, lanes: Lanes) -> int: ...
-    async def leftovers(self, lanes: Lanes) -> int: ...
-
-
-class DirectSteps:
-    """Each phase called in this process: `run()`, and `batch-engine run` without Prefect."""
-
-    async def estimate(self, lanes: Lanes) -> float:
-        return await lanes.run.preflight(lanes)
-
-    async def submit(self, batch: BatchLane, work: ChunkWork) -> ChunkRecord | None:
-        return await batch.submit(work)
-
-    async def collect(self, batch: BatchLane, record: ChunkRecord) -> None:
-        await batch.wait_and_collect(record)
-
-    async def realtime(self, lanes: Lanes) -> int:
-        tasks = lanes.run.realtime_tasks()
-        await lanes.run_realtime(tasks)
-        return len(tasks)
-
-    async def leftovers(self, lanes: Lanes) -> int:
-        tasks = lanes.run.leftovers()
-        await lanes.run_realtime(tasks)
-        return len(tasks)
+    async def begin(self, run: Run, lanes: Lanes) -> float: ...
+    async def estimate(self, run: Run, lanes: Lanes) -> float: ...
+    async def submit(self, run: Run, lanes: Lanes, work: ChunkWork) -> ChunkRecord | None: ...
+    async def collect(self, run: Run, lanes: Lanes, record: ChunkRecord, wait: bool) -> bool: ...
+    async def send_realtime(self, run: Run, lanes: Lanes) -> int: ...
+    async def send_leftovers(self, run: Run, lanes: Lanes) -> int: ...
+    async def park(self, run: Run) -> list[str]: ...
+    async def finish(self, run: Run) -> RunSummary: ...
 
 
-DIRECT_STEPS = DirectSteps()
+class DirectPhases:
+    """Each phase called in this process: `run()`, `batches collect`, and `batch-engine run` without Prefect."""
+
+    async def begin(self, run: Run, lanes: Lanes) -> float:
+        return run.begin(lanes)
+
+    async def estimate(self, run: Run, lanes: Lanes) -> float:
+        return run.estimate(lanes)
+
+    async def submit(self, run: Run, lanes: Lanes, work: ChunkWork) -> ChunkRecord | None:
+        return await run.submit(lanes, work)
+
+    async def collect(self, run: Run, lanes: Lanes, record: ChunkRecord, wait: bool) -> bool:
+        return await run.collect(lanes, record, wait=wait)
+
+    async def send_realtime(self, run: Run, lanes: Lanes) -> int:
+        return await run.send_realtime(lanes)
+
+    async def send_leftovers(self, run: Run, lanes: Lanes) -> int:
+        return await run.send_leftovers(lanes)
+
+    async def park(self, run: Run) -> list[str]:
+        return run.park()
+
+    async def finish(self, run: Run) -> RunSummary:
+        return run.finish()
 
 
-def _rejection_index(rejection: Rejection) -> int:
-    return rejection.index
-
-
-def _first(pair: tuple[int, TaskResult | bytes]) -> int:
-    return pair[0]
+DIRECT_PHASES = DirectPhases()
 
 
 # --- which run a `run` opens -----------------------------------------------------------------------------------
@@ -587,6 +648,7 @@ class _Opened:
     plan: Plan
     digests: dict[int, bytes]
     superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
+    idle: tuple[RunRecord, ...] = ()  # unfinished runs of the same input that sent nothing: simply replaced
 
 
 def _plan_at(input_path: Path, config: Config, started_at: float, mode: Route | None) -> Plan:
@@ -641,11 +703,10 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     if busy and not options.supersede:
         raise _changed(ledger, busy[0], input_path)
     record = ledger.begin(key, *paths, _stored_options(options, config, digest), now)
-    # Unfinished runs that sent nothing are simply replaced; the others hand over their work (`_supersede`).
-    for idle in unfinished:
-        if idle not in busy:
-            ledger.set_run_status(idle.run_key, "superseded", now)
-    return _Opened(record, config, plan, digests, tuple(busy))
+    # Unfinished runs that sent nothing are simply replaced (`Run.prepare`); the others hand over their work
+    # (`_supersede`).
+    idle = tuple(run for run in unfinished if run not in busy)
+    return _Opened(record, config, plan, digests, tuple(busy), idle)
 
 
 def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
@@ -717,6 +778,7 @@ async def run(
 ) -> RunSummary:
     """Run a task file end to end (or resume it), write the merged output, and return the run summary.
 
+    The phases in order, in this process, without Prefect: plan, send (begin, both lanes, leftovers), finish.
     A completed run is not sent again: its output is rewritten from the ledger without any API call.
     """
     prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
@@ -724,6 +786,6 @@ async def run(
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:
                 await prepared.send(lanes)
-        return prepared.write_output()
+        return prepared.finish()
     finally:
         prepared.close()

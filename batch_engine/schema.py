@@ -6,14 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from batch_engine.models import TaskRequest, TaskResult
-
-
-class OutputFile(BaseModel):
-    """The merged result file: a run summary and one row per input task, in input order."""
-
-    run: dict[str, Any]
-    results: list[TaskResult]
+from batch_engine.models import OutputFile, TaskRequest
 
 
 def json_schema(kind: Literal["input", "output"]) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import orjson
 
@@ -14,18 +13,10 @@ from batch_engine.errors import ApiError
 from batch_engine.lanes import all_or_none
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.tokens import TokenCounts
 
 _UNLIMITED = 10**12
 COUNT_CONCURRENCY = 16
-
-
-@dataclass(frozen=True, slots=True)
-class TokenCounts:
-    """Counted input tokens by input index, how many distinct prompts were counted, and why any were not."""
-
-    by_index: dict[int, int]
-    distinct_prompts: int
-    note: str | None = None
 
 
 def _prompt_key(task: PlannedTask) -> bytes:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +24,7 @@ from typing import Any
 import anthropic
 import orjson
 
+from batch_engine.emulator.process import emulator_process
 from batch_engine.emulator.server import start_emulator
 from batch_engine.emulator.settings import EmulatorSettings
 
@@ -46,18 +44,8 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 @contextmanager
 def _emulator_process() -> Iterator[tuple[str, int | None]]:
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--reply-tokens", "32"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        found = re.search(r"http://[\d.]+:\d+", line)
-        if not found:
-            raise RuntimeError(f"emulator did not start: {line!r}")
-        yield found.group(0), process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
+    with emulator_process("--reply-tokens", "32") as emulator:
+        yield emulator.base_url, emulator.pid
 
 
 @contextmanager

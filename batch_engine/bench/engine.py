@@ -24,16 +24,12 @@ import argparse
 import asyncio
 import logging
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -46,6 +42,7 @@ from pydantic import SecretStr
 from batch_engine.cli.args import duration as _duration
 from batch_engine.client import ApiSettings, make_client
 from batch_engine.config import Config, load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.files import iter_records
 from batch_engine.lanes import Progress
 from batch_engine.planning import make_plan
@@ -70,21 +67,8 @@ def _write_tasks(path: Path, count: int) -> None:
 
 # --- realtime: the engine against a bare SDK loop --------------------------------------------------------------
 
-
-@contextmanager
-def _emulator_process(*options: str) -> Iterator[tuple[str, int]]:
-    """`batch-engine emulator` in a process (and session) of its own: its base URL and PID; stopped by PID."""
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--reply-tokens", "32", *options]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert process.stdout is not None
-        found = re.search(r"http://[\d.]+:\d+", process.stdout.readline())
-        if not found:
-            raise RuntimeError("the emulator did not start")
-        yield found.group(0), process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
+# Short fixed replies: the benchmarks measure the client, not the size of what comes back.
+REPLY_TOKENS = ("--reply-tokens", "32")
 
 
 def _cpu_s(pid: int) -> float:
@@ -206,7 +190,7 @@ def _engine(
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
     if task_latency:
         latencies = progress.task_seconds
-    return _Measured(summary.counts["total"], wall, cpu, summary.counts["failed"], latencies, finished)
+    return _Measured(summary.counts.total, wall, cpu, summary.counts.failed, latencies, finished)
 
 
 def bench_realtime(
@@ -220,8 +204,9 @@ def bench_realtime(
     limit_per_s = concurrency / mean_latency_s if mean_latency_s else None
     bare: list[dict[str, Any]] = []
     engine: list[dict[str, Any]] = []
-    emulator = _emulator_process("--latency", str(latency_s), "--jitter", str(jitter_s))
-    with tempfile.TemporaryDirectory() as tmp, emulator as (base_url, pid):
+    emulator = emulator_process(*REPLY_TOKENS, "--latency", str(latency_s), "--jitter", str(jitter_s))
+    with tempfile.TemporaryDirectory() as tmp, emulator as running:
+        base_url, pid = running.base_url, running.pid
         warm = Path(tmp) / "warm.jsonl"
         _write_realtime_tasks(warm, concurrency, "w")
         warm_params = [task.params for task in make_plan(iter_records(warm), config, datetime.now(UTC)).tasks]
@@ -304,9 +289,9 @@ def _ratelimit_row(client: str, measured: _Measured, calls: dict[str, int], limi
 def _on_fresh_emulator(options: list[str], measure: Callable[[str], _Measured]) -> tuple[_Measured, dict[str, int]]:
     """`measure(base_url)` against an emulator of its own (full buckets, no 429s of another client), and the
     emulator's count of Messages calls by status."""
-    with _emulator_process(*options) as (base_url, _):
-        measured = measure(base_url)
-        calls: dict[str, int] = _emulator_stats(base_url)["calls"].get("POST /v1/messages", {})
+    with emulator_process(*REPLY_TOKENS, *options) as emulator:
+        measured = measure(emulator.base_url)
+        calls: dict[str, int] = _emulator_stats(emulator.base_url)["calls"].get("POST /v1/messages", {})
     return measured, calls
 
 
@@ -534,7 +519,7 @@ BENCH_SCHEMA: dict[str, Any] = {
 
 def bench_validate(rows: int) -> dict[str, Any]:
     """CPU time per row to parse an answer's JSON text and validate it against a 10-field schema (compiled once)."""
-    from batch_engine.planning.output_schema import OutputSpec
+    from batch_engine.structured_output import OutputSpec
 
     started = time.process_time()
     spec = OutputSpec.of(BENCH_SCHEMA, "output_config")

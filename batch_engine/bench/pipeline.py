@@ -28,9 +28,10 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.bench.engine import _emulator_process, _emulator_stats, _write_tasks, print_table
+from batch_engine.bench.engine import REPLY_TOKENS, _emulator_stats, _write_tasks, print_table
 from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.models import TaskResult
 from batch_engine.planning import Plan, PlannedTask
 from batch_engine.planning.identity import request_digests, run_identity
@@ -139,7 +140,7 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
                 prepared.options = replace(options, output_format=output_format)
                 prepared.output_path = work / f"out.{output_format}"
                 with _phase(phases, f"merge + write {output_format}"):
-                    prepared.write_output()
+                    prepared.finish()
                 sizes[output_format] = prepared.output_path.stat().st_size / 2**20
         finally:
             prepared.close()
@@ -192,7 +193,8 @@ def print_plan(results: list[dict[str, Any]]) -> None:
 
 def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
     """`tasks` tasks forced onto the batch lane; the emulator (own process) ends every batch at once."""
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process("--batch-duration", "0") as (base_url, pid):
+    with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS, "--batch-duration", "0") as emulator:
+        base_url, pid = emulator.base_url, emulator.pid
         work = Path(tmp)
         path = work / "tasks.jsonl"
         _write_tasks(path, tasks)
@@ -211,7 +213,7 @@ def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
     return {
         "bench": "batch",
         "tasks": tasks,
-        "succeeded": summary.counts["succeeded"],
+        "succeeded": summary.counts.succeeded,
         "batches": len(summary.batches),
         "input_mib": round(input_mib, 1),
         "wall_s": round(wall, 2),
@@ -232,7 +234,8 @@ def bench_batch(tasks: int, poll_s: float) -> dict[str, Any]:
 def bench_cost(tasks_path: Path, config_path: Path, poll_s: float) -> dict[str, Any]:
     """The sample workload with its own config, routed as configured: billed vs all-realtime no-cache cost."""
     emulator = ("--batch-duration", "0", "--config", str(config_path))
-    with tempfile.TemporaryDirectory() as tmp, _emulator_process(*emulator) as (base_url, _):
+    with tempfile.TemporaryDirectory() as tmp, emulator_process(*REPLY_TOKENS, *emulator) as running:
+        base_url = running.base_url
         work = Path(tmp)
         api = ApiSettings(SecretStr("bench"), base_url)
         options = RunOptions(state_dir=work / "state", poll_interval_s=poll_s, config_path=config_path)
@@ -244,9 +247,9 @@ def bench_cost(tasks_path: Path, config_path: Path, poll_s: float) -> dict[str, 
     cost = summary.cost
     return {
         "bench": "cost",
-        "tasks": summary.counts["total"],
-        "succeeded": summary.counts["succeeded"],
-        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts["by_route"].items()),
+        "tasks": summary.counts.total,
+        "succeeded": summary.counts.succeeded,
+        "by_route": " ".join(f"{route}={count}" for route, count in summary.counts.by_route.items()),
         "billed_usd": cost.total_usd,
         "baseline_usd": cost.baseline_usd,
         "savings_usd": cost.savings_usd,

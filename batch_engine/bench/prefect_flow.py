@@ -17,7 +17,6 @@ import asyncio
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pydantic import SecretStr
 from batch_engine.bench.engine import print_result
 from batch_engine.client import ApiSettings
 from batch_engine.config import default_config_text, load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.runner import RunOptions, run
 
 _TYPES = [
@@ -59,31 +59,6 @@ def _write_config(path: Path, concurrency: int) -> None:
         if not found:
             raise KeyError(f"no [limits] key {key} in the shipped config")
     path.write_text(text, encoding="utf-8")
-
-
-class _Emulator:
-    """`batch-engine emulator` in its own process, so it does not share the measured process's CPU."""
-
-    def __init__(self, config: Path) -> None:
-        command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--config", str(config)]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        found = re.search(r"http://[\d.]+:\d+", self.process.stdout.readline())
-        if not found:
-            self.stop()
-            raise RuntimeError("the emulator did not announce its URL")
-        self.base_url = found.group(0)
-
-    def reset(self) -> None:
-        httpx.post(f"{self.base_url}/_emulator/reset").raise_for_status()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 async def _task_run_count(flow_run_id: UUID, settle_s: float = 3.0, timeout_s: float = 60.0) -> int:
@@ -113,8 +88,8 @@ def _cpu_s(pid: int | None) -> float:
 
 def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
     """Median wall and CPU time of the engine alone and of the flow on the same file; task runs per flow run."""
-    from flows.batch_orchestrator import batch_orchestrator
-    from flows.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.ephemeral import start_ephemeral_server
+    from batch_engine.orchestration.orchestrator import batch_orchestrator
 
     server_pid = start_ephemeral_server()
     engine_s: list[float] = []
@@ -129,33 +104,30 @@ def bench_prefect(tasks: int, rounds: int, concurrency: int) -> dict[str, Any]:
         _write_tasks(input_path, tasks)
         _write_config(config_path, concurrency)
         config = load_config(config_path)
-        emulator = _Emulator(config_path)
-        api = ApiSettings(SecretStr("sk-bench"), emulator.base_url)
-        os.environ["ANTHROPIC_API_KEY"], os.environ["ANTHROPIC_BASE_URL"] = "sk-bench", emulator.base_url
-        try:
+        with emulator_process("--config", str(config_path)) as emulator:
+            api = ApiSettings(SecretStr("sk-bench"), emulator.base_url)
+            os.environ["ANTHROPIC_API_KEY"], os.environ["ANTHROPIC_BASE_URL"] = "sk-bench", emulator.base_url
             for number in range(rounds):
-                emulator.reset()
+                httpx.post(f"{emulator.base_url}/_emulator/reset").raise_for_status()
                 state = work / f"engine-{number}"
                 started, cpu = time.perf_counter(), time.process_time()
                 options = RunOptions(state_dir=state, mode="realtime", config_path=config_path)
                 summary = asyncio.run(run(input_path, work / "engine.json", api=api, config=config, options=options))
                 engine_s.append(time.perf_counter() - started)
                 engine_cpu.append(time.process_time() - cpu)
-                assert summary.counts["succeeded"] == tasks, summary.counts
+                assert summary.counts.succeeded == tasks, summary.counts
 
-                emulator.reset()
+                httpx.post(f"{emulator.base_url}/_emulator/reset").raise_for_status()
                 started, cpu, server = time.perf_counter(), time.process_time(), _cpu_s(server_pid)
                 flow_state = asyncio.run(_flow(batch_orchestrator, input_path, work, number, config_path))
                 flow_s.append(time.perf_counter() - started)
                 flow_cpu.append(time.process_time() - cpu)
                 flow_summary = flow_state.result()
-                assert flow_summary.counts["succeeded"] == tasks, flow_summary.counts
+                assert flow_summary.counts.succeeded == tasks, flow_summary.counts
                 flow_run_id = flow_state.state_details.flow_run_id
                 assert flow_run_id is not None
                 task_runs.append(asyncio.run(_task_run_count(flow_run_id)))
                 server_cpu.append(_cpu_s(server_pid) - server)  # includes recording the run's last events
-        finally:
-            emulator.stop()
     engine, flow_time = statistics.median(engine_s), statistics.median(flow_s)
     cpu_engine, cpu_flow = statistics.median(engine_cpu), statistics.median(flow_cpu)
     return {

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings, list_batches, make_client
 from batch_engine.config import default_config_text, parse_config
+from batch_engine.emulator import EmulatorProcess, emulator_process
 from batch_engine.files import atomic_write_bytes, iter_records
 from batch_engine.runner import RunOptions, run
 from batch_engine.state.ledger import ChunkRecord, Ledger
@@ -88,32 +88,13 @@ def _config_text(**limits: object) -> str:
     return text
 
 
-@contextmanager
-def _emulator(batch_duration_s: float, seed: int, after_commit: float) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """`batch-engine emulator` in its own process, injecting FAULTS on every endpoint; its URL."""
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--fault-endpoints", "*"]
-    command += ["--fault-after-commit", str(after_commit)]
-    command += ["--batch-duration", f"{batch_duration_s}s", "--seed", str(seed), "--row-error-type", "api_error"]
+def _emulator(batch_duration_s: float, seed: int, after_commit: float) -> AbstractContextManager[EmulatorProcess]:
+    """`batch-engine emulator` in its own process, injecting FAULTS on every endpoint."""
+    options = ["--fault-endpoints", "*", "--fault-after-commit", str(after_commit)]
+    options += ["--batch-duration", f"{batch_duration_s}s", "--seed", str(seed), "--row-error-type", "api_error"]
     for kind, rate in FAULTS.items():
-        command += ["--fault-rate", f"{kind}={rate}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        found = None
-        while found is None and time.monotonic() < deadline and process.poll() is None:
-            found = re.search(r"http://[\d.]+:\d+", process.stdout.readline())
-        if found is None:
-            raise RuntimeError("the emulator did not start")
-        yield found.group(0), process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        options += ["--fault-rate", f"{kind}={rate}"]
+    return emulator_process(*options, stderr=subprocess.DEVNULL, start_timeout_s=START_TIMEOUT_S)
 
 
 def _get_json(url: str) -> Any:
@@ -158,7 +139,8 @@ def soak(
             ),
             "soak config",
         )
-        with _emulator(batch_duration_s, seed, after_commit) as (base_url, process):
+        with _emulator(batch_duration_s, seed, after_commit) as emulator:
+            base_url = emulator.base_url
             started = time.perf_counter()
             asyncio.run(
                 run(
@@ -171,7 +153,7 @@ def soak(
             )
             wall = time.perf_counter() - started
             stats = _get_json(f"{base_url}/_emulator/stats")
-            emulator_rss = _peak_rss_mib(process.pid)
+            emulator_rss = _peak_rss_mib(emulator.pid)
             api_batches = asyncio.run(_batch_ids(base_url))
         with Ledger.open(work / "state") as ledger:
             recorded = ledger.known_batch_ids()

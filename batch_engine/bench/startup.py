@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
-from batch_engine.bench.engine import _emulator_process, _emulator_stats, _write_realtime_tasks, print_table
+from batch_engine.bench.engine import REPLY_TOKENS, _emulator_stats, _write_realtime_tasks, print_table
 from batch_engine.config import load_config
+from batch_engine.emulator import emulator_process
 from batch_engine.files import iter_records
 from batch_engine.planning import make_plan
 
@@ -81,7 +82,9 @@ def bench_startup(
     bare: list[dict[str, float]] = []
     engine: list[dict[str, float]] = []
     flow: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as tmp_dir, _emulator_process("--latency", str(latency_s)) as (base_url, _):
+    emulator = emulator_process(*REPLY_TOKENS, "--latency", str(latency_s))
+    with tempfile.TemporaryDirectory() as tmp_dir, emulator as running:
+        base_url = running.base_url
         tmp = Path(tmp_dir)
         env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
         env.update(ANTHROPIC_API_KEY="bench", ANTHROPIC_BASE_URL=base_url)

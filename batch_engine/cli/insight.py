@@ -177,7 +177,7 @@ def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report:
     if args.prefect_artifact:
         if not os.environ.get("PREFECT_API_URL"):
             raise ConfigError("--prefect-artifact needs a Prefect server: set PREFECT_API_URL")
-        from flows.report import CHARTS_ARTIFACT_KEY, publish_report_charts
+        from batch_engine.orchestration.report_charts import CHARTS_ARTIFACT_KEY, publish_report_charts
 
         quiet_prefect_console()
         publish_report_charts(markdown_charts(records, found))

@@ -19,7 +19,7 @@ from batch_engine.schema import json_schema
 
 if TYPE_CHECKING:
     from batch_engine.client import ApiSettings
-    from batch_engine.token_count import TokenCounts
+    from batch_engine.planning.tokens import TokenCounts
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -183,9 +183,9 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
 
     from rich.console import Console
 
+    from batch_engine.orchestration import orchestrator
+    from batch_engine.orchestration.ephemeral import start_ephemeral_server
     from batch_engine.render.terminal import live_progress
-    from flows import batch_orchestrator as orchestrator
-    from flows.ephemeral import start_ephemeral_server
 
     quiet_prefect_console()
     start_ephemeral_server(args.state_dir)
@@ -246,12 +246,11 @@ def quiet_prefect_console() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     import batch_engine
-    import flows
 
-    roots = tuple(str(Path(str(package.__file__)).parent) + os.sep for package in (batch_engine, flows))
+    root = str(Path(str(batch_engine.__file__)).parent) + os.sep
 
     def run_lines_only(record: logging.LogRecord) -> bool:
-        return record.pathname.startswith(roots)
+        return record.pathname.startswith(root)
 
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):

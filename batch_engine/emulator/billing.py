@@ -58,7 +58,7 @@ class Billed:
         return dollars * discount
 
 
-class Ledger:
+class BillingTotals:
     """Running token and dollar totals per lane ("realtime" for Messages, "batch" for batch rows)."""
 
     def __init__(self) -> None:

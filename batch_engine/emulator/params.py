@@ -52,7 +52,7 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
-class Thinking:
+class ThinkingRequest:
     mode: str  # "enabled" or "adaptive"
     budget_tokens: int | None
     effort: str
@@ -66,7 +66,7 @@ class MessageRequest:
     max_tokens: int  # 0 for count_tokens
     segments: tuple[Segment, ...]
     last_user_text: str
-    thinking: Thinking | None
+    thinking: ThinkingRequest | None
     stream: bool
     stop_sequences: tuple[str, ...]
     forced_tool: dict[str, Any] | None
@@ -311,13 +311,13 @@ def _check_breakpoints(segments: list[Segment], hidden_slots: int) -> None:
         raise invalid("cache_control: a ttl='1h' cache entry must come before any ttl='5m' entry.")
 
 
-def _thinking(params: dict[str, Any], spec: ModelRules, max_tokens: int, counting: bool) -> Thinking | None:
+def _thinking(params: dict[str, Any], spec: ModelRules, max_tokens: int, counting: bool) -> ThinkingRequest | None:
     config = params.get("thinking")
     effort = _effort(params.get("output_config"))
     if config is None:
         # The 5.x models think when `thinking` is omitted (D-HK, D-SN, D-TT in catalog.py).
         if spec.thinks_by_default:
-            return Thinking("adaptive", None, effort or spec.default_effort, spec.default_display)
+            return ThinkingRequest("adaptive", None, effort or spec.default_effort, spec.default_display)
         return None
     if not isinstance(config, dict) or config.get("type") not in (
         "enabled",
@@ -340,7 +340,7 @@ def _thinking(params: dict[str, Any], spec: ModelRules, max_tokens: int, countin
         # `between_tools` keeps only the short notes between tool calls: a request without tools thinks not at all.
         return None
     if kind == "adaptive":
-        return Thinking("adaptive", None, effort or spec.default_effort, display)
+        return ThinkingRequest("adaptive", None, effort or spec.default_effort, display)
     if not spec.manual_thinking:
         raise invalid(
             '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
@@ -353,7 +353,7 @@ def _thinking(params: dict[str, Any], spec: ModelRules, max_tokens: int, countin
         raise invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
     if not counting and budget >= max_tokens:
         raise invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
-    return Thinking("enabled", budget, effort or "high", display)
+    return ThinkingRequest("enabled", budget, effort or "high", display)
 
 
 def _effort(output_config: Any) -> str | None:
@@ -368,7 +368,7 @@ def _effort(output_config: Any) -> str | None:
 
 
 def _tool_choice(
-    choice: Any, tools: dict[str, dict[str, Any]], thinking: Thinking | None, spec: ModelRules, model: str
+    choice: Any, tools: dict[str, dict[str, Any]], thinking: ThinkingRequest | None, spec: ModelRules, model: str
 ) -> dict[str, Any] | None:
     if choice is None:
         return None
@@ -392,7 +392,7 @@ def _tool_choice(
     return tools[name]
 
 
-def _sampling(params: dict[str, Any], spec: ModelRules, thinking: Thinking | None) -> None:
+def _sampling(params: dict[str, Any], spec: ModelRules, thinking: ThinkingRequest | None) -> None:
     # Reached with sampling params only under API version 2023-06-01 (2026-10-21 rejects them up front).
     temperature = params.get("temperature")
     for name in ("temperature", "top_p", "top_k"):

@@ -64,7 +64,7 @@ class Refusal:
         )
 
 
-class RateLimiter:
+class RateLimitBuckets:
     """All buckets of one emulator. Buckets for a model are created on its first request."""
 
     def __init__(self, settings: EmulatorSettings) -> None:

@@ -36,7 +36,7 @@ def reply_digest(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
+class GeneratedReply:
     content: list[dict[str, Any]]
     stop_reason: str
     stop_sequence: str | None
@@ -85,7 +85,7 @@ def build_reply(
     invalid_output: bool = False,
     refuse: bool = False,
     pause: bool = False,
-) -> Reply:
+) -> GeneratedReply:
     """The content, stop reason and output tokens for a validated request.
 
     A JSON answer (output_config.format, or a forced tool's input) is generated from the schema and validates
@@ -93,13 +93,13 @@ def build_reply(
     """
     digest = reply_digest(request.last_user_text)
     if refuse:
-        return Reply([], "refusal", None, 1, 0, REFUSAL_DETAILS)
+        return GeneratedReply([], "refusal", None, 1, 0, REFUSAL_DETAILS)
     seed = int(digest[:8], 16)
     if pause and request.server_tool is not None:
         # The server-side tool loop ran out of iterations mid-turn (docs: /api/handling-stop-reasons): the answer
         # so far is a server tool call, and the client sends the content back to let the turn go on.
         call = {"type": "server_tool_use", "id": new_id("srvtoolu_"), "name": request.server_tool, "input": {}}
-        return Reply([call], "pause_turn", None, min(request.max_tokens, 24), 0)
+        return GeneratedReply([call], "pause_turn", None, min(request.max_tokens, 24), 0)
     echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
     thinking_tokens = _thinking_tokens(request, seed)
     content: list[dict[str, Any]] = []
@@ -121,7 +121,7 @@ def build_reply(
     thinking_tokens = min(thinking_tokens, limit)
     available = limit - thinking_tokens
     if available <= 0:
-        return Reply(content, limit_reason, None, max(1, limit), thinking_tokens)
+        return GeneratedReply(content, limit_reason, None, max(1, limit), thinking_tokens)
 
     if request.forced_tool is not None:
         schema = request.forced_tool.get("input_schema", {})
@@ -135,7 +135,7 @@ def build_reply(
         }
         used = min(available, json_tokens(tool_input, request.spec.tokenizer) + 8)
         content.append(block)
-        return Reply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
+        return GeneratedReply(content, "tool_use", None, thinking_tokens + used, thinking_tokens)
 
     if request.json_schema is not None:
         generator = Generator(request.json_schema, echo, seed)
@@ -162,11 +162,11 @@ def build_reply(
     if text:
         content.append({"type": "text", "text": text})
     output_tokens = max(1, thinking_tokens + text_tokens(text, family))
-    return Reply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
+    return GeneratedReply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
 
 
 def message_json(
-    request: MessageRequest, reply: Reply, usage: dict[str, Any], message_id: str | None = None
+    request: MessageRequest, reply: GeneratedReply, usage: dict[str, Any], message_id: str | None = None
 ) -> dict[str, Any]:
     return {
         "id": message_id or new_id("msg_"),

@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 
 from batch_engine.emulator.batches import OUTCOMES, Batch, BatchStore, RowFaults
-from batch_engine.emulator.billing import Billed, Ledger
+from batch_engine.emulator.billing import Billed, BillingTotals
 from batch_engine.emulator.caching import CachePlan, PromptCache
 from batch_engine.emulator.catalog import MODELS, VERSION_2026_10_21, ModelRules
 from batch_engine.emulator.clock import ScaledClock
 from batch_engine.emulator.faults import FaultInjector
 from batch_engine.emulator.params import MessageRequest, parse_request
-from batch_engine.emulator.ratelimit import RateLimiter
+from batch_engine.emulator.ratelimit import RateLimitBuckets
 from batch_engine.emulator.replies import build_reply, message_json
 from batch_engine.emulator.settings import EmulatorSettings
 from batch_engine.emulator.stats import Stats
@@ -66,11 +66,11 @@ class EmulatorState:
         self.models: Mapping[str, ModelRules] = MODELS
         self.clock = ScaledClock(settings.time_scale)
         self.cache = PromptCache()
-        self.limiter = RateLimiter(settings)
+        self.limiter = RateLimitBuckets(settings)
         self.faults = FaultInjector(settings.seed)
         self.batches = BatchStore()
         self.stats = Stats()
-        self.ledger = Ledger()
+        self.billing = BillingTotals()
         self.latency_rng = random.Random(settings.seed)
         self.output_rng = random.Random(f"{settings.seed}:invalid-output")
 
@@ -130,7 +130,7 @@ class EmulatorState:
         )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
         discount = BATCH_DISCOUNT if lane == "batch" else 1.0
-        self.ledger.add(lane, billed, billed.cost_usd(request.spec, discount))
+        self.billing.add(lane, billed, billed.cost_usd(request.spec, discount))
         tier = "batch" if lane == "batch" else "standard"
         self.dirty = True
         return message_json(request, reply, billed.usage_json(tier)), billed
@@ -286,16 +286,16 @@ class EmulatorState:
             statuses[batch.status] += 1
             for outcome in OUTCOMES:
                 rows[outcome] += batch.counts[outcome]
-        totals = self.ledger.totals()
+        totals = self.billing.totals()
         return {
             **self.stats.to_json(),
             "batch_rows": rows,
             "batches": statuses,
             "tokens_billed": totals,
-            "tokens_billed_by_lane": self.ledger.tokens,
+            "tokens_billed_by_lane": self.billing.tokens,
             "cost_usd": {
-                **self.ledger.cost,
-                "total": self.ledger.cost["realtime"] + self.ledger.cost["batch"],
+                **self.billing.cost,
+                "total": self.billing.cost["realtime"] + self.billing.cost["batch"],
             },
             "faults_injected": dict(self.faults.injected),
             "pending_faults": self.faults.pending(),
@@ -311,7 +311,7 @@ class EmulatorState:
             "batches": [batch.snapshot() for batch in self.batches.all()],
             "cache": self.cache.snapshot(),
             "stats": self.stats.snapshot(),
-            "ledger": self.ledger.snapshot(),
+            "ledger": self.billing.snapshot(),  # the key of SNAPSHOT_VERSION 1 files, kept so they still load
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -325,7 +325,7 @@ class EmulatorState:
             self.batches.add(Batch.restore(batch))
         self.cache.restore(data["cache"])
         self.stats.restore(data["stats"])
-        self.ledger.restore(data["ledger"])
+        self.billing.restore(data["ledger"])
 
     def save(self) -> bytes:
         """Serialize now (on the loop thread); the caller writes the bytes with `write_state`."""

@@ -117,12 +117,12 @@ class LaneContext:
     # Raises LeaseLostError once another process has taken the run over: called before every batch create and
     # realtime request, so a process that lost its lease pays for nothing more.
     lease_check: Callable[[], None]
+    usage_log: UsageLog
+    estimator: Estimator
+    budget: Budget  # Budget.unlimited() without max_cost_usd
     progress: Progress = field(default_factory=Progress)
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     cached_prefix_tokens: dict[str, int] = field(default_factory=dict)  # cache_key → tokens seen cached
-    usage_log: UsageLog | None = None
-    budget: Budget | None = None
-    estimator: Estimator | None = None
     latencies: dict[int, float] = field(default_factory=dict)  # input index → seconds of its billed request
     request_ids: dict[int, str] = field(default_factory=dict)  # input index → request-id of its billed reply
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
@@ -135,21 +135,20 @@ class LaneContext:
         key is the batch id and custom_id).
         """
         now = time.time() if at is None else at
-        if self.usage_log is not None:
-            self.usage_log.append(
-                usage_record(
-                    self.tasks[r.index],
-                    r,
-                    self.run_key,
-                    now,
-                    self.latencies.pop(r.index, None),
-                    self.config,
-                    self.request_ids.pop(r.index, None),
-                )
-                for r in results
-                if r.status in BILLED
+        self.usage_log.append(
+            usage_record(
+                self.tasks[r.index],
+                r,
+                self.run_key,
+                now,
+                self.latencies.pop(r.index, None),
+                self.config,
+                self.request_ids.pop(r.index, None),
             )
-            crash_point("usage.logged")
+            for r in results
+            if r.status in BILLED
+        )
+        crash_point("usage.logged")
         if self.has_output_schemas:
             results = self._fold_retries(results)
         self.ledger.save_results(self.run_key, results, now)
@@ -159,12 +158,11 @@ class LaneContext:
     def log_billed_only(self, results: list[TaskResult], at: float) -> None:
         """Log the usage of billed rows whose results this run does not keep: rows of a superseded run's batch
         whose task's request changed (it is sent again). Keyed by batch id and custom_id, so logged once."""
-        if self.usage_log is not None:
-            self.usage_log.append(
-                usage_record(self.tasks[r.index], r, self.run_key, at, None, self.config)
-                for r in results
-                if r.status in BILLED
-            )
+        self.usage_log.append(
+            usage_record(self.tasks[r.index], r, self.run_key, at, None, self.config)
+            for r in results
+            if r.status in BILLED
+        )
 
     @functools.cached_property
     def by_task_id(self) -> dict[str, PlannedTask]:

@@ -156,7 +156,7 @@ class BatchLane:
         """The chunk cut to what the budget still allows (each row's most it can cost, at batch prices); the rest
         is skipped."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
-        if budget is None or estimator is None:
+        if not budget.limited:
             return work.task_indexes
         kept = 0
         for index in work.task_indexes:
@@ -178,7 +178,7 @@ class BatchLane:
     def _settle(self, record: ChunkRecord, actual_usd: float) -> None:
         """Swap the chunk's reservation for what its rows really cost."""
         budget, estimator = self.ctx.budget, self.ctx.estimator
-        if budget is not None and estimator is not None:
+        if budget.limited:
             estimate = sum(estimator.max_cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
             budget.settle(estimate, actual_usd)
 
@@ -327,6 +327,22 @@ class BatchLane:
             )
 
     # --- wait ----------------------------------------------------------------------------------------------
+
+    async def collect_if_ended(self, record: ChunkRecord) -> bool:
+        """Collect the batch if it has ended, is gone (404: marked lost, its rows sent again) or is past the
+        deadline (cancelled first, as a waiting run would); True then. False, untouched, while it still runs."""
+        assert record.batch_id is not None
+        if self.clock() < self.deadline:
+            try:
+                info = await self._retrieve(record.batch_id)
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                if info.status != "ended":
+                    return False
+        await self.wait_and_collect(record)
+        return True
 
     async def wait_and_collect(self, record: ChunkRecord) -> None:
         try:

@@ -90,9 +90,7 @@ class RealtimeLane:
         # Cache reads do not count toward ITPM: once a prefix is cached, charge only what follows it.
         cached = self.ctx.cached_prefix_tokens.get(task.cache_key, 0) if task.cache_key else 0
         # The counted figure (run --count-tokens) when there is one, else the offline estimate.
-        estimator = self.ctx.estimator
-        prompt = estimator.input_tokens(task) if estimator is not None else task.estimated_input_tokens
-        return max(1, prompt - cached)
+        return max(1, self.ctx.estimator.input_tokens(task) - cached)
 
     async def _shared_slot(self, model: str) -> None:
         shared = self.ctx.shared_limit
@@ -153,7 +151,7 @@ class RealtimeLane:
 
     async def _send(self, task: PlannedTask) -> TaskResult:
         budget, estimator = self.ctx.budget, self.ctx.estimator
-        if budget is None or estimator is None:
+        if not budget.limited:
             return await self._send_unbudgeted(task)
         # A hard budget: reserve the most the request can cost, so the requests in flight together can never
         # spend past the limit, at any concurrency. When only the in-flight reservations stand in the way, wait

@@ -18,7 +18,7 @@ from batch_engine.models import Rejection
 
 if TYPE_CHECKING:
     from batch_engine.files import RawRecord
-    from batch_engine.planning.output_schema import OutputSpec
+    from batch_engine.structured_output import OutputSpec
 
 
 def with_user_text(frame: dict[str, Any], user_text: str | None) -> dict[str, Any]:
@@ -100,11 +100,11 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
     """
     from batch_engine.planning.chunking import chunk_tasks
-    from batch_engine.planning.output_schema import OutputSpec
     from batch_engine.planning.params import TemplateError, build_request, cache_key, output_form
     from batch_engine.planning.routing import route_task
     from batch_engine.planning.tokens import estimate_params_tokens
     from batch_engine.planning.validate import validate_record
+    from batch_engine.structured_output import OutputSpec
 
     tasks: list[PlannedTask] = []
     rejections: list[Rejection] = []

@@ -96,6 +96,16 @@ class Budget:
     reserved_usd: float = 0.0
     stopped: bool = False
 
+    @classmethod
+    def unlimited(cls) -> Budget:
+        """The budget of a run without `max_cost_usd`: every reservation fits."""
+        return cls(math.inf)
+
+    @property
+    def limited(self) -> bool:
+        """False for the unlimited budget: lanes then skip the per-request estimates altogether."""
+        return not math.isinf(self.limit_usd)
+
     def reserve(self, estimate_usd: float) -> bool:
         if self.stopped or self.spent_usd + self.reserved_usd + estimate_usd > self.limit_usd:
             self.stopped = True

@@ -1,10 +1,15 @@
-"""Merge results arriving in any order, plus rejections, back into input order."""
+"""Pure: the output rows in input order — the run's finished rows (as the ledger streams them, by index) merged
+with the rows of the rejected records. What `Run.rows` and `Run.row_json` write."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from batch_engine.models import Rejection, TaskResult
+
+Row = TypeVar("Row")
 
 
 def rejection_result(rejection: Rejection) -> TaskResult:
@@ -17,11 +22,16 @@ def rejection_result(rejection: Rejection) -> TaskResult:
     )
 
 
-def merge(results: Iterable[TaskResult], rejections: Iterable[Rejection]) -> list[TaskResult]:
-    """One row per input record, in input order; a later result for the same record replaces an earlier one."""
-    by_index: dict[int, TaskResult] = {}
-    for rejection in rejections:
-        by_index[rejection.index] = rejection_result(rejection)
-    for result in results:
-        by_index[result.index] = result
-    return [by_index[index] for index in sorted(by_index)]
+def in_input_order(finished: Iterable[tuple[int, Row]], rejections: Iterable[Rejection]) -> Iterator[Row | TaskResult]:
+    """One row per record, in input order: `finished` (index, row) pairs in index order, merged as a stream (a
+    run's million rows are never all in memory) with the rejected records' rows, which may come in any order."""
+    rejected: list[tuple[int, Row | TaskResult]] = sorted(
+        ((r.index, rejection_result(r)) for r in rejections), key=_index
+    )
+    rows: Iterable[tuple[int, Row | TaskResult]] = finished
+    for _, row in heapq.merge(rows, rejected, key=_index):
+        yield row
+
+
+def _index(pair: tuple[int, object]) -> int:
+    return pair[0]

@@ -10,9 +10,8 @@ from typing import Any
 
 from batch_engine.config import Config, ModelSpec, Route, TaskType, Thinking
 from batch_engine.models import TaskRequest
-from batch_engine.planning import with_user_text
-from batch_engine.planning.output_schema import OutputForm, OutputSpec, prompt_instruction, request_part
 from batch_engine.planning.tokens import estimate_tokens
+from batch_engine.structured_output import OutputForm, OutputSpec, prompt_instruction, request_part
 
 MAX_BREAKPOINTS = 4  # the API rejects a request with more than four cache_control blocks
 _FORMATTER = string.Formatter()
@@ -151,12 +150,6 @@ def build_request(
         ttl = "1h" if route == "batch" else "5m"
     frame = _frame(model, max_tokens, system_text, ttl, task_type.thinking, ThinkingRules.of(spec), output)
     return model, frame, user_text
-
-
-def build_params(task: TaskRequest, task_type: TaskType, config: Config, route: Route) -> tuple[str, dict[str, Any]]:
-    """(model, params) for one task; raises TemplateError when the template cannot be filled."""
-    model, frame, user_text = build_request(task, task_type, config, route)
-    return model, with_user_text(frame, user_text)
 
 
 # Bounded, so per-task system prompts do not grow it without end.

@@ -13,7 +13,7 @@ from batch_engine.planning.params import thinking_warning
 from batch_engine.planning.pricing import baseline_cost, estimate_cost
 
 if TYPE_CHECKING:
-    from batch_engine.token_count import TokenCounts
+    from batch_engine.planning.tokens import TokenCounts
 
 
 _FORM_LABELS = {

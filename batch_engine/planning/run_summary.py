@@ -11,7 +11,7 @@ from typing import Literal
 import orjson
 
 from batch_engine.config import Config
-from batch_engine.models import BatchSummary, CostSummary, RunSummary, TaskResult, TokenTotals
+from batch_engine.models import BatchSummary, CostSummary, RunCounts, RunSummary, TaskResult, TokenTotals
 from batch_engine.planning.pricing import baseline_cost
 
 
@@ -73,15 +73,15 @@ def summarize(
         simulated=simulated,
         started_at=datetime.fromtimestamp(started_at, UTC),
         finished_at=datetime.fromtimestamp(finished_at, UTC),
-        counts={
-            "total": total,
-            "succeeded": succeeded,
-            "failed": total - succeeded - rejected,
-            "rejected": rejected,
-            "invalid_output": by_status.get("invalid_output", 0),
-            "by_route": dict(sorted(by_route.items())),
-            "by_status": dict(sorted(by_status.items())),
-        },
+        counts=RunCounts(
+            total=total,
+            succeeded=succeeded,
+            failed=total - succeeded - rejected,
+            rejected=rejected,
+            invalid_output=by_status.get("invalid_output", 0),
+            by_route=dict(sorted(by_route.items())),
+            by_status=dict(sorted(by_status.items())),
+        ),
         batches=[
             BatchSummary(
                 id=batch_id,

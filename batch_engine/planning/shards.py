@@ -14,13 +14,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import orjson
 from pydantic import BaseModel
 
+from batch_engine.config import Route
 from batch_engine.errors import BatchEngineError
-from batch_engine.models import BatchSummary, CostSummary, RunSummary, TaskResult, TokenTotals
+from batch_engine.models import BatchSummary, CostSummary, RunCounts, RunSummary, Status, TaskResult, TokenTotals
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ class ShardOutput:
 
 
 def parse_output(data: bytes) -> tuple[RunSummary, list[TaskResult]]:
-    """A run's output file (JSON or JSONL, as `Run.write_output` writes them) as its summary and rows."""
+    """A run's output file (JSON or JSONL, as `Run.finish` writes them) as its summary and rows."""
     # Both start with one line holding the summary: JSON output is that line alone, with the rows inside it.
     first, _, rest = data.partition(b"\n")
     head = orjson.loads(first)
@@ -130,14 +130,20 @@ def merged_summary(outputs: Sequence[ShardOutput], *, input_path: str, output_pa
     """One `run` summary over all shards: counts, tokens and cost summed; batches and shards listed."""
     outputs = sorted(outputs, key=lambda o: o.spec.offset)
     summaries = [o.summary for o in outputs]
-    counts: dict[str, Any] = {
-        key: sum(int(s.counts.get(key, 0)) for s in summaries) for key in ("total", "succeeded", "failed", "rejected")
-    }
-    for key in ("by_route", "by_status"):
-        added: Counter[str] = Counter()
-        for summary in summaries:
-            added.update(summary.counts.get(key, {}))
-        counts[key] = dict(sorted(added.items()))
+    by_route: Counter[Route] = Counter()
+    by_status: Counter[Status] = Counter()
+    for summary in summaries:
+        by_route.update(summary.counts.by_route)
+        by_status.update(summary.counts.by_status)
+    counts = RunCounts(
+        total=sum(s.counts.total for s in summaries),
+        succeeded=sum(s.counts.succeeded for s in summaries),
+        failed=sum(s.counts.failed for s in summaries),
+        rejected=sum(s.counts.rejected for s in summaries),
+        invalid_output=sum(s.counts.invalid_output for s in summaries),
+        by_route=dict(sorted(by_route.items())),
+        by_status=dict(sorted(by_status.items())),
+    )
     tokens = TokenTotals()
     for summary in summaries:
         for name in TokenTotals.model_fields:

@@ -7,6 +7,7 @@ there, as it is against the real API; `plan --count-tokens` reports by how much.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -35,3 +36,13 @@ def estimate_params_tokens(params: dict[str, Any], factor: float = 1.0) -> int:
         if isinstance(message, dict):
             total += estimate_tokens(_content_text(message.get("content", "")), factor)
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Counted input tokens by input index (`messages.count_tokens`, batch_engine.token_count), how many distinct
+    prompts were counted, and why any were not."""
+
+    by_index: dict[int, int]
+    distinct_prompts: int
+    note: str | None = None

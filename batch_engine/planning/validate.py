@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from batch_engine.config import Config
 from batch_engine.models import Rejection, TaskRequest
-from batch_engine.planning.output_schema import SchemaError, check_schema
 from batch_engine.planning.params import MAX_BREAKPOINTS, count_breakpoints
+from batch_engine.structured_output import SchemaError, check_schema
 
 
 def _task_id_of(value: Any) -> str | None:

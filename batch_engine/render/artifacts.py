@@ -185,8 +185,8 @@ def outcome_message(summary: RunSummary) -> str:
     """The run's outcome in one line, for the flow run's final state: counts, cost and savings."""
     counts, cost = summary.counts, summary.cost
     return (
-        f"{counts['succeeded']:,} succeeded, {counts['failed']:,} failed, {counts['rejected']:,} rejected "
-        f"of {counts['total']:,} tasks; cost {_usd(cost.total_usd)}, saved {cost.savings_pct:.1f}% "
+        f"{counts.succeeded:,} succeeded, {counts.failed:,} failed, {counts.rejected:,} rejected "
+        f"of {counts.total:,} tasks; cost {_usd(cost.total_usd)}, saved {cost.savings_pct:.1f}% "
         "against all-realtime without caching"
     )
 
@@ -196,7 +196,7 @@ def summary_headline(summary: RunSummary) -> str:
     counts, cost = summary.counts, summary.cost
     simulated = " · SIMULATED" if summary.simulated else ""
     return (
-        f"{counts['total']:,} tasks · {counts['failed']:,} failed · {counts['rejected']:,} rejected · "
+        f"{counts.total:,} tasks · {counts.failed:,} failed · {counts.rejected:,} rejected · "
         f"{_usd(cost.total_usd)} · saved {cost.savings_pct:.1f}%{simulated}"
     )
 
@@ -204,7 +204,7 @@ def summary_headline(summary: RunSummary) -> str:
 def summary_markdown(summary: RunSummary, breakdown: RunBreakdown) -> str:
     """The Markdown run summary: counts, cost vs baseline, savings, cost by model, cache, batches, failures."""
     counts, cost, tokens = summary.counts, summary.cost, summary.tokens
-    routes = ", ".join(f"{route} {n:,}" for route, n in counts["by_route"].items()) or "none"
+    routes = ", ".join(f"{route} {n:,}" for route, n in counts.by_route.items()) or "none"
     durations = ", ".join(f"{lane} {seconds:.1f} s" for lane, seconds in summary.durations_s.items())
     lines = [f"# batch-orchestrator run `{summary.run_key}`", ""]
     if summary.simulated:
@@ -214,8 +214,8 @@ def summary_markdown(summary: RunSummary, breakdown: RunBreakdown) -> str:
         "|---|---|",
         f"| input | `{_cell(summary.input_path)}` |",
         f"| output | `{_cell(summary.output_path)}` |",
-        f"| tasks | {counts['total']:,}: {counts['succeeded']:,} succeeded, {counts['failed']:,} failed, "
-        f"{counts['rejected']:,} rejected |",
+        f"| tasks | {counts.total:,}: {counts.succeeded:,} succeeded, {counts.failed:,} failed, "
+        f"{counts.rejected:,} rejected |",
         f"| routes | {routes} |",
         f"| cost | {_usd(cost.total_usd)} |",
         f"| all-realtime no-cache baseline | {_usd(cost.baseline_usd)} |",
@@ -241,7 +241,7 @@ def summary_markdown(summary: RunSummary, breakdown: RunBreakdown) -> str:
             lines.append(f"| {batch.chunk} | `{batch.id}` | {batch.status} | {request_counts} |")
     else:
         lines.append("No batch: every task went realtime.")
-    lines += ["", *_failure_lines(counts["total"] - counts["succeeded"], breakdown.failures())]
+    lines += ["", *_failure_lines(counts.total - counts.succeeded, breakdown.failures())]
     return "\n".join(lines) + "\n"
 
 

@@ -59,11 +59,11 @@ def render_summary(summary: RunSummary) -> str:
     """The closing lines: counts, cost against the baseline, where the output is."""
     counts = summary.counts
     cost = summary.cost
-    by_status = ", ".join(f"{k} {v}" for k, v in counts["by_status"].items())
-    by_route = ", ".join(f"{k} {v}" for k, v in counts["by_route"].items())
+    by_status = ", ".join(f"{k} {v}" for k, v in counts.by_status.items())
+    by_route = ", ".join(f"{k} {v}" for k, v in counts.by_route.items())
     lines = [
-        f"{counts['total']} tasks: {counts['succeeded']} succeeded, {counts['failed']} failed, "
-        f"{counts['rejected']} rejected  ({by_status})",
+        f"{counts.total} tasks: {counts.succeeded} succeeded, {counts.failed} failed, "
+        f"{counts.rejected} rejected  ({by_status})",
         f"routes: {by_route or 'none'}; batches: {len(summary.batches)}",
         f"cost ${cost.total_usd:.4f} vs all-realtime no-cache baseline ${cost.baseline_usd:.4f} "
         f"(saved ${cost.savings_usd:.4f}, {cost.savings_pct:.1f}%); "

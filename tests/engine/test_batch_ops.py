@@ -147,7 +147,7 @@ def test_archived_results_are_reported_errored_not_retried(
 
     collected = asyncio.run(collect())
 
-    assert collected.summary is not None and collected.summary.counts["failed"] == len(tasks)
+    assert collected.summary is not None and collected.summary.counts.failed == len(tasks)
     _, rows = read_output(tmp_path / "late.json")
     assert {(row["status"], row["error"]["type"]) for row in rows} == {("errored", "results_archived")}
     assert "29-day" in rows[0]["error"]["message"]

@@ -109,7 +109,7 @@ def test_every_row_costs_what_a_hand_computation_says(emulator: RunningEmulator,
     summary = _run(emulator, tasks, out, _config(types, realtime_concurrency=1))
     rows = _rows(out)
 
-    assert summary.counts["succeeded"] == len(rows) == 18
+    assert summary.counts.succeeded == len(rows) == 18
     for row in rows:
         assert row["cost_usd"] == pytest.approx(_hand_cost(row), rel=1e-9, abs=1e-12), row["task_id"]
     assert summary.cost.total_usd == pytest.approx(sum(_hand_cost(row) for row in rows), abs=1e-6)
@@ -144,7 +144,7 @@ def test_the_sample_run_beats_the_baseline_by_at_least_50_percent(emulator: Runn
         update={"limits": config.limits.model_copy(update={"batch_poll_initial_s": 0.05, "batch_poll_interval_s": 0.2})}
     )
     summary = _run(emulator, ROOT / "samples" / "nightly_tasks.json", tmp_path / "out.json", fast)
-    assert summary.counts["succeeded"] == 304
+    assert summary.counts.succeeded == 304
     assert summary.cost.savings_pct >= 50, summary.cost
     assert summary.cost.baseline_usd - summary.cost.total_usd == pytest.approx(summary.cost.savings_usd, abs=1e-6)
 
@@ -199,7 +199,7 @@ def test_sending_stops_at_the_budget_and_the_rest_is_skipped_budget(emulator: Ru
     # Nothing was sent after the stop: the emulator answered exactly the succeeded rows.
     assert emulator.stats()["messages_succeeded"] == len(succeeded)
     assert summary.cost.total_usd <= 0.004 + max(r["cost_usd"] for r in succeeded)
-    assert summary.counts["by_status"]["skipped_budget"] == len(skipped)
+    assert summary.counts.by_status["skipped_budget"] == len(skipped)
 
 
 @pytest.mark.parametrize("concurrency", [1, 8, 32])

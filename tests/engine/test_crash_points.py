@@ -1,9 +1,11 @@
 """Kill -9 at every crash point, run the same command again, and nothing is lost, doubled or sent twice.
 
-For each point in `batch_engine.crashpoints.CRASH_POINTS` a real engine process (tests/support/crash_driver.py: the
-`run` engine without its Prefect wrapper) is SIGKILLed there by `BATCH_ENGINE_CRASH_AT`, against an emulator
-that outlives it (batch rows erroring 10% of the time, so rows are resubmitted). Then the same command runs
-again, unarmed, and:
+For each point in `batch_engine.crashpoints.CRASH_POINTS` a real `batch-engine run` process
+(tests/support/crash_driver.py) is SIGKILLed there by `BATCH_ENGINE_CRASH_AT`, against an emulator that outlives it
+(batch rows erroring 10% of the time, so rows are resubmitted). Every point is killed on the in-process path (no
+Prefect server configured, what `batch-engine run` does by default); a kill point inside each of the flow's task
+runs is killed on the flow path too (`PREFECT_API_URL` set: the `batch-orchestrator` flow on a real `prefect
+server start`). Then the same command runs again, unarmed, on the same path, and:
 
 - the output holds every task once, in input order, each answered by its own request;
 - the emulator holds exactly one batch per ledger chunk (no orphan from a lost create, no duplicate payload)
@@ -11,11 +13,13 @@ again, unarmed, and:
 - no task finished before the kill was sent again (no later batch carries it; realtime successes billed
   after the kill are exactly the rows the re-run finished) and its row is unchanged.
 
-Scenarios run a few at a time, each with its own emulator; `-k POINT` runs only the selected ones.
+Scenarios run a few at a time, each with its own emulator; `-k POINT` runs only the selected ones (`-k flow`:
+the flow path's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +35,14 @@ from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
 from batch_engine.state.ledger import Ledger
 from batch_engine.state.usage_log import UsageLog
-from tests.support.crash import config_file, emulator_batches, run_driver
+from tests.support.crash import Finished, config_file, emulator_batches, run_driver, run_driver_process
 from tests.support.engine import expected_text_prefix, generated_tasks, read_output, write_jsonl
+from tests.support.prefect_server import running_server
 
 PARALLEL = 3
+# The first test runs every selected scenario (the `outcomes` fixture): ~1-2 min in-process, ~3-5 more for the
+# flow path on the loaded 2-core machine.
+pytestmark = pytest.mark.timeout(900)
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,33 @@ SCENARIOS = {
     "output.renamed": "mixed",
     "run.complete": "mixed",
 }
+# Points only the flow path has (they sit in its task bodies, around the one call into `Run`).
+FLOW_ONLY = {"flow.artifacts.published"}
+# The flow path: one point inside each of the flow's task runs (plan, begin, submit-c0, collect-c0, realtime-lane,
+# realtime-leftovers, merge-and-write, publish-artifacts). Not every point: each flow-path scenario is two fresh
+# processes importing Prefect and talking to its server (~15-25 s each on the loaded 2-core machine, against
+# ~2 s for a forked in-process run), so the whole matrix there would take ~10 minutes; the points in between
+# run the same `Run` code on both paths, which the in-process matrix covers.
+FLOW_SCENARIOS = {
+    "plan.done": "mixed",
+    "preflight.done": "mixed",
+    "batch.create.after": "mixed",
+    "batch.results.stored": "mixed",
+    "realtime.recorded:10": "mixed",
+    "leftovers.before": "timeout",
+    "output.renamed": "mixed",
+    "flow.artifacts.published": "mixed",
+}
+PATHS = [("in-process", point) for point in SCENARIOS] + [("flow", point) for point in FLOW_SCENARIOS]
+# Points past which the output is in place: a kill there leaves it.
+OUTPUT_WRITTEN = {"output.renamed", "run.complete", "flow.artifacts.published"}
 
 
 @dataclass
 class Outcome:
     """What one scenario observed, for the assertions."""
 
+    path: str
     point: str
     tasks: list[dict[str, Any]]
     crash_code: int
@@ -131,9 +160,9 @@ def _ledger_state(state_dir: Path) -> tuple[dict[int, dict[str, Any]], list[str]
         return rows, batches
 
 
-def _scenario(point: str, root: Path) -> Outcome:
-    shape = SHAPES[SCENARIOS[point]]
-    work = root / point.replace(":", "_")
+def _scenario(path: str, point: str, root: Path, prefect_api_url: str | None) -> Outcome:
+    shape = SHAPES[(FLOW_SCENARIOS if path == "flow" else SCENARIOS)[point]]
+    work = root / path / point.replace(":", "_")
     work.mkdir(parents=True)
     tasks = generated_tasks(shape.tasks, realtime_every=shape.realtime_every)
     write_jsonl(work / "tasks.jsonl", tasks)
@@ -144,11 +173,18 @@ def _scenario(point: str, root: Path) -> Outcome:
         max_requests_per_batch=shape.max_requests_per_batch,
     )
     args = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml", *shape.flags]
+
+    def run(crash_at: str | None = None) -> Finished:
+        if prefect_api_url is None:
+            return run_driver(work, emulator.base_url, args, crash_at=crash_at)
+        return run_driver_process(work, emulator.base_url, args, crash_at=crash_at, prefect_api_url=prefect_api_url)
+
     with start_emulator(EmulatorSettings(**shape.emulator)) as emulator:
-        crashed = run_driver(work, emulator.base_url, args, crash_at=point)
+        crashed = run(crash_at=point)
         stats = _settled_stats(emulator)
         finished, batches = _ledger_state(work / "state")
         outcome = Outcome(
+            path=path,
             point=point,
             tasks=tasks,
             crash_code=crashed.returncode,
@@ -158,7 +194,7 @@ def _scenario(point: str, root: Path) -> Outcome:
             batches_at_kill=set(batches),
             realtime_billed_at_kill=stats["messages_succeeded"],
         )
-        rerun = run_driver(work, emulator.base_url, args)
+        rerun = run()
         outcome.rerun_code, outcome.rerun_stderr = rerun.returncode, rerun.stderr[-2000:]
         if rerun.returncode in (0, 1):
             outcome.rows = read_output(work / "out.json")[1]
@@ -173,17 +209,28 @@ def _scenario(point: str, root: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    """Every selected scenario, run `PARALLEL` at a time (each waits mostly on its processes and batches)."""
+def outcomes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Outcome]:
+    """Every selected scenario, run `PARALLEL` at a time (each waits mostly on its processes and batches); the
+    flow path's against one `prefect server start`, started only when one of them is selected."""
     selected = [
-        item.callspec.params["point"]
+        (item.callspec.params["path"], item.callspec.params["point"])
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec") and "point" in item.callspec.params
     ]
     root = tmp_path_factory.mktemp("crash")
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {point: pool.submit(_scenario, point, root) for point in dict.fromkeys(selected)}
-        return {point: future.result() for point, future in futures.items()}
+    with contextlib.ExitStack() as stack:
+        api_url = None
+        if any(path == "flow" for path, _ in selected):
+            home = tmp_path_factory.mktemp("crash-prefect-home")
+            api_url = stack.enter_context(running_server(home, request.getfixturevalue("migrated_prefect_db"))).api_url
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            futures = {
+                (path, point): pool.submit(_scenario, path, point, root, api_url if path == "flow" else None)
+                for path, point in dict.fromkeys(selected)
+            }
+            return {key: future.result() for key, future in futures.items()}
 
 
 def test_every_crash_point_is_in_the_code_and_has_a_scenario() -> None:
@@ -197,14 +244,17 @@ def test_every_crash_point_is_in_the_code_and_has_a_scenario() -> None:
     }
     assert len(CRASH_POINTS) >= 20
     assert called == set(CRASH_POINTS)
-    assert {point.partition(":")[0] for point in SCENARIOS} == set(CRASH_POINTS)
+    assert {point.partition(":")[0] for point in SCENARIOS} == set(CRASH_POINTS) - FLOW_ONLY
+    assert {point.partition(":")[0] for point in FLOW_SCENARIOS} >= FLOW_ONLY
 
 
-@pytest.mark.parametrize("point", list(SCENARIOS))
-def test_a_run_killed_here_completes_on_rerun_without_duplicates(point: str, outcomes: dict[str, Outcome]) -> None:
-    outcome = outcomes[point]
+@pytest.mark.parametrize(("path", "point"), PATHS, ids=[f"{path}-{point}" for path, point in PATHS])
+def test_a_run_killed_here_completes_on_rerun_without_duplicates(
+    path: str, point: str, outcomes: dict[tuple[str, str], Outcome]
+) -> None:
+    outcome = outcomes[path, point]
     assert outcome.crash_code == -9, f"the run was not killed at {point}: {outcome.crash_stderr}"
-    if point.partition(":")[0] not in ("output.renamed", "run.complete"):
+    if point.partition(":")[0] not in OUTPUT_WRITTEN:
         assert not outcome.output_after_crash, "a killed run left an output file"
 
     assert outcome.rerun_code in (0, 1), outcome.rerun_stderr

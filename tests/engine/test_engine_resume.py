@@ -4,7 +4,6 @@ second process re-attaches to the batch instead of creating another, and sends n
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from batch_engine.emulator import emulator_process as start_emulator_process
 from batch_engine.state.ledger import Ledger
 from tests.support.engine import expected_text_prefix, fast_config, generated_tasks, read_output, write_jsonl
 
@@ -56,15 +56,8 @@ def emulator_process() -> Iterator[str]:
     Batches take an hour of emulator time, so one cannot end before the kill; the test then moves the
     emulator's clock on.
     """
-    command = [sys.executable, "-m", "batch_engine.cli", "emulator", "--port", "0", "--batch-duration", "1h"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert process.stdout is not None
-        found = re.search(r"http://[\d.]+:\d+", process.stdout.readline())
-        assert found, "the emulator did not announce its URL"
-        yield found.group(0)
-    finally:
-        _stop(process)
+    with start_emulator_process("--batch-duration", "1h") as emulator:
+        yield emulator.base_url
 
 
 def _wait_until(what: str, check: Callable[[], bool]) -> None:

@@ -50,7 +50,7 @@ def test_collecting_every_batch_again_replaces_no_success_and_logs_no_usage_twic
     emulator.configure(batch_row_error_rate=0.3, seed=7)
     input_path = write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(50, realtime_every=None))
     first = run_engine(emulator, input_path, tmp_path, options=RunOptions(state_dir=tmp_path / "state", mode="batch"))
-    succeeded = first.summary.counts["succeeded"]
+    succeeded = first.summary.counts.succeeded
     assert succeeded > 40
     with Ledger.open(tmp_path / "state") as ledger:
         (record,) = ledger.runs()

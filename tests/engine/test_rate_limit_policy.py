@@ -67,9 +67,8 @@ def _run(
                     lanes.realtime.ctx.limiters[model] = limiter
                 if batch_sleep is not None:
                     lanes.batch.sleep = batch_sleep
-                await prepared.preflight(lanes)
                 await prepared.send(lanes)
-            prepared.write_output()
+            prepared.finish()
         finally:
             prepared.close()
 

@@ -80,7 +80,7 @@ def test_a_faulty_run_writes_the_key_nowhere(tmp_path: Path, caplog: pytest.LogC
             raise AssertionError("the emulator accepted a wrong key")
 
         error = asyncio.run(refused())
-    assert summary.counts["total"] == 304
+    assert summary.counts.total == 304
     assert error.status == 401
     assert not _leaks(str(error)) and not _leaks(repr(error)) and not _leaks(repr(vars(error)))
     assert not _leaks(repr(api)) and not _leaks(str(api))

@@ -137,8 +137,8 @@ def test_merge_rebases_indexes_in_input_order_and_adds_up_the_summaries() -> Non
     rows = list(merged_rows(outputs))
     assert [(row.task_id, row.index) for row in rows] == [("a0", 0), ("a1", 1), ("a2", 2), ("b0", 3), ("b1", 4)]
     summary = merged_summary(outputs, input_path="in.jsonl", output_path="out.json")
-    assert summary.counts["total"] == summary.counts["succeeded"] == 5
-    assert summary.counts["by_route"] == {"realtime": 5}
+    assert summary.counts.total == summary.counts.succeeded == 5
+    assert summary.counts.by_route == {"realtime": 5}
     assert summary.tokens.input == 50 and summary.tokens.cache_read == 5
     assert summary.cost.total_usd == 1.5 and summary.cost.baseline_usd == 3.0 and summary.cost.savings_pct == 50.0
     assert summary.durations_s["total"] == 40.0
@@ -170,7 +170,7 @@ def test_merged_output_of_real_shard_runs_reads_like_one_run(
     merged_summary_again, rows = parse_output(data)
     assert [row.task_id for row in rows] == [task["task_id"] for task in tasks]
     assert [row.index for row in rows] == list(range(12))
-    assert merged_summary_again.counts["succeeded"] == 12
+    assert merged_summary_again.counts.succeeded == 12
     assert len({shard.run_key for shard in summary.shards}) == 3
 
 

@@ -242,7 +242,7 @@ def test_the_prefect_flow_asks_again_as_often_as_the_config_says(
     prefect_harness: None, emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `batch-engine run` runs this flow: its leftovers phase must repeat while answers have retries left.
-    from flows.batch_orchestrator import batch_orchestrator
+    from batch_engine.orchestration.orchestrator import batch_orchestrator
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
@@ -262,7 +262,7 @@ def test_the_prefect_flow_asks_again_as_often_as_the_config_says(
 
     summary = asyncio.run(go())
     rows = orjson.loads((tmp_path / "out.json").read_bytes())["results"]
-    assert not summary.all_succeeded and summary.counts["invalid_output"] == 8
+    assert not summary.all_succeeded and summary.counts.invalid_output == 8
     assert [(row["status"], row["output_retries"], row["attempts"]) for row in rows] == [("invalid_output", 2, 3)] * 8
     assert messages_calls(emulator.stats()) == {"200": 1 + 2 * 8}  # one realtime task, then two rounds of eight
     assert summary.cost.total_usd == pytest.approx(emulator.stats()["cost_usd"]["total"], abs=1e-6)

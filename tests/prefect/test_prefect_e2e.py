@@ -87,7 +87,7 @@ def test_nightly_deployment_runs_end_to_end_with_deployment_run_watch(
     state_dir = tmp_path / "state"
     env = dict(server.env, ANTHROPIC_BASE_URL=emulator.base_url, ANTHROPIC_API_KEY="sk-ant-e2e-test")
     serve_log = tmp_path / "serve.log"
-    serve = start_process([sys.executable, "-m", "flows.serve"], env, serve_log)
+    serve = start_process([sys.executable, str(ROOT / "flows" / "serve.py")], env, serve_log)
     try:
         deployment = _wait_for_deployment(server, "batch-orchestrator/nightly", serve, serve_log)
         (schedule,) = deployment.schedules

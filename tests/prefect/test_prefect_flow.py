@@ -28,12 +28,12 @@ from pydantic import SecretStr
 from batch_engine.client import ApiSettings
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import BatchEngineError
+from batch_engine.orchestration.deployments import NIGHTLY_CRON, build_deployments
+from batch_engine.orchestration.orchestrator import batch_orchestrator, collect, plan_run, submit_chunk, unwalked
 from batch_engine.render.artifacts import SUMMARY_KEY, TABLE_KEY
 from batch_engine.runner import RunOptions
 from batch_engine.state.lease import holder_alive
 from batch_engine.state.ledger import Lease, Ledger
-from flows.batch_orchestrator import batch_orchestrator, collect, plan_run, submit_chunk
-from flows.serve import NIGHTLY_CRON, build_deployments
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TASKS = ROOT / "samples" / "nightly_tasks.json"
@@ -118,7 +118,7 @@ def _output(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return document["run"], document["results"]
 
 
-def test_the_flow_runs_the_samples_in_seven_task_runs_and_publishes_its_artifacts(
+def test_the_flow_runs_the_samples_in_eight_task_runs_and_publishes_its_artifacts(
     api_env: RunningEmulator, tmp_path: Path
 ) -> None:
     flow_run_id, summary = _run_flow(batch_orchestrator(**_params(tmp_path), return_state=True))
@@ -129,14 +129,17 @@ def test_the_flow_runs_the_samples_in_seven_task_runs_and_publishes_its_artifact
     assert all(row["status"] == "succeeded" for row in rows)
     assert run["counts"]["by_route"] == {"batch": 241, "realtime": 63}
     assert summary.run_key == run["run_key"] and summary.all_succeeded
-    # One task per phase and per batch, never per request: 304 requests, 7 task runs.
-    names = _task_run_names(flow_run_id, expected=7)
-    assert len(names) == 7, names
+    # One task per phase and per batch, never per request: 304 requests, 8 task runs.
+    names = _task_run_names(flow_run_id, expected=8)
+    assert len(names) == 8, names
     assert {"submit-c0", "collect-c0"} <= set(names)
-    assert {name.rsplit("-", 1)[0] for name in names} >= {
+    assert {name.rsplit("-", 1)[0] for name in names} == {
         "plan",
-        "estimate-and-budget",
+        "begin",
+        "submit",
+        "collect",
         "realtime-lane",
+        "park",
         "merge-and-write",
         "publish-artifacts",
     }
@@ -208,7 +211,7 @@ def test_a_retried_submit_task_does_not_create_a_second_batch(api_env: RunningEm
             async with run.lanes(ApiSettings(SecretStr(API_KEY), api_env.base_url), logger=crash) as lanes:
                 (work,) = run.chunk_works()
                 retrying = submit_chunk.with_options(retries=1, retry_delay_seconds=0)
-                state = await retrying(lanes.batch, work, return_state=True)
+                state = await retrying(unwalked(run), unwalked(lanes), work, return_state=True)
             (chunk,) = run.ledger.chunks(run.key)
             return state, chunk.batch_id
         finally:
@@ -273,7 +276,7 @@ def test_wait_false_then_collect_writes_the_same_bytes_as_a_flow_that_waits(
     _, summary = _run_flow(batch_orchestrator(**dict(params, state_dir=str(tmp_path / "twin")), return_state=True))
 
     assert output.read_bytes() == by_collect
-    assert summary.all_succeeded and summary.counts["total"] == 304
+    assert summary.all_succeeded and summary.counts.total == 304
     # The waiting flow re-attached to the batch submitted by the first flow run; nothing was sent twice.
     stats = api_env.stats()
     assert stats["batches_created"] == 1

@@ -20,10 +20,10 @@ from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ConfigError
 from batch_engine.lanes import SharedLimit
 from batch_engine.models import RunSummary
+from batch_engine.orchestration.limits import check_models, create_command, limit_names, shared_rate_limit
+from batch_engine.orchestration.orchestrator import _describe_shared_limit, batch_orchestrator, collect
 from batch_engine.runner import Run, RunOptions
 from batch_engine.state.ledger import Ledger
-from flows.batch_orchestrator import _describe_shared_limit, batch_orchestrator, collect
-from flows.limits import check_models, create_command, limit_names, shared_rate_limit
 from tests.support.engine import fast_config, generated_tasks, messages_calls, write_jsonl
 
 
@@ -143,7 +143,7 @@ def _run_with_shared_limit(
 
     try:
         asyncio.run(go())
-        return run.write_output()
+        return run.finish()
     finally:
         run.close()
 
@@ -158,7 +158,7 @@ def test_the_realtime_lane_takes_shared_slots_in_blocks_covering_every_request(
         emulator, source, tmp_path, SharedLimit.single("rpm", counting.take, 8), fast_config()
     )
 
-    assert summary.counts["succeeded"] == 50
+    assert summary.counts.succeeded == 50
     # 50 requests in blocks of 8: 7 blocks, not 50 round trips, and never fewer slots than requests.
     assert counting.takes == {"rpm": [8] * 7}
 
@@ -182,7 +182,7 @@ def test_the_realtime_lane_takes_each_models_slots_from_its_own_limit(
     )
     summary = _run_with_shared_limit(emulator, source, tmp_path, shared, fast_config(realtime_concurrency=4))
 
-    assert summary.counts["succeeded"] == len(tasks)
+    assert summary.counts.succeeded == len(tasks)
     # 12 haiku requests in blocks of 4, 9 sonnet requests in blocks of 3; opus is under no shared limit.
     assert counting.takes == {"haiku-rpm": [4, 4, 4], "sonnet-rpm": [3, 3, 3]}
 
@@ -242,7 +242,7 @@ def test_the_collect_flow_sends_realtime_leftovers_under_the_global_rate_limit(
     limit = {"claude-haiku-5-5": "collect-rpm"}
     (summary,) = asyncio.run(collect(state_dir=str(state_dir), global_rate_limit=limit))
 
-    assert summary.all_succeeded and summary.counts["by_route"] == {"realtime": 12}
+    assert summary.all_succeeded and summary.counts.by_route == {"realtime": 12}
     assert messages_calls(emulator.stats()) == {"200": 12}
     # Every leftover took a slot: the slots stay taken until they decay (0.01/s).
     assert asyncio.run(_active_slots("collect-rpm")) >= 12

@@ -11,7 +11,7 @@ from prefect.blocks.system import Secret
 
 from batch_engine.client import ApiSettings
 from batch_engine.errors import ConfigError
-from flows.api_key import api_settings, resolve_api_key
+from batch_engine.orchestration.api_key import api_settings, resolve_api_key
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -9,7 +9,6 @@ Every process is stopped by PID in a `finally`; anything left with the test's PR
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 import threading
@@ -24,10 +23,11 @@ import pytest
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
+from batch_engine.emulator import emulator_process as start_emulator_process
+from batch_engine.orchestration.deployments import _parse_args, build_deployments, scale_out_deployments
+from batch_engine.orchestration.sharded import ShardFile, shard_parameters
 from batch_engine.planning.shards import shard_specs
 from batch_engine.state.ledger import Ledger
-from flows.serve import _parse_args, build_deployments, scale_out_deployments
-from flows.sharded import ShardFile, shard_parameters
 from tests.support.engine import messages_calls, write_jsonl
 from tests.support.prefect_server import PREFECT, ROOT, pids_with_env, running_server, start_process, stop_process
 
@@ -102,23 +102,6 @@ def prefect_server(tmp_path: Path, migrated_prefect_db: Path) -> Iterator[tuple[
         yield server.api_url, server.env, server.home
 
 
-def _start_emulator(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    log = tmp_path / "emulator.log"
-    command = [str(Path(sys.executable).with_name("batch-engine")), "emulator", "--port", "0"]
-    command += ["--rpm", str(EMULATOR_RPM), "--batch-duration", "0.2s"]
-    proc = start_process(command, env, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = re.search(r"ANTHROPIC_BASE_URL=(\S+)", log.read_text())
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    stop_process(proc)
-    pytest.fail(f"emulator did not start:\n{log.read_text()[-2000:]}")
-
-
 def _wait_until_served(api_url: str, serves: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
     async def registered() -> bool:
         async with PrefectClient(api=api_url) as client:
@@ -161,47 +144,48 @@ def test_sharded_run_on_two_workers_is_complete_in_order_and_stays_under_the_glo
     output_path = tmp_path / "merged.json"
     state_dir = tmp_path / "state"
 
-    emulator, base_url = _start_emulator(tmp_path, env)
-    serves: list[tuple[subprocess.Popen[bytes], Path]] = []
-    try:
-        worker_env = dict(env, ANTHROPIC_BASE_URL=base_url, ANTHROPIC_API_KEY="sk-ant-scale-out-test")
-        for number in range(2):
-            log = tmp_path / f"serve-{number}.log"
-            serves.append((start_process([sys.executable, "-m", "flows.serve"], worker_env, log), log))
-        _wait_until_served(api_url, serves)
+    emulator = start_emulator_process("--rpm", str(EMULATOR_RPM), "--batch-duration", "0.2s", env=env)
+    with emulator as running:
+        base_url = running.base_url
+        serves: list[tuple[subprocess.Popen[bytes], Path]] = []
+        try:
+            worker_env = dict(env, ANTHROPIC_BASE_URL=base_url, ANTHROPIC_API_KEY="sk-ant-scale-out-test")
+            for number in range(2):
+                log = tmp_path / f"serve-{number}.log"
+                serves.append((start_process([sys.executable, str(ROOT / "flows" / "serve.py")], worker_env, log), log))
+            _wait_until_served(api_url, serves)
 
-        parameters = {
-            "input_path": str(input_path),
-            "output_path": str(output_path),
-            "shards": SHARDS,
-            "state_dir": str(state_dir),
-            "config_path": str(ROOT / "samples" / "config.toml"),
-            "poll_interval_s": 0.3,
-            # The per-model form: the model both task types run on, under the one limit.
-            "global_rate_limit": {MODEL: LIMIT_NAME},
-            "max_cost_usd": MAX_COST_USD,
-        }
-        with StatsSampler(base_url) as sampler:
-            run = subprocess.run(
-                [
-                    *(str(PREFECT), "deployment", "run", "batch-sharded/sharded"),
-                    *("--params", orjson.dumps(parameters).decode(), "--watch", "--watch-timeout", "120"),
-                ],
-                cwd=ROOT,
-                env=worker_env,
-                capture_output=True,
-                text=True,
-                timeout=140,
+            parameters = {
+                "input_path": str(input_path),
+                "output_path": str(output_path),
+                "shards": SHARDS,
+                "state_dir": str(state_dir),
+                "config_path": str(ROOT / "samples" / "config.toml"),
+                "poll_interval_s": 0.3,
+                # The per-model form: the model both task types run on, under the one limit.
+                "global_rate_limit": {MODEL: LIMIT_NAME},
+                "max_cost_usd": MAX_COST_USD,
+            }
+            with StatsSampler(base_url) as sampler:
+                run = subprocess.run(
+                    [
+                        *(str(PREFECT), "deployment", "run", "batch-sharded/sharded"),
+                        *("--params", orjson.dumps(parameters).decode(), "--watch", "--watch-timeout", "120"),
+                    ],
+                    cwd=ROOT,
+                    env=worker_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=140,
+                )
+            stats = httpx.get(f"{base_url}/_emulator/stats", timeout=5).json()
+            serve_logs = [log.read_text() for _, log in serves]
+            assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- serve logs ---\n" + "\n---\n".join(
+                text[-4000:] for text in serve_logs
             )
-        stats = httpx.get(f"{base_url}/_emulator/stats", timeout=5).json()
-        serve_logs = [log.read_text() for _, log in serves]
-        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- serve logs ---\n" + "\n---\n".join(
-            text[-4000:] for text in serve_logs
-        )
-    finally:
-        for proc, _ in serves:
-            stop_process(proc)
-        stop_process(emulator)
+        finally:
+            for proc, _ in serves:
+                stop_process(proc)
     # The serve processes and every flow-run process they started are gone; only the server is left.
     assert len(pids_with_env(f"PREFECT_HOME={home}".encode())) == 1
 

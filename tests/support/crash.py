@@ -38,11 +38,15 @@ def config_file(path: Path, **limits: object) -> Path:
     return path
 
 
-def engine_env(base_url: str, crash_at: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "BATCH_ENGINE_"))}
+def engine_env(base_url: str, crash_at: str | None = None, prefect_api_url: str | None = None) -> dict[str, str]:
+    """The environment of an engine process: the API at `base_url`; the Prefect server at `prefect_api_url`, whose
+    presence makes `batch-engine run` run the flow (else it runs in-process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "BATCH_ENGINE_", "PREFECT_API_"))}
     env.update({"ANTHROPIC_API_KEY": "sk-crash-test", "ANTHROPIC_BASE_URL": base_url, "PYTHONPATH": str(ROOT)})
     if crash_at is not None:
         env[ENV_VAR] = crash_at
+    if prefect_api_url is not None:
+        env["PREFECT_API_URL"] = prefect_api_url
     return env
 
 
@@ -101,9 +105,15 @@ def run_driver(cwd: Path, base_url: str, args: Sequence[str], crash_at: str | No
     return Finished(code, stdout, stderr)
 
 
-def run_driver_process(cwd: Path, base_url: str, args: Sequence[str], crash_at: str | None = None) -> Finished:
-    """`python tests/support/crash_driver.py ARGS` as a plain subprocess (pays the engine's import every time)."""
-    return run_process([sys.executable, str(DRIVER), *args], engine_env(base_url, crash_at), cwd)
+def run_driver_process(
+    cwd: Path, base_url: str, args: Sequence[str], crash_at: str | None = None, prefect_api_url: str | None = None
+) -> Finished:
+    """`python tests/support/crash_driver.py ARGS` as a plain subprocess (pays the engine's import every time); with
+    `prefect_api_url`, `batch-engine run` runs the flow on that server (a run then takes longer: Prefect's
+    import, and a round trip to its server per task run)."""
+    env = engine_env(base_url, crash_at, prefect_api_url)
+    timeout = RUN_TIMEOUT_S if prefect_api_url is None else 2 * RUN_TIMEOUT_S
+    return run_process([sys.executable, str(DRIVER), *args], env, cwd, timeout)
 
 
 async def _batches(base_url: str, with_ids: bool) -> list[tuple[BatchInfo, set[str]]]:

@@ -1,63 +1,34 @@
-"""What the crash tests kill: one `batch_engine.runner.run` of a task file in this process, against the API in
+"""What the crash tests kill: `batch-engine run` of a task file, in this process, against the API in
 `ANTHROPIC_API_KEY` / `ANTHROPIC_BASE_URL`, with `BATCH_ENGINE_CRASH_AT` naming the point to die at.
 
-It is `batch-engine run` without the Prefect flow around it: the same ledger, lanes and output writer, without
-~20 s of start-up (importing Prefect, starting its temporary server). `forked` runs it in a process forked from
-a multiprocessing forkserver that imported the engine once, which saves the ~2 s import of `anthropic` per run
-as well: that is what lets tests/engine/test_crash_points.py kill and re-run a real process at every crash point in
-about a minute.
+It is the command users run (`batch_engine.cli.main(["run", ...])`), so it takes the path they take: in this
+process without Prefect when no Prefect server is configured, or the `batch-orchestrator` flow, each phase a
+task run, when `PREFECT_API_URL` is set (tests/engine/test_crash_points.py runs both). `forked` runs it in a process
+forked from a multiprocessing forkserver that imported the engine once, which saves the ~2 s import of
+`anthropic` per run: that is what lets the crash tests kill and re-run a real process at every crash point in
+about a minute. The flow path runs as a plain subprocess (Prefect reads its settings when it is imported).
 
-    python tests/support/crash_driver.py INPUT -o OUTPUT --state-dir DIR [--config F] [--batch-only] [--batch-timeout S]
-        [--resume-run KEY] [--supersede]
+    python tests/support/crash_driver.py INPUT -o OUTPUT --state-dir DIR [--config F] [--batch-only]
+        [--batch-timeout S] [--resume-run KEY] [--supersede]
 
-Exit 0: every task succeeded; 1: some failed; 2: a BatchEngineError (one `Error:` line), like the CLI.
+Exit 0: every task succeeded; 1: some failed; 2: a BatchEngineError (one `Error:` line), as the CLI.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from batch_engine.client import api_from_environment
-from batch_engine.config import load_config
+# Imported here, not when the command runs, so that the forkserver preloads them for every worker.
+import batch_engine.render.terminal
+import batch_engine.runner  # noqa: F401
+from batch_engine.cli import main as cli_main
 from batch_engine.crashpoints import arm
-from batch_engine.errors import BatchEngineError, ConfigError
-from batch_engine.runner import RunOptions, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crash_driver")
-    parser.add_argument("input", type=Path)
-    parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--batch-only", dest="mode", action="store_const", const="batch")
-    parser.add_argument("--batch-timeout", type=float, default=None)
-    parser.add_argument("--resume-run", default=None)
-    parser.add_argument("--supersede", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        api = api_from_environment()
-        if api is None:
-            raise ConfigError("no API key: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for the emulator)")
-        options = RunOptions(
-            state_dir=args.state_dir,
-            mode=args.mode,
-            batch_timeout_s=args.batch_timeout,
-            config_path=args.config,
-            resume_run=args.resume_run,
-            supersede=args.supersede,
-        )
-        summary = asyncio.run(run(args.input, args.output, api=api, config=load_config(args.config), options=options))
-    except BatchEngineError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{summary.counts['succeeded']} of {summary.counts['total']} succeeded")
-    return 0 if summary.all_succeeded else 1
+    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
 
 
 def forked(argv: list[str], cwd: str, env: dict[str, str], crash_at: str, stdout: str, stderr: str) -> None:

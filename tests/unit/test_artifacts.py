@@ -73,7 +73,7 @@ def _summary(**changes: Any) -> RunSummary:
         cache_hit_rate=0.45,
         durations_s={"batch": 280.0, "total": 300.0},
     )
-    return summary.model_copy(update=changes)
+    return RunSummary.model_validate({**summary.model_dump(), **changes})
 
 
 def test_the_table_has_one_row_per_task_type_route_and_model_with_formatted_figures_and_no_total_row() -> None:
@@ -128,7 +128,7 @@ def test_the_summary_lists_at_most_max_reasons_and_counts_the_rest() -> None:
     rows = [_rejected(i, f"line {i + 1}: field_{i}: bad") for i in range(MAX_REASONS + 2)]
     rows += [_rejected(100, "line 101: field_0: bad")]  # the most frequent reason comes first
     summary = _summary(counts={"total": len(rows), "succeeded": 0, "failed": 0, "rejected": len(rows)})
-    summary.counts["by_route"] = {}
+    summary.counts.by_route = {}
 
     markdown = summary_markdown(summary, RunBreakdown.of(rows))
 
@@ -166,7 +166,7 @@ def test_the_summary_shows_counts_cost_against_baseline_cost_by_model_cache_batc
 
 def test_a_clean_simulated_run_says_so() -> None:
     clean = _summary(simulated=True, batches=[], counts={"total": 1, "succeeded": 1, "failed": 0, "rejected": 0})
-    clean.counts["by_route"] = {"realtime": 1}
+    clean.counts.by_route = {"realtime": 1}
 
     markdown = summary_markdown(clean, RunBreakdown.of([_row(0, "chat", "realtime", model=HAIKU)]))
 

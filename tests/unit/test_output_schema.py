@@ -18,8 +18,8 @@ from batch_engine.config import Config, default_config_text, load_config, parse_
 from batch_engine.errors import ConfigError
 from batch_engine.files import RawRecord
 from batch_engine.planning import make_plan
-from batch_engine.planning.output_schema import OutputSpec, SchemaError, check_schema, closed
 from batch_engine.planning.run_summary import encode_output
+from batch_engine.structured_output import OutputSpec, SchemaError, check_schema, closed
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 INVOICE = load_config().task_types["extract_invoice"].output_schema

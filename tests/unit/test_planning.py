@@ -1,21 +1,25 @@
-"""Routing, params (thinking rules, cache breakpoints, safe templates), chunking and merge."""
+"""Routing, params (thinking rules, cache breakpoints, safe templates), chunking and the output order."""
 
 from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_engine.config import Config, load_config
+from batch_engine.config import Config, Route, load_config
+from batch_engine.files import RawRecord
 from batch_engine.models import Rejection, TaskRequest, TaskResult
-from batch_engine.planning import PlannedTask
+from batch_engine.planning import PlannedTask, make_plan
 from batch_engine.planning.chunking import chunk_tasks, row_bytes
-from batch_engine.planning.merge import merge
-from batch_engine.planning.params import TemplateError, build_params, count_breakpoints, render
+from batch_engine.planning.merge import in_input_order
+from batch_engine.planning.params import TemplateError, count_breakpoints, render
 from batch_engine.planning.routing import route_task
+from batch_engine.state.ledger import Ledger
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 LONG = "Follow the house style carefully. " * 100  # ~3,400 bytes ≈ 850 tokens, above every 5.x minimum
@@ -30,6 +34,15 @@ def task(**fields: object) -> TaskRequest:
     base: dict[str, object] = {"task_id": "t1", "task_type": "summarize", "input_data": {"document": "d"}}
     base.update(fields)
     return TaskRequest.model_validate(base)
+
+
+def params_of(request: TaskRequest, config: Config, route: Route) -> dict[str, Any]:
+    """The Messages API params the engine would send for `request` on `route`: planned as a run plans it."""
+    record = RawRecord(index=0, line=1, value=request.model_dump(mode="json", exclude_none=True))
+    plan = make_plan([record], config, NOW, route=route)
+    assert not plan.rejections, plan.rejections
+    (planned,) = plan.tasks
+    return planned.params
 
 
 def test_task_type_default_route_is_used_without_hints(config: Config) -> None:
@@ -54,8 +67,8 @@ def test_deadline_sooner_than_the_batch_sla_goes_realtime(config: Config) -> Non
 
 def test_long_system_prompt_gets_a_1h_breakpoint_on_batch_and_5m_on_realtime(config: Config) -> None:
     t = task(system=LONG)
-    _, batch = build_params(t, config.task_types["summarize"], config, "batch")
-    _, realtime = build_params(t, config.task_types["summarize"], config, "realtime")
+    batch = params_of(t, config, "batch")
+    realtime = params_of(t, config, "realtime")
     assert batch["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert realtime["system"][0]["cache_control"] == {"type": "ephemeral"}
     assert count_breakpoints(batch) == 1
@@ -63,17 +76,12 @@ def test_long_system_prompt_gets_a_1h_breakpoint_on_batch_and_5m_on_realtime(con
 
 
 def test_system_prompt_below_the_model_minimum_is_not_marked(config: Config) -> None:
-    _, params = build_params(task(system="short"), config.task_types["summarize"], config, "batch")
+    params = params_of(task(system="short"), config, "batch")
     assert "cache_control" not in params["system"][0]
 
 
 def test_claude_5_models_get_adaptive_thinking_never_a_manual_budget(config: Config) -> None:
-    _, params = build_params(
-        task(task_type="critical_fix", input_data={"incident": "i", "code": "c"}),
-        config.task_types["critical_fix"],
-        config,
-        "realtime",
-    )
+    params = params_of(task(task_type="critical_fix", input_data={"incident": "i", "code": "c"}), config, "realtime")
     assert params["model"] == "claude-opus-5-5"
     assert params["thinking"] == {"type": "adaptive"}
     assert params["output_config"] == {"effort": "high"}
@@ -95,7 +103,7 @@ def test_manual_thinking_is_kept_for_models_that_accept_it() -> None:
         .replace('cheap = "claude-haiku-5-5"', 'cheap = "claude-haiku-4-5"')
     )
     cfg = parse_config(custom)
-    _, params = build_params(task(), cfg.task_types["summarize"], cfg, "batch")
+    params = params_of(task(), cfg, "batch")
     assert params["thinking"] == {"type": "enabled", "budget_tokens": 2048}
 
 
@@ -168,18 +176,31 @@ def test_chunks_respect_limits_and_cover_every_task_once(
     assert chunk_tasks(tasks, max_requests, max_bytes) == chunks  # deterministic
 
 
-def result(i: int) -> TaskResult:
-    return TaskResult(task_id=f"t{i}", index=i, status="succeeded", text=str(i))
+def result(i: int, status: str = "succeeded") -> TaskResult:
+    return TaskResult.model_validate({"task_id": f"t{i}", "index": i, "status": status, "text": f"{status} {i}"})
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.permutations(list(range(30))), st.sets(st.integers(30, 40), max_size=5))
-def test_merge_is_input_ordered_whatever_the_arrival_order(order: list[int], rejected: set[int]) -> None:
+@settings(max_examples=100, deadline=None)
+@given(
+    st.permutations(list(range(30))),
+    st.sets(st.integers(0, 29), max_size=5),
+    st.sets(st.integers(30, 40), max_size=5),
+)
+def test_the_output_rows_are_in_input_order_whatever_the_order_results_arrive(
+    order: list[int], retried: set[int], rejected: set[int]
+) -> None:
+    # What the run writes: rows saved to its ledger as they arrive (some first errored, then retried), read back
+    # in index order and merged with the rejected records, exactly as `Run.rows` and `Run.row_json` do.
     rejections = [Rejection(index=i, field="task_id", reason="bad") for i in rejected]
-    merged = merge([result(i) for i in order], rejections)
-    assert [row.index for row in merged] == sorted(list(range(30)) + list(rejected))
-    assert merged == merge([result(i) for i in range(30)], list(reversed(rejections)))
-    assert all(row.status == "rejected" for row in merged if row.index in rejected)
+    with Ledger(Path(":memory:")) as ledger:
+        ledger.save_results("run", [result(i, "errored") for i in sorted(retried)], 0.0)
+        for i in order:
+            ledger.save_results("run", [result(i)], 1.0)
+        rows = list(in_input_order(((row.index, row) for row in ledger.results("run")), rejections))
+        stored = list(in_input_order(ledger.result_json("run"), list(reversed(rejections))))
+    assert [row.index for row in rows] == sorted([*range(30), *rejected])
+    assert all(row.status == ("rejected" if row.index in rejected else "succeeded") for row in rows)
+    assert [row if isinstance(row, TaskResult) else TaskResult.model_validate_json(row) for row in stored] == rows
 
 
 def test_raw_params_with_more_than_four_breakpoints_are_rejected(config: Config) -> None:
