@@ -19,8 +19,8 @@ from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.outcome import folded
-from batch_engine.state.ledger import Ledger
-from batch_engine.state.usage_log import UsageLog, usage_record
+from batch_engine.state.backend import RunLedger, UsageStore
+from batch_engine.state.usage_log import usage_record
 
 BILLED = BILLED_STATUSES  # statuses of rows whose request was billed
 
@@ -108,7 +108,7 @@ class LaneContext:
 
     client: AsyncClient
     config: Config
-    ledger: Ledger
+    ledger: RunLedger
     run_key: str
     tasks: dict[int, PlannedTask]  # by input index
     attempts: dict[int, int]  # input index → requests sent for it so far (batch rows and realtime calls)
@@ -117,7 +117,7 @@ class LaneContext:
     # Raises LeaseLostError once another process has taken the run over: called before every batch create and
     # realtime request, so a process that lost its lease pays for nothing more.
     lease_check: Callable[[], None]
-    usage_log: UsageLog
+    usage_log: UsageStore
     estimator: Estimator
     budget: Budget  # Budget.unlimited() without max_cost_usd
     progress: Progress = field(default_factory=Progress)

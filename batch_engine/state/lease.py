@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from batch_engine.errors import LeaseLostError, RunBusyError
 from batch_engine.files import pid_alive
-from batch_engine.state.ledger import Lease, Ledger
+from batch_engine.state.backend import RunLedger
+from batch_engine.state.ledger import Lease
 
 # Long enough that a loop busy writing a large output does not lose the lease; a dead process on this host is
 # taken over at once (by its pid), so only a process on another host waits this long after a crash.
@@ -41,7 +42,7 @@ def holder_alive(lease: Lease, now: float | None = None) -> bool:
 class RunLease:
     """This process's lease on one run."""
 
-    ledger: Ledger
+    ledger: RunLedger
     run_key: str
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -106,3 +107,16 @@ class RunLease:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+
+
+def abandoned_leases(ledger: RunLedger, input_path: str) -> list[Lease]:
+    """The leases on unfinished runs of `input_path` whose holder is gone: a worker that died mid-run (its process
+    killed, its machine lost). On PostgreSQL that shows at once (its database session ends); on SQLite by its pid
+    on this host, else when its heartbeat expires."""
+    found = []
+    for record in ledger.runs():
+        if record.status in ("running", "submitted") and record.input_path == input_path:
+            lease = ledger.lease(record.run_key)
+            if lease is not None and not ledger.lease_alive(lease, holder_alive):
+                found.append(lease)
+    return found

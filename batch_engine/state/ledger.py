@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS leases (
     heartbeat_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_durations (
+    run_key TEXT PRIMARY KEY,
+    durations BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -181,6 +185,10 @@ class Ledger(SqliteStore):
     def open(cls, state_dir: Path) -> Ledger:
         return cls(Path(state_dir) / LEDGER_FILE)
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
     # --- runs ------------------------------------------------------------------------------------------
 
     def begin(self, run_key: str, input_path: str, output_path: str, options: dict[str, Any], now: float) -> RunRecord:
@@ -247,6 +255,14 @@ class Ledger(SqliteStore):
             "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
         )
 
+    def keep_durations(self, run_key: str, durations: dict[str, Any]) -> dict[str, Any]:
+        """The run's phase durations as first recorded: the invocation that completes a run records them, and a
+        later rewrite of its output gets them back (the same bytes)."""
+        self._db.execute("INSERT OR IGNORE INTO run_durations VALUES (?, ?)", (run_key, orjson.dumps(durations)))
+        row = self._db.execute("SELECT durations FROM run_durations WHERE run_key = ?", (run_key,)).fetchone()
+        kept: dict[str, Any] = orjson.loads(row["durations"])
+        return kept
+
     # --- leases ----------------------------------------------------------------------------------------
 
     def take_lease(self, lease: Lease, holder_alive: Callable[[Lease], bool]) -> Lease | None:
@@ -270,7 +286,11 @@ class Ledger(SqliteStore):
     def lease(self, run_key: str) -> Lease | None:
         """The run's lease as recorded (None when nobody holds it)."""
         row = self._db.execute("SELECT * FROM leases WHERE run_key = ?", (run_key,)).fetchone()
-        return Lease(*row) if row is not None else None
+        return Lease(*row) if row else None
+
+    def lease_alive(self, held: Lease, holder_alive: Callable[[Lease], bool]) -> bool:
+        """Whether the holder of `held` may still be working."""
+        return holder_alive(held)
 
     def renew_lease(self, run_key: str, owner: str, now: float, expires_at: float) -> bool:
         """Move the lease's heartbeat on; False when `owner` no longer holds it (it was taken over)."""
