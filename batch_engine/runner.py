@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -27,11 +27,12 @@ from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.models import RunSummary, TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.models import ErrorInfo, RunSummary, TaskResult
+from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import in_input_order
+from batch_engine.planning.outcome import failed
 from batch_engine.planning.run_summary import Tally, encode_head, encode_rows, encode_tail
 from batch_engine.state.backend import RunLedger, UsageStore, open_ledger, open_usage_log
 from batch_engine.state.lease import RunLease
@@ -378,6 +379,7 @@ class Run:
                 attempts=self.attempts_so_far(),
                 policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
                 logger=logger,
+                lease_check=self.lease.check,
                 usage_log=usage_log,
                 estimator=estimator,
                 budget=self._budget(estimator, tasks),
@@ -418,6 +420,7 @@ class Run:
         """
         ctx = lanes.ctx
         finished = self.ledger.finished_indexes(self.key)
+        self._reject_over_context_window(ctx, ctx.estimator.counted_input, finished)
         spent = self.ledger.spent(self.key)
         estimate = spent + sum(ctx.estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
         crash_point("preflight.done")
@@ -431,6 +434,19 @@ class Run:
             )
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, budget.limit_usd)
         return estimate
+
+    def _reject_over_context_window(self, ctx: LaneContext, counted: Mapping[int, int], finished: set[int]) -> None:
+        """Tasks the count puts over their model's context window are rejected here, not sent: the API would
+        answer 400 "prompt is too long" (in a batch, only after the whole batch ends)."""
+        unsent = (task for task in self.plan.tasks if task.index not in finished)
+        rows = [
+            failed(task, "rejected", task.route, 0, ErrorInfo(type="rejected", message=f"{field}: {reason}"))
+            for task, field, reason in over_context_window(unsent, counted, self.config)
+        ]
+        if rows:
+            ctx.record(rows)
+            finished.update(row.index for row in rows)
+            ctx.logger.warning("%d tasks rejected: their counted prompt is over the context window", len(rows))
 
     def open_batches(self) -> list[ChunkRecord]:
         """Recorded batches still owing results (submitted or ended, not yet collected)."""

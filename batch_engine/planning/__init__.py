@@ -6,7 +6,7 @@ The types below are the contract between planning and the lanes that execute a p
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -83,6 +83,22 @@ class Plan:
 
     def realtime_tasks(self) -> list[PlannedTask]:
         return [task for task in self.tasks if task.route == "realtime"]
+
+
+def over_context_window(
+    tasks: Iterable[PlannedTask], counted: Mapping[int, int], config: Config
+) -> list[tuple[PlannedTask, str, str]]:
+    """(task, field, reason) for each task whose counted input (messages.count_tokens) is over its model's context
+    window: planning let it through on the offline estimate, the count says the API would answer 400."""
+    over: list[tuple[PlannedTask, str, str]] = []
+    for task in tasks:
+        tokens = counted.get(task.index)
+        window = config.models[task.model].context_tokens
+        if tokens is not None and tokens > window:
+            field = "params" if task.user_text is None else "input_data"
+            reason = f"prompt of {tokens:,} tokens (counted) exceeds {task.model}'s context window of {window:,}"
+            over.append((task, field, reason))
+    return over
 
 
 def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route: Route | None = None) -> Plan:
