@@ -35,6 +35,7 @@ from batch_engine.emulator import emulator_process
 from batch_engine.models import TaskResult
 from batch_engine.planning import Plan, PlannedTask
 from batch_engine.planning.outcome import succeeded
+from batch_engine.planning.rows import RowEncoder
 from batch_engine.runner import Run, RunOptions, run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -97,8 +98,8 @@ def _synthetic_result(task: PlannedTask, config: Config) -> TaskResult:
     return succeeded(task, message, "batch", 1, config, batch_id="msgbatch_bench")
 
 
-def _rows(plan: Plan, positions: tuple[int, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
-    return ((plan.tasks[pos].task_id, plan.tasks[pos].params) for pos in positions)
+def _rows(plan: Plan, encoder: RowEncoder, positions: tuple[int, ...]) -> Iterator[bytes]:
+    return (encoder.row(plan.tasks[pos]) for pos in positions)
 
 
 def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
@@ -119,8 +120,9 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
             # The body `BatchLane._create_once` streams to `batches.create`, one batch at a time: measured for its
             # Content-Length, then produced again block by block as the upload reads it.
             body_bytes = 0
+            encoder = RowEncoder()
             for chunk in plan.chunks:
-                body = BatchBody(functools.partial(_rows, plan, chunk.task_positions))
+                body = BatchBody(functools.partial(_rows, plan, encoder, chunk.task_positions))
                 body_bytes += len(body)
                 for _ in body.blocks():
                     pass

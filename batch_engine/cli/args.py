@@ -38,23 +38,25 @@ def positive_duration(text: str) -> float:
 
 
 def dollars(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+    value = _number(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"not an amount of dollars (0 or more): {text!r}")
     return value
 
 
 def rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not 0 <= rate <= 1:
+    value = _number(text)
+    if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1")
-    return rate
+    return value
+
+
+def _number(text: str) -> float:
+    """The float `text` spells, or NaN (which every range check refuses)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def positive_int(text: str) -> int:

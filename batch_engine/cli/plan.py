@@ -69,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
     estimator = Estimator(config, counts.by_index if counts else {}, history)
     summary = plan_summary(plan, config, estimator, counts)
     if args.json:
-        sys.stdout.write(dumps(summary).decode() + "\n")
+        sys.stdout.write(dumps(summary.model_dump(mode="json")).decode() + "\n")
     else:
         print(render_plan_summary(summary))
     return 0

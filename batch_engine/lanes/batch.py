@@ -34,6 +34,7 @@ from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
+from batch_engine.planning.rows import RowEncoder
 from batch_engine.state.ledger import ChunkRecord
 
 T = TypeVar("T")
@@ -78,6 +79,7 @@ class BatchLane:
         self.poll_interval_s = limits.batch_poll_interval_s
         self.timeout_s = limits.batch_timeout_s
         self.rpm = RateLimiter(limits.batch_rpm, _UNLIMITED, _UNLIMITED)
+        self.rows = RowEncoder()  # each distinct frame (its ~5 KB system prompt) encoded once for all creates
         # One create (or reconciliation) at a time: while a create's answer is in doubt, no other chunk's
         # fresh, not-yet-recorded batch of the same size can be mistaken for it.
         self._creating = asyncio.Lock()
@@ -183,8 +185,8 @@ class BatchLane:
             budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
-        tasks = self.ctx.tasks
-        body = BatchBody(lambda: ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes))
+        tasks, encode = self.ctx.tasks, self.rows.row
+        body = BatchBody(lambda: (encode(tasks[index]) for index in record.task_indexes))
         await self._slot()
         self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
         crash_point("batch.create.before")

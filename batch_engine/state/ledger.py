@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS leases (
     heartbeat_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_durations (
+    run_key TEXT PRIMARY KEY,
+    durations BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -249,6 +253,14 @@ class Ledger(SqliteStore):
         self._db.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
         )
+
+    def keep_durations(self, run_key: str, durations: dict[str, Any]) -> dict[str, Any]:
+        """The run's phase durations as first recorded: the invocation that completes a run records them, and a
+        later rewrite of its output gets them back (the same bytes)."""
+        self._db.execute("INSERT OR IGNORE INTO run_durations VALUES (?, ?)", (run_key, orjson.dumps(durations)))
+        row = self._db.execute("SELECT durations FROM run_durations WHERE run_key = ?", (run_key,)).fetchone()
+        kept: dict[str, Any] = orjson.loads(row["durations"])
+        return kept
 
     # --- leases ----------------------------------------------------------------------------------------
 

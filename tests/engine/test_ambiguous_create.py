@@ -178,7 +178,7 @@ def _create(base_url: str, custom_ids: list[str]) -> str:
     async def create() -> str:
         client = make_client(ApiSettings(SecretStr("sk-test"), base_url))
         try:
-            info = await create_batch(client, BatchBody(lambda: ((cid, params) for cid in custom_ids)))
+            info = await create_batch(client, BatchBody.from_params(lambda: ((cid, params) for cid in custom_ids)))
             return info.id
         finally:
             await client.close()

@@ -94,7 +94,7 @@ def test_thinking_off_sends_each_models_off_value_and_a_64_token_classifier_gets
         "claude-opus-5-5": {"type": "adaptive"},
     }
     assert next(t for t in plan.tasks if t.model == "claude-opus-5-5").params["output_config"] == {"effort": "low"}
-    (warning,) = plan_summary(plan, config)["warnings"]
+    (warning,) = plan_summary(plan, config).warnings
     assert "claude-opus-5-5 cannot turn thinking off" in warning and "max_tokens 64" in warning
 
     output = run_engine(emulator, path, tmp_path)
@@ -113,7 +113,7 @@ def test_plan_warns_when_a_thinking_task_type_leaves_no_room_for_thinking() -> N
     config = config.model_copy(update={"task_types": {**config.task_types, "generate_tests": small}})
     records = [{"task_id": "g", "task_type": "generate_tests", "input_data": {"code": "def f(): pass"}}]
     plan = make_plan(_records(records), config, NOW)
-    (warning,) = plan_summary(plan, config)["warnings"]
+    (warning,) = plan_summary(plan, config).warnings
     assert warning.startswith("warning: task type generate_tests thinks on claude-sonnet-5-5 but max_tokens 300")
 
 
