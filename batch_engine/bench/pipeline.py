@@ -39,7 +39,7 @@ from batch_engine.planning.outcome import succeeded
 from batch_engine.planning.rows import RowEncoder
 from batch_engine.runner import Run, RunOptions, run
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 _REPLY = "The checkout failure is caused by a timeout in the payment callback; retry with idempotency keys."
 
 
