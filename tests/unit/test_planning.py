@@ -259,7 +259,6 @@ def test_a_shared_system_prompt_is_one_string_for_every_task(config: Config) -> 
     assert len({id(planned.frame) for planned in plan.tasks}) == 1
 
 
-
 def test_a_tasks_metadata_json_holds_its_bytes_not_an_encoder_buffer(config: Config) -> None:
     # orjson returns its bytes inside its ~4 KB write buffer (sys.getsizeof does not show it): kept in each planned
     # task, that was ~4 KB a task, most of a run's peak memory (595 MiB instead of ~230 at 100k tasks).
