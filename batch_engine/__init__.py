@@ -40,6 +40,8 @@ _EXPORTS = {
     "RawRecord": "batch_engine.files",
     "Plan": "batch_engine.planning",
     "PlannedTask": "batch_engine.planning",
+    "plan_summary": "batch_engine.planning.plan_summary",
+    "PlanSummary": "batch_engine.planning.plan_summary",
     # models: the input record, the output rows and the output file
     "TaskRequest": "batch_engine.models",
     "TaskResult": "batch_engine.models",
@@ -81,6 +83,7 @@ __all__ = [
     "OutputFile",
     "PermanentApiError",
     "Plan",
+    "PlanSummary",
     "PlannedTask",
     "RawRecord",
     "Rejection",
@@ -100,6 +103,7 @@ __all__ = [
     "iter_records",
     "load_config",
     "make_plan",
+    "plan_summary",
     "run",
 ]
 
@@ -134,6 +138,7 @@ if TYPE_CHECKING:
         Usage,
     )
     from batch_engine.planning import Plan, PlannedTask, make_plan
+    from batch_engine.planning.plan_summary import PlanSummary, plan_summary
     from batch_engine.runner import Run, RunOptions, run
 
 

@@ -144,6 +144,9 @@ class Config(_Strict):
     batch_discount: float = Field(default=0.5, gt=0, le=1)
     batch_sla_s: float = Field(default=86_400, gt=0)
     tiers: dict[Tier, str]
+    # Where the run ledger and the usage log live (README "Several machines"); excluded from the config a run
+    # records, since it says where, not what, and may carry a password.
+    state_url: str | None = Field(default=None, exclude=True)
     limits: Limits = Limits()
     models: dict[str, ModelSpec]
     task_types: dict[str, TaskType]

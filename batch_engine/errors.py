@@ -6,7 +6,9 @@
     ├── BudgetError                   the plan's estimated cost is over --max-cost-usd (nothing was sent)
     ├── LedgerError                   the run ledger is unusable or an ambiguous batch create cannot be resolved
     │   ├── RunBusyError              another live process holds the run's lease (`collect` skips the run)
+    │   ├── LeaseLostError            this process's lease was taken over mid-run: it stops sending at once
     │   └── RunChangedError           an unfinished run of the same input would send other requests
+    ├── BatchUnfinishedError          a batch's own calls kept failing: it stays open; the same command collects it
     └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
         ├── TransientApiError         worth retrying: 408, 409, 429, 5xx, 529, dropped connections, timeouts
         └── PermanentApiError         retrying cannot help: 400, 401, 403, 404, 413, spend limits
@@ -43,8 +45,20 @@ class RunBusyError(LedgerError):
     """Another process that is still alive holds the run's lease: two processes would both send everything."""
 
 
+class LeaseLostError(LedgerError):
+    """Another process took this run's lease over (this one's heartbeat had expired): this one must stop."""
+
+
 class RunChangedError(LedgerError):
     """The ledger holds an unfinished run of the same input whose requests differ from this one's."""
+
+
+class BatchUnfinishedError(BatchEngineError):
+    """A batch's own calls (poll, cancel, results) failed after every retry; the rest of the run finished.
+
+    The batch stays open in the ledger: its rows are paid for, so they are not sent again realtime, and running
+    the same command again (or `collect`) collects it.
+    """
 
 
 class ApiError(BatchEngineError):

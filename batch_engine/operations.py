@@ -23,7 +23,9 @@ from batch_engine.client import (
 from batch_engine.errors import LedgerError
 from batch_engine.models import RunSummary
 from batch_engine.runner import Run
-from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
+from batch_engine.state.backend import RunLedger, open_ledger
+from batch_engine.state.ledger import ChunkRecord, RunRecord
+from batch_engine.state.url import StateUrl, resolve_state_url
 
 log = logging.getLogger("batch_engine")
 _POLICY = RetryPolicy(attempts=5, max_time_s=60.0)
@@ -51,7 +53,7 @@ class BatchView:
         }
 
 
-def find_run(ledger: Ledger, key: str) -> RunRecord:
+def find_run(ledger: RunLedger, key: str) -> RunRecord:
     """The run recorded under `key`, or under the one run key starting with it."""
     record = ledger.run(key)
     if record is not None:
@@ -59,13 +61,13 @@ def find_run(ledger: Ledger, key: str) -> RunRecord:
     matches = [run for run in ledger.runs() if run.run_key.startswith(key)] if key else []
     if len(matches) == 1:
         return matches[0]
-    where = ledger.path
+    where = ledger.where
     if matches:
         raise LedgerError(f"run key {key!r} is ambiguous in {where}: {', '.join(r.run_key for r in matches)}")
     raise LedgerError(f"no run {key!r} in {where} (`batch-engine batches list` shows recent batches and their runs)")
 
 
-def _view(ledger: Ledger, info: BatchInfo, chunk: ChunkRecord | None = None) -> BatchView:
+def _view(ledger: RunLedger, info: BatchInfo, chunk: ChunkRecord | None = None) -> BatchView:
     chunk = chunk or ledger.chunk_by_batch(info.id)
     return BatchView(info, chunk.run_key if chunk else None, chunk.chunk_key if chunk else None)
 
@@ -75,7 +77,7 @@ async def _retrieve(client: AsyncClient, batch_id: str) -> BatchInfo:
 
 
 async def list_views(
-    client: AsyncClient, ledger: Ledger, *, run_key: str | None = None, days: float = 7.0, limit: int = 50
+    client: AsyncClient, ledger: RunLedger, *, run_key: str | None = None, days: float = 7.0, limit: int = 50
 ) -> list[BatchView]:
     """A run's batches in submission order (live status), or the API's recent batches, newest first."""
     if run_key is not None:
@@ -87,13 +89,13 @@ async def list_views(
     return [_view(ledger, info) for info in found]
 
 
-async def status(client: AsyncClient, ledger: Ledger, batch_id: str) -> BatchView:
+async def status(client: AsyncClient, ledger: RunLedger, batch_id: str) -> BatchView:
     """One batch, live, with the run and chunk it belongs to."""
     return _view(ledger, await _retrieve(client, batch_id))
 
 
 async def cancel(
-    client: AsyncClient, ledger: Ledger, *, run_key: str | None = None, batch_id: str | None = None
+    client: AsyncClient, ledger: RunLedger, *, run_key: str | None = None, batch_id: str | None = None
 ) -> list[BatchView]:
     """Cancel one batch a run recorded, or every batch of a run still in progress; returns what the API says after.
 
@@ -106,7 +108,7 @@ async def cancel(
         if ledger.chunk_by_batch(batch_id) is None:
             # Never cancel what is not proven ours: on a shared key it may be another job's.
             raise LedgerError(
-                f"batch {batch_id} is not recorded by any run in {ledger.path}, so it may be another job's; "
+                f"batch {batch_id} is not recorded by any run in {ledger.where}, so it may be another job's; "
                 "not cancelling it (pass the --state-dir of the run that made it, or cancel it in the Console)"
             )
         targets = [await _retrieve(client, batch_id)]
@@ -125,7 +127,7 @@ async def _cancel(client: AsyncClient, info: BatchInfo) -> BatchInfo:
     return await _POLICY.call(lambda: cancel_batch(client, info.id))
 
 
-async def delete(client: AsyncClient, ledger: Ledger, batch_id: str) -> BatchView:
+async def delete(client: AsyncClient, ledger: RunLedger, batch_id: str) -> BatchView:
     """Delete an ended batch and its results; refused for a batch whose results a run has not collected yet."""
     chunk = ledger.chunk_by_batch(batch_id)
     if chunk is not None and chunk.open:
@@ -148,11 +150,13 @@ class Collected:
     running: list[str]
 
 
-def reopen(state_dir: Path, run_key: str, output_path: Path) -> Run:
-    """A recorded run opened again in this process, writing to `output_path`."""
-    with Ledger.open(state_dir) as ledger:
+def reopen(state_dir: Path, run_key: str, output_path: Path, state: StateUrl | None = None) -> Run:
+    """A recorded run opened again in this process, writing to `output_path`, from the ledger at `state` (the
+    SQLite files in `state_dir` when None)."""
+    state = state or resolve_state_url(None, state_dir)
+    with open_ledger(state) as ledger:
         record = find_run(ledger, run_key)
-    run = Run.reopen(record, state_dir)
+    run = Run.reopen(record, state_dir, state)
     run.output_path = output_path
     return run
 

@@ -5,32 +5,40 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import logging
+import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
-from batch_engine.errors import BudgetError, LedgerError, RunChangedError
+from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
 from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.models import RunSummary, TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.models import ErrorInfo, RunSummary, TaskResult
+from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import in_input_order
-from batch_engine.planning.run_summary import encode_output, summarize
+from batch_engine.planning.outcome import failed
+from batch_engine.planning.run_summary import Tally, encode_head, encode_rows, encode_tail
+from batch_engine.state.backend import RunLedger, UsageStore, open_ledger, open_usage_log
 from batch_engine.state.lease import RunLease
-from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
-from batch_engine.state.usage_log import UsageLog, output_history
+from batch_engine.state.ledger import ChunkRecord, RunRecord
+from batch_engine.state.url import StateUrl, resolve_state_url
+from batch_engine.state.usage_log import output_history
 from batch_engine.token_count import count_plan_tokens
 
 DEFAULT_STATE_DIR = Path(".batch_engine")
@@ -57,12 +65,29 @@ class RunOptions:
     config_path: Path | None = None  # recorded with the run so another process (`collect`) can reopen it
     resume_run: str | None = None  # finish this recorded run as it was (its recorded config), whatever changed
     supersede: bool = False  # replace an unfinished run of the same input whose requests differ
+    # Where the ledger and the usage log live (`sqlite:///dir`, `postgresql://...`); None: $BATCH_ENGINE_STATE_URL,
+    # else the config's `state_url`, else the SQLite files in `state_dir`.
+    state_url: str | None = None
 
 
 # Against the emulator a batch ends in seconds; polling every minute would only add waiting.
 EMULATED_POLL_S = 1.0
 # In the state dir: emulated batches outlive the process that created them, so `collect` can finish them.
 EMULATOR_STATE_FILE = "emulator-state.json"
+
+
+def process_started_at() -> float:
+    """When this process started (epoch seconds, from Linux's /proc; elsewhere when this module was imported):
+    where a CLI run's start-up is measured from."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_IMPORTED_AT = time.time()
 
 
 def plural(count: int, noun: str) -> str:
@@ -86,6 +111,7 @@ def run_options(
     count_tokens: bool,
     resume_run: str | None = None,
     supersede: bool = False,
+    state_url: str | None = None,
 ) -> RunOptions:
     """The engine's options from the CLI's flags or the flow's parameters (the same for both)."""
     return RunOptions(
@@ -101,6 +127,7 @@ def run_options(
         config_path=Path(config_path) if config_path else None,
         resume_run=resume_run,
         supersede=supersede,
+        state_url=state_url,
     )
 
 
@@ -116,7 +143,8 @@ def emulated_api(state_dir: Path, config_path: Path | None) -> Iterator[ApiSetti
         yield ApiSettings(SecretStr("emulated"), emulator.base_url)
 
 
-_NOT_STORED = frozenset({"state_dir", "resume_run", "supersede"})
+# state_url: where the ledger is (it may carry a password), not what the run is.
+_NOT_STORED = frozenset({"state_dir", "resume_run", "supersede", "state_url"})
 
 
 def _stored_options(options: RunOptions, config: Config, input_digest: str) -> dict[str, Any]:
@@ -127,6 +155,16 @@ def _stored_options(options: RunOptions, config: Config, input_digest: str) -> d
     stored[_CONFIG] = config.model_dump(mode="json")
     stored[_INPUT_DIGEST] = input_digest
     return stored
+
+
+def state_location(options: RunOptions, config: Config) -> StateUrl:
+    """Where the run's ledger and usage log live: `options.state_url`, $BATCH_ENGINE_STATE_URL, the config's
+    `state_url`, or the SQLite files in `options.state_dir`."""
+    return resolve_state_url(options.state_url, options.state_dir, config.state_url)
+
+
+def _url_text(state: StateUrl) -> str:
+    return state.dsn if state.dsn is not None else f"sqlite:///{state.directory}"
 
 
 _CONFIG = "config"
@@ -156,9 +194,11 @@ class Run:
     config: Config
     options: RunOptions
     plan: Plan
-    ledger: Ledger
+    ledger: RunLedger
     record: RunRecord
     lease: RunLease
+    state: StateUrl
+    timeline: Timeline
 
     @property
     def key(self) -> str:
@@ -169,12 +209,26 @@ class Run:
         return self.record.status == "complete"
 
     @classmethod
-    def prepare(cls, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> Run:
+    def prepare(
+        cls,
+        input_path: Path,
+        output_path: Path,
+        config: Config,
+        options: RunOptions,
+        *,
+        launched_at: float | None = None,
+    ) -> Run:
         """Plan the input and open its ledger entry: the unfinished run that sends the same requests (same key,
         start time and plan), `--resume-run KEY` as it was, or a new run (refused while an unfinished run of the
-        same input that sent something would send other requests, unless `--supersede`)."""
+        same input that sent something would send other requests, unless `--supersede`).
+
+        `launched_at`: when the invocation started (the CLI's process start), so the run's durations include its
+        start-up; by default, now.
+        """
+        prepare_at = time.time()
         config = effective_config(config, options)
-        ledger = Ledger.open(options.state_dir)
+        state = state_location(options, config)
+        ledger = open_ledger(state)
         lease: RunLease | None = None
         try:
             opened = _open_run(ledger, input_path, output_path, config, options)
@@ -196,18 +250,23 @@ class Run:
         # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
-        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease)
+        timeline = Timeline(launched_at if launched_at is not None else prepare_at, prepare_at, time.time())
+        return cls(
+            input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, state, timeline
+        )
 
     @classmethod
-    def reopen(cls, record: RunRecord, state_dir: Path) -> Run:
-        """A recorded run, opened again in another process as it was started (`collect`)."""
-        known = {f.name for f in fields(RunOptions)} - {"state_dir", "resume_run", "supersede"}
+    def reopen(cls, record: RunRecord, state_dir: Path, state: StateUrl | None = None) -> Run:
+        """A recorded run, opened again in another process as it was started (`collect`), from the ledger at
+        `state` (the SQLite files in `state_dir` when None)."""
+        known = {f.name for f in fields(RunOptions)} - _NOT_STORED
         stored = {name: value for name, value in record.options.items() if name in known}
         config_path = stored.pop("config_path", None)
         options = RunOptions(
             state_dir=state_dir,
             config_path=Path(config_path) if config_path else None,
             resume_run=record.run_key,
+            state_url=None if state is None else _url_text(state),
             **stored,
         )
         return cls.prepare(Path(record.input_path), Path(record.output_path), load_config(options.config_path), options)
@@ -306,9 +365,9 @@ class Run:
         limits = self.config.limits
         logger = logger or log
         client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
-        usage_log: UsageLog | None = None
+        usage_log: UsageStore | None = None
         try:
-            usage_log = UsageLog.open(self.options.state_dir)
+            usage_log = open_usage_log(self.state)
             estimator = await self._estimator(client, usage_log, logger)
             tasks = self.tasks_by_index()
             ctx = LaneContext(
@@ -320,6 +379,7 @@ class Run:
                 attempts=self.attempts_so_far(),
                 policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
                 logger=logger,
+                lease_check=self.lease.check,
                 usage_log=usage_log,
                 estimator=estimator,
                 budget=self._budget(estimator, tasks),
@@ -334,7 +394,7 @@ class Run:
                 usage_log.close()
             await client.close()
 
-    async def _estimator(self, client: AsyncClient, usage_log: UsageLog, logger: Logger) -> Estimator:
+    async def _estimator(self, client: AsyncClient, usage_log: UsageStore, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}
         if self.options.count_tokens:
             counts = await count_plan_tokens(client, self.plan.tasks, self.config.limits.count_tokens_rpm)
@@ -360,6 +420,7 @@ class Run:
         """
         ctx = lanes.ctx
         finished = self.ledger.finished_indexes(self.key)
+        self._reject_over_context_window(ctx, ctx.estimator.counted_input, finished)
         spent = self.ledger.spent(self.key)
         estimate = spent + sum(ctx.estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
         crash_point("preflight.done")
@@ -373,6 +434,19 @@ class Run:
             )
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, budget.limit_usd)
         return estimate
+
+    def _reject_over_context_window(self, ctx: LaneContext, counted: Mapping[int, int], finished: set[int]) -> None:
+        """Tasks the count puts over their model's context window are rejected here, not sent: the API would
+        answer 400 "prompt is too long" (in a batch, only after the whole batch ends)."""
+        unsent = (task for task in self.plan.tasks if task.index not in finished)
+        rows = [
+            failed(task, "rejected", task.route, 0, ErrorInfo(type="rejected", message=f"{field}: {reason}"))
+            for task, field, reason in over_context_window(unsent, counted, self.config)
+        ]
+        if rows:
+            ctx.record(rows)
+            finished.update(row.index for row in rows)
+            ctx.logger.warning("%d tasks rejected: their counted prompt is over the context window", len(rows))
 
     def open_batches(self) -> list[ChunkRecord]:
         """Recorded batches still owing results (submitted or ended, not yet collected)."""
@@ -435,7 +509,14 @@ class Run:
         """
         phases = phases or DIRECT_PHASES
         await phases.begin(self, lanes)
-        await all_or_none(self._batch_lane(lanes, phases, wait), self._realtime_lane(lanes, phases))
+        unfinished: dict[str, ApiError] = {}
+        await all_or_none(self._batch_lane(lanes, phases, wait, unfinished), self._realtime_lane(lanes, phases))
+        if unfinished:
+            # The realtime lane has finished; so do the rows that are in no open batch. Then the run stops short
+            # of its output, parked with its open batches for the same command to collect.
+            await self._leftovers(lanes, phases)
+            await phases.park(self)
+            raise self._unfinished(unfinished)
         if await phases.park(self):
             return False
         await self._leftovers(lanes, phases)
@@ -465,11 +546,17 @@ class Run:
     async def _collect(self, lanes: Lanes, phases: Phases, record: ChunkRecord, wait: bool) -> None:
         await phases.collect(self, lanes, record, wait)
 
-    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool) -> None:
+    async def _batch_lane(self, lanes: Lanes, phases: Phases, wait: bool, unfinished: dict[str, ApiError]) -> None:
         async def chunk(work: ChunkWork) -> None:
-            record = await phases.submit(self, lanes, work)
-            if record is not None and wait:
-                await phases.collect(self, lanes, record, True)
+            try:
+                record = await phases.submit(self, lanes, work)
+                if record is not None and wait:
+                    await phases.collect(self, lanes, record, True)
+            except ApiError as exc:
+                # One batch's calls failing after every retry say nothing of the other batches, and must never
+                # stop the realtime lane: the batch stays open in the ledger, for the run to report at the end.
+                unfinished[work.key] = exc
+                lanes.ctx.logger.warning("chunk %s: %s", work.key, self._unfinished_reason(work.key, exc))
 
         works = self.chunk_works()
         if works:
@@ -482,6 +569,21 @@ class Run:
                 progress.batch_rows_done,
                 progress.batch_rows_failed,
             )
+
+    def _unfinished_reason(self, chunk_key: str, exc: ApiError) -> str:
+        chunk = self.ledger.chunk(self.key, chunk_key)
+        batch = f"batch {chunk.batch_id}" if chunk is not None and chunk.batch_id else "its batch create"
+        return f"{batch}: {exc.message} (after every retry); it stays open in the ledger"
+
+    def _unfinished(self, unfinished: dict[str, ApiError]) -> BatchUnfinishedError:
+        key, exc = next(iter(unfinished.items()))
+        others = f" (and {len(unfinished) - 1} more chunks)" if len(unfinished) > 1 else ""
+        error = BatchUnfinishedError(
+            f"chunk {key}: {self._unfinished_reason(key, exc)}{others}; every other task finished. Its rows are "
+            "paid for and not sent again: run the same command again to collect it"
+        )
+        error.__cause__ = exc
+        return error
 
     async def _realtime_lane(self, lanes: Lanes, phases: Phases) -> None:
         if self.realtime_tasks():
@@ -509,60 +611,106 @@ class Run:
         """One row per input record, in input order: ledger results merged with rejections."""
         return in_input_order(((row.index, row) for row in self.ledger.results(self.key)), self.plan.rejections)
 
-    def row_json(self) -> Iterator[TaskResult | bytes]:
-        """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
-        return in_input_order(self.ledger.result_json(self.key), self.plan.rejections)
-
-    def missing(self) -> list[PlannedTask]:
-        """Planned tasks without a finished row."""
-        # Both sides walked in index order: a set of every finished index would make writing the output
-        # grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
-        finished = self.ledger.iter_finished_indexes(self.key)
-        done = next(finished, None)
+    def output_rows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """One row per input record, in input order, as (its output JSON, that JSON decoded): ledger rows as
+        stored, merged with the rejections. Raises after the last row when a planned task has no row."""
+        # The plan's tasks walked beside the rows, both in index order: a set of every finished index would make
+        # writing the output grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
+        planned = iter(self.plan.tasks)
+        task = next(planned, None)
         missing: list[PlannedTask] = []
-        for task in self.plan.tasks:  # in input (index) order
-            while done is not None and done < task.index:
-                done = next(finished, None)
-            if done != task.index:
+        for row in in_input_order(self.ledger.result_json(self.key), self.plan.rejections):
+            if isinstance(row, bytes):
+                raw, decoded = row, orjson.loads(row)
+            else:
+                decoded = row.model_dump(mode="json")
+                raw = orjson.dumps(decoded)
+            index = decoded["index"]
+            while task is not None and task.index < index:
                 missing.append(task)
-        return missing
-
-    def finish(self) -> RunSummary:
-        """Finish: write the merged output atomically, mark the run complete, and return its summary."""
-        missing = self.missing()
+                task = next(planned, None)
+            if task is not None and task.index == index:
+                task = next(planned, None)
+            yield raw, decoded
+        if task is not None:
+            missing.append(task)
+            missing.extend(planned)
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
+
+    def finish(self) -> RunSummary:
+        """Finish: write the merged output atomically, mark the run complete, and return its summary.
+
+        One pass over the ledger: each row is written as stored and counted into the summary on the way; the
+        summary, which the output puts first, is then written with the rows after it.
+        """
         crash_point("output.before")
+        write_at = time.time()
         # Everything below comes from the ledger, so any process (a resumed run, `collect`, a re-run of a
         # completed run) writes the same bytes.
-        last = self.ledger.last_recorded(self.key)
         started_at = self.record.started_at
-        finished_at = max([started_at, *last.values()])
-        durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
-        durations["total"] = round(finished_at - started_at, 3)
         batches = [
             (c.chunk_key, c.batch_id, c.request_counts, c.status == "lost")
             for c in self.ledger.chunks(self.key)
             if c.batch_id
         ]
-        summary = summarize(
-            self.rows(),
-            run_key=self.key,
-            input_path=self.record.input_path,
-            output_path=self.record.output_path,
-            simulated=self.options.simulated,
-            started_at=started_at,
-            finished_at=finished_at,
-            total=self.plan.total_records,
-            batches=batches,
-            durations_s=durations,
-            config=self.config,
-        )
-        atomic_write_chunks(self.output_path, encode_output(summary, self.row_json(), self.options.output_format))
+        output_format = self.options.output_format
+        tally = Tally(self.config)
+
+        def counted() -> Iterator[bytes]:
+            for row, decoded in self.output_rows():
+                tally.add(decoded)
+                yield row
+                crash_point("output.partial")  # killed with the output part written
+
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.output_path.parent) as rows:
+            rows.writelines(encode_rows(counted(), output_format))
+            # The invocation that completes the run records its phases; a rewrite gets them back.
+            kept = self.ledger.keep_durations(self.key, self.timeline.durations(write_at, time.time()))
+            durations, finished_at = kept["durations_s"], kept["finished_at"]
+            summary = tally.summary(
+                run_key=self.key,
+                input_path=self.record.input_path,
+                output_path=self.record.output_path,
+                simulated=self.options.simulated,
+                started_at=started_at,
+                finished_at=finished_at,
+                total=self.plan.total_records,
+                batches=batches,
+                durations_s=durations,
+            )
+            rows.seek(0)
+            body = iter(functools.partial(rows.read, 1 << 20), b"")
+            output = itertools.chain([encode_head(summary, output_format)], body, [encode_tail(output_format)])
+            atomic_write_chunks(self.output_path, output)
         crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
         crash_point("run.complete")
         return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """When this invocation of a run started, began planning and had planned (epoch seconds): with the write,
+    its phases cover the whole wall time."""
+
+    launched_at: float
+    prepare_at: float
+    planned_at: float
+
+    def durations(self, write_at: float, written_at: float) -> dict[str, Any]:
+        """`durations_s` (start-up, plan, send: both lanes and the leftovers, write; total = their sum, the
+        invocation's wall time up to the output's rename) and `finished_at`."""
+        phases = {
+            "startup": self.prepare_at - self.launched_at,
+            "plan": self.planned_at - self.prepare_at,
+            "send": write_at - self.planned_at,
+            "write": written_at - write_at,
+        }
+        durations = {phase: round(seconds, 3) for phase, seconds in phases.items()}
+        durations["total"] = round(sum(durations.values()), 3)
+        return {"durations_s": durations, "finished_at": written_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,7 +778,6 @@ class _Opened:
     record: RunRecord
     config: Config
     plan: Plan
-    digests: dict[int, bytes]
     superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
     idle: tuple[RunRecord, ...] = ()  # unfinished runs of the same input that sent nothing: simply replaced
 
@@ -645,7 +792,7 @@ def _recorded_config(record: RunRecord, fallback: Config) -> Config:
     return fallback if snapshot is None else Config.model_validate(snapshot)
 
 
-def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> _Opened:
+def _open_run(ledger: RunLedger, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> _Opened:
     digest = file_digest(input_path)
     # Absolute paths: `collect` and `batches collect` reopen the run from any working directory.
     paths = str(input_path.resolve()), str(output_path.resolve())
@@ -654,14 +801,13 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
         recorded = effective_config(_recorded_config(record, config), options)
         mode = record.options.get("mode")
         plan = _plan_at(input_path, recorded, record.started_at, mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) != record.run_key:
+        if run_identity(digest, plan) != record.run_key:
             raise LedgerError(
                 f"run {record.run_key}: {input_path} no longer gives the requests that run sent (the file, or the "
                 "engine's rendering, changed); it cannot be finished as it was: run the file as a new run"
             )
         record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-        return _Opened(record, recorded, plan, digests)
+        return _Opened(record, recorded, plan)
     # The unfinished runs of this input: one that sends the same requests is this run.
     unfinished = [
         record
@@ -670,19 +816,17 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     ]
     for record in unfinished:
         plan = _plan_at(input_path, config, record.started_at, options.mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) == record.run_key:
+        if run_identity(digest, plan) == record.run_key:
             record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-            return _Opened(record, config, plan, digests)
+            return _Opened(record, config, plan)
     now = time.time()
     plan = _plan_at(input_path, config, now, options.mode)
-    digests = request_digests(plan)
-    key = run_identity(digest, plan, digests)
+    key = run_identity(digest, plan)
     existing = ledger.run(key)
     if existing is not None:  # a completed run of the same requests: its output is written again
         existing = ledger.begin(key, *paths, existing.options, existing.started_at)
         plan = _plan_at(input_path, config, existing.started_at, options.mode)
-        return _Opened(existing, config, plan, digests)
+        return _Opened(existing, config, plan)
     busy = [record for record in unfinished if ledger.has_work(record.run_key)]
     if busy and not options.supersede:
         raise _changed(ledger, busy[0], input_path)
@@ -690,7 +834,7 @@ def _open_run(ledger: Ledger, input_path: Path, output_path: Path, config: Confi
     # Unfinished runs that sent nothing are simply replaced (`Run.prepare`); the others hand over their work
     # (`_supersede`).
     idle = tuple(run for run in unfinished if run not in busy)
-    return _Opened(record, config, plan, digests, tuple(busy), idle)
+    return _Opened(record, config, plan, tuple(busy), idle)
 
 
 def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
@@ -700,16 +844,16 @@ def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
     return recorded == digest if recorded is not None else record.input_path == input_path
 
 
-def _find_run(ledger: Ledger, key: str) -> RunRecord:
+def _find_run(ledger: RunLedger, key: str) -> RunRecord:
     record = ledger.run(key)
     matches = [record] if record is not None else [r for r in ledger.runs() if key and r.run_key.startswith(key)]
     if len(matches) != 1:
         what = "is ambiguous" if matches else "is not"
-        raise LedgerError(f"--resume-run {key!r} {what} a run in {ledger.path}")
+        raise LedgerError(f"--resume-run {key!r} {what} a run in {ledger.where}")
     return matches[0]
 
 
-def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedError:
+def _changed(ledger: RunLedger, record: RunRecord, input_path: Path) -> RunChangedError:
     open_batches = [c.batch_id for c in ledger.chunks(record.run_key) if c.open and c.batch_id]
     batches = f"open batches: {', '.join(open_batches)}" if open_batches else "no open batch"
     return RunChangedError(
@@ -719,8 +863,9 @@ def _changed(ledger: Ledger, record: RunRecord, input_path: Path) -> RunChangedE
     )
 
 
-def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
+def _supersede(ledger: RunLedger, opened: _Opened, options: RunOptions) -> _Opened:
     """Take the work of the unfinished runs `opened` replaces: their batches and results of unchanged tasks."""
+    digests = request_digests(opened.plan)
     for old in opened.superseded:
         old_lease = RunLease(ledger, old.run_key)
         old_lease.take()  # a live process on the old run must not see its batches move
@@ -733,7 +878,7 @@ def _supersede(ledger: Ledger, opened: _Opened, options: RunOptions) -> _Opened:
             old_config = effective_config(_recorded_config(old, opened.config), options)
             old_plan = _plan_at(Path(old.input_path), old_config, old.started_at, old.options.get("mode"))
             old_digests = request_digests(old_plan)
-            unchanged = {i for i, d in old_digests.items() if opened.digests.get(i) == d}
+            unchanged = {i for i, d in old_digests.items() if digests.get(i) == d}
             moved = ledger.supersede(old.run_key, opened.record.run_key, unchanged, time.time())
             log.warning(
                 "run %s supersedes run %s: %d of %d tasks unchanged; %d open batches kept (%s)",
@@ -759,13 +904,17 @@ async def run(
     logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     progress: Progress | None = None,
     policy: RetryPolicy | None = None,
+    launched_at: float | None = None,
 ) -> RunSummary:
     """Run a task file end to end (or resume it), write the merged output, and return the run summary.
 
     The phases in order, in this process, without Prefect: plan, send (begin, both lanes, leftovers), finish.
     A completed run is not sent again: its output is rewritten from the ledger without any API call.
+    `launched_at`: when the invocation started (see `Run.prepare`).
     """
-    prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
+    prepared = Run.prepare(
+        Path(input_path), Path(output_path), config, options or RunOptions(), launched_at=launched_at
+    )
     try:
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:

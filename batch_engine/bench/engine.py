@@ -9,9 +9,12 @@
     python -m batch_engine.bench ratelimit --requests 600 --rpm 1200 --itpm 300000 --pad-tokens 1000
     python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1
     python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1 --rpm 600
+    python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1 --curator-python PY
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
+    python -m batch_engine.bench million --tasks 1000000
     python -m batch_engine.bench startup --requests 1000 --latency 250ms
+    python -m batch_engine.bench state --state-url postgresql://localhost/bench --realtime 10000 --batch 100000
 
 Every benchmark that talks to the API serves the emulator from its own process (`batch-engine emulator`), so
 it does not share a core's worth of GIL with the client being measured. `plan`, `batch` and `cost` live in
@@ -25,6 +28,7 @@ import asyncio
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +51,8 @@ from batch_engine.files import iter_records
 from batch_engine.lanes import Progress
 from batch_engine.planning import make_plan
 from batch_engine.runner import RunOptions, run
-from batch_engine.state.usage_log import UsageLog
+from batch_engine.state.backend import open_usage_log
+from batch_engine.state.url import resolve_state_url
 
 _TYPES = [
     ("analyze_logs", {"service": "ingest", "logs": "WARN latency 900ms\n" * 8}),
@@ -172,20 +177,21 @@ def _engine(
     config: Config | None = None,
     *,
     task_latency: bool = False,
+    state_url: str | None = None,
 ) -> _Measured:
     """`batch_engine.runner.run` with --realtime-only semantics: plan, ledger, lane, output file included.
     Latencies (of each billed request; with `task_latency`, of each task, retries included) and finish times are
     read afterwards, outside the measured span."""
     api = ApiSettings(SecretStr("bench"), base_url)
-    options = RunOptions(state_dir=state, mode="realtime", concurrency=concurrency)
+    options = RunOptions(state_dir=state, mode="realtime", concurrency=concurrency, state_url=state_url)
     progress = _TaskTimes()
     wall, cpu = time.perf_counter(), time.process_time()
     summary = asyncio.run(
         run(tasks, state / "out.json", api=api, config=config or load_config(), options=options, progress=progress)
     )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    with UsageLog.open(state) as usage_log:
-        records = usage_log.records()
+    with open_usage_log(resolve_state_url(state_url, state)) as usage_log:
+        records = usage_log.records(run_key=summary.run_key)
     latencies = [record.latency_s for record in records if record.latency_s is not None]
     finished = [(record.at, record.input_tokens + record.cache_write_tokens) for record in records]
     if task_latency:
@@ -347,10 +353,36 @@ def bench_ratelimit(
 # Of the injected faults: 40 % 429 (retry-after 1 s, capacity left), 30 % 529, 30 % 500, as in issue #16.
 FAULT_MIX = (("429", 0.4), ("529", 0.3), ("500", 0.3))
 FAULT_BARE_RETRIES = (2, SDK_MAX_RETRIES)
+CURATOR = "Curator (Anthropic backend, its defaults)"
 
 
 def _bare_run(base_url: str, params: list[dict[str, Any]], concurrency: int, max_retries: int) -> _Measured:
     return asyncio.run(_bare(base_url, params, concurrency, max_retries=max_retries))
+
+
+def _curator_run(base_url: str, params: list[dict[str, Any]], concurrency: int, python: str) -> _Measured:
+    """The same requests through Curator's Anthropic backend, in `python` (a venv of its own): see
+    `batch_engine.bench.curator`. Curator keeps no per-request latency the bench could read."""
+    first = params[0]
+    spec = {
+        "model": first["model"],
+        "max_tokens": first["max_tokens"],
+        "system": first.get("system"),
+        "thinking": first.get("thinking"),
+        "prompts": [request["messages"][-1]["content"] for request in params],
+        "concurrency": concurrency,
+    }
+    with tempfile.NamedTemporaryFile("wb", suffix=".json") as spec_file:
+        spec_file.write(orjson.dumps(spec))
+        spec_file.flush()
+        driver = Path(__file__).with_name("curator.py")
+        done = subprocess.run(
+            [python, str(driver), base_url, spec_file.name], capture_output=True, text=True, check=False
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"the Curator round failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = orjson.loads(done.stdout.strip().splitlines()[-1])
+    return _Measured(len(params), float(result["seconds"]), 0.0, int(result["failed"]))
 
 
 def _faults_row(client: str, measured: _Measured, calls: dict[str, int]) -> dict[str, Any]:
@@ -368,11 +400,18 @@ def _faults_row(client: str, measured: _Measured, calls: dict[str, int]) -> dict
 
 
 def bench_faults(
-    requests: int, concurrency: int, rounds: int, latency_s: float, fault_rate: float, rpm: int | None = None
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    latency_s: float,
+    fault_rate: float,
+    rpm: int | None = None,
+    curator_python: str | None = None,
 ) -> dict[str, Any]:
     """The same realtime work through the engine and through bare SDK loops (`max_retries` 2 and 10, a
-    semaphore of `concurrency`), each on a fresh emulator injecting `fault_rate` of Messages calls as
-    429/529/500 (and enforcing `rpm` if given), alternating for `rounds` rounds; each client's median round.
+    semaphore of `concurrency`), and Curator when `curator_python` is given, each on a fresh emulator injecting
+    `fault_rate` of Messages calls as 429/529/500 (and enforcing `rpm` if given), alternating for `rounds`
+    rounds; each client's median round.
 
     Within a round every client's emulator has the same seed, so the n-th request of each meets the same fault.
     Latency is per task, from its first request to its answer, retries and their waits included."""
@@ -382,7 +421,10 @@ def bench_faults(
     if rpm is not None:
         options += ["--rpm", str(rpm)]
     config = load_config() if rpm is None else _limited_config(rpm, None)
+    load_before = os.getloadavg()[0]
     names = [f"bare SDK, max_retries={retries}" for retries in FAULT_BARE_RETRIES] + ["engine"]
+    if curator_python is not None:
+        names.append(CURATOR)
     by_client: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
@@ -399,12 +441,17 @@ def bench_faults(
                 else:
                     plan = make_plan(iter_records(tasks), config, datetime.now(UTC), route="realtime")
                     params = [task.params for task in plan.tasks]
-                    retries = FAULT_BARE_RETRIES[index]
-                    measure = partial(_bare_run, params=params, concurrency=concurrency, max_retries=retries)
+                    if name == CURATOR:
+                        assert curator_python is not None
+                        measure = partial(_curator_run, params=params, concurrency=concurrency, python=curator_python)
+                    else:
+                        retries = FAULT_BARE_RETRIES[index]
+                        measure = partial(_bare_run, params=params, concurrency=concurrency, max_retries=retries)
                 measured, calls = _on_fresh_emulator([*options, "--seed", str(16 + round_)], measure)
                 by_client[name].append(_faults_row(name, measured, calls))
     rows = [sorted(runs, key=lambda row: float(row["seconds"]))[len(runs) // 2] for runs in by_client.values()]
-    engine, fastest_bare = rows[-1], min(rows[:-1], key=lambda row: float(row["seconds"]))
+    bare_rows, engine = rows[:2], rows[2]
+    fastest_bare = min(bare_rows, key=lambda row: float(row["seconds"]))
     return {
         "bench": "faults",
         "requests": requests,
@@ -413,14 +460,18 @@ def bench_faults(
         "fault_rate": fault_rate,
         "server_rpm": rpm,
         "rounds": rounds,
+        # A shared machine: the 1-minute load average when the bench started and when it ended.
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
         "seconds_by_round": {name: [row["seconds"] for row in runs] for name, runs in by_client.items()},
         # The issue's target: no slower than the fastest bare loop, with no task failed.
         "engine_vs_fastest_bare_seconds": round(engine["seconds"] / fastest_bare["seconds"], 3),
-        "engine_vs_each_bare_seconds": {r["client"]: round(engine["seconds"] / r["seconds"], 3) for r in rows[:-1]},
+        "engine_vs_each_seconds": {
+            r["client"]: round(engine["seconds"] / r["seconds"], 3) for r in rows if r is not engine
+        },
         "engine_vs_bare_by_round": [
             round(e["seconds"] / min(b2["seconds"], b10["seconds"]), 3)
-            for b2, b10, e in zip(*by_client.values(), strict=True)
+            for b2, b10, e in zip(*list(by_client.values())[:3], strict=True)
         ],
         "cpus": os.cpu_count(),
     }
@@ -431,13 +482,13 @@ def _print_faults(result: dict[str, Any]) -> None:
     print(
         f"{result['requests']} realtime tasks at concurrency {result['concurrency']}, latency {result['latency_ms']} "
         f"ms, {result['fault_rate']:.0%} of Messages calls faulted (429 retry-after 1 s / 529 / 500 = 4:3:3){rpm}; "
-        f"each client on a fresh emulator, median of {result['rounds']} alternating rounds, {result['cpus']} CPUs; "
-        "latency per task, retries included"
+        f"each client on a fresh emulator, median of {result['rounds']} alternating rounds, {result['cpus']} CPUs "
+        f"at load {result['load_avg'][0]} → {result['load_avg'][1]}; latency per task, retries included"
     )
     print_table(result["rows"])
     print(
         f"engine / fastest bare loop, seconds: {result['engine_vs_fastest_bare_seconds']} "
-        f"(by round: {result['engine_vs_bare_by_round']}); against each: {result['engine_vs_each_bare_seconds']}"
+        f"(by round: {result['engine_vs_bare_by_round']}); against each: {result['engine_vs_each_seconds']}"
     )
     print(orjson.dumps(result).decode())
 
@@ -597,18 +648,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults.add_argument("--latency", type=_duration, default=0.1, help="emulator latency (default 100ms)")
     faults.add_argument("--fault-rate", type=float, default=0.1, help="share of Messages calls that fail")
     faults.add_argument("--rpm", type=int, default=None, help="also enforce this RPM (the engine is told it)")
+    faults.add_argument(
+        "--curator-python",
+        default=None,
+        help="also run Curator with this interpreter (a venv with bespokelabs-curator; see bench/curator.py)",
+    )
     startup = sub.add_parser("startup", help="`batch-engine run` vs a bare SDK loop, each a fresh process: start-up")
     startup.add_argument("--requests", type=int, default=1000)
     startup.add_argument("--concurrency", type=int, default=32)
     startup.add_argument("--latency", type=_duration, default=0.25, help="emulator latency (default 250ms)")
     startup.add_argument("--rounds", type=int, default=3, help="alternate bare/engine this many times")
     startup.add_argument("--prefect-rounds", type=int, default=0, help="also time `run --prefect` this many times")
+    state = sub.add_parser("state", help="the same realtime and batch runs on SQLite and on --state-url, side by side")
+    state.add_argument("--state-url", required=True, help="postgresql://... (an empty database is best)")
+    state.add_argument("--realtime", type=int, default=10_000, help="realtime tasks per run")
+    state.add_argument("--batch", type=int, default=100_000, help="batch tasks per run")
+    state.add_argument("--concurrency", type=int, default=32)
+    state.add_argument("--rounds", type=int, default=1, help="alternate the backends this many times")
     prefect = sub.add_parser(
         "prefect", help="the Prefect flow vs the engine alone (python -m batch_engine.bench.prefect_flow)"
     )
     prefect.add_argument("--tasks", type=int, default=10_000)
     prefect.add_argument("--rounds", type=int, default=3)
     prefect.add_argument("--concurrency", type=int, default=64)
+    million = sub.add_parser("million", help="`batch-engine run` on a generated nightly job (default 1M tasks)")
+    million.add_argument("--tasks", type=int, default=1_000_000, help="develop with 100000")
+    million.add_argument("--batch-duration", type=_duration, default=20.0, help="emulator batch duration (20s)")
+    million.add_argument("--keep", type=Path, default=None, help="keep the files in this directory")
     validate = sub.add_parser("validate", help="CPU per row to validate answers against a 10-field output schema")
     validate.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args(argv)
@@ -636,16 +702,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks_file = args.tasks_file or pipeline.SAMPLES / "nightly_tasks.json"
             config = args.config or pipeline.SAMPLES / "config.toml"
             print_result(pipeline.bench_cost(tasks_file, config, args.poll_interval))
+    elif args.name == "million":
+        from batch_engine.bench.million import bench_million
+
+        print_result(bench_million(args.tasks, args.batch_duration, args.keep))
     elif args.name == "validate":
         print_result(bench_validate(args.rows))
     elif args.name == "faults":
         _print_faults(
-            bench_faults(args.requests, args.concurrency, args.rounds, args.latency, args.fault_rate, args.rpm)
+            bench_faults(
+                args.requests,
+                args.concurrency,
+                args.rounds,
+                args.latency,
+                args.fault_rate,
+                args.rpm,
+                args.curator_python,
+            )
         )
     elif args.name == "startup":
         from batch_engine.bench.startup import bench_startup, print_startup
 
         print_startup(bench_startup(args.requests, args.concurrency, args.latency, args.rounds, args.prefect_rounds))
+    elif args.name == "state":
+        from batch_engine.bench.state import bench_state
+
+        bench_state(args.state_url, args.realtime, args.batch, args.concurrency, args.rounds)
     elif args.name == "realtime":
         _print_realtime(bench_realtime(args.requests, args.concurrency, args.rounds, args.latency, args.jitter))
     else:

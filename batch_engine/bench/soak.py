@@ -33,8 +33,9 @@ from batch_engine.config import default_config_text, parse_config
 from batch_engine.emulator import EmulatorProcess, emulator_process
 from batch_engine.files import atomic_write_bytes, iter_records
 from batch_engine.runner import RunOptions, run
-from batch_engine.state.ledger import ChunkRecord, Ledger
-from batch_engine.state.usage_log import UsageLog
+from batch_engine.state.backend import open_ledger, open_usage_log
+from batch_engine.state.ledger import ChunkRecord
+from batch_engine.state.url import resolve_state_url
 
 FAULTS = {"429": 0.10, "529": 0.05, "500": 0.03, "drop": 0.02, "row_error": 0.05, "row_expire": 0.02}
 START_TIMEOUT_S = 30.0
@@ -120,8 +121,12 @@ def soak(
     max_row_attempts: int = 5,
     seed: int = 0,
     after_commit: float = 0.02,
+    state_url: str | None = None,
 ) -> SoakResult:
-    """Run `tasks` generated tasks through the engine against a faulty emulator and measure what happened."""
+    """Run `tasks` generated tasks through the engine against a faulty emulator and measure what happened.
+
+    The run's ledger and usage log are at `state_url` (an empty database, for PostgreSQL), else SQLite files in a
+    temporary state directory."""
     with tempfile.TemporaryDirectory(prefix="batch_engine_soak_") as tmp:
         work = Path(tmp)
         input_path, output_path = work / "tasks.jsonl", work / "results.json"
@@ -148,18 +153,19 @@ def soak(
                     output_path,
                     api=ApiSettings(SecretStr("sk-soak"), base_url),
                     config=config,
-                    options=RunOptions(state_dir=work / "state"),
+                    options=RunOptions(state_dir=work / "state", state_url=state_url),
                 )
             )
             wall = time.perf_counter() - started
             stats = _get_json(f"{base_url}/_emulator/stats")
             emulator_rss = _peak_rss_mib(emulator.pid)
             api_batches = asyncio.run(_batch_ids(base_url))
-        with Ledger.open(work / "state") as ledger:
+        state = resolve_state_url(state_url, work / "state")
+        with open_ledger(state) as ledger:
             recorded = ledger.known_batch_ids()
             (record,) = ledger.runs()
             repeats = _whole_chunk_resubmissions(ledger.chunks(record.run_key))
-        with UsageLog.open(work / "state") as log:
+        with open_usage_log(state) as log:
             usage = log.records()
         document = orjson.loads(output_path.read_bytes())
         rows = document["results"]
@@ -247,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.02,
         help="share of creates and Messages answered 5xx after the work",
     )
+    parser.add_argument(
+        "--state-url", default=None, help="an empty database to keep the run's state in (default: SQLite files)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the engine's log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(message)s")
@@ -258,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_row_attempts=args.max_row_attempts,
         seed=args.seed,
         after_commit=args.fault_after_commit,
+        state_url=args.state_url,
     )
     _print(result)
     clean = result.accounted_for == result.tasks and not result.duplicate_batch_successes

@@ -1,9 +1,14 @@
-"""Argument types shared by the commands: durations (250ms, 2s, 5m, 1h), dollars, rates, counts."""
+"""Argument types shared by the commands: durations (250ms, 2s, 5m, 1h), dollars, rates, counts; the state URL."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batch_engine.config import Config
+    from batch_engine.state.url import StateUrl
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -62,3 +67,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
     return value
+
+
+STATE_URL_HELP = (
+    "where the run ledger and usage log live: sqlite:///DIR or postgresql://user@host/db (default: "
+    "$BATCH_ENGINE_STATE_URL, else the config's state_url, else the SQLite files in --state-dir)"
+)
+
+
+def add_state_url(parser: argparse.ArgumentParser) -> None:
+    """`--state-url`, next to a command's `--state-dir`."""
+    parser.add_argument("--state-url", default=None, metavar="URL", help=STATE_URL_HELP)
+
+
+def state_of(args: argparse.Namespace, config: Config | None = None) -> StateUrl:
+    """The state URL of a command: --state-url, $BATCH_ENGINE_STATE_URL, the config's, or --state-dir."""
+    from batch_engine.state.url import resolve_state_url
+
+    return resolve_state_url(args.state_url, args.state_dir, None if config is None else config.state_url)

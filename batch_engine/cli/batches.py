@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from batch_engine.cli.args import positive_int
+from batch_engine.cli.args import add_state_url, positive_int, state_of
 from batch_engine.files import dumps
 from batch_engine.runner import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from batch_engine.client import AsyncClient
     from batch_engine.operations import BatchView
-    from batch_engine.state.ledger import Ledger
+    from batch_engine.state.backend import RunLedger
 
 
 T = TypeVar("T")
@@ -36,6 +36,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     def verb(name: str, summary: str) -> argparse.ArgumentParser:
         parser = verbs.add_parser(name, help=summary, description=summary)
         parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
+        add_state_url(parser)
         return parser
 
     listing = verb("list", "recent batches (newest first), or every batch of one run with its live status")
@@ -75,25 +76,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 _STILL_RUNNING = 3
 
 
-def _with_api(state_dir: Path, call: Callable[[AsyncClient, Ledger], Awaitable[T]], *, need_ledger: bool) -> T:
-    """Run `call` with a client for the environment's API and the state dir's ledger (empty if there is none)."""
+def _with_api(
+    args: argparse.Namespace, call: Callable[[AsyncClient, RunLedger], Awaitable[T]], *, need_ledger: bool
+) -> T:
+    """Run `call` with a client for the environment's API and the command's ledger (empty if there is none)."""
     import asyncio
 
     from batch_engine.client import api_from_environment, make_client
     from batch_engine.errors import ConfigError, LedgerError
+    from batch_engine.state.backend import ledger_exists, open_ledger
     from batch_engine.state.ledger import LEDGER_FILE, Ledger
 
     api = api_from_environment()
     if api is None:
         raise ConfigError("no API key: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL to use the emulator)")
-    path = state_dir / LEDGER_FILE
-    if need_ledger and not path.exists():
-        raise LedgerError(f"{path}: no run ledger here; pass the --state-dir the run used")
+    state = state_of(args)
+    exists = ledger_exists(state)
+    if need_ledger and not exists:
+        path = args.state_dir / LEDGER_FILE
+        raise LedgerError(f"{path}: no run ledger here; pass the --state-dir (or --state-url) the run used")
 
     async def go() -> T:
         client = make_client(api)
         # Without a ledger file nothing is ours: an empty in-memory one instead of creating files.
-        ledger = Ledger.open(state_dir) if path.exists() else Ledger(Path(":memory:"))
+        ledger = open_ledger(state) if exists else Ledger(Path(":memory:"))
         try:
             return await call(client, ledger)
         finally:
@@ -124,7 +130,7 @@ def _batches_list(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     views = _with_api(
-        args.state_dir,
+        args,
         lambda client, ledger: operations.list_views(
             client, ledger, run_key=args.run, days=args.days, limit=args.limit
         ),
@@ -137,9 +143,7 @@ def _batches_list(args: argparse.Namespace) -> int:
 def _batches_status(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
-    view = _with_api(
-        args.state_dir, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False
-    )
+    view = _with_api(args, lambda client, ledger: operations.status(client, ledger, args.batch_id), need_ledger=False)
     _print_views([view], args.json)
     return 0
 
@@ -148,7 +152,7 @@ def _batches_cancel(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
     views = _with_api(
-        args.state_dir,
+        args,
         lambda client, ledger: operations.cancel(client, ledger, run_key=args.run, batch_id=args.batch_id),
         need_ledger=args.run is not None,
     )
@@ -162,9 +166,7 @@ def _batches_cancel(args: argparse.Namespace) -> int:
 def _batches_delete(args: argparse.Namespace) -> int:
     from batch_engine import operations
 
-    _with_api(
-        args.state_dir, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False
-    )
+    _with_api(args, lambda client, ledger: operations.delete(client, ledger, args.batch_id), need_ledger=False)
     print(f"{args.batch_id}: deleted")
     return 0
 
@@ -187,7 +189,7 @@ def _batches_collect(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        run = operations.reopen(args.state_dir, args.run, args.output)
+        run = operations.reopen(args.state_dir, args.run, args.output, state_of(args))
     except RunBusyError as exc:
         print(f"skipped: {exc}")
         return _STILL_RUNNING

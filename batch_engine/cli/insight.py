@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batch_engine.cli.args import add_state_url, state_of
 from batch_engine.cli.run import quiet_prefect_console
 from batch_engine.config import load_config
 from batch_engine.files import dumps, iter_records
@@ -27,6 +28,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
     stats.add_argument("--config", type=Path, default=None, help="price table (default: the shipped one)")
     stats.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    add_state_url(stats)
     stats.set_defaults(func=_cache_stats)
 
     report = sub.add_parser("report", help="optimization report from the usage log (Markdown)")
@@ -43,6 +45,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     report.add_argument("--config", type=Path, default=None, help="price table and tiers (default: the shipped one)")
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    add_state_url(report)
     report.add_argument("--plan", type=Path, metavar="INPUT", help="also analyse this task file before it runs")
     report.add_argument(
         "--scope",
@@ -65,15 +68,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     report.set_defaults(func=_report)
 
 
-def _usage_records(state_dir: Path, days: float) -> list[UsageRecord]:
+def _usage_records(args: argparse.Namespace, days: float) -> list[UsageRecord]:
+    """The usage log's records of the last `days`: this machine's files, or the team's shared database."""
     import time
 
     from batch_engine.errors import ConfigError
-    from batch_engine.state.usage_log import USAGE_FILE, UsageLog
+    from batch_engine.state.backend import open_usage_log, usage_log_exists
+    from batch_engine.state.usage_log import USAGE_FILE
 
-    if not (state_dir / USAGE_FILE).exists():
-        raise ConfigError(f"{state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
-    with UsageLog.open(state_dir) as log:
+    state = state_of(args, load_config(args.config))
+    if not usage_log_exists(state):
+        raise ConfigError(f"{args.state_dir / USAGE_FILE}: no usage log yet (it is written by `batch-engine run`)")
+    with open_usage_log(state) as log:
         return log.records(since=time.time() - days * 86_400)
 
 
@@ -83,7 +89,7 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
     from batch_engine.telemetry.cache_stats import cache_stats
 
-    rows = cache_stats(_usage_records(args.state_dir, args.days), args.by, load_config(args.config))
+    rows = cache_stats(_usage_records(args, args.days), args.by, load_config(args.config))
     if args.json:
         sys.stdout.write(dumps([row.as_json() for row in rows]).decode() + "\n")
         return 0
@@ -130,7 +136,7 @@ def _report(args: argparse.Namespace) -> int:
     scopes = SCOPES if args.scope == "all" else (args.scope,)
     if args.model is not None and "model" not in scopes:
         raise ConfigError(f"--model prices the model scope: use it with --scope model or all, not {args.scope}")
-    records = _usage_records(args.state_dir, args.days)
+    records = _usage_records(args, args.days)
     config = load_config(args.config)
     planned = None
     if args.plan is not None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batch_engine.cli.args import add_state_url, state_of
 from batch_engine.config import Config, load_config
 from batch_engine.files import dumps, iter_records
 from batch_engine.planning import Plan, make_plan
@@ -35,6 +36,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     plan.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="its usage log informs output estimates"
     )
+    add_state_url(plan)
     plan.set_defaults(func=_plan)
 
     validate = sub.add_parser("validate", help="check a task file; list rejections")
@@ -54,18 +56,20 @@ def _load_plan(args: argparse.Namespace) -> tuple[Config, Plan]:
 
 def _plan(args: argparse.Namespace) -> int:
     from batch_engine.planning.budget import Estimator
-    from batch_engine.state.usage_log import USAGE_FILE, UsageLog, output_history
+    from batch_engine.state.backend import open_usage_log, usage_log_exists
+    from batch_engine.state.usage_log import output_history
 
     config, plan = _load_plan(args)
     history: dict[tuple[str, str], int] = {}
-    if (args.state_dir / USAGE_FILE).exists():
-        with UsageLog.open(args.state_dir) as log:
+    state = state_of(args, config)
+    if usage_log_exists(state):
+        with open_usage_log(state) as log:
             history = output_history(log.recent_outputs())
     counts = _count_tokens(plan, config, args) if args.count_tokens else None
     estimator = Estimator(config, counts.by_index if counts else {}, history)
     summary = plan_summary(plan, config, estimator, counts)
     if args.json:
-        sys.stdout.write(dumps(summary).decode() + "\n")
+        sys.stdout.write(dumps(summary.model_dump(mode="json")).decode() + "\n")
     else:
         print(render_plan_summary(summary))
     return 0

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batch_engine.cli.args import dollars, positive_duration, positive_int
+from batch_engine.cli.args import add_state_url, dollars, positive_duration, positive_int
 from batch_engine.config import Config, load_config
-from batch_engine.files import iter_records
+from batch_engine.files import count_records
 from batch_engine.runner import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("-o", "--output", type=Path, required=True, help="result file (JSON, or JSONL)")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="run ledger directory")
+    add_state_url(parser)
     parser.add_argument("--concurrency", type=positive_int, help="realtime requests in flight at most")
     parser.add_argument("--batch-timeout", type=positive_duration, help="cancel batches not ended by then (e.g. 24h)")
     parser.add_argument("--poll-interval", type=positive_duration, help="longest wait between batch polls (e.g. 60s)")
@@ -89,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
         raise ConfigError("--parsed-only needs --format jsonl")
     config = load_config(args.config)
-    records = sum(1 for _ in iter_records(args.input))
+    records = count_records(args.input)
     with_prefect = _with_prefect(args)
     _check_api_key(args.emulate, with_prefect)
     options = run_options(
@@ -105,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         count_tokens=args.count_tokens,
         resume_run=args.resume_run,
         supersede=args.supersede,
+        state_url=args.state_url,
     )
     progress = Progress()
     if with_prefect:
@@ -132,7 +134,7 @@ def _run_here(
 
     from batch_engine.client import api_from_environment
     from batch_engine.render.terminal import live_progress
-    from batch_engine.runner import emulated_api, run
+    from batch_engine.runner import emulated_api, process_started_at, run
 
     api_context = (
         emulated_api(args.state_dir, args.config) if args.emulate else contextlib.nullcontext(api_from_environment())
@@ -145,7 +147,14 @@ def _run_here(
         async def go() -> RunSummary:
             async with live_progress(Console(stderr=True), progress, records):
                 return await run(
-                    args.input, args.output, api=api, config=config, options=options, logger=logger, progress=progress
+                    args.input,
+                    args.output,
+                    api=api,
+                    config=config,
+                    options=options,
+                    logger=logger,
+                    progress=progress,
+                    launched_at=process_started_at(),
                 )
 
         return asyncio.run(go())
@@ -209,6 +218,7 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
                 output_format="parsed-jsonl" if args.parsed_only else args.output_format,
                 resume_run=args.resume_run,
                 supersede=args.supersede,
+                state_url=args.state_url,
             )
 
     summary = asyncio.run(go())

@@ -171,12 +171,15 @@ class RateLimiter:
         """Note a 5xx answer (or a failed connection): it holds no one, but a run of them slows every retry."""
         self._recent.append("5xx")
 
+    def failures_are_strays(self) -> bool:
+        """True while most recent answers succeed: a failure now is one request's bad luck, not the API's state.
+        False until enough answers have come back to tell."""
+        return len(self._recent) >= _RECENT_ANSWERS // 2 and self._recent.count("5xx") < _REFUSING
+
     def backoff_step(self, attempt: int) -> int:
         """The backoff step for retry number `attempt`: the attempt itself (exponential growth) while the API is
-        failing as a rule, at most `_STRAY_FAILURE_STEP` while most recent answers succeed."""
-        if len(self._recent) < _RECENT_ANSWERS // 2 or self._recent.count("5xx") >= _REFUSING:
-            return attempt
-        return min(attempt, _STRAY_FAILURE_STEP)
+        failing as a rule, at most `_STRAY_FAILURE_STEP` while failures are strays."""
+        return min(attempt, _STRAY_FAILURE_STEP) if self.failures_are_strays() else attempt
 
     def pause(self, seconds: float) -> None:
         """Every worker holds off for `seconds`, not just the one that got the 429 (the server is refusing)."""

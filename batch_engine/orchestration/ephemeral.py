@@ -17,9 +17,9 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ from batch_engine.runner import DEFAULT_STATE_DIR
 SERVER_LOG = "prefect-server.log"
 # A first run migrates a fresh Prefect database, which takes well over Prefect's default 20 s on a busy machine.
 STARTUP_TIMEOUT_S = 90
+# What uvicorn logs when the app's start-up failed (a database it cannot open, a migration that failed), just
+# before it exits with code 3.
+_STARTUP_FAILED = "Application startup failed"
 
 _REAPER = """
 import os, signal, sys, time
@@ -96,8 +99,9 @@ def start_ephemeral_server(state_dir: Path = DEFAULT_STATE_DIR) -> int | None:
     try:
         return _start(server, timeout)
     except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise BatchEngineError(
-            f"Prefect's temporary server did not start ({type(exc).__name__}); its log: {server.log_path}"
+            f"Prefect's temporary server did not start ({reason}); its log: {server.log_path}"
         ) from exc
 
 
@@ -125,14 +129,62 @@ def _start(server: SubprocessASGIServer, timeout: int) -> int | None:
         reaper.wait(timeout=10)
 
     atexit.register(release)
-    # The server process exists long before it answers /health (~5-10 s): tell its pid as soon as it exists.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        starting = pool.submit(server.start, timeout)
-        while server.server_process is None and not starting.done():
-            time.sleep(0.01)
-        if server.server_process is not None:
-            tell(server.server_process.pid)
-        starting.result()
+    log_path: Path | None = getattr(server, "log_path", None)
+    log_start = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
+    # Prefect's start() waits out its whole timeout for a server that has died (it restarts one that exits with
+    # uvicorn's code 3, taking it for a port already taken, which is also the code of a failed start-up), so it
+    # runs in a daemon thread while this one watches the process and its log, and gives up as soon as it failed.
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            server.start(timeout)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    threading.Thread(target=start, name="prefect-temporary-server", daemon=True).start()
+    told = None
+    while not outcome:
+        process = server.server_process
+        if process is not None and process.pid != told:
+            # The server process exists long before it answers /health: its pid is told as soon as it exists,
+            # and again when Prefect starts another one.
+            told = process.pid
+            tell(told)
+        failed = None
+        if process is not None and process.poll() not in (None, 3):
+            failed = f"its process exited with code {process.returncode}"
+        elif log_path is not None and _STARTUP_FAILED in _read_from(log_path, log_start):
+            failed = "its start-up failed"
+        if failed is not None:
+            _stop(server)
+            raise RuntimeError(failed)
+        time.sleep(0.05)
+    if outcome[0] is not None:
+        raise outcome[0]
     assert server.server_process is not None
-    tell(server.server_process.pid)  # again: Prefect restarts it on another port if the first was taken
+    tell(server.server_process.pid)
     return server.server_process.pid
+
+
+def _stop(server: SubprocessASGIServer) -> None:
+    """Stop the server process, and any Prefect's start() puts in its place meanwhile (after a code-3 exit)."""
+    stopped = None
+    for _ in range(20):
+        process = server.server_process
+        if process is not None and process is not stopped:
+            process.kill()
+            process.wait(timeout=10)
+            stopped = process
+        time.sleep(0.1)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -9,7 +9,9 @@ write), artifacts. Task runs are per phase and per batch, never per request, and
 retried task or a new flow run with the same inputs re-attaches to the batches already created.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve()` runs a flow in a spawned process, and cloudpickle
+# sends the flow's function by value with only the globals its body uses. String annotations would then name
+# types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import logging
 from contextvars import ContextVar
@@ -49,7 +51,9 @@ from batch_engine.runner import (
     plural,
     run_options,
 )
-from batch_engine.state.ledger import ChunkRecord, Ledger, RunRecord
+from batch_engine.state.backend import open_ledger
+from batch_engine.state.ledger import ChunkRecord, RunRecord
+from batch_engine.state.url import resolve_state_url
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -71,8 +75,9 @@ T = TypeVar("T")
 def unwalked(value: T) -> T:
     """`quote(value)`, typed as the value: Prefect passes it to the task without walking it for futures.
 
-    Arguments that carry the whole plan (the run, the lanes) go through this; walking them costs about a
-    second per task call at 10,000 tasks.
+    Arguments that carry the whole plan (the run, the lanes) or a chunk's row indexes (a `ChunkWork`, a
+    `ChunkRecord`: ~47k each at 1M tasks) go through this: walking the plan costs about a second per task call at
+    10,000 tasks; walking a chunk's indexes cost ~0.65 s of event-loop stall per call at 1M tasks (issue #22).
     """
     return cast(T, quote(value))
 
@@ -90,16 +95,16 @@ async def plan_run(input_path: str, output_path: str, options: RunOptions) -> Ru
 
 
 @task(name="find-waiting-runs", cache_policy=NO_CACHE)
-async def find_waiting_runs(state_dir: str, include_running: bool) -> list[RunRecord]:
+async def find_waiting_runs(state_dir: str, include_running: bool, state_url: str | None = None) -> list[RunRecord]:
     """Runs left for `collect`: submitted with wait=false (and, if asked, runs whose process died)."""
-    with Ledger.open(Path(state_dir)) as ledger:
+    with open_ledger(resolve_state_url(state_url, Path(state_dir))) as ledger:
         return ledger.runs("submitted") + (ledger.runs("running") if include_running else [])
 
 
 @task(name="reopen", task_run_name="reopen-{record.run_key}", cache_policy=NO_CACHE)
-async def reopen_run(record: RunRecord, state_dir: str) -> Run:
+async def reopen_run(record: RunRecord, state_dir: str, state_url: str | None = None) -> Run:
     """Open a recorded run again with the options it started with."""
-    return Run.reopen(record, Path(state_dir))
+    return Run.reopen(record, Path(state_dir), resolve_state_url(state_url, Path(state_dir)))
 
 
 @task(name="begin", cache_policy=NO_CACHE)
@@ -172,7 +177,7 @@ async def publish_artifacts(run: Run, summary: RunSummary) -> None:
 class TaskPhases:
     """`Run`'s phases, each as a Prefect task run of the flow (`runner.DirectPhases` calls them in-process).
 
-    The run and the lanes carry the whole plan: they go to the tasks `unwalked`.
+    The run and the lanes carry the whole plan, a chunk its row indexes: they go to the tasks `unwalked`.
     """
 
     async def begin(self, run: Run, lanes: Lanes) -> float:
@@ -182,10 +187,10 @@ class TaskPhases:
         return await estimate_and_budget(unwalked(run), unwalked(lanes))
 
     async def submit(self, run: Run, lanes: Lanes, work: ChunkWork) -> ChunkRecord | None:
-        return await submit_chunk(unwalked(run), unwalked(lanes), work)
+        return await submit_chunk(unwalked(run), unwalked(lanes), unwalked(work))
 
     async def collect(self, run: Run, lanes: Lanes, record: ChunkRecord, wait: bool) -> bool:
-        return await collect_batch(unwalked(run), unwalked(lanes), record, wait)
+        return await collect_batch(unwalked(run), unwalked(lanes), unwalked(record), wait)
 
     async def send_realtime(self, run: Run, lanes: Lanes) -> int:
         return await realtime_lane(unwalked(run), unwalked(lanes))
@@ -229,6 +234,7 @@ async def batch_orchestrator(
     fail_on_task_failures: bool = False,
     resume_run: str | None = None,
     supersede: bool = False,
+    state_url: str | None = None,
 ) -> RunSummary | None:
     """Plan, send both lanes, merge and write; with wait=false, submit and leave the batches to `batch-collect`.
 
@@ -242,6 +248,8 @@ async def batch_orchestrator(
     limit (`{"claude-haiku-4-5": "anthropic-rpm-haiku", "*": "anthropic-rpm"}`; a model with no entry and no
     `"*"` takes no shared slot). `resume_run` finishes that unfinished run as it was started; `supersede`
     replaces an unfinished run of the same input whose requests differ (see the README, "Crash safety").
+    `state_url` says where the ledger and usage log live (`postgresql://user@host/db` for several workers); by
+    default the worker's $BATCH_ENGINE_STATE_URL, else the SQLite files in `state_dir`.
     """
     logger = get_run_logger()
     options = run_options(
@@ -257,6 +265,7 @@ async def batch_orchestrator(
         count_tokens=count_tokens,
         resume_run=resume_run,
         supersede=supersede,
+        state_url=state_url,
     )
     run = await plan_run(input_path, output_path, options)
     try:
@@ -287,6 +296,7 @@ async def collect(
     include_running: bool = False,
     api_key_block: str = DEFAULT_SECRET_BLOCK,
     global_rate_limit: GlobalRateLimit | None = None,
+    state_url: str | None = None,
 ) -> list[RunSummary]:
     """Collect, send leftovers realtime, write and publish each waiting run whose batches have all ended.
 
@@ -300,12 +310,12 @@ async def collect(
     logger = get_run_logger()
     shared = await _shared_limit(global_rate_limit)
     described: set[str] = set()
-    records = await find_waiting_runs(state_dir, include_running)
+    records = await find_waiting_runs(state_dir, include_running, state_url)
     finished: list[RunSummary] = []
     failed: list[str] = []
     for record in records:
         try:
-            run = await reopen_run(record, state_dir)
+            run = await reopen_run(record, state_dir, state_url)
             try:
                 summary = await _collect_one(run, logger, block=api_key_block, shared=shared, described=described)
             finally:

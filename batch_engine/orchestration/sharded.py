@@ -6,9 +6,16 @@ Each shard is its own task file, hence its own run key: no batch is shared by tw
 to `<state_dir>/shards/<input digest>-<N>/`, a path every worker must see; the same input split the same way
 gives the same bytes, so a re-run of this flow re-attaches every shard to its ledger entry. A `max_cost_usd`
 is split between the shards by their share of the records, and each shard run enforces its own part.
+
+With a shared ledger (PostgreSQL `state_url`, or one SQLite `state_dir` every worker sees), a shard whose worker
+dies is noticed by its run lease (held by nobody) while Prefect still shows its flow run `Running`: that flow
+run is marked `Crashed` and the shard runs again as a new deployment run, on whichever worker picks it up, which
+takes the lease over and re-attaches to the shard's recorded batches (no chunk is created twice).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve()` runs a flow in a spawned process, and cloudpickle
+# sends the flow's function by value with only the globals its body uses. String annotations would then name
+# types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import asyncio
 from collections.abc import Awaitable, Mapping, Sequence
@@ -16,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.states import Crashed
 
 from batch_engine.config import Route
 from batch_engine.errors import BatchEngineError
@@ -39,9 +47,15 @@ from batch_engine.planning.shards import (
     split_lines,
 )
 from batch_engine.runner import DEFAULT_STATE_DIR, OutputFormat
+from batch_engine.state.backend import ledger_exists, open_ledger
+from batch_engine.state.lease import abandoned_leases
+from batch_engine.state.url import StateUrl, resolve_state_url
 
 DEFAULT_DEPLOYMENT = "batch-orchestrator/on-demand"
 SHARDS_DIR = "shards"
+# How often a running shard's lease is checked, and how many times a shard whose worker died is run again.
+WORKER_CHECK_S = 15.0
+SHARD_RERUNS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,8 @@ async def batch_sharded(
     output_format: OutputFormat = "json",
     api_key_block: str = DEFAULT_SECRET_BLOCK,
     global_rate_limit: GlobalRateLimit | None = None,
+    state_url: str | None = None,
+    worker_check_s: NonNegativeFloat = WORKER_CHECK_S,
 ) -> ShardedRunSummary:
     """Run `input_path` as `shards` runs of `deployment` side by side and write one merged output.
 
@@ -136,6 +152,9 @@ async def batch_sharded(
     SQLite must not live on a network filesystem). `global_rate_limit` is passed to every shard run.
     `max_cost_usd` caps the whole input: each shard run gets a share proportional to its records (the shares add
     up to at most the cap) and enforces it on its own, so a shard cannot spend what another leaves unused.
+    `state_url` (default: each worker's $BATCH_ENGINE_STATE_URL) puts every shard's ledger in one database
+    (`postgresql://...`): no shared filesystem for state, and a shard whose worker dies is run again on another
+    worker (checked every `worker_check_s`; 0 turns it off), re-attaching to its batches.
     """
     logger = get_run_logger()
     files = await split_input(input_path, state_dir, shards)
@@ -149,6 +168,7 @@ async def batch_sharded(
         "emulate": emulate,
         "api_key_block": api_key_block,
         "global_rate_limit": global_rate_limit,
+        "state_url": state_url,
     }
 
     runs = shard_parameters(
@@ -158,10 +178,26 @@ async def batch_sharded(
         shares = ", ".join(f"${parameters['max_cost_usd']:.6f}" for parameters in runs)
         logger.info("max_cost_usd $%.6f split by records into per-shard caps: %s", max_cost_usd, shares)
 
+    # The shards' ledger, when this process can see it: every shard in one database, or in one state dir.
+    shared = (
+        None if shard_state_dir is not None or not worker_check_s else resolve_state_url(state_url, Path(state_dir))
+    )
+
     async def run_shard(shard: ShardFile, parameters: dict[str, Any]) -> None:
         number = shard.spec.number
-        # Async-dispatched: called from async code it returns a coroutine (typed as either).
-        flow_run = await cast(Awaitable[FlowRun], run_deployment(deployment, parameters=parameters, timeout=None))
+        dead_owners: set[str] = set()
+        for _ in range(SHARD_RERUNS + 1):
+            # Async-dispatched: called from async code it returns a coroutine (typed as either).
+            flow_run = await cast(Awaitable[FlowRun], run_deployment(deployment, parameters=parameters, timeout=0))
+            flow_run, lost = await _watch_shard(flow_run, shard, shared, worker_check_s, dead_owners)
+            if not lost:
+                break
+            logger.warning(
+                "shard %d: the worker running flow run %s is gone (its run lease is held by nobody): marked "
+                "Crashed; the shard runs again and re-attaches to its batches",
+                number,
+                flow_run.name,
+            )
         state = flow_run.state
         if state is None or not state.is_completed():
             raise BatchEngineError(
@@ -189,3 +225,35 @@ async def batch_sharded(
         output_path,
     )
     return summary
+
+
+async def _watch_shard(
+    flow_run: FlowRun, shard: ShardFile, shared: StateUrl | None, check_s: float, dead_owners: set[str]
+) -> tuple[FlowRun, bool]:
+    """Wait for a shard's flow run to end. Returns it, and True when its worker died first: the run held the lease
+    of the shard's ledger run and nobody holds it now (the flow run is then marked Crashed)."""
+    async with get_client() as client:
+        while True:
+            flow_run = await client.read_flow_run(flow_run.id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                return flow_run, False
+            if shared is not None and flow_run.state is not None and flow_run.state.is_running():
+                gone = await asyncio.to_thread(_abandoned, shared, str(shard.input_path), dead_owners)
+                if gone:
+                    await client.set_flow_run_state(
+                        flow_run.id, Crashed(message=f"worker gone: {gone}; the shard runs again"), force=True
+                    )
+                    return await client.read_flow_run(flow_run.id), True
+            await asyncio.sleep(check_s or 1.0)
+
+
+def _abandoned(state: StateUrl, input_path: str, dead_owners: set[str]) -> str | None:
+    """Who held the lease of the shard's unfinished run and is gone (not already seen gone), or None."""
+    if not ledger_exists(state):
+        return None
+    with open_ledger(state) as ledger:
+        for lease in abandoned_leases(ledger, input_path):
+            if lease.owner not in dead_owners:
+                dead_owners.add(lease.owner)
+                return f"pid {lease.pid} on {lease.host}"
+    return None

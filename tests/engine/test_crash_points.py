@@ -13,8 +13,10 @@ server start`). Then the same command runs again, unarmed, on the same path, and
 - no task finished before the kill was sent again (no later batch carries it; realtime successes billed
   after the kill are exactly the rows the re-run finished) and its row is unchanged.
 
-Scenarios run a few at a time, each with its own emulator; `-k POINT` runs only the selected ones (`-k flow`:
-the flow path's).
+Every point is also killed with the run's state in PostgreSQL (the `postgresql` path: in-process, `--state-url`
+naming a database of its own on the session's PostgreSQL server) instead of the SQLite files. Scenarios run a few
+at a time, each with its own emulator; `-k POINT` runs only the selected ones (`-k flow`: the flow path's;
+`-k postgresql`: the PostgreSQL state's).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from batch_engine import crashpoints
 from batch_engine.config import load_config
 from batch_engine.crashpoints import CRASH_POINTS
 from batch_engine.emulator import EmulatorSettings, start_emulator
-from batch_engine.state.ledger import Ledger
-from batch_engine.state.usage_log import UsageLog
+from batch_engine.state.backend import open_ledger, open_usage_log
+from batch_engine.state.url import StateUrl, parse_state_url
 from tests.support.crash import Finished, config_file, emulator_batches, run_driver, run_driver_process
 from tests.support.engine import expected_text_prefix, generated_tasks, read_output, write_jsonl
+from tests.support.postgres import PostgresServer
 from tests.support.prefect_server import running_server
 
 PARALLEL = 3
@@ -112,6 +115,7 @@ FLOW_SCENARIOS = {
     "flow.artifacts.published": "mixed",
 }
 PATHS = [("in-process", point) for point in SCENARIOS] + [("flow", point) for point in FLOW_SCENARIOS]
+PATHS += [("postgresql", point) for point in SCENARIOS]
 # Points past which the output is in place: a kill there leaves it.
 OUTPUT_WRITTEN = {"output.renamed", "run.complete", "flow.artifacts.published"}
 
@@ -149,8 +153,8 @@ def _settled_stats(emulator: Any) -> dict[str, Any]:
         previous = current
 
 
-def _ledger_state(state_dir: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    with Ledger.open(state_dir) as ledger:
+def _ledger_state(state: StateUrl) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    with open_ledger(state) as ledger:
         runs = ledger.runs()
         if not runs:
             return {}, []
@@ -160,7 +164,9 @@ def _ledger_state(state_dir: Path) -> tuple[dict[int, dict[str, Any]], list[str]
         return rows, batches
 
 
-def _scenario(path: str, point: str, root: Path, prefect_api_url: str | None) -> Outcome:
+def _scenario(
+    path: str, point: str, root: Path, prefect_api_url: str | None, pg: PostgresServer | None = None
+) -> Outcome:
     shape = SHAPES[(FLOW_SCENARIOS if path == "flow" else SCENARIOS)[point]]
     work = root / path / point.replace(":", "_")
     work.mkdir(parents=True)
@@ -173,6 +179,9 @@ def _scenario(path: str, point: str, root: Path, prefect_api_url: str | None) ->
         max_requests_per_batch=shape.max_requests_per_batch,
     )
     args = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml", *shape.flags]
+    url = f"sqlite:///{work / 'state'}" if pg is None else pg.create_database()
+    state = parse_state_url(url)
+    args += ["--state-url", url]
 
     def run(crash_at: str | None = None) -> Finished:
         if prefect_api_url is None:
@@ -182,7 +191,7 @@ def _scenario(path: str, point: str, root: Path, prefect_api_url: str | None) ->
     with start_emulator(EmulatorSettings(**shape.emulator)) as emulator:
         crashed = run(crash_at=point)
         stats = _settled_stats(emulator)
-        finished, batches = _ledger_state(work / "state")
+        finished, batches = _ledger_state(state)
         outcome = Outcome(
             path=path,
             point=point,
@@ -198,10 +207,10 @@ def _scenario(path: str, point: str, root: Path, prefect_api_url: str | None) ->
         outcome.rerun_code, outcome.rerun_stderr = rerun.returncode, rerun.stderr[-2000:]
         if rerun.returncode in (0, 1):
             outcome.rows = read_output(work / "out.json")[1]
-        outcome.chunk_batches = _ledger_state(work / "state")[1]
+        outcome.chunk_batches = _ledger_state(state)[1]
         outcome.emulator_batches = {info.id: ids for info, ids in emulator_batches(emulator.base_url)}
         outcome.stats = _settled_stats(emulator)
-    with UsageLog.open(work / "state") as log:
+    with open_usage_log(state) as log:
         for record in log.records():
             rows, cost = outcome.usage.get(record.route, (0, 0.0))
             outcome.usage[record.route] = (rows + 1, cost + record.cost_usd)
@@ -220,6 +229,7 @@ def outcomes(
         if item.module is request.module and hasattr(item, "callspec") and "point" in item.callspec.params
     ]
     root = tmp_path_factory.mktemp("crash")
+    pg = request.getfixturevalue("postgres_server") if any(path == "postgresql" for path, _ in selected) else None
     with contextlib.ExitStack() as stack:
         api_url = None
         if any(path == "flow" for path, _ in selected):
@@ -227,7 +237,14 @@ def outcomes(
             api_url = stack.enter_context(running_server(home, request.getfixturevalue("migrated_prefect_db"))).api_url
         with ThreadPoolExecutor(PARALLEL) as pool:
             futures = {
-                (path, point): pool.submit(_scenario, path, point, root, api_url if path == "flow" else None)
+                (path, point): pool.submit(
+                    _scenario,
+                    path,
+                    point,
+                    root,
+                    api_url if path == "flow" else None,
+                    pg if path == "postgresql" else None,
+                )
                 for path, point in dict.fromkeys(selected)
             }
             return {key: future.result() for key, future in futures.items()}

@@ -32,6 +32,8 @@ PUBLIC = [
     "RawRecord",
     "Plan",
     "PlannedTask",
+    "plan_summary",
+    "PlanSummary",
     # models
     "TaskRequest",
     "TaskResult",
@@ -83,6 +85,12 @@ def test_a_task_file_runs_through_the_public_api_alone(emulator: RunningEmulator
     config = fast_config()
     plan = batch_engine.make_plan(batch_engine.iter_records(source), config, datetime.now(UTC))
     assert (len(plan.tasks), [r.field for r in plan.rejections]) == (6, ["task_type"])
+    summary_before = batch_engine.plan_summary(plan, config)
+    assert (summary_before.tasks, summary_before.rejected, summary_before.by_route) == (
+        6,
+        1,
+        {"batch": 3, "realtime": 3},
+    )
 
     summary = asyncio.run(
         batch_engine.run(

@@ -15,7 +15,9 @@ from pydantic import SecretStr
 from batch_engine.client import ApiSettings, RetryPolicy
 from batch_engine.config import Route
 from batch_engine.emulator import RunningEmulator
+from batch_engine.lanes import Progress
 from batch_engine.lanes.limiter import RateLimiter
+from batch_engine.models import TaskResult
 from batch_engine.runner import Run, RunOptions
 from tests.support.engine import FakeClock, fast_config, messages_calls, read_output, write_jsonl
 
@@ -49,17 +51,21 @@ def _run(
     mode: Route | None = "realtime",
     batch_sleep: Callable[[float], Awaitable[None]] | None = None,
     answered_before: int = 0,
+    concurrency: int = 4,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """`tasks` with 4 realtime workers, each model's limiter on `clock` and told of `answered_before` successes
-    (an earlier stretch of the run), and the batch lane's waits between polls through `batch_sleep`; the rows."""
+    """`tasks` with `concurrency` realtime request slots, each model's limiter on `clock` and told of
+    `answered_before` successes (an earlier stretch of the run), and the batch lane's waits between polls through
+    `batch_sleep`; the rows."""
     path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
-    options = RunOptions(state_dir=tmp_path / "state", mode=mode, concurrency=4)
+    options = RunOptions(state_dir=tmp_path / "state", mode=mode, concurrency=concurrency)
     api = ApiSettings(SecretStr("sk-test"), emulator.base_url)
 
     async def go() -> None:
         prepared = Run.prepare(path, tmp_path / "out.json", fast_config(), options)
         try:
-            async with prepared.lanes(api, policy=RetryPolicy(attempts=10, sleep=waits.sleep)) as lanes:
+            policy = RetryPolicy(attempts=10, sleep=waits.sleep)
+            async with prepared.lanes(api, policy=policy, progress=progress) as lanes:
                 for model in {task.model for task in prepared.plan.tasks}:
                     limiter = RateLimiter(BIG, BIG, BIG, clock=clock, sleep=clock.sleep)
                     for _ in range(answered_before):
@@ -160,3 +166,60 @@ def test_a_refused_poll_waits_the_retry_after_for_its_batch_alone(emulator: Runn
     assert all(wait < 1 for wait in between_polls[1:])
     # The realtime lane was never held for it.
     assert clock.sleeps == [] and waits.requested == []
+
+
+class _Order(Progress):
+    """The order tasks finish in, and the most requests ever in flight at once."""
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+        self.most_in_flight = 0
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "realtime_in_flight":
+            self.most_in_flight = max(self.most_in_flight, value)
+        super().__setattr__(name, value)
+
+    def add(self, result: TaskResult) -> None:
+        super().add(result)
+        self.finished.append(result.task_id)
+
+
+class _SlowWaits(Waits):
+    """Waits that take real time, so the other tasks can go ahead meanwhile (or not)."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.requested.append(seconds)
+        await asyncio.sleep(0.3)
+
+
+def test_a_task_waiting_out_a_stray_failure_lends_its_slot_to_the_next_task(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # One request slot; the first task's request meets a 500 in a run whose answers so far all succeeded.
+    emulator.script_fault("messages", "500")
+    progress, waits = _Order(), _SlowWaits()
+
+    rows = _run(emulator, tmp_path, _tasks(3), FakeClock(), waits, answered_before=12, concurrency=1, progress=progress)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 3
+    assert rows[0]["attempts"] == 2 and len(waits.requested) == 1
+    # While r0 waited out its backoff, its slot sent r1 and r2; still never more than one request at a time.
+    assert progress.finished == ["r1", "r2", "r0"]
+    assert progress.most_in_flight == 1
+
+
+def test_while_failures_are_the_apis_state_a_task_keeps_its_slot_through_its_backoff(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # The same 500, but at the start of a run: no answer yet says the API is healthy, so the lane slows down
+    # rather than sending more work into it.
+    emulator.script_fault("messages", "500")
+    progress, waits = _Order(), _SlowWaits()
+
+    rows = _run(emulator, tmp_path, _tasks(3), FakeClock(), waits, concurrency=1, progress=progress)
+
+    assert [row["status"] for row in rows] == ["succeeded"] * 3
+    assert progress.finished == ["r0", "r1", "r2"]
+    assert progress.most_in_flight == 1

@@ -1,14 +1,15 @@
 """The fault soak, small: 1,000 tasks against an emulator process injecting 429 (retry-after), 529, 500 and dropped
 connections on every endpoint, batch creates and Messages calls that fail after doing their work, plus errored and
-expired batch rows (`python -m batch_engine.bench.soak` at 10,000)."""
+expired batch rows (`python -m batch_engine.bench.soak` at 10,000), on each state backend (SQLite files, a
+PostgreSQL database)."""
 
 from __future__ import annotations
 
 from batch_engine.bench.soak import soak
 
 
-def test_every_task_is_accounted_for_and_no_success_is_billed_twice_under_faults() -> None:
-    result = soak(1000, chunk_size=300, batch_duration_s=1.0)
+def test_every_task_is_accounted_for_and_no_success_is_billed_twice_under_faults(state_url: str) -> None:
+    result = soak(1000, chunk_size=300, batch_duration_s=1.0, state_url=state_url)
 
     assert result.accounted_for == result.tasks == 1000
     # Every injected fault is retryable: every task ends succeeded.

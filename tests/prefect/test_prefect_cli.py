@@ -69,6 +69,36 @@ def test_an_emulated_run_ends_with_the_clean_summary_and_leaves_no_process(
     assert leftovers == []
 
 
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes through /proc")
+def test_a_temporary_server_that_fails_to_start_is_one_error_line_naming_its_log(tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "ANTHROPIC_"))}
+    # A database the server cannot open: its start-up fails (uvicorn exits with code 3, which Prefect takes for
+    # a port already taken, and starts it again, and again, until its timeout).
+    database = tmp_path / "no-such-dir" / "prefect.db"
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{database}")
+    state = tmp_path / "state"
+    command = [str(CLI), "run", str(SAMPLES / "nightly_tasks.json"), "-o", str(tmp_path / "out.json"), "--prefect"]
+    command += ["--config", str(SAMPLES / "config.toml"), "--state-dir", str(state), "--emulate"]
+
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+        leftovers = _pids_with_env(f"PREFECT_HOME={home}".encode())
+    finally:
+        for pid in _pids_with_env(f"PREFECT_HOME={home}".encode()):
+            os.kill(pid, 9)
+
+    log = state / "prefect-server.log"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"Error: Prefect's temporary server did not start (its start-up failed); its log: {log}\n"
+    ), done.stderr
+    assert "Traceback" not in done.stdout and not (tmp_path / "out.json").exists()
+    # The server's own story is in the log the line names, and its processes are gone.
+    assert "unable to open database file" in log.read_text()
+    assert leftovers == []
+
+
 def test_bad_input_config_or_key_is_one_error_line_and_exit_2_before_prefect_starts(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[limits\n")
     (tmp_path / "empty.jsonl").write_text("")

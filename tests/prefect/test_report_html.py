@@ -3,6 +3,7 @@ real headless Chromium (Debian's `chromium`); its screenshot is kept in test-art
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -71,6 +72,32 @@ def _chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
+# Appended to a copy of the page (the page itself has no script): Chromium writes where it drew each bar and
+# point into the DOM it dumps, so the test sees the rendered geometry, not only the data the SVG carries.
+_MEASURE = """<script>
+for (const mark of document.querySelectorAll("svg[data-chart] rect[data-day], svg[data-chart] circle[data-day]")) {
+  const box = mark.getBoundingClientRect();
+  mark.setAttribute("data-drawn-top", box.top.toFixed(2));
+  mark.setAttribute("data-drawn-height", box.height.toFixed(2));
+}
+</script>"""
+
+
+def _drawn_to_scale(marks: list[dict[str, str]], value: str) -> None:
+    """Every mark is drawn (taller than a pixel), and its drawn height is its `value` on one scale."""
+    assert marks and all(float(mark["drawn-height"]) > 1 for mark in marks), marks
+    scales = [float(mark["drawn-height"]) / float(mark[value]) for mark in marks]
+    assert max(scales) == pytest.approx(min(scales), rel=0.02), scales
+
+
+def _pixels_per_rate(points: list[dict[str, str]]) -> float:
+    """The hit-rate chart's vertical scale, from its lowest and highest points (both drawn)."""
+    low, high = points[0], points[-1]
+    spread = float(high["rate"]) - float(low["rate"])
+    assert spread > 0, "the fixture's days must differ in hit rate"
+    return (float(low["drawn-top"]) - float(high["drawn-top"])) / spread
+
+
 def _attributes(dom: str, tag: str, chart: str) -> list[dict[str, str]]:
     """The data-* attributes of every `tag` element inside the SVG chart `chart` of the dumped DOM."""
     svg = re.search(rf'<svg[^>]*data-chart="{chart}".*?</svg>', dom, re.S)
@@ -94,7 +121,9 @@ def test_the_html_report_renders_in_chromium_with_the_usage_logs_figures(
     screenshot = ARTIFACTS / "report.png"
     screenshot.unlink(missing_ok=True)
     shot = _chromium(f"--screenshot={screenshot}", "--window-size=900,1600", page.as_uri(), user_data=tmp_path / "u1")
-    dumped = _chromium("--dump-dom", page.as_uri(), user_data=tmp_path / "u2")
+    measured = tmp_path / "measured.html"
+    measured.write_text(text.replace("</body>", f"{_MEASURE}</body>"))
+    dumped = _chromium("--dump-dom", measured.as_uri(), user_data=tmp_path / "u2")
     assert shot.returncode == 0 and dumped.returncode == 0, shot.stderr + dumped.stderr
     dom = dumped.stdout
     # A page of charts, not a blank one: a blank 900x1600 PNG is a few KB.
@@ -106,9 +135,11 @@ def test_the_html_report_renders_in_chromium_with_the_usage_logs_figures(
         spend[(day, f"{record.route} / {record.model}")] += record.cost_usd
     bars = _attributes(dom, "rect", "spend")
     assert {(bar["day"], bar["series"]): pytest.approx(float(bar["usd"])) for bar in bars} == spend
+    _drawn_to_scale(bars, "usd")
 
     days = sorted({day for day, _ in spend})
     savings = [bar for bar in _attributes(dom, "rect", "savings") if "kind" in bar]
+    _drawn_to_scale(savings, "usd")
     for day in days:
         of_day = [r for r in usage_log if time.strftime("%Y-%m-%d", time.gmtime(r.at)) == day]
         billed = {bar["kind"]: float(bar["usd"]) for bar in savings if bar["day"] == day}
@@ -117,7 +148,15 @@ def test_the_html_report_renders_in_chromium_with_the_usage_logs_figures(
             "billed": pytest.approx(sum(r.cost_usd for r in of_day)),
         }
 
-    rates = {point["day"]: float(point["rate"]) for point in _attributes(dom, "circle", "hit-rate")}
+    points = _attributes(dom, "circle", "hit-rate")
+    rates = {point["day"]: float(point["rate"]) for point in points}
+    # Drawn where their rate says: a higher rate is higher up (a smaller top), by one scale.
+    by_rate = sorted(points, key=lambda point: float(point["rate"]))
+    assert all(float(point["drawn-height"]) > 1 for point in points)
+    assert _pixels_per_rate(by_rate) > 50  # the plot is 204 px high
+    for low, high in itertools.pairwise(by_rate):
+        rise = float(low["drawn-top"]) - float(high["drawn-top"])
+        assert rise == pytest.approx((float(high["rate"]) - float(low["rate"])) * _pixels_per_rate(by_rate), abs=1)
     for day in days:
         of_day = [r for r in usage_log if time.strftime("%Y-%m-%d", time.gmtime(r.at)) == day]
         read = sum(r.cache_read_tokens for r in of_day)

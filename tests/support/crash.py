@@ -24,7 +24,8 @@ from batch_engine.config import default_config_text
 from batch_engine.crashpoints import ENV_VAR
 
 DRIVER = Path(__file__).resolve().parent / "crash_driver.py"
-ROOT = DRIVER.parent.parent
+# The repository root (not tests/: on sys.path, tests/prefect/ would shadow the prefect package).
+ROOT = DRIVER.parents[2]
 RUN_TIMEOUT_S = 90.0
 
 

@@ -9,7 +9,7 @@ forked from a multiprocessing forkserver that imported the engine once, which sa
 about a minute. The flow path runs as a plain subprocess (Prefect reads its settings when it is imported).
 
     python tests/support/crash_driver.py INPUT -o OUTPUT --state-dir DIR [--config F] [--batch-only]
-        [--batch-timeout S] [--resume-run KEY] [--supersede]
+        [--batch-timeout S] [--resume-run KEY] [--supersede] [--state-url URL]
 
 Exit 0: every task succeeded; 1: some failed; 2: a BatchEngineError (one `Error:` line), as the CLI.
 """

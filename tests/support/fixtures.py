@@ -1,6 +1,6 @@
 """The session fixtures, loaded for every test folder by `tests/conftest.py`: one emulator server per test
 session, reset before every test that uses it; one Prefect test harness and one migrated Prefect database per
-session for the Prefect tests."""
+session for the Prefect tests; one real PostgreSQL server per session, a new database per test that asks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batch_engine.emulator import EmulatorSettings, RunningEmulator, start_emulator
+from tests.support.postgres import PostgresServer, running_postgres
 
 # Fast batches by default (a test that needs to watch one in progress configures a longer duration).
 SESSION_EMULATOR_SETTINGS = EmulatorSettings(batch_duration_s=0.1)
@@ -62,3 +63,25 @@ def migrated_prefect_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(prefect), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True, timeout=120
     )
     return home / "prefect.db"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (fails, never skips, when its binaries are missing)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh state URL of each backend: the SQLite files in a temporary state directory, or a new database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

@@ -249,7 +249,7 @@ def test_plan_says_which_form_each_task_type_gets() -> None:
         {"task_id": "b", "task_type": "x", "model": "claude-fable-5-1", "input_data": {"q": "2"}},
     )
     summary = plan_summary(plan, config_with(TASK_TYPE_X))
-    assert summary["output_schemas"] == {
+    assert summary.output_schemas == {
         "x": [
             "schema in the system prompt (fallback) on claude-fable-5-1",
             "structured outputs (output_config.format) on claude-haiku-5-5",
