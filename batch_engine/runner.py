@@ -661,6 +661,7 @@ class Run:
             for row, decoded in self.output_rows():
                 tally.add(decoded)
                 yield row
+                crash_point("output.partial")  # killed with the output part written
 
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=self.output_path.parent) as rows:

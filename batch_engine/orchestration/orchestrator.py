@@ -9,7 +9,9 @@ write), artifacts. Task runs are per phase and per batch, never per request, and
 retried task or a new flow run with the same inputs re-attaches to the batches already created.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve()` runs a flow in a spawned process, and cloudpickle
+# sends the flow's function by value with only the globals its body uses. String annotations would then name
+# types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import logging
 from contextvars import ContextVar
