@@ -344,28 +344,33 @@ def _batch_info(batch: Any) -> BatchInfo:
 
 
 class BatchBody:
-    """The JSON body of `batches.create` from (custom_id, params) pairs, produced 1,000 rows at a time.
+    """The JSON body of `batches.create` from its encoded rows (`{"custom_id":...,"params":...}` each), joined
+    1,000 rows at a time.
 
     A batch of up to 100,000 rows (256 MB) is never held whole: its length is measured in one pass and the body
-    streamed in a second, under that Content-Length. (Blocks, not rows: orjson gives each result a buffer of its
-    own, and 100k of them cost ten times the body.) `rows` must give the same rows on every call.
+    streamed in a second, under that Content-Length. `rows` must give the same rows on every call.
     """
 
     BLOCK_ROWS = 1000
 
-    def __init__(self, rows: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+    def __init__(self, rows: Callable[[], Iterable[bytes]]) -> None:
         self._rows = rows
         self._length: int | None = None
+
+    @classmethod
+    def from_params(cls, rows: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> BatchBody:
+        """The body of (custom_id, params) pairs."""
+        return cls(lambda: (orjson.dumps({"custom_id": cid, "params": params}) for cid, params in rows()))
 
     def blocks(self) -> Iterator[bytes]:
         yield b'{"requests":['
         rows = iter(self._rows())
         first = True
-        while block := [{"custom_id": cid, "params": params} for cid, params in islice(rows, self.BLOCK_ROWS)]:
+        while block := list(islice(rows, self.BLOCK_ROWS)):
             if not first:
                 yield b","
             first = False
-            yield orjson.dumps(block)[1:-1]  # the rows without the list's brackets
+            yield b",".join(block)
         yield b"]}"
 
     def __len__(self) -> int:

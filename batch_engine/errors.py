@@ -6,6 +6,7 @@
     ├── BudgetError                   the plan's estimated cost is over --max-cost-usd (nothing was sent)
     ├── LedgerError                   the run ledger is unusable or an ambiguous batch create cannot be resolved
     │   ├── RunBusyError              another live process holds the run's lease (`collect` skips the run)
+    │   ├── LeaseLostError            this process's lease was taken over mid-run: it stops sending at once
     │   └── RunChangedError           an unfinished run of the same input would send other requests
     ├── BatchUnfinishedError          a batch's own calls kept failing: it stays open; the same command collects it
     └── ApiError                      the Anthropic API (or the emulator) answered with an error, or did not answer
@@ -42,6 +43,10 @@ class LedgerError(BatchEngineError):
 
 class RunBusyError(LedgerError):
     """Another process that is still alive holds the run's lease: two processes would both send everything."""
+
+
+class LeaseLostError(LedgerError):
+    """Another process took this run's lease over (this one's heartbeat had expired): this one must stop."""
 
 
 class RunChangedError(LedgerError):

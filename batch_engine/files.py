@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import os
 import socket
 import tempfile
@@ -124,22 +125,23 @@ def _array_records(path: Path, data: bytes) -> Iterator[RawRecord]:
         yield RawRecord(index=index, line=None, value=item)
 
 
+def _lines(head: bytes, handle: IO[bytes]) -> Iterator[bytes]:
+    """The lines of `head` and then the rest of `handle`, without their newlines (the last one may be empty).
+
+    Split a block at a time in C: cutting each line off the front of a 64 KiB buffer copied the rest of the
+    buffer once per line (~32 KB per line, 32 GB of copying at a million lines).
+    """
+    pending = head
+    while block := handle.read(1 << 20):
+        *complete, pending = (pending + block).split(b"\n")
+        yield from complete
+    yield from pending.split(b"\n")
+
+
 def _jsonl_records(path: Path, head: bytes, handle: IO[bytes]) -> Iterator[RawRecord]:
     index = 0
     parsed_any = False
-    pending = head
-    lineno = 0
-    while True:
-        newline = pending.find(b"\n")
-        if newline < 0:
-            more = handle.read(1 << 16)
-            if more:
-                pending += more
-                continue
-            raw, pending = pending, b""
-        else:
-            raw, pending = pending[:newline], pending[newline + 1 :]
-        lineno += 1
+    for lineno, raw in enumerate(_lines(head, handle), start=1):
         if lineno == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if raw.strip():
@@ -149,12 +151,27 @@ def _jsonl_records(path: Path, head: bytes, handle: IO[bytes]) -> Iterator[RawRe
             except orjson.JSONDecodeError as exc:
                 yield RawRecord(index=index, line=lineno, error=f"not valid JSON ({exc.msg})")
             index += 1
-        if newline < 0:
-            break
     if index == 0:
         raise InputError(f"{path}: the file is empty")
     if not parsed_any:
         raise InputError(f"{path}: not JSON or JSONL (no line parses as JSON)")
+
+
+def count_records(path: Path) -> int:
+    """How many records `iter_records` gives, raising as it does for an unusable file, without decoding every
+    record: once a JSONL line has parsed, the rest are counted as lines (what the progress display needs up front;
+    decoding a million records twice was ~10 s of a run's start-up)."""
+    records = iter_records(path)
+    count = 0
+    for record in records:
+        count += 1
+        if record.line is not None and record.error is None:
+            with path.open("rb") as handle:
+                lines = _lines(b"", handle)
+                skipped = sum(1 for _ in itertools.islice(lines, record.line))
+                assert skipped == record.line
+                return count + sum(1 for line in lines if line.strip())
+    return count
 
 
 def file_digest(path: Path) -> str:

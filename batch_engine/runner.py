@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import logging
+import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import orjson
 
 from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
 from batch_engine.config import Config, Route, load_config
@@ -22,12 +27,13 @@ from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
-from batch_engine.models import RunSummary, TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan
+from batch_engine.models import ErrorInfo, RunSummary, TaskResult
+from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import in_input_order
-from batch_engine.planning.run_summary import encode_output, summarize
+from batch_engine.planning.outcome import failed
+from batch_engine.planning.run_summary import Tally, encode_head, encode_rows, encode_tail
 from batch_engine.state.backend import RunLedger, UsageStore, open_ledger, open_usage_log
 from batch_engine.state.lease import RunLease
 from batch_engine.state.ledger import ChunkRecord, RunRecord
@@ -68,6 +74,20 @@ class RunOptions:
 EMULATED_POLL_S = 1.0
 # In the state dir: emulated batches outlive the process that created them, so `collect` can finish them.
 EMULATOR_STATE_FILE = "emulator-state.json"
+
+
+def process_started_at() -> float:
+    """When this process started (epoch seconds, from Linux's /proc; elsewhere when this module was imported):
+    where a CLI run's start-up is measured from."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_IMPORTED_AT = time.time()
 
 
 def plural(count: int, noun: str) -> str:
@@ -178,6 +198,7 @@ class Run:
     record: RunRecord
     lease: RunLease
     state: StateUrl
+    timeline: Timeline
 
     @property
     def key(self) -> str:
@@ -188,10 +209,23 @@ class Run:
         return self.record.status == "complete"
 
     @classmethod
-    def prepare(cls, input_path: Path, output_path: Path, config: Config, options: RunOptions) -> Run:
+    def prepare(
+        cls,
+        input_path: Path,
+        output_path: Path,
+        config: Config,
+        options: RunOptions,
+        *,
+        launched_at: float | None = None,
+    ) -> Run:
         """Plan the input and open its ledger entry: the unfinished run that sends the same requests (same key,
         start time and plan), `--resume-run KEY` as it was, or a new run (refused while an unfinished run of the
-        same input that sent something would send other requests, unless `--supersede`)."""
+        same input that sent something would send other requests, unless `--supersede`).
+
+        `launched_at`: when the invocation started (the CLI's process start), so the run's durations include its
+        start-up; by default, now.
+        """
+        prepare_at = time.time()
         config = effective_config(config, options)
         state = state_location(options, config)
         ledger = open_ledger(state)
@@ -216,7 +250,10 @@ class Run:
         # 100k results, `bench plan`). Unfrozen when the run closes, so a long-lived process does not keep it.
         gc.freeze()
         crash_point("plan.done")
-        return cls(input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, state)
+        timeline = Timeline(launched_at if launched_at is not None else prepare_at, prepare_at, time.time())
+        return cls(
+            input_path, output_path, opened.config, options, opened.plan, ledger, opened.record, lease, state, timeline
+        )
 
     @classmethod
     def reopen(cls, record: RunRecord, state_dir: Path, state: StateUrl | None = None) -> Run:
@@ -342,6 +379,7 @@ class Run:
                 attempts=self.attempts_so_far(),
                 policy=policy or RetryPolicy(attempts=limits.max_retry_attempts, max_time_s=limits.max_retry_time_s),
                 logger=logger,
+                lease_check=self.lease.check,
                 usage_log=usage_log,
                 estimator=estimator,
                 budget=self._budget(estimator, tasks),
@@ -382,6 +420,7 @@ class Run:
         """
         ctx = lanes.ctx
         finished = self.ledger.finished_indexes(self.key)
+        self._reject_over_context_window(ctx, ctx.estimator.counted_input, finished)
         spent = self.ledger.spent(self.key)
         estimate = spent + sum(ctx.estimator.cost(t, t.route) for t in self.plan.tasks if t.index not in finished)
         crash_point("preflight.done")
@@ -395,6 +434,19 @@ class Run:
             )
         ctx.logger.info("budget: estimated $%.4f of $%.4f", estimate, budget.limit_usd)
         return estimate
+
+    def _reject_over_context_window(self, ctx: LaneContext, counted: Mapping[int, int], finished: set[int]) -> None:
+        """Tasks the count puts over their model's context window are rejected here, not sent: the API would
+        answer 400 "prompt is too long" (in a batch, only after the whole batch ends)."""
+        unsent = (task for task in self.plan.tasks if task.index not in finished)
+        rows = [
+            failed(task, "rejected", task.route, 0, ErrorInfo(type="rejected", message=f"{field}: {reason}"))
+            for task, field, reason in over_context_window(unsent, counted, self.config)
+        ]
+        if rows:
+            ctx.record(rows)
+            finished.update(row.index for row in rows)
+            ctx.logger.warning("%d tasks rejected: their counted prompt is over the context window", len(rows))
 
     def open_batches(self) -> list[ChunkRecord]:
         """Recorded batches still owing results (submitted or ended, not yet collected)."""
@@ -559,60 +611,106 @@ class Run:
         """One row per input record, in input order: ledger results merged with rejections."""
         return in_input_order(((row.index, row) for row in self.ledger.results(self.key)), self.plan.rejections)
 
-    def row_json(self) -> Iterator[TaskResult | bytes]:
-        """`rows()` to write: ledger rows as stored (already their output JSON), rejections as models."""
-        return in_input_order(self.ledger.result_json(self.key), self.plan.rejections)
-
-    def missing(self) -> list[PlannedTask]:
-        """Planned tasks without a finished row."""
-        # Both sides walked in index order: a set of every finished index would make writing the output
-        # grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
-        finished = self.ledger.iter_finished_indexes(self.key)
-        done = next(finished, None)
+    def output_rows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """One row per input record, in input order, as (its output JSON, that JSON decoded): ledger rows as
+        stored, merged with the rejections. Raises after the last row when a planned task has no row."""
+        # The plan's tasks walked beside the rows, both in index order: a set of every finished index would make
+        # writing the output grow with the number of results (~60 MiB at 1M rows), where it should stay flat.
+        planned = iter(self.plan.tasks)
+        task = next(planned, None)
         missing: list[PlannedTask] = []
-        for task in self.plan.tasks:  # in input (index) order
-            while done is not None and done < task.index:
-                done = next(finished, None)
-            if done != task.index:
+        for row in in_input_order(self.ledger.result_json(self.key), self.plan.rejections):
+            if isinstance(row, bytes):
+                raw, decoded = row, orjson.loads(row)
+            else:
+                decoded = row.model_dump(mode="json")
+                raw = orjson.dumps(decoded)
+            index = decoded["index"]
+            while task is not None and task.index < index:
                 missing.append(task)
-        return missing
-
-    def finish(self) -> RunSummary:
-        """Finish: write the merged output atomically, mark the run complete, and return its summary."""
-        missing = self.missing()
+                task = next(planned, None)
+            if task is not None and task.index == index:
+                task = next(planned, None)
+            yield raw, decoded
+        if task is not None:
+            missing.append(task)
+            missing.extend(planned)
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
+
+    def finish(self) -> RunSummary:
+        """Finish: write the merged output atomically, mark the run complete, and return its summary.
+
+        One pass over the ledger: each row is written as stored and counted into the summary on the way; the
+        summary, which the output puts first, is then written with the rows after it.
+        """
         crash_point("output.before")
+        write_at = time.time()
         # Everything below comes from the ledger, so any process (a resumed run, `collect`, a re-run of a
         # completed run) writes the same bytes.
-        last = self.ledger.last_recorded(self.key)
         started_at = self.record.started_at
-        finished_at = max([started_at, *last.values()])
-        durations = {route: round(at - started_at, 3) for route, at in sorted(last.items()) if route != "none"}
-        durations["total"] = round(finished_at - started_at, 3)
         batches = [
             (c.chunk_key, c.batch_id, c.request_counts, c.status == "lost")
             for c in self.ledger.chunks(self.key)
             if c.batch_id
         ]
-        summary = summarize(
-            self.rows(),
-            run_key=self.key,
-            input_path=self.record.input_path,
-            output_path=self.record.output_path,
-            simulated=self.options.simulated,
-            started_at=started_at,
-            finished_at=finished_at,
-            total=self.plan.total_records,
-            batches=batches,
-            durations_s=durations,
-            config=self.config,
-        )
-        atomic_write_chunks(self.output_path, encode_output(summary, self.row_json(), self.options.output_format))
+        output_format = self.options.output_format
+        tally = Tally(self.config)
+
+        def counted() -> Iterator[bytes]:
+            for row, decoded in self.output_rows():
+                tally.add(decoded)
+                yield row
+                crash_point("output.partial")  # killed with the output part written
+
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.output_path.parent) as rows:
+            rows.writelines(encode_rows(counted(), output_format))
+            # The invocation that completes the run records its phases; a rewrite gets them back.
+            kept = self.ledger.keep_durations(self.key, self.timeline.durations(write_at, time.time()))
+            durations, finished_at = kept["durations_s"], kept["finished_at"]
+            summary = tally.summary(
+                run_key=self.key,
+                input_path=self.record.input_path,
+                output_path=self.record.output_path,
+                simulated=self.options.simulated,
+                started_at=started_at,
+                finished_at=finished_at,
+                total=self.plan.total_records,
+                batches=batches,
+                durations_s=durations,
+            )
+            rows.seek(0)
+            body = iter(functools.partial(rows.read, 1 << 20), b"")
+            output = itertools.chain([encode_head(summary, output_format)], body, [encode_tail(output_format)])
+            atomic_write_chunks(self.output_path, output)
         crash_point("output.renamed")
         self.ledger.set_run_status(self.key, "complete", finished_at)
         crash_point("run.complete")
         return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """When this invocation of a run started, began planning and had planned (epoch seconds): with the write,
+    its phases cover the whole wall time."""
+
+    launched_at: float
+    prepare_at: float
+    planned_at: float
+
+    def durations(self, write_at: float, written_at: float) -> dict[str, Any]:
+        """`durations_s` (start-up, plan, send: both lanes and the leftovers, write; total = their sum, the
+        invocation's wall time up to the output's rename) and `finished_at`."""
+        phases = {
+            "startup": self.prepare_at - self.launched_at,
+            "plan": self.planned_at - self.prepare_at,
+            "send": write_at - self.planned_at,
+            "write": written_at - write_at,
+        }
+        durations = {phase: round(seconds, 3) for phase, seconds in phases.items()}
+        durations["total"] = round(sum(durations.values()), 3)
+        return {"durations_s": durations, "finished_at": written_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,7 +778,6 @@ class _Opened:
     record: RunRecord
     config: Config
     plan: Plan
-    digests: dict[int, bytes]
     superseded: tuple[RunRecord, ...] = ()  # unfinished runs of the same input this one replaces
     idle: tuple[RunRecord, ...] = ()  # unfinished runs of the same input that sent nothing: simply replaced
 
@@ -704,14 +801,13 @@ def _open_run(ledger: RunLedger, input_path: Path, output_path: Path, config: Co
         recorded = effective_config(_recorded_config(record, config), options)
         mode = record.options.get("mode")
         plan = _plan_at(input_path, recorded, record.started_at, mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) != record.run_key:
+        if run_identity(digest, plan) != record.run_key:
             raise LedgerError(
                 f"run {record.run_key}: {input_path} no longer gives the requests that run sent (the file, or the "
                 "engine's rendering, changed); it cannot be finished as it was: run the file as a new run"
             )
         record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-        return _Opened(record, recorded, plan, digests)
+        return _Opened(record, recorded, plan)
     # The unfinished runs of this input: one that sends the same requests is this run.
     unfinished = [
         record
@@ -720,19 +816,17 @@ def _open_run(ledger: RunLedger, input_path: Path, output_path: Path, config: Co
     ]
     for record in unfinished:
         plan = _plan_at(input_path, config, record.started_at, options.mode)
-        digests = request_digests(plan)
-        if run_identity(digest, plan, digests) == record.run_key:
+        if run_identity(digest, plan) == record.run_key:
             record = ledger.begin(record.run_key, *paths, record.options, record.started_at)
-            return _Opened(record, config, plan, digests)
+            return _Opened(record, config, plan)
     now = time.time()
     plan = _plan_at(input_path, config, now, options.mode)
-    digests = request_digests(plan)
-    key = run_identity(digest, plan, digests)
+    key = run_identity(digest, plan)
     existing = ledger.run(key)
     if existing is not None:  # a completed run of the same requests: its output is written again
         existing = ledger.begin(key, *paths, existing.options, existing.started_at)
         plan = _plan_at(input_path, config, existing.started_at, options.mode)
-        return _Opened(existing, config, plan, digests)
+        return _Opened(existing, config, plan)
     busy = [record for record in unfinished if ledger.has_work(record.run_key)]
     if busy and not options.supersede:
         raise _changed(ledger, busy[0], input_path)
@@ -740,7 +834,7 @@ def _open_run(ledger: RunLedger, input_path: Path, output_path: Path, config: Co
     # Unfinished runs that sent nothing are simply replaced (`Run.prepare`); the others hand over their work
     # (`_supersede`).
     idle = tuple(run for run in unfinished if run not in busy)
-    return _Opened(record, config, plan, digests, tuple(busy), idle)
+    return _Opened(record, config, plan, tuple(busy), idle)
 
 
 def _same_input(record: RunRecord, digest: str, input_path: str) -> bool:
@@ -771,6 +865,7 @@ def _changed(ledger: RunLedger, record: RunRecord, input_path: Path) -> RunChang
 
 def _supersede(ledger: RunLedger, opened: _Opened, options: RunOptions) -> _Opened:
     """Take the work of the unfinished runs `opened` replaces: their batches and results of unchanged tasks."""
+    digests = request_digests(opened.plan)
     for old in opened.superseded:
         old_lease = RunLease(ledger, old.run_key)
         old_lease.take()  # a live process on the old run must not see its batches move
@@ -783,7 +878,7 @@ def _supersede(ledger: RunLedger, opened: _Opened, options: RunOptions) -> _Open
             old_config = effective_config(_recorded_config(old, opened.config), options)
             old_plan = _plan_at(Path(old.input_path), old_config, old.started_at, old.options.get("mode"))
             old_digests = request_digests(old_plan)
-            unchanged = {i for i, d in old_digests.items() if opened.digests.get(i) == d}
+            unchanged = {i for i, d in old_digests.items() if digests.get(i) == d}
             moved = ledger.supersede(old.run_key, opened.record.run_key, unchanged, time.time())
             log.warning(
                 "run %s supersedes run %s: %d of %d tasks unchanged; %d open batches kept (%s)",
@@ -809,13 +904,17 @@ async def run(
     logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     progress: Progress | None = None,
     policy: RetryPolicy | None = None,
+    launched_at: float | None = None,
 ) -> RunSummary:
     """Run a task file end to end (or resume it), write the merged output, and return the run summary.
 
     The phases in order, in this process, without Prefect: plan, send (begin, both lanes, leftovers), finish.
     A completed run is not sent again: its output is rewritten from the ledger without any API call.
+    `launched_at`: when the invocation started (see `Run.prepare`).
     """
-    prepared = Run.prepare(Path(input_path), Path(output_path), config, options or RunOptions())
+    prepared = Run.prepare(
+        Path(input_path), Path(output_path), config, options or RunOptions(), launched_at=launched_at
+    )
     try:
         if not prepared.completed:
             async with prepared.lanes(api, logger=logger, progress=progress, policy=policy) as lanes:

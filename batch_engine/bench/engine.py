@@ -12,6 +12,7 @@
     python -m batch_engine.bench faults --requests 1000 --latency 100ms --fault-rate 0.1 --curator-python PY
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
+    python -m batch_engine.bench million --tasks 1000000
     python -m batch_engine.bench startup --requests 1000 --latency 250ms
     python -m batch_engine.bench state --state-url postgresql://localhost/bench --realtime 10000 --batch 100000
 
@@ -670,6 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefect.add_argument("--tasks", type=int, default=10_000)
     prefect.add_argument("--rounds", type=int, default=3)
     prefect.add_argument("--concurrency", type=int, default=64)
+    million = sub.add_parser("million", help="`batch-engine run` on a generated nightly job (default 1M tasks)")
+    million.add_argument("--tasks", type=int, default=1_000_000, help="develop with 100000")
+    million.add_argument("--batch-duration", type=_duration, default=20.0, help="emulator batch duration (20s)")
+    million.add_argument("--keep", type=Path, default=None, help="keep the files in this directory")
     validate = sub.add_parser("validate", help="CPU per row to validate answers against a 10-field output schema")
     validate.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args(argv)
@@ -697,6 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks_file = args.tasks_file or pipeline.SAMPLES / "nightly_tasks.json"
             config = args.config or pipeline.SAMPLES / "config.toml"
             print_result(pipeline.bench_cost(tasks_file, config, args.poll_interval))
+    elif args.name == "million":
+        from batch_engine.bench.million import bench_million
+
+        print_result(bench_million(args.tasks, args.batch_duration, args.keep))
     elif args.name == "validate":
         print_result(bench_validate(args.rows))
     elif args.name == "faults":

@@ -34,7 +34,9 @@ from batch_engine.config import Config, load_config
 from batch_engine.emulator import emulator_process
 from batch_engine.models import TaskResult
 from batch_engine.planning import Plan, PlannedTask
+from batch_engine.planning.identity import run_identity
 from batch_engine.planning.outcome import succeeded
+from batch_engine.planning.rows import RowEncoder
 from batch_engine.runner import Run, RunOptions, run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -97,8 +99,8 @@ def _synthetic_result(task: PlannedTask, config: Config) -> TaskResult:
     return succeeded(task, message, "batch", 1, config, batch_id="msgbatch_bench")
 
 
-def _rows(plan: Plan, positions: tuple[int, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
-    return ((plan.tasks[pos].task_id, plan.tasks[pos].params) for pos in positions)
+def _rows(plan: Plan, encoder: RowEncoder, positions: tuple[int, ...]) -> Iterator[bytes]:
+    return (encoder.row(plan.tasks[pos]) for pos in positions)
 
 
 def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
@@ -115,12 +117,17 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
         with _phase(phases, "load + plan"):
             prepared = Run.prepare(path, work / "out.json", config, options)  # the plan, as a run makes it
         plan = prepared.plan
+        # The run identity's share of "load + plan" (every task's rendered request hashed), timed once more alone.
+        identity_cpu = time.process_time()
+        run_identity("bench", plan)
+        identity_cpu = time.process_time() - identity_cpu
         with _phase(phases, "batch request bodies"):
             # The body `BatchLane._create_once` streams to `batches.create`, one batch at a time: measured for its
             # Content-Length, then produced again block by block as the upload reads it.
             body_bytes = 0
+            encoder = RowEncoder()
             for chunk in plan.chunks:
-                body = BatchBody(functools.partial(_rows, plan, chunk.task_positions))
+                body = BatchBody(functools.partial(_rows, plan, encoder, chunk.task_positions))
                 body_bytes += len(body)
                 for _ in body.blocks():
                     pass
@@ -151,6 +158,7 @@ def bench_plan_one(tasks: int, config_path: Path | None) -> dict[str, Any]:
         "output_json_mib": round(sizes["json"], 1),
         "wall_s": round(sum(phase.wall_s for phase in phases), 2),
         "cpu_ms_per_task": round(total_cpu * 1000 / tasks, 4),
+        "identity_us_per_task": round(identity_cpu * 1e6 / tasks, 2),
         "baseline_rss_mib": round(baseline_mib, 1),
         "peak_rss_mib": round(peak, 1),
         "peak_rss_vs_input": round(peak / input_mib, 2),

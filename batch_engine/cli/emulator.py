@@ -19,6 +19,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="serve the local Anthropic API emulator (simulated results, no key, no spend)",
         description="Serve a local emulator of the Anthropic Messages and Message Batches APIs. Point the "
         "SDK (or `batch-engine run`) at it with ANTHROPIC_BASE_URL. Durations accept 250ms, 2s, 5m, 1h.",
+        epilog="Always on, from Anthropic's docs: the rules of the request's anthropic-version (2026-10-21, what "
+        "SDK 2.x sends, refuses temperature/top_p/top_k on every model; 2023-06-01 keeps the old rules); per-model "
+        "thinking defaults, off values and their 400s; forced tool_choice refused on Opus 5.5, Sonnet 5.5 and Fable "
+        "5.1; a tokenizer of its own per model family (5.x counts ~1.3x); 400 'prompt is too long' over the context "
+        "window; x-should-retry on every error. Scripted one-shot faults (POST /_emulator/faults {endpoint, kind, "
+        "count}), kinds: 429, 529, 500, drop, error_event, spend_limit (a 429), spend_limit_400 (self-set), "
+        "spend_limit_402 (linked organization), 500_no_retry (a 500 with x-should-retry false), after_commit (the "
+        "work done, then a 500 or 529), after_commit_no_retry (the work done, then that 500).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
@@ -64,6 +72,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=0.0,
         metavar="F",
         help="share (0-1) of Messages and batch rows answered stop_reason refusal, billed (default 0)",
+    )
+    parser.add_argument(
+        "--pause-turn-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share (0-1) of Messages and batch rows with a server tool (web search, web fetch, code execution) "
+        "answered stop_reason pause_turn, billed: the server tool loop hit its iteration limit (default 0)",
     )
     parser.add_argument(
         "--batch-queue-cap",
@@ -129,6 +145,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         "reply_tokens": args.reply_tokens,
         "invalid_output_rate": args.invalid_output_rate,
         "refusal_rate": args.refusal_rate,
+        "pause_turn_rate": args.pause_turn_rate,
         "batch_queue_cap": args.batch_queue_cap,
         "batch_cache_hit_rate": args.batch_cache_hit_rate,
         "api_key": args.api_key,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from batch_engine.cli.args import add_state_url, dollars, positive_duration, positive_int
 from batch_engine.config import Config, load_config
-from batch_engine.files import iter_records
+from batch_engine.files import count_records
 from batch_engine.runner import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
         raise ConfigError("--parsed-only needs --format jsonl")
     config = load_config(args.config)
-    records = sum(1 for _ in iter_records(args.input))
+    records = count_records(args.input)
     with_prefect = _with_prefect(args)
     _check_api_key(args.emulate, with_prefect)
     options = run_options(
@@ -134,7 +134,7 @@ def _run_here(
 
     from batch_engine.client import api_from_environment
     from batch_engine.render.terminal import live_progress
-    from batch_engine.runner import emulated_api, run
+    from batch_engine.runner import emulated_api, process_started_at, run
 
     api_context = (
         emulated_api(args.state_dir, args.config) if args.emulate else contextlib.nullcontext(api_from_environment())
@@ -147,7 +147,14 @@ def _run_here(
         async def go() -> RunSummary:
             async with live_progress(Console(stderr=True), progress, records):
                 return await run(
-                    args.input, args.output, api=api, config=config, options=options, logger=logger, progress=progress
+                    args.input,
+                    args.output,
+                    api=api,
+                    config=config,
+                    options=options,
+                    logger=logger,
+                    progress=progress,
+                    launched_at=process_started_at(),
                 )
 
         return asyncio.run(go())

@@ -21,7 +21,7 @@ import orjson
 from pydantic import ValidationError
 
 from batch_engine.emulator.catalog import OLDEST_VERSION
-from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, FAULT_KINDS, failure_for
+from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, AFTER_COMMIT_KINDS, FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
 from batch_engine.emulator.settings import ENDPOINTS
@@ -294,9 +294,9 @@ class EmulatorApp:
     def _fault(self, endpoint: str) -> str | None:
         """Draw a fault: error faults raise here; "drop" and "error_event" are left to the handler."""
         kind = self.state.faults.draw(endpoint, self.state.settings)
-        if kind == "after_commit" and endpoint not in AFTER_COMMIT_ENDPOINTS:
+        if kind in AFTER_COMMIT_KINDS and endpoint not in AFTER_COMMIT_ENDPOINTS:
             kind = "500"  # nothing to commit first
-        if (kind is not None and kind not in ("drop", "error_event", "after_commit")) or (
+        if (kind is not None and kind not in ("drop", "error_event", *AFTER_COMMIT_KINDS)) or (
             kind == "error_event" and endpoint != "messages"
         ):
             raise failure_for("529" if kind == "error_event" else kind, self.state.settings.fault_retry_after_s)
@@ -337,10 +337,10 @@ class EmulatorApp:
         message, billed = state.answer(prepared, custom_id=None, lane="realtime")
         state.limiter.charge_output(model, billed.output_tokens)
         state.stats.record_realtime_success(incoming.body)
-        if fault in ("drop", "after_commit", "error_event"):
+        if fault in ("drop", "error_event", *AFTER_COMMIT_KINDS):
             state.stats.record_unanswered(billed.cost_usd(prepared.request.spec, 1.0))
-        if fault == "after_commit":
-            raise state.faults.after_commit_failure()  # answered and billed, yet the client sees an error
+        if fault in AFTER_COMMIT_KINDS:
+            raise state.faults.after_commit_failure(fault)  # answered and billed, yet the client sees an error
         headers = state.limiter.headers(model)
         if not prepared.request.stream:
             return Outgoing(200, [orjson.dumps(message)], headers=headers, drop=fault == "drop")
@@ -402,8 +402,8 @@ class EmulatorApp:
                 f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
             )
         batch = self.state.create_batch(custom_ids, params, incoming.api_version)
-        if fault == "after_commit":
-            raise self.state.faults.after_commit_failure()  # created, yet the client sees an error
+        if fault in AFTER_COMMIT_KINDS:
+            raise self.state.faults.after_commit_failure(fault)  # created, yet the client sees an error
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
 

@@ -16,6 +16,12 @@ Sources (stored snapshots, 2026):
          lower; default effort Opus 5.5 medium, Haiku 5.5 medium, Sonnet 5.5 high, Fable high.
 - D-ET:  /build-with-claude/extended-thinking: manual `budget_tokens` only on Claude 4.x; default `display`
          `omitted` on Fable, `summarized` on Claude 4 models.
+- D-O5:  /about-claude/models/whats-new-opus-5 and /models/opus-5/migration-guide: thinking on by default (adaptive),
+         `disabled` only at effort high or below; "start from the default, high" (default effort high).
+- D-S5:  /models/sonnet-5/migration-guide and /about-claude/models/whats-new-sonnet-5: adaptive thinking on by default,
+         manual `enabled` is a 400; accepted `thinking.type` adaptive and disabled, default display omitted, 1,024-token
+         cache minimum (the Sonnet 5.5 migration guide's comparison table; 3rd-party apidog "Sonnet 5.5 vs Sonnet 5");
+         default effort high (3rd-party: openrouter's Sonnet 5 migration notes, "adaptive thinking on at effort high").
 - D-MG:  /api/migration-2026-10-21 (see ../shared/reference/anthropic-api.md §0): sampling params are 400 on
          every model under that version; under 2023-06-01 the 5.x models reject non-default values only.
 Where a source is silent the choice is marked "assumed".
@@ -129,8 +135,8 @@ MODELS: dict[str, ModelRules] = {
         min_cacheable_tokens=512,
         released=date(2026, 7, 24),
         rates=_rates(5.00, 25.00, 6.25, 10.00, 0.50),
-        off_values=frozenset({"disabled"}),
-        default_effort="high",  # assumed: no source names Opus 5's default effort
+        off_values=frozenset({"disabled"}),  # at effort high or below (D-O5, D-TT)
+        default_effort="high",  # D-O5
     ),
     "claude-sonnet-5": ModelRules(
         context_tokens=1_000_000,
@@ -138,10 +144,9 @@ MODELS: dict[str, ModelRules] = {
         min_cacheable_tokens=1024,
         released=date(2026, 7, 1),  # assumed: "mid-2026", exact date not seen
         rates=_rates(2.00, 10.00, 2.50, 4.00, 0.20),
-        # Accepts adaptive and disabled (3rd-party comparison of Sonnet 5 and 5.5); no source says it thinks by
-        # default, so it does not (assumed).
-        thinks_by_default=False,
+        # Thinks by default and takes `disabled` to stop (D-S5).
         off_values=frozenset({"disabled"}),
+        default_effort="high",  # D-S5 (3rd-party)
         default_display="omitted",
     ),
     "claude-sonnet-4-6": ModelRules(

@@ -20,12 +20,17 @@ FaultKind = Literal[
     "spend_limit_402",
     "500_no_retry",
     "after_commit",
+    "after_commit_no_retry",
 ]
 # Endpoints whose request can take effect and still fail: the batch is created, or the message answered and
 # billed, and then the client gets a 500 or 529. The API documents no idempotency key for either, so a client
 # cannot tell this from a failure before the work (the API docs, "Errors": 500/529 say nothing of whether the
 # request was processed).
 AFTER_COMMIT_ENDPOINTS = ("batches_create", "messages")
+# The after-commit faults: "after_commit" answers a 500 or 529 (x-should-retry: true); "after_commit_no_retry" a 500
+# marked `x-should-retry: false`, as seen in an incident (anthropics/claude-code#35491): the header says nothing
+# of whether the work was done (reference anthropic-api.md §0.8).
+AFTER_COMMIT_KINDS = ("after_commit", "after_commit_no_retry")
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
@@ -111,8 +116,11 @@ class FaultInjector:
             draw -= rate
         return None
 
-    def after_commit_failure(self) -> ApiFailure:
-        """The error answered after an `after_commit` fault did its work: a 500 or a 529, at random."""
+    def after_commit_failure(self, kind: str = "after_commit") -> ApiFailure:
+        """The error answered after an after-commit fault did its work: a 500 or a 529 at random, or for
+        "after_commit_no_retry" a 500 with `x-should-retry: false`."""
+        if kind == "after_commit_no_retry":
+            return failure_for("500_no_retry", 0)
         return failure_for("500" if self._rng.random() < 0.5 else "529", 0)
 
     def _count(self, kind: str) -> str:

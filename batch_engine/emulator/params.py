@@ -71,6 +71,7 @@ class MessageRequest:
     stop_sequences: tuple[str, ...]
     forced_tool: dict[str, Any] | None
     json_schema: dict[str, Any] | None
+    server_tool: str | None = None  # the name of the first server tool in `tools`, if any
 
     @property
     def total_tokens(self) -> int:
@@ -128,7 +129,18 @@ def parse_request(
         stop_sequences=_stop_sequences(params.get("stop_sequences")),
         forced_tool=forced_tool,
         json_schema=json_schema,
+        server_tool=next((name for name, tool in tools.items() if _is_server_tool(tool)), None),
     )
+
+
+# Server tools run on Anthropic's side inside one Messages call: web search, web fetch, code execution (docs:
+# /agents-and-tools/tool-use/overview, "server tools"). Their `type` is versioned, e.g. "web_search_20250305".
+SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_", "code_execution_")
+
+
+def _is_server_tool(tool: dict[str, Any]) -> bool:
+    kind = tool.get("type")
+    return isinstance(kind, str) and kind.startswith(SERVER_TOOL_PREFIXES)
 
 
 def _model(params: dict[str, Any], models: Mapping[str, ModelRules]) -> tuple[str, ModelRules]:

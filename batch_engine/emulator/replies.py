@@ -84,6 +84,7 @@ def build_reply(
     reply_tokens: int | None,
     invalid_output: bool = False,
     refuse: bool = False,
+    pause: bool = False,
 ) -> GeneratedReply:
     """The content, stop reason and output tokens for a validated request.
 
@@ -94,6 +95,11 @@ def build_reply(
     if refuse:
         return GeneratedReply([], "refusal", None, 1, 0, REFUSAL_DETAILS)
     seed = int(digest[:8], 16)
+    if pause and request.server_tool is not None:
+        # The server-side tool loop ran out of iterations mid-turn (docs: /api/handling-stop-reasons): the answer
+        # so far is a server tool call, and the client sends the content back to let the turn go on.
+        call = {"type": "server_tool_use", "id": new_id("srvtoolu_"), "name": request.server_tool, "input": {}}
+        return GeneratedReply([call], "pause_turn", None, min(request.max_tokens, 24), 0)
     echo = f"echo:{digest}" + (f" custom_id:{custom_id}" if custom_id else "")
     thinking_tokens = _thinking_tokens(request, seed)
     content: list[dict[str, Any]] = []

@@ -57,6 +57,10 @@ class EmulatorSettings(BaseModel):
     invalid_output_rate: float = Field(default=0.0, ge=0, le=1)
     # Share of answered requests (Messages and batch rows) that end `stop_reason: "refusal"`, billed.
     refusal_rate: float = Field(default=0.0, ge=0, le=1)
+    # Share of answered requests that carry a server tool (web search, web fetch, code execution) and end
+    # `stop_reason: "pause_turn"`: the server-side tool loop reached its iteration limit and the client must send
+    # the assistant content back to continue (docs: /api/handling-stop-reasons). Billed like any answer.
+    pause_turn_rate: float = Field(default=0.0, ge=0, le=1)
     # Requests waiting in the batch processing queue, across all batches; a create over it is a 429.
     batch_queue_cap: int | None = Field(default=None, ge=1)
     # Share of batch rows whose live cache entry is actually read: batch cache hits are best-effort, "typically

@@ -124,7 +124,9 @@ class EmulatorState:
             custom_id=custom_id,
             reply_tokens=self.settings.reply_tokens,
             invalid_output=broken,
-            refuse=self._refuses(request, custom_id),
+            refuse=self._drawn(self.settings.refusal_rate, "refusal", request, custom_id),
+            pause=request.server_tool is not None
+            and self._drawn(self.settings.pause_turn_rate, "pause_turn", request, custom_id),
         )
         billed = Billed.of(request.total_tokens, prepared.plan, reply.output_tokens, reply.thinking_tokens)
         discount = BATCH_DISCOUNT if lane == "batch" else 1.0
@@ -133,12 +135,11 @@ class EmulatorState:
         self.dirty = True
         return message_json(request, reply, billed.usage_json(tier)), billed
 
-    def _refuses(self, request: MessageRequest, custom_id: str | None) -> bool:
-        rate = self.settings.refusal_rate
+    def _drawn(self, rate: float, what: str, request: MessageRequest, custom_id: str | None) -> bool:
         if not rate:
             return False
-        # A hash of the request, not a shared RNG: the same prompt is refused again, whatever the timing.
-        key = f"{self.settings.seed}:{custom_id}:{request.model}:{request.last_user_text}"
+        # A hash of the request, not a shared RNG: the same prompt is refused (or paused) again, whatever the timing.
+        key = f"{self.settings.seed}:{what}:{custom_id}:{request.model}:{request.last_user_text}"
         draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
         return draw < rate
 

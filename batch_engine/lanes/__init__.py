@@ -114,6 +114,9 @@ class LaneContext:
     attempts: dict[int, int]  # input index → requests sent for it so far (batch rows and realtime calls)
     policy: RetryPolicy
     logger: logging.Logger | logging.LoggerAdapter[Any]
+    # Raises LeaseLostError once another process has taken the run over: called before every batch create and
+    # realtime request, so a process that lost its lease pays for nothing more.
+    lease_check: Callable[[], None]
     usage_log: UsageStore
     estimator: Estimator
     budget: Budget  # Budget.unlimited() without max_cost_usd
@@ -151,6 +154,19 @@ class LaneContext:
         self.ledger.save_results(self.run_key, results, now)
         for result in results:
             self.progress.add(result)
+
+    def log_billed_only(self, results: list[TaskResult], at: float) -> None:
+        """Log the usage of billed rows whose results this run does not keep: rows of a superseded run's batch
+        whose task's request changed (it is sent again). Keyed by batch id and custom_id, so logged once."""
+        self.usage_log.append(
+            usage_record(self.tasks[r.index], r, self.run_key, at, None, self.config)
+            for r in results
+            if r.status in BILLED
+        )
+
+    @functools.cached_property
+    def by_task_id(self) -> dict[str, PlannedTask]:
+        return {task.task_id: task for task in self.tasks.values()}
 
     @functools.cached_property
     def has_output_schemas(self) -> bool:

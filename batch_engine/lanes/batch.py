@@ -34,6 +34,7 @@ from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.models import ErrorInfo, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import failed, succeeded
+from batch_engine.planning.rows import RowEncoder
 from batch_engine.state.ledger import ChunkRecord
 
 T = TypeVar("T")
@@ -78,6 +79,7 @@ class BatchLane:
         self.poll_interval_s = limits.batch_poll_interval_s
         self.timeout_s = limits.batch_timeout_s
         self.rpm = RateLimiter(limits.batch_rpm, _UNLIMITED, _UNLIMITED)
+        self.rows = RowEncoder()  # each distinct frame (its ~5 KB system prompt) encoded once for all creates
         # One create (or reconciliation) at a time: while a create's answer is in doubt, no other chunk's
         # fresh, not-yet-recorded batch of the same size can be mistaken for it.
         self._creating = asyncio.Lock()
@@ -183,9 +185,10 @@ class BatchLane:
             budget.settle(estimate, actual_usd)
 
     async def _create_once(self, record: ChunkRecord) -> BatchInfo:
-        tasks = self.ctx.tasks
-        body = BatchBody(lambda: ((tasks[index].task_id, tasks[index].params) for index in record.task_indexes))
+        tasks, encode = self.ctx.tasks, self.rows.row
+        body = BatchBody(lambda: (encode(tasks[index]) for index in record.task_indexes))
         await self._slot()
+        self.ctx.lease_check()
         self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
         crash_point("batch.create.before")
         try:
@@ -509,9 +512,21 @@ class BatchLane:
         ended_at = self.clock() if info.ended_at is None else min(info.ended_at, self.clock())
         retry: list[PlannedTask] = []
         spent = 0.0
+        # A superseded run's batch (its chunk key says `@run`) also carries the rows of tasks whose request changed:
+        # billed all the same, so their usage is logged, but their results are not this run's.
+        superseded = "@" in record.chunk_key
+        billed_only: list[TaskResult] = []
         await self._slot(requests=2)  # the SDK retrieves the batch, then downloads its results
         async for row in batch_results(self.ctx.client, record.batch_id):
             task = expected.get(row.custom_id)
+            if task is None and superseded and row.message is not None and row.custom_id not in seen:
+                changed = self.ctx.by_task_id.get(row.custom_id)
+                if changed is not None:
+                    seen.add(row.custom_id)
+                    billed_only.append(
+                        succeeded(changed, row.message, "batch", 0, self.ctx.config, batch_id=record.batch_id)
+                    )
+                    continue
             if task is None or row.custom_id in seen:
                 self.ctx.logger.warning("batch %s: unexpected result row for %r", record.batch_id, row.custom_id)
                 continue
@@ -526,6 +541,7 @@ class BatchLane:
                 self.ctx.record(rows, at=ended_at)
                 rows = []
                 crash_point("batch.results.partial")
+        self.ctx.log_billed_only(billed_only, at=ended_at)
         self.ctx.record(rows, at=ended_at)
         # A row the results never mentioned is treated like an expired one.
         retry.extend(task for custom_id, task in expected.items() if custom_id not in seen)

@@ -155,6 +155,7 @@ class RealtimeLane:
         await self._shared_slot(task.model)
         limiter = self.ctx.limiter(task.model)
         permit = await limiter.acquire(self._uncached_estimate(task))
+        self.ctx.lease_check()
         self.ctx.attempts[task.index] = self.ctx.attempts.get(task.index, 0) + 1
         self.ctx.progress.realtime_in_flight += 1
         started = time.perf_counter()

@@ -13,7 +13,9 @@ run is marked `Crashed` and the shard runs again as a new deployment run, on whi
 takes the lease over and re-attaches to the shard's recorded batches (no chunk is created twice).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve()` runs a flow in a spawned process, and cloudpickle
+# sends the flow's function by value with only the globals its body uses. String annotations would then name
+# types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import asyncio
 from collections.abc import Awaitable, Mapping, Sequence

@@ -40,8 +40,25 @@ class Estimator:
     def cost(self, task: PlannedTask, route: Route) -> float:
         spec = self.config.models[task.model]
         return estimate_cost(
-            self.input_tokens(task), self.output_tokens(task), spec, route, self.config, cache_write_of(task, spec)
+            self.input_tokens(task), self.output_tokens(task), spec, route, self.config, self.cache_write(task)
         )
+
+    def cache_write(self, task: PlannedTask) -> tuple[int, str] | None:
+        """(tokens, TTL) the task's cache breakpoint writes, or None when it writes nothing.
+
+        Planning marks a system prompt for caching on the offline estimate (the tokenizer family's factor, so a
+        5.x prompt is not under-counted). When the prompt was counted, the prefix is the estimate scaled by how far
+        off the whole prompt's estimate was, never more than the count; below the model's minimum cacheable
+        length the API caches nothing, so no write premium is expected.
+        """
+        spec = self.config.models[task.model]
+        write = cache_write_of(task, spec)
+        counted = self.counted_input.get(task.index)
+        if write is None or counted is None or not task.estimated_input_tokens:
+            return write
+        tokens, ttl = write
+        tokens = min(counted, math.ceil(tokens * counted / task.estimated_input_tokens))
+        return (tokens, ttl) if tokens >= spec.min_cacheable_tokens else None
 
     def max_cost(self, task: PlannedTask, route: Route) -> float:
         """The most the task's request can cost: what the budget reserves while it is in flight.

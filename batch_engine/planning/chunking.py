@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import orjson
 
 from batch_engine.planning import Chunk, PlannedTask
+from batch_engine.planning.rows import RowEncoder
 
 # {"custom_id":"…","params":…} plus the comma between rows and the {"requests":[…]} envelope.
 _ENVELOPE_BYTES = len(b'{"requests":[]}')
@@ -18,7 +19,11 @@ def row_bytes(task: PlannedTask) -> int:
 
 
 def chunk_tasks(
-    tasks: Sequence[PlannedTask], max_requests: int, max_bytes: int, positions: Sequence[int] | None = None
+    tasks: Sequence[PlannedTask],
+    max_requests: int,
+    max_bytes: int,
+    positions: Sequence[int] | None = None,
+    encoder: RowEncoder | None = None,
 ) -> list[Chunk]:
     """Deterministic chunks; rows sharing a cache prefix are kept adjacent so batch cache hits are likely.
 
@@ -32,11 +37,12 @@ def chunk_tasks(
     # Stable sort: groups in order of first appearance, input order inside a group.
     order.sort(key=lambda pos: first_seen[tasks[pos].cache_key])
 
+    encoder = encoder or RowEncoder()
     chunks: list[Chunk] = []
     current: list[int] = []
     size = _ENVELOPE_BYTES
     for pos in order:
-        nbytes = row_bytes(tasks[pos])
+        nbytes = encoder.size(tasks[pos]) + 1  # the row and its comma
         if current and (len(current) >= max_requests or size + nbytes > max_bytes):
             chunks.append(Chunk(number=len(chunks), task_positions=tuple(current), size_bytes=size))
             current, size = [], _ENVELOPE_BYTES

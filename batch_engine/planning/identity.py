@@ -8,6 +8,7 @@ other requests is another run. Pure: data in, digests out.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import orjson
 
@@ -15,15 +16,15 @@ from batch_engine.planning import Plan, PlannedTask
 
 
 def _digest(*parts: bytes) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
-    return digest.digest()
+    # Each part after its length, hashed in one call (one per task at 1M tasks): the same digest as updating
+    # part by part, so run keys stay what earlier versions computed.
+    framed = b"".join(len(part).to_bytes(8, "little") + part for part in parts)
+    return hashlib.blake2b(framed, digest_size=16).digest()
 
 
-def request_digests(plan: Plan) -> dict[int, bytes]:
-    """Input index → digest of the request its task sends (task id, route, streaming, rendered params)."""
+def iter_request_digests(plan: Plan) -> Iterator[tuple[int, bytes]]:
+    """(input index, digest of the request its task sends: task id, route, streaming, rendered params), in plan
+    order."""
     frames: dict[int, bytes] = {}  # tasks rendered alike share one frame object: serialize it once
 
     def frame_digest(task: PlannedTask) -> bytes:
@@ -33,26 +34,32 @@ def request_digests(plan: Plan) -> dict[int, bytes]:
             found = frames[key] = _digest(orjson.dumps(task.frame, option=orjson.OPT_SORT_KEYS))
         return found
 
-    return {
-        task.index: _digest(
-            task.task_id.encode(),
-            task.route.encode(),
-            b"stream" if task.stream else b"",
-            frame_digest(task),
-            b"\x00" if task.user_text is None else task.user_text.encode(),
+    for task in plan.tasks:
+        yield (
+            task.index,
+            _digest(
+                task.task_id.encode(),
+                task.route.encode(),
+                b"stream" if task.stream else b"",
+                frame_digest(task),
+                b"\x00" if task.user_text is None else task.user_text.encode(),
+            ),
         )
-        for task in plan.tasks
-    }
 
 
-def run_identity(input_digest: str, plan: Plan, digests: dict[int, bytes] | None = None) -> str:
-    """The run key: the input's digest, every task's request digest, and the batch chunks they form."""
-    digests = request_digests(plan) if digests is None else digests
+def request_digests(plan: Plan) -> dict[int, bytes]:
+    """Input index → digest of the request its task sends."""
+    return dict(iter_request_digests(plan))
+
+
+def run_identity(input_digest: str, plan: Plan) -> str:
+    """The run key: the input's digest, every task's request digest, and the batch chunks they form. Streamed:
+    a dict of a million digests was ~150 MiB at the run's peak."""
     whole = hashlib.blake2b(digest_size=10)
     whole.update(input_digest.encode())
-    for task in plan.tasks:
-        whole.update(task.index.to_bytes(8, "little"))
-        whole.update(digests[task.index])
+    for index, digest in iter_request_digests(plan):
+        whole.update(index.to_bytes(8, "little"))
+        whole.update(digest)
     for chunk in plan.chunks:
         whole.update(b"|" + b",".join(str(plan.tasks[pos].index).encode() for pos in chunk.task_positions))
     return whole.hexdigest()

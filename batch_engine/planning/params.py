@@ -25,13 +25,23 @@ class TemplateError(ValueError):
         self.field = field
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(template: str) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
+    return tuple(_FORMATTER.parse(template))
+
+
 def render(template: str, variables: dict[str, Any]) -> str:
     """Fill `{name}` placeholders; attribute access, indexing and format specs are refused.
 
-    str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed.
+    str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed. A template
+    without placeholders is returned as it is: every task then shares the one string (and its cached hash), so a
+    ~5 KB system prompt is neither copied nor hashed again per task.
     """
+    parsed = _parsed(template)
+    if len(parsed) == 1 and parsed[0][1] is None:
+        return template
     out: list[str] = []
-    for literal, name, spec, conversion in _FORMATTER.parse(template):
+    for literal, name, spec, conversion in parsed:
         out.append(literal)
         if name is None:
             continue
@@ -144,7 +154,7 @@ def build_request(
     if (
         system_text
         and task_type.cache_system
-        and estimate_tokens(system_text, spec.tokenizer_factor) >= spec.min_cacheable_tokens
+        and _text_tokens(system_text, spec.tokenizer_factor) >= spec.min_cacheable_tokens
     ):
         # Batches can outlast a 5-minute entry, so the batch path pays for the 1 h TTL.
         ttl = "1h" if route == "batch" else "5m"
@@ -152,7 +162,13 @@ def build_request(
     return model, frame, user_text
 
 
-# Bounded, so per-task system prompts do not grow it without end.
+# Bounded, so per-task system prompts do not grow it without end. Shared prompts are one string object (see
+# `render`), whose hash Python keeps: a lookup does not read the prompt again.
+@functools.lru_cache(maxsize=1024)
+def _text_tokens(text: str, factor: float) -> int:
+    return estimate_tokens(text, factor)
+
+
 @functools.lru_cache(maxsize=1024)
 def _frame(
     model: str,
@@ -208,7 +224,8 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
     """(digest, estimated tokens, breakpoint TTL) of the system prompt; digest None when there is none.
 
     Unlike `cache_key` this sees prompts that were *not* marked for caching, which is what the optimization
-    report needs to spot a repeated prefix nobody cached.
+    report needs to spot a repeated prefix nobody cached. Called for every task (the budget's estimate, the usage
+    log), so each distinct prompt is hashed and measured once (see `_prefix_facts`).
     """
     system = params.get("system")
     if isinstance(system, str):
@@ -217,16 +234,26 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
         blocks = system
     else:
         return None, 0, None
-    texts = "\x00".join(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
-    if not texts:
+    texts = tuple(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
+    digest, tokens = _prefix_facts(str(params.get("model")), texts)
+    if digest is None:
         return None, 0, None
     ttl: str | None = None
     for block in blocks:
         control = block.get("cache_control") if isinstance(block, dict) else None
         if isinstance(control, dict):
             ttl = str(control.get("ttl", "5m"))
-    digest = hashlib.blake2b(f"{params.get('model')}\x00{texts}".encode(), digest_size=12).hexdigest()
-    return digest, estimate_tokens(texts), ttl
+    return digest, tokens, ttl
+
+
+# Keyed by the prompt strings themselves: tasks that share a frame share those string objects, whose hash Python
+# keeps, so a lookup does not read a ~5 KB prompt again. Bounded, so per-task prompts do not grow it without end.
+@functools.lru_cache(maxsize=1024)
+def _prefix_facts(model: str, texts: tuple[str, ...]) -> tuple[str | None, int]:
+    joined = "\x00".join(texts)
+    if not joined:
+        return None, 0
+    return hashlib.blake2b(f"{model}\x00{joined}".encode(), digest_size=12).hexdigest(), estimate_tokens(joined)
 
 
 def thinking_label(params: dict[str, Any]) -> str | None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from batch_engine.config import Config, Route
 from batch_engine.models import Usage
-from batch_engine.planning import Plan
+from batch_engine.planning import Plan, over_context_window
 from batch_engine.planning.budget import Estimator, cache_write_of
 from batch_engine.planning.params import thinking_warning
 from batch_engine.planning.pricing import baseline_cost, estimate_cost
@@ -60,6 +60,7 @@ def plan_summary(
     expected cost from `estimator` (counted input when asked, output from the usage log's history).
     """
     estimator = estimator or Estimator(config)
+    counted_over = over_context_window(plan.tasks, counts.by_index, config) if counts else []
     by_type: Counter[str] = Counter()
     by_route: Counter[Route] = Counter()
     by_model: Counter[str] = Counter()
@@ -87,7 +88,7 @@ def plan_summary(
     return PlanSummary(
         records=plan.total_records,
         tasks=len(plan.tasks),
-        rejected=len(plan.rejections),
+        rejected=len(plan.rejections) + len(counted_over),
         by_task_type=dict(sorted(by_type.items())),
         by_route=dict(sorted(by_route.items())),
         by_model=dict(sorted(by_model.items())),
@@ -105,7 +106,10 @@ def plan_summary(
         output_history_task_types=sorted({t for t, _ in estimator.output_history}),
         estimated_cost_usd=round(estimate, 6),
         baseline_cost_usd=round(baseline, 6),
-        rejections=[rejection.one_line() for rejection in plan.rejections],
+        rejections=[
+            *(rejection.one_line() for rejection in plan.rejections),
+            *(f"task_id {task.task_id}: {field}: {reason}" for task, field, reason in counted_over),
+        ],
         warnings=[*plan.warnings, *(f"warning: {line}" for line in plan_warnings(plan, config))],
     )
 

@@ -28,8 +28,14 @@ def cost(usage: Usage, spec: ModelSpec, route: Route, batch_discount: float = 0.
 
 def baseline_cost(usage: Usage, spec: ModelSpec) -> float:
     """What the same request would have cost realtime with no prompt caching."""
-    price = spec.price_for_prompt(usage.prompt_tokens)
-    return (usage.prompt_tokens * price.input + usage.output_tokens * price.output) * _PER_TOKEN
+    return baseline_tokens_cost(usage.prompt_tokens, usage.output_tokens, spec)
+
+
+def baseline_tokens_cost(prompt_tokens: int, output_tokens: int, spec: ModelSpec) -> float:
+    """`baseline_cost` of a request that saw `prompt_tokens` in all (uncached, read and written) and wrote
+    `output_tokens`."""
+    price = spec.price_for_prompt(prompt_tokens)
+    return (prompt_tokens * price.input + output_tokens * price.output) * _PER_TOKEN
 
 
 def estimate_cost(

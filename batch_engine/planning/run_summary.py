@@ -1,112 +1,133 @@
 """Pure: the `run` section of the output — counts, batches, tokens, cost against the all-realtime no-cache
-baseline, cache hit rate by tokens — computed in one pass over the output rows."""
+baseline, cache hit rate by tokens — computed in one pass over the output rows, and the output's bytes."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
 from batch_engine.config import Config
 from batch_engine.models import BatchSummary, CostSummary, RunCounts, RunSummary, TaskResult, TokenTotals
-from batch_engine.planning.pricing import baseline_cost
+from batch_engine.planning.pricing import baseline_tokens_cost
+
+OutputFormat = Literal["json", "jsonl", "parsed-jsonl"]
 
 
-def summarize(
-    rows: Iterable[TaskResult],
-    *,
-    run_key: str,
-    input_path: str,
-    output_path: str,
-    simulated: bool,
-    started_at: float,
-    finished_at: float,
-    total: int,
-    batches: Sequence[tuple[str, str, dict[str, int] | None, bool]],
-    durations_s: dict[str, float],
-    config: Config,
-) -> RunSummary:
-    """Summarize the output rows of a run; `batches` are (chunk key, batch id, last request counts, lost: the
-    API no longer knows the batch)."""
-    by_status: Counter[str] = Counter()
-    by_route: Counter[str] = Counter()
-    # Plain ints while counting: a pydantic attribute assignment costs ~1 µs, seven of them per row.
-    input_ = output = cache_read = cache_write = cache_write_5m = cache_write_1h = thinking = 0
-    spent = baseline = 0.0
-    for row in rows:
-        by_status[row.status] += 1
-        if row.route is not None:
-            by_route[row.route] += 1
-        spent += row.cost_usd or 0.0
-        usage = row.usage
+class Tally:
+    """The `run` section's counts, tokens and cost, added up one output row at a time."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.by_status: Counter[str] = Counter()
+        self.by_route: Counter[str] = Counter()
+        self.tokens = dict.fromkeys(TokenTotals.model_fields, 0)
+        self.spent = self.baseline = 0.0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """One row, as its output JSON decoded (what the ledger stores: validating 1M rows into `TaskResult`s
+        only to count them was most of the cost of writing the output)."""
+        self.by_status[row["status"]] += 1
+        route = row.get("route")
+        if route is not None:
+            self.by_route[route] += 1
+        self.spent += row.get("cost_usd") or 0.0
+        usage = row.get("usage")
         if usage is None:
-            continue
-        input_ += usage.input_tokens
-        output += usage.output_tokens
-        cache_read += usage.cache_read_input_tokens
-        cache_write += usage.cache_creation_input_tokens
-        cache_write_5m += usage.cache_write_5m_tokens
-        cache_write_1h += usage.cache_write_1h_tokens
-        thinking += usage.thinking_tokens
-        spec = config.models.get(row.model or "")
+            return
+        # Spelled out, not looped over the names: this runs once per output row.
+        tokens = self.tokens
+        uncached, read, written = (
+            usage.get("input_tokens", 0),
+            usage.get("cache_read_input_tokens", 0),
+            usage.get("cache_creation_input_tokens", 0),
+        )
+        tokens["input"] += uncached
+        tokens["output"] += usage.get("output_tokens", 0)
+        tokens["cache_read"] += read
+        tokens["cache_write"] += written
+        tokens["cache_write_5m"] += usage.get("cache_write_5m_tokens", 0)
+        tokens["cache_write_1h"] += usage.get("cache_write_1h_tokens", 0)
+        tokens["thinking"] += usage.get("thinking_tokens", 0)
+        spec = self.config.models.get(row.get("model") or "")
         if spec is not None:
-            baseline += baseline_cost(usage, spec)
-    tokens = TokenTotals(
-        input=input_,
-        output=output,
-        cache_read=cache_read,
-        cache_write=cache_write,
-        cache_write_5m=cache_write_5m,
-        cache_write_1h=cache_write_1h,
-        thinking=thinking,
-    )
-    prompt = tokens.input + tokens.cache_read + tokens.cache_write
-    succeeded = by_status.get("succeeded", 0)
-    rejected = by_status.get("rejected", 0)
-    return RunSummary(
-        run_key=run_key,
-        input_path=input_path,
-        output_path=output_path,
-        simulated=simulated,
-        started_at=datetime.fromtimestamp(started_at, UTC),
-        finished_at=datetime.fromtimestamp(finished_at, UTC),
-        counts=RunCounts(
-            total=total,
-            succeeded=succeeded,
-            failed=total - succeeded - rejected,
-            rejected=rejected,
-            invalid_output=by_status.get("invalid_output", 0),
-            by_route=dict(sorted(by_route.items())),
-            by_status=dict(sorted(by_status.items())),
-        ),
-        batches=[
-            BatchSummary(
-                id=batch_id,
-                chunk=chunk,
-                status="lost" if lost else "ended" if counts and not counts.get("processing") else "in_progress",
-                request_counts=counts,
-            )
-            for chunk, batch_id, counts, lost in batches
-        ],
-        tokens=tokens,
-        cost=CostSummary.of(spent, baseline),
-        cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
-        durations_s=dict(durations_s),
-    )
+            self.baseline += baseline_tokens_cost(uncached + read + written, usage.get("output_tokens", 0), spec)
+
+    def summary(
+        self,
+        *,
+        run_key: str,
+        input_path: str,
+        output_path: str,
+        simulated: bool,
+        started_at: float,
+        finished_at: float,
+        total: int,
+        batches: Sequence[tuple[str, str, dict[str, int] | None, bool]],
+        durations_s: dict[str, float],
+    ) -> RunSummary:
+        """The run summary of the rows added; `batches` are (chunk key, batch id, last request counts, lost: the
+        API no longer knows the batch)."""
+        tokens = TokenTotals(**self.tokens)
+        prompt = tokens.input + tokens.cache_read + tokens.cache_write
+        by_status = self.by_status
+        succeeded = by_status.get("succeeded", 0)
+        rejected = by_status.get("rejected", 0)
+        return RunSummary(
+            run_key=run_key,
+            input_path=input_path,
+            output_path=output_path,
+            simulated=simulated,
+            started_at=datetime.fromtimestamp(started_at, UTC),
+            finished_at=datetime.fromtimestamp(finished_at, UTC),
+            counts=RunCounts(
+                total=total,
+                succeeded=succeeded,
+                failed=total - succeeded - rejected,
+                rejected=rejected,
+                invalid_output=by_status.get("invalid_output", 0),
+                by_route=dict(sorted(self.by_route.items())),
+                by_status=dict(sorted(by_status.items())),
+            ),
+            batches=[
+                BatchSummary(
+                    id=batch_id,
+                    chunk=chunk,
+                    status="lost" if lost else "ended" if counts and not counts.get("processing") else "in_progress",
+                    request_counts=counts,
+                )
+                for chunk, batch_id, counts, lost in batches
+            ],
+            tokens=tokens,
+            cost=CostSummary.of(self.spent, self.baseline),
+            cache_hit_rate=round(tokens.cache_read / prompt, 4) if prompt else 0.0,
+            durations_s=dict(durations_s),
+        )
 
 
 def _row_json(row: TaskResult | bytes) -> bytes:
     return row if isinstance(row, bytes) else orjson.dumps(row.model_dump(mode="json"))
 
 
-def encode_output(
-    summary: RunSummary, rows: Iterable[TaskResult | bytes], output_format: Literal["json", "jsonl", "parsed-jsonl"]
-) -> Iterator[bytes]:
-    """The output file's bytes, in the same shape a single run writes. A row may come already encoded (the
-    ledger stores each row as its output JSON): decoding and encoding it again was half the cost of a merge."""
+def encode_head(summary: RunSummary, output_format: OutputFormat) -> bytes:
+    """The output's bytes before its rows."""
+    if output_format == "parsed-jsonl":
+        return b""
+    run = orjson.dumps(summary.model_dump(mode="json"))
+    return b'{"run":' + run + (b"}\n" if output_format == "jsonl" else b',"results":[')
+
+
+def encode_tail(output_format: OutputFormat) -> bytes:
+    """The output's bytes after its rows."""
+    return b"]}\n" if output_format == "json" else b""
+
+
+def encode_rows(rows: Iterable[TaskResult | bytes], output_format: OutputFormat) -> Iterator[bytes]:
+    """The output's rows, each with its separator. A row may come already encoded (the ledger stores each row as
+    its output JSON): decoding and encoding it again was half the cost of a merge."""
     if output_format == "parsed-jsonl":
         # Ready for a table: no run line, no text; every record still has its line (parsed null when none).
         for row in rows:
@@ -120,14 +141,18 @@ def encode_output(
             else:
                 line = {"task_id": row.task_id, "status": row.status, "parsed": row.parsed}
             yield orjson.dumps(line) + b"\n"
-        return
-    run = summary.model_dump(mode="json")
-    if output_format == "jsonl":
-        yield orjson.dumps({"run": run}) + b"\n"
+    elif output_format == "jsonl":
         for row in rows:
             yield _row_json(row) + b"\n"
-        return
-    yield b'{"run":' + orjson.dumps(run) + b',"results":['
-    for position, row in enumerate(rows):
-        yield (b"," if position else b"") + _row_json(row)
-    yield b"]}\n"
+    else:
+        for position, row in enumerate(rows):
+            yield (b"," if position else b"") + _row_json(row)
+
+
+def encode_output(
+    summary: RunSummary, rows: Iterable[TaskResult | bytes], output_format: OutputFormat
+) -> Iterator[bytes]:
+    """The output file's bytes, in the same shape a single run writes."""
+    yield encode_head(summary, output_format)
+    yield from encode_rows(rows, output_format)
+    yield encode_tail(output_format)

@@ -116,6 +116,30 @@ def _raw_params_problem(task: TaskRequest, config: Config) -> tuple[str, str] | 
             return f"params.{name}", f"must be a list, got {type(value).__name__}"
     if params.get("tools") is not None and not _list_of_objects(params["tools"]):
         return "params.tools", "must be a list of tool definitions (objects)"
+    return _forced_tool_problem(params, model, config)
+
+
+def _forced_tool_problem(params: dict[str, Any], model: str, config: Config) -> tuple[str, str] | None:
+    """(field, reason) for a `tool_choice` that forces tool use where the API refuses it (400), else None."""
+    choice = params.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") not in ("any", "tool"):
+        return None
+    forced = f"tool_choice {choice['type']!r} forces tool use"
+    spec = config.models[model]
+    if not spec.forced_tool_choice:
+        # Opus 5.5, Sonnet 5.5 and Fable 5.1 answer 400 to forced tool use (docs /models/sonnet-5-5/
+        # whats-new-sonnet-5-5 "Forced tool use returns an error", /models/opus-5-5/whats-new-opus-5-5; §0.4).
+        return "params.tool_choice", f"{forced}, which {model} refuses (the API answers 400); use 'auto'"
+    thinking = params.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind in ("adaptive", "enabled") or (thinking is None and spec.thinks_by_default):
+        # Thinking cannot be combined with forced tool use: only `auto` or `none` (docs /build-with-claude/
+        # extended-thinking; reference §6). The 5.x models think when `thinking` is omitted.
+        return (
+            "params.tool_choice",
+            f"{forced}, which the API refuses while {model} thinks; send thinking "
+            f'{{"type": "{spec.thinking_off}"}} or use \'auto\'',
+        )
     return None
 
 

@@ -2,6 +2,11 @@
 
 A second process on a live run is refused with `RunBusyError`; a lease whose owner is gone (its pid is dead on
 this host, or its heartbeat expired) is taken over. The heartbeat runs on the event loop while the lanes work.
+
+A process whose lease was taken over (it was suspended, or its host lost the ledger's disk, for longer than the
+lease lasts) stops: the heartbeat that finds the lease gone cancels the work with `LeaseLostError`, and every
+batch create and realtime request first checks that the lease is still this process's (`check`), so a process
+that wakes up after a take-over sends nothing more, even before its next heartbeat.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from batch_engine.errors import RunBusyError
+from batch_engine.errors import LeaseLostError, RunBusyError
 from batch_engine.files import pid_alive
 from batch_engine.state.backend import RunLedger
 from batch_engine.state.ledger import Lease
@@ -57,21 +62,47 @@ class RunLease:
         now = time.time()
         return self.ledger.renew_lease(self.run_key, self.owner, now, now + LEASE_TTL_S)
 
+    def check(self) -> None:
+        """Raise `LeaseLostError` unless this process still holds the lease (one indexed read: cheap next to the
+        request it guards)."""
+        holder = self.ledger.lease(self.run_key)
+        if holder is None or holder.owner != self.owner:
+            taken = f" by pid {holder.pid} on {holder.host}" if holder is not None else ""
+            raise LeaseLostError(
+                f"run {self.run_key}: this process's lease was taken over{taken} (its heartbeat had expired), so "
+                "it stopped sending; the process holding the lease now finishes the run"
+            )
+
     def release(self) -> None:
         self.ledger.release_lease(self.run_key, self.owner)
 
     @contextlib.asynccontextmanager
-    async def heartbeat(self, every_s: float = HEARTBEAT_S) -> AsyncIterator[None]:
-        """Renew the lease every `every_s` while the block runs."""
+    async def heartbeat(self, every_s: float | None = None) -> AsyncIterator[None]:
+        """Renew the lease every `every_s` while the block runs; a renewal that finds the lease taken over cancels
+        the block, which then raises `LeaseLostError`."""
+        worker = asyncio.current_task()
+        lost = False
 
         async def beat() -> None:
+            nonlocal lost
             while True:
-                await asyncio.sleep(every_s)
-                self.renew()
+                await asyncio.sleep(HEARTBEAT_S if every_s is None else every_s)
+                if not self.renew():
+                    lost = True
+                    if worker is not None:
+                        worker.cancel()
+                    return
 
         ticker = asyncio.create_task(beat())
         try:
             yield
+        except asyncio.CancelledError:
+            if not lost:
+                raise
+            if worker is not None:
+                worker.uncancel()
+            self.check()  # raises LeaseLostError, naming who holds the lease now
+            raise
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

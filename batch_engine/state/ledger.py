@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS leases (
     heartbeat_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_durations (
+    run_key TEXT PRIMARY KEY,
+    durations BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -221,8 +225,9 @@ class Ledger(SqliteStore):
         """Hand an unfinished run's work on unchanged tasks to the run that replaces it, in one transaction.
 
         Its finished rows of `unchanged` tasks move to `new_key`, and so does each recorded batch still owing
-        results, narrowed to its unchanged rows (a batch with none stays behind; nothing is cancelled). The old
-        run is marked superseded. Returns the batch ids that moved.
+        results, narrowed to its unchanged rows. A batch with none moves too (nothing is cancelled): the API bills
+        its rows all the same, so the new run collects it to log their usage. The old run is marked superseded.
+        Returns the batch ids that moved.
         """
         moved: list[str] = []
         with self._transaction():
@@ -232,7 +237,7 @@ class Ledger(SqliteStore):
             )
             for chunk in self.chunks(old_key):
                 kept = [index for index in chunk.task_indexes if index in unchanged]
-                if chunk.batch_id is None or not chunk.open or not kept:
+                if chunk.batch_id is None or not chunk.open:
                     continue
                 self._db.execute(
                     "UPDATE chunks SET run_key = ?, chunk_key = ?, task_indexes = ? "
@@ -249,6 +254,14 @@ class Ledger(SqliteStore):
         self._db.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE run_key = ?", (status, finished_at, run_key)
         )
+
+    def keep_durations(self, run_key: str, durations: dict[str, Any]) -> dict[str, Any]:
+        """The run's phase durations as first recorded: the invocation that completes a run records them, and a
+        later rewrite of its output gets them back (the same bytes)."""
+        self._db.execute("INSERT OR IGNORE INTO run_durations VALUES (?, ?)", (run_key, orjson.dumps(durations)))
+        row = self._db.execute("SELECT durations FROM run_durations WHERE run_key = ?", (run_key,)).fetchone()
+        kept: dict[str, Any] = orjson.loads(row["durations"])
+        return kept
 
     # --- leases ----------------------------------------------------------------------------------------
 
@@ -271,6 +284,7 @@ class Ledger(SqliteStore):
         return None
 
     def lease(self, run_key: str) -> Lease | None:
+        """The run's lease as recorded (None when nobody holds it)."""
         row = self._db.execute("SELECT * FROM leases WHERE run_key = ?", (run_key,)).fetchone()
         return Lease(*row) if row else None
 

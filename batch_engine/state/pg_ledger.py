@@ -76,6 +76,12 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (run_key, idx)
     );
     """,
+    """
+    CREATE TABLE run_durations (
+        run_key TEXT PRIMARY KEY,
+        durations BYTEA NOT NULL
+    );
+    """,
 )
 
 _CHUNK = (
@@ -226,7 +232,7 @@ class PgLedger:
                 )
             for chunk in self.chunks(old_key):
                 kept = [index for index in chunk.task_indexes if index in unchanged]
-                if chunk.batch_id is None or not chunk.open or not kept:
+                if chunk.batch_id is None or not chunk.open:  # one with no unchanged row moves too: its usage
                     continue
                 self._exec(
                     "UPDATE chunks SET run_key = %s, chunk_key = %s, task_indexes = %s "
@@ -241,6 +247,17 @@ class PgLedger:
 
     def set_run_status(self, run_key: str, status: RunStatus, finished_at: float | None = None) -> None:
         self._exec("UPDATE runs SET status = %s, finished_at = %s WHERE run_key = %s", (status, finished_at, run_key))
+
+    def keep_durations(self, run_key: str, durations: dict[str, Any]) -> dict[str, Any]:
+        """As the SQLite ledger's: the durations first recorded for the run."""
+        self._exec(
+            "INSERT INTO run_durations VALUES (%s, %s) ON CONFLICT (run_key) DO NOTHING",
+            (run_key, orjson.dumps(durations)),
+        )
+        row = self._one("SELECT durations FROM run_durations WHERE run_key = %s", (run_key,))
+        assert row is not None
+        kept: dict[str, Any] = orjson.loads(bytes(row[0]))
+        return kept
 
     # --- leases ----------------------------------------------------------------------------------------
 

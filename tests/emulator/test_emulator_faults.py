@@ -303,6 +303,20 @@ def test_an_after_commit_fault_does_the_work_and_then_answers_an_error(
     assert stats["faults_injected"] == {"after_commit": 2}
 
 
+def test_an_after_commit_fault_marked_not_to_retry_still_did_the_work(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    # x-should-retry: false says nothing of whether the work was done (reference anthropic-api.md §0.8).
+    emulator.script_fault("batches_create", "after_commit_no_retry")
+    request = {"custom_id": "a", "params": {"model": HAIKU, "max_tokens": 5, "messages": MESSAGES}}
+
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        client.messages.batches.create(requests=[request])  # type: ignore[list-item]
+
+    assert raised.value.status_code == 500 and raised.value.response.headers["x-should-retry"] == "false"
+    assert emulator.stats()["batches_created"] == 1 and len(client.messages.batches.list().data) == 1
+
+
 def test_the_after_commit_rate_hits_creates_and_messages_whatever_the_fault_endpoints(
     emulator: RunningEmulator, client: anthropic.Anthropic
 ) -> None:

@@ -538,6 +538,25 @@ def test_refusal_rate_answers_messages_and_batch_rows_with_a_billed_refusal(
     assert 10 <= answers.count("refusal") <= 30
 
 
+def test_pause_turn_rate_pauses_only_requests_with_a_server_tool(
+    emulator: RunningEmulator, client: anthropic.Anthropic
+) -> None:
+    # pause_turn: the server tool loop reached its iteration limit (docs: /api/handling-stop-reasons).
+    emulator.configure(pause_turn_rate=1.0)
+    search: Any = {"type": "web_search_20250305", "name": "web_search", "max_uses": 2}
+    paused = client.messages.create(model=HAIKU, max_tokens=100, messages=_user("find it"), tools=[search])
+    assert paused.stop_reason == "pause_turn" and paused.usage.output_tokens > 0
+    assert [block.type for block in paused.content] == ["server_tool_use"]
+    plain = client.messages.create(model=HAIKU, max_tokens=100, messages=_user("find it"), thinking=OFF)
+    assert plain.stop_reason == "end_turn"
+    params: Any = {"model": HAIKU, "max_tokens": 100, "messages": _user("find it"), "tools": [search]}
+    batch = client.messages.batches.create(requests=[{"custom_id": "p", "params": params}])
+    while batch.processing_status != "ended":
+        batch = client.messages.batches.retrieve(batch.id)
+    (row,) = list(client.messages.batches.results(batch.id))
+    assert row.result.type == "succeeded" and row.result.message.stop_reason == "pause_turn"
+
+
 def test_output_that_reaches_the_context_window_stops_model_context_window_exceeded(
     emulator: RunningEmulator, client: anthropic.Anthropic
 ) -> None:

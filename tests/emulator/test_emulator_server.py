@@ -18,7 +18,9 @@ import pydantic
 import pytest
 
 from batch_engine.bench.emulator import main as bench_main
+from batch_engine.cli import main
 from batch_engine.emulator import EmulatorSettings, start_emulator
+from batch_engine.emulator.faults import FAULT_KINDS
 
 HAIKU = "claude-haiku-5-5"
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +184,40 @@ def test_cli_refuses_a_corrupt_state_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "not a usable emulator state file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_emulator_help_documents_every_setting_and_fault_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["emulator", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # Every setting a user can set has its flag; the random fault rates share --fault-rate KIND=RATE.
+    flags = {
+        "fault_rate_429": "--fault-rate",
+        "fault_rate_529": "--fault-rate",
+        "fault_rate_500": "--fault-rate",
+        "fault_rate_drop": "--fault-rate",
+        "batch_row_error_rate": "--fault-rate",
+        "batch_row_expire_rate": "--fault-rate",
+        "batch_row_error_type": "--row-error-type",
+        "batch_duration_s": "--batch-duration",
+        "fault_retry_after_s": None,  # the scripted 429's retry-after: set over /_emulator/config only
+        "latency_s": "--latency",
+        "jitter_s": "--jitter",
+        "rpm": "--rpm",
+        "itpm": "--itpm",
+        "otpm": "--otpm",
+        "batch_rpm": "--batch-rpm",
+        "count_tokens_rpm": "--count-tokens-rpm",
+        "fault_after_commit_rate": "--fault-after-commit",
+        "config_path": "--config",
+        # The API's documented request limits (32 MB Messages, 256 MB / 100,000 requests per batch): not flags.
+        "max_message_body_bytes": None,
+        "max_batch_body_bytes": None,
+        "max_batch_requests": None,
+    }
+    for name in EmulatorSettings.model_fields:
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        if flag is not None:
+            assert flag in text, name
+    for kind in FAULT_KINDS:
+        assert kind in text, kind

@@ -124,7 +124,7 @@ def test_two_unrecorded_batches_carrying_the_chunk_stop_the_cli_with_one_error_l
     assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
 
 
-@pytest.mark.parametrize("fault", ["after_commit", "drop"])
+@pytest.mark.parametrize("fault", ["after_commit", "drop", "after_commit_no_retry"])
 def test_a_create_that_landed_and_then_failed_is_adopted_not_repeated(
     emulator: RunningEmulator, tmp_path: Path, fault: str
 ) -> None:
@@ -142,6 +142,26 @@ def test_a_create_that_landed_and_then_failed_is_adopted_not_repeated(
     assert f"adopted batch {landed.id}" in ran.stderr
     _, rows = read_output(tmp_path / "out.json")
     assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+
+
+def test_a_create_refused_with_x_should_retry_false_is_reconciled_before_its_rows_are_marked_errored(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # A 500 marked `x-should-retry: false` is not retried, but it says nothing of whether the batch was created
+    # (no idempotency key): the engine looks for the batch before it gives the chunk's rows up as errored.
+    tasks = _setup(tmp_path)
+    emulator.script_fault("batches_create", "500_no_retry")
+
+    ran = run_driver(tmp_path, emulator.base_url, ARGS)
+
+    assert ran.returncode == 1, ran.stderr
+    calls = emulator.stats()["calls"]
+    assert sum(calls.get("GET /v1/messages/batches", {}).values()) >= 1, calls  # reconciled first
+    assert emulator.stats()["batches_created"] == 0
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+    assert {row["status"] for row in rows} == {"errored"}
+    assert (_chunks(tmp_path / "state")[0].status, _chunks(tmp_path / "state")[0].batch_id) == ("failed", None)
 
 
 def test_a_running_batch_of_another_job_is_neither_adopted_nor_cancelled(
@@ -178,7 +198,7 @@ def _create(base_url: str, custom_ids: list[str]) -> str:
     async def create() -> str:
         client = make_client(ApiSettings(SecretStr("sk-test"), base_url))
         try:
-            info = await create_batch(client, BatchBody(lambda: ((cid, params) for cid in custom_ids)))
+            info = await create_batch(client, BatchBody.from_params(lambda: ((cid, params) for cid in custom_ids)))
             return info.id
         finally:
             await client.close()

@@ -3,30 +3,39 @@ context windows), end to end: a task file through planning, the real SDK and the
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from batch_engine.cli import main
+from batch_engine.client import ApiSettings
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
-from batch_engine.files import iter_records
+from batch_engine.files import RawRecord, iter_records
 from batch_engine.models import TaskResult
 from batch_engine.planning import make_plan
 from batch_engine.planning.budget import Estimator
 from batch_engine.planning.plan_summary import plan_summary
+from batch_engine.planning.pricing import estimate_cost
 from batch_engine.render.artifacts import RunBreakdown
-from batch_engine.runner import RunOptions
+from batch_engine.runner import Run, RunOptions
 from batch_engine.state.usage_log import UsageLog
+from batch_engine.token_count import TokenCounts
+from tests.support.crash import config_file, engine_env, run_process
 from tests.support.engine import (
+    NO_WAIT_POLICY,
     SAMPLE_CONFIG,
     SAMPLE_TASKS,
     fast_config,
     generated_tasks,
     messages_calls,
+    read_output,
     run_engine,
     write_jsonl,
 )
@@ -72,6 +81,41 @@ def test_records_api_version_2026_10_21_refuses_are_rejected_up_front_naming_the
     assert all("2026-10-21" in rows[t]["error"]["message"] for t in ("temp", "top-p", "doc", "cite"))
     stats = emulator.stats()
     assert messages_calls(stats) == {} and stats["batch_rows_created"] == 1
+
+
+def test_forced_tool_choice_where_the_api_refuses_it_is_rejected_up_front_naming_the_field(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    tool = {"name": "label", "description": "a label", "input_schema": {"type": "object", "properties": {}}}
+    forced = {"tools": [tool], "tool_choice": {"type": "tool", "name": "label"}}
+    off = {"type": "disabled"}
+    tasks = [
+        _raw(f"no-{model}", mode, **forced) | {"model": model}
+        for model, mode in (
+            ("claude-opus-5-5", "batch"),
+            ("claude-sonnet-5-5", "realtime"),
+            ("claude-fable-5-1", "batch"),
+        )
+    ]
+    tasks += [
+        _raw("any-opus", "batch", tools=[tool], tool_choice={"type": "any"}) | {"model": "claude-opus-5-5"},
+        # Haiku 5.5 takes forced tool use, but not while it thinks, and it thinks when `thinking` is omitted.
+        _raw("thinking-haiku", "realtime", **forced) | {"model": "claude-haiku-5-5"},
+        _raw("fine-haiku", "realtime", thinking=off, **forced) | {"model": "claude-haiku-5-5"},
+        _raw("fine-auto", "batch", tools=[tool], tool_choice={"type": "auto"}) | {"model": "claude-opus-5-5"},
+    ]
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rows = {row["task_id"]: row for row in output.rows}
+    refused = ["no-claude-opus-5-5", "no-claude-sonnet-5-5", "no-claude-fable-5-1", "any-opus", "thinking-haiku"]
+    assert {t: rows[t]["status"] for t in refused} == dict.fromkeys(refused, "rejected")
+    assert all("params.tool_choice" in rows[t]["error"]["message"] for t in refused)
+    assert "claude-sonnet-5-5 refuses" in rows["no-claude-sonnet-5-5"]["error"]["message"]
+    assert "thinks" in rows["thinking-haiku"]["error"]["message"]
+    assert rows["fine-haiku"]["status"] == rows["fine-auto"]["status"] == "succeeded"
+    stats = emulator.stats()
+    assert sum(messages_calls(stats).values()) == 1 and stats["batch_rows_created"] == 1
 
 
 def test_thinking_off_sends_each_models_off_value_and_a_64_token_classifier_gets_its_answer(
@@ -141,6 +185,111 @@ def test_a_prompt_over_the_context_window_is_rejected_up_front(emulator: Running
     assert fine["status"] == "succeeded" and fine["usage"]["input_tokens"] > 200_000
 
 
+def test_a_prompt_the_count_puts_over_the_context_window_is_rejected_before_it_is_sent(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # One punctuation mark is one token to a tokenizer, a quarter of one to the offline estimate: ~75K estimated,
+    # ~300K counted, over Haiku 4.5's 200K window.
+    marks = "!" * 300_000
+    tasks = [
+        {"task_id": "dense", "task_type": "summarize", "model": "claude-haiku-4-5", "input_data": {"document": marks}}
+    ]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    (task,) = make_plan(iter_records(path), load_config(), NOW).tasks  # the estimate lets it through
+    assert task.estimated_input_tokens < 200_000
+
+    uncounted = run_engine(emulator, path, tmp_path, output_name="uncounted.json")
+    counted = run_engine(
+        emulator, path, tmp_path / "counted", options=RunOptions(state_dir=tmp_path / "counted", count_tokens=True)
+    )
+
+    (sent,) = uncounted.rows  # sent, and refused by the API: "prompt is too long"
+    assert sent["status"] == "errored" and "prompt is too long" in sent["error"]["message"]
+    (row,) = counted.rows
+    assert row["status"] == "rejected" and row["cost_usd"] == 0
+    assert row["error"]["message"].startswith("input_data: prompt of ")
+    assert "(counted) exceeds claude-haiku-4-5's context window of 200,000" in row["error"]["message"]
+    assert emulator.stats()["batch_rows_created"] == 1  # only the uncounted run sent it
+    summary = plan_summary(
+        make_plan(iter_records(path), load_config(), NOW), load_config(), counts=_counts(task, 300_000)
+    )
+    assert summary["rejected"] == 1 and "task_id dense: input_data:" in summary["rejections"][0]
+
+
+def _counts(task: Any, tokens: int) -> TokenCounts:
+    return TokenCounts({task.index: tokens}, 1)
+
+
+def test_the_cache_write_expected_uses_the_counted_prompt_when_there_is_one() -> None:
+    # Long words: the offline estimate (bytes/4 x 1.3) is above Haiku 5.5's 512-token cache minimum, so planning
+    # marks the system prompt for caching; the tokenizer counts fewer, under the minimum: the API caches nothing.
+    system = " ".join(["abcdef"] * 300)
+    records = [
+        {"task_id": "t", "task_type": "summarize", "system": system, "input_data": {"document": "x"}},
+    ]
+    (task,) = make_plan(iter(_records(records)), load_config(), NOW).tasks
+    config = load_config()
+    assert task.cache_key is not None
+    estimated = Estimator(config)
+    counted = Estimator(config, {task.index: 400})  # what messages.count_tokens says of the whole prompt
+
+    assert estimated.cache_write(task) is not None
+    assert counted.cache_write(task) is None
+    spec = config.models[task.model]
+    output = counted.output_tokens(task)
+    assert counted.cost(task, "batch") == estimate_cost(400, output, spec, "batch", config, None)
+    assert Estimator(config, {task.index: 2_000}).cache_write(task) is not None  # counted above it: a write
+
+
+def test_without_a_count_both_checks_use_the_tokenizer_familys_factor() -> None:
+    # 5.x counts ~1.3x the tokens of bytes/4: the offline estimate scales by it, so it neither misses a cacheable
+    # prefix nor lets an over-long prompt through to a 400 (docs: /models/haiku-5-5/whats-new-haiku-5-5).
+    system = "x" * 1_800  # 450 tokens by bytes/4, 585 by the 5.x factor: over Haiku 5.5's 512-token minimum
+    long = "y" * 3_200_000  # 800K tokens by bytes/4, 1.04M by the 5.x factor: over the 1M context window
+    records = [
+        {"task_id": "cached", "task_type": "summarize", "system": system, "input_data": {"document": "x"}},
+        {"task_id": "too-long", "task_type": "summarize", "input_data": {"document": long}},
+    ]
+
+    plan = make_plan(iter(_records(records)), load_config(), NOW)
+
+    (task,) = plan.tasks
+    assert task.model == "claude-haiku-5-5" and task.cache_key is not None
+    (rejection,) = plan.rejections
+    assert rejection.task_id == "too-long" and rejection.field == "input_data"
+    assert "exceeds claude-haiku-5-5's context window of 1,000,000" in rejection.reason
+
+
+def _records(values: list[dict[str, Any]]) -> list[RawRecord]:
+    return [RawRecord(index=i, line=i + 1, value=value) for i, value in enumerate(values)]
+
+
+def test_itpm_reservations_use_the_counted_input_when_tokens_were_counted(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    words = " ".join(["abcdef"] * 600)  # the tokenizer counts about half the offline estimate
+    tasks = [_raw(f"t{i}", "realtime", [{"role": "user", "content": f"{i} {words}"}]) for i in range(3)]
+    path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    options = RunOptions(state_dir=tmp_path / "state", count_tokens=True)
+    run = Run.prepare(path, tmp_path / "out.json", fast_config(), options)
+
+    async def send() -> Any:
+        async with run.lanes(ApiSettings(SecretStr("sk-test"), emulator.base_url), policy=NO_WAIT_POLICY) as lanes:
+            await run.send(lanes)
+            return lanes.batch.ctx
+
+    try:
+        ctx = asyncio.run(send())
+    finally:
+        run.close()
+
+    counted = sum(ctx.estimator.counted_input.values())
+    estimated = sum(task.estimated_input_tokens for task in run.plan.tasks)
+    assert counted < estimated * 0.8
+    reserved = sum(limiter._taken["itpm"] for limiter in ctx.limiters.values())  # what acquire took, in total
+    assert reserved == counted
+
+
 @pytest.mark.parametrize("model", ["claude-haiku-5-5", "claude-haiku-4-5"])
 def test_the_offline_estimate_knows_the_tokenizer_family_and_is_not_the_emulators_count(
     emulator: RunningEmulator, tmp_path: Path, model: str
@@ -199,6 +348,43 @@ def test_refused_and_incomplete_answers_are_billed_counted_and_never_succeeded(
     report = capsys.readouterr().out
     refused_usd = sum(row["cost_usd"] for row in refused)
     assert "## Spend by status" in report and f"| refused | {len(refused)} | ${refused_usd:.4f}" in report
+
+
+def test_a_paused_server_tool_turn_is_incomplete_billed_and_never_succeeded(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # pause_turn: the server-side tool loop reached its iteration limit (docs: /api/handling-stop-reasons).
+    emulator.configure(pause_turn_rate=1.0)
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    tasks = [_raw(f"search-{mode}", mode, tools=[search]) for mode in ("batch", "realtime")]
+    tasks.append(_raw("plain", "realtime"))  # no server tool: nothing to pause
+
+    output = run_engine(emulator, write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path)
+
+    rows = {row["task_id"]: row for row in output.rows}
+    for task_id in ("search-batch", "search-realtime"):
+        row = rows[task_id]
+        assert (row["status"], row["stop_reason"], row["error"]["type"]) == ("incomplete", "pause_turn", "pause_turn")
+        assert row["cost_usd"] > 0 and row["attempts"] == 1
+    assert rows["plain"]["status"] == "succeeded"
+    assert output.run["counts"]["by_status"] == {"incomplete": 2, "succeeded": 1}
+    assert not output.summary.all_succeeded
+
+
+def test_the_cli_exits_1_and_counts_refused_rows_in_its_summary(emulator: RunningEmulator, tmp_path: Path) -> None:
+    emulator.configure(refusal_rate=1.0)
+    write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(6))
+    config_file(tmp_path / "config.toml", batch_poll_initial_s=0.05, batch_poll_interval_s=0.2)
+    args = ["run", "tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml"]
+
+    ran = run_process([sys.executable, "-m", "batch_engine.cli", *args], engine_env(emulator.base_url), tmp_path)
+
+    assert ran.returncode == 1, ran.stderr
+    assert "Traceback" not in ran.stderr
+    summary = ran.stdout + ran.stderr
+    assert "refused" in summary and "6" in summary, summary
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["status"] for row in rows] == ["refused"] * 6
 
 
 # --- the batch queue cap ------------------------------------------------------------------------------------

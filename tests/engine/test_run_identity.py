@@ -14,6 +14,7 @@ from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import RunChangedError
 from batch_engine.runner import Run, RunOptions
 from batch_engine.state.ledger import Ledger
+from batch_engine.state.usage_log import UsageLog
 from tests.support.crash import config_file, run_driver
 from tests.support.engine import generated_tasks, read_output, write_jsonl
 
@@ -125,3 +126,38 @@ def test_an_unfinished_run_recorded_by_the_earlier_version_is_not_silently_run_b
 
     with pytest.raises(RunChangedError, match=r"run 0ld5ty1ek3y .*msgbatch_old.*--resume-run 0ld5ty1ek3y.*--supersede"):
         Run.prepare(tasks, tmp_path / "out.json", load_config(), RunOptions(state_dir=tmp_path / "state"))
+
+
+# The batch task type's max_tokens: editing it changes every classify_bulk row.
+CLASSIFY_MAX_TOKENS = 'tier = "cheap"\nmax_tokens = 64'
+
+
+def test_supersede_logs_the_billed_rows_of_changed_tasks_in_the_old_batch_once(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # The old batch carries 20 unchanged rows (kept) and 40 changed ones (sent again): the API bills all 60 of
+    # it, so the usage log (`report`, `cache-stats`, the budget's history) must hold all 60, once each.
+    emulator.configure(batch_duration_s=3600)
+    write_jsonl(tmp_path / "tasks.jsonl", generated_tasks(60))
+    config_file(tmp_path / "config.toml", batch_poll_initial_s=0.05, batch_poll_interval_s=0.2)
+    batch_only = [*ARGS, "--batch-only"]
+    assert run_driver(tmp_path, emulator.base_url, batch_only, crash_at="batch.polled").returncode == -9
+    _edit(tmp_path, CLASSIFY_MAX_TOKENS, CLASSIFY_MAX_TOKENS.replace("64", "80"))
+    emulator.advance_clock(3600)
+    emulator.configure(batch_duration_s=0.5)  # the batch of the changed rows ends at once
+
+    rerun = run_driver(tmp_path, emulator.base_url, [*batch_only, "--supersede"])
+
+    assert rerun.returncode == 0, rerun.stderr
+    stats = emulator.stats()
+    assert stats["batches_created"] == 2 and stats["batch_rows_created"] == 100
+    with UsageLog.open(tmp_path / "state") as log:
+        records = log.records()
+    keys = [record.request_key for record in records]
+    assert len(keys) == len(set(keys)) == 100
+    assert sum(record.cost_usd for record in records) == pytest.approx(stats["cost_usd"]["total"])
+    # Read again (a second collect of the same batches), nothing is logged twice.
+    again = run_driver(tmp_path, emulator.base_url, [*batch_only, "--supersede"])
+    assert again.returncode == 0, again.stderr
+    with UsageLog.open(tmp_path / "state") as log:
+        assert len(log.records()) == 100

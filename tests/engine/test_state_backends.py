@@ -154,13 +154,16 @@ def test_supersede_moves_unchanged_rows_and_open_batches_in_one_step(state_url: 
         ledger.save_results("old", [_result(0), _result(1)], 3.0)
         ledger.record_intent("old", "c0", [2, 3], 4.0)
         ledger.record_batch("old", "c0", "msgbatch_old", 5.0)
+        # A batch none of whose rows is unchanged moves too: the new run collects it to log what it billed.
+        ledger.record_intent("old", "c1", [4], 4.5)
+        ledger.record_batch("old", "c1", "msgbatch_changed", 5.5)
 
         moved = ledger.supersede("old", "new", {0, 3}, 6.0)
 
-        assert moved == ["msgbatch_old"]
+        assert moved == ["msgbatch_old", "msgbatch_changed"]
         assert ledger.finished_indexes("new") == {0} and ledger.finished_indexes("old") == {1}
-        (chunk,) = ledger.chunks("new")
-        assert (chunk.chunk_key, chunk.task_indexes) == ("c0@old", (3,))
+        chunks = ledger.chunks("new")
+        assert [(c.chunk_key, c.task_indexes) for c in chunks] == [("c0@old", (3,)), ("c1@old", ())]
         old = ledger.run("old")
         assert old is not None and old.status == "superseded"
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import orjson
 import pytest
 import yaml
@@ -28,6 +29,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
+from prefect.flows import load_flow_from_entrypoint
 
 from tests.support.engine import generated_tasks, read_output, write_jsonl
 from tests.support.prefect_server import ROOT, Server, running_server, start_process, stop_process
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.timeout(480)
 # the flow with the JSON parameters; prints the final state.
 LOAD_AND_CALL = """
 import asyncio, inspect, sys
+import cloudpickle
 import orjson
 from prefect.flows import load_flow_from_entrypoint
 
@@ -90,6 +93,16 @@ def _wait_for_deployment(server: Server, name: str, serve: subprocess.Popen[byte
             return
         time.sleep(0.5)
     pytest.fail(f"deployment {name} not registered after 120 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("entrypoint", _entrypoints())
+def test_a_flow_sent_to_a_spawned_process_still_validates_its_parameters(entrypoint: str, tmp_path: Path) -> None:
+    # `flow.serve()` runs each flow run in a spawned process and sends it the flow with cloudpickle, which copies
+    # the flow's function by value: the copy must still resolve every type its parameters are annotated with.
+    flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+    parameters = _parameters(entrypoint, tmp_path)
+    copy = cloudpickle.loads(cloudpickle.dumps(flow))
+    assert copy.validate_parameters(parameters) == flow.validate_parameters(parameters)
 
 
 def _completed_runs(server: Server) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -30,7 +32,8 @@ from batch_engine.orchestration.deployments import NIGHTLY_CRON, build_deploymen
 from batch_engine.orchestration.orchestrator import batch_orchestrator, collect, plan_run, submit_chunk, unwalked
 from batch_engine.render.artifacts import SUMMARY_KEY, TABLE_KEY
 from batch_engine.runner import RunOptions
-from batch_engine.state.ledger import Ledger
+from batch_engine.state.lease import holder_alive
+from batch_engine.state.ledger import Lease, Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TASKS = ROOT / "samples" / "nightly_tasks.json"
@@ -46,6 +49,13 @@ def api_env(emulator: RunningEmulator, monkeypatch: pytest.MonkeyPatch) -> Itera
     monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
     yield emulator
+
+
+def _without_timings(output: bytes) -> dict[str, Any]:
+    document: dict[str, Any] = orjson.loads(output)
+    for key in ("durations_s", "finished_at"):
+        document["run"].pop(key)
+    return document
 
 
 def _params(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
@@ -251,7 +261,7 @@ class _CrashOnceAfterBatchCreated(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
-def test_wait_false_then_collect_writes_the_same_bytes_as_a_flow_that_waits(
+def test_wait_false_then_collect_writes_the_same_output_as_a_flow_that_waits(
     api_env: RunningEmulator, tmp_path: Path
 ) -> None:
     submitted = tmp_path / "submitted"
@@ -272,7 +282,8 @@ def test_wait_false_then_collect_writes_the_same_bytes_as_a_flow_that_waits(
 
     _, summary = _run_flow(batch_orchestrator(**dict(params, state_dir=str(tmp_path / "twin")), return_state=True))
 
-    assert output.read_bytes() == by_collect
+    # The same rows and run section; only the timings are each invocation's own.
+    assert _without_timings(output.read_bytes()) == _without_timings(by_collect)
     assert summary.all_succeeded and summary.counts.total == 304
     # The waiting flow re-attached to the batch submitted by the first flow run; nothing was sent twice.
     stats = api_env.stats()
@@ -300,6 +311,43 @@ def test_collect_leaves_a_run_whose_batches_are_still_running(api_env: RunningEm
     assert not Path(params["output_path"]).exists()
     with Ledger.open(Path(params["state_dir"])) as ledger:
         assert [run.status for run in ledger.runs()] == ["submitted"]
+
+
+def test_collect_skips_a_run_whose_lease_a_live_process_holds_and_says_so(
+    api_env: RunningEmulator, tmp_path: Path
+) -> None:
+    params = _params(tmp_path)
+    output = Path(params["output_path"])
+    _run_flow(batch_orchestrator(**params, wait=False, return_state=True))
+    state_dir = Path(params["state_dir"])
+    with Ledger.open(state_dir) as ledger:
+        (waiting,) = ledger.runs("submitted")
+        # Another live process works on the run (this test's own pid: alive, on this host, heartbeat fresh).
+        now = time.time()
+        held = Lease(waiting.run_key, "another-worker", socket.gethostname(), os.getpid(), now, now + 600)
+        assert ledger.take_lease(held, holder_alive) is None
+    deadline = time.monotonic() + 15
+    while api_env.stats()["batch_rows_processed"] < 241 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the batch has ended: only the lease keeps collect away
+
+    flow_run_id, finished = _run_flow(collect(state_dir=str(state_dir), return_state=True))
+    asyncio.run(APILogHandler.aflush())
+
+    assert finished == [] and not output.exists()
+
+    async def read_logs() -> list[Log]:
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    logs = _eventually(read_logs, lambda found: any("skipped" in log.message for log in found))
+    (skipped,) = [log.message for log in logs if "skipped" in log.message]
+    assert waiting.run_key in skipped and f"pid {os.getpid()}" in skipped
+    with Ledger.open(state_dir) as ledger:
+        assert [run.status for run in ledger.runs()] == ["submitted"]
+        ledger.release_lease(waiting.run_key, "another-worker")
+    # Once the other process lets go, the next collect finishes the run.
+    assert [summary.run_key for summary in _collect_until_finished(str(state_dir))] == [waiting.run_key]
+    assert output.exists() and api_env.stats()["batches_created"] == 1
 
 
 def test_logs_carry_batch_state_changes_and_lane_summaries_but_no_key_or_prompt(

@@ -16,7 +16,7 @@ def test_the_batch_body_is_the_requests_document_whatever_the_block_boundaries(r
     requests = [(f"c{i}", {"model": "m", "max_tokens": i, "messages": [{"role": "user", "content": "é" * i}]})
                 for i in range(rows)]  # fmt: skip
 
-    body = BatchBody(lambda: iter(requests))
+    body = BatchBody.from_params(lambda: iter(requests))
 
     expected = orjson.dumps({"requests": [{"custom_id": c, "params": p} for c, p in requests]})
     assert b"".join(body.blocks()) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from batch_engine.config import load_config
 from batch_engine.errors import InputError
-from batch_engine.files import iter_records
+from batch_engine.files import count_records, iter_records
 from batch_engine.planning import make_plan
 
 CONFIG = load_config()
@@ -120,3 +121,37 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     atomic_write_bytes(target, b"whole")
     assert os.path.exists(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [other, "results.json"]
+
+
+_LINE = st.one_of(
+    st.just(b""), st.just(b"  "), st.just(b"{}"), st.just(b'{"task_id": "a"}'), st.just(b"[1]"), st.binary(max_size=12)
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.lists(_LINE, max_size=12).map(b"\n".join),
+        st.lists(_LINE, max_size=12).map(lambda lines: b"\xef\xbb\xbf" + b"\r\n".join(lines)),
+        st.binary(max_size=200),
+    )
+)
+def test_the_record_count_is_the_number_of_records_read(tmp_path: Path, data: bytes) -> None:
+    # The CLI counts records up front for its progress display without decoding them all.
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(data)
+    try:
+        expected = len(list(iter_records(path)))
+    except InputError as exc:
+        with pytest.raises(InputError, match=re.escape(str(exc))):
+            count_records(path)
+        return
+    assert count_records(path) == expected
+
+
+def test_lines_are_read_whole_across_read_blocks(tmp_path: Path) -> None:
+    lines = [orjson.dumps({"task_id": f"t{i}", "pad": "x" * (i * 7919 % 300_000)}) for i in range(40)]
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert [r.value for r in iter_records(path)] == [orjson.loads(line) for line in lines]
+    assert count_records(path) == 40

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from batch_engine.planning.chunking import chunk_tasks, row_bytes
 from batch_engine.planning.merge import in_input_order
 from batch_engine.planning.params import TemplateError, count_breakpoints, render
 from batch_engine.planning.routing import route_task
+from batch_engine.planning.rows import RowEncoder
 from batch_engine.state.ledger import Ledger
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -145,7 +147,7 @@ def planned(i: int, size: int, key: str | None) -> PlannedTask:
         estimated_input_tokens=size // 4,
         cache_key=key,
         stream=False,
-        metadata=None,
+        metadata_json=None,
     )
 
 
@@ -217,3 +219,38 @@ def test_raw_params_with_more_than_four_breakpoints_are_rejected(config: Config)
     assert rejection.field == "params"
     record["params"]["messages"][0]["content"] = [marked]  # type: ignore[index]
     assert isinstance(validate_record(record, 0, 1, config), TaskRequest)
+
+
+def records_of(values: list[dict[str, object]]) -> list[RawRecord]:
+    return [RawRecord(index=i, line=i + 1, value=value) for i, value in enumerate(values)]
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(user_texts=st.lists(_TEXT, min_size=1, max_size=5), system=_TEXT)
+def test_a_batch_row_is_the_bytes_its_params_encode_to(config: Config, user_texts: list[str], system: str) -> None:
+    # Frames are encoded once and rows spliced from them: the upload must still send exactly the task's params.
+    records = [
+        {"task_id": f"t{i}", "task_type": "summarize", "input_data": {"document": text}, "system": system + '%s"{'}
+        for i, text in enumerate(user_texts)
+    ]
+    records.append(
+        {"task_id": "raw", "task_type": "summarize", "params": {"messages": [{"role": "user", "content": "r"}]}}
+    )
+    plan = make_plan(records_of(records), config, NOW)
+    encoder = RowEncoder()
+    for planned in plan.tasks:
+        expected = orjson.dumps({"custom_id": planned.task_id, "params": planned.params})
+        assert encoder.row(planned) == expected
+        assert encoder.size(planned) == len(expected) == row_bytes(planned) - 1
+
+
+def test_a_shared_system_prompt_is_one_string_for_every_task(config: Config) -> None:
+    records = [{"task_id": f"t{i}", "task_type": "analyze_logs", "input_data": {"service": "s", "logs": str(i)}}
+               for i in range(3)]  # fmt: skip
+    plan = make_plan(records_of(records), config, NOW)
+    systems = {id(planned.params["system"][0]["text"]) for planned in plan.tasks}
+    assert len(systems) == 1
+    assert len({id(planned.frame) for planned in plan.tasks}) == 1
