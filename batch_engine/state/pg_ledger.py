@@ -232,7 +232,7 @@ class PgLedger:
                 )
             for chunk in self.chunks(old_key):
                 kept = [index for index in chunk.task_indexes if index in unchanged]
-                if chunk.batch_id is None or not chunk.open:  # one with no unchanged row moves too: its usage
+                if chunk.batch_id is None or not chunk.open:  # one with no unchanged row moves too (its usage)
                     continue
                 self._exec(
                     "UPDATE chunks SET run_key = %s, chunk_key = %s, task_indexes = %s "

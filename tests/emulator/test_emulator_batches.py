@@ -290,10 +290,11 @@ def test_batch_endpoints_have_their_own_rpm(emulator: RunningEmulator, client: a
     client.messages.create(model=HAIKU, max_tokens=10, messages=[{"role": "user", "content": "still fine"}])
 
 
-def test_a_100k_row_batch_is_created_and_processed_quickly(
+def test_a_100k_row_batch_is_created_and_processed_in_full(
     emulator: RunningEmulator, client: anthropic.Anthropic
 ) -> None:
-    # Raw HTTP with orjson: this measures the emulator, not the SDK's request building and result parsing.
+    # Raw HTTP with orjson: this exercises the emulator, not the SDK's request building and result parsing. How
+    # fast it is belongs to `python -m batch_engine.bench batch --tasks 100000`, not to a timed assertion here.
     emulator.configure(batch_duration_s=0)
     rows = [
         {
@@ -303,16 +304,13 @@ def test_a_100k_row_batch_is_created_and_processed_quickly(
         for index in range(100_000)
     ]
     with httpx.Client(base_url=emulator.base_url, headers={"x-api-key": "k"}, timeout=60) as http:
-        started = time.monotonic()
         created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": rows}))
         assert created.status_code == 200, created.text
         ended = _wait_ended(client, created.json()["id"], timeout_s=60)
-        processed_s = time.monotonic() - started
         assert ended.request_counts.succeeded == 100_000
         with http.stream("GET", ended.results_url or "") as response:
             ids = {orjson.loads(line)["custom_id"] for line in response.iter_lines() if line}
     assert len(ids) == 100_000
-    assert processed_s < 15, f"100k rows took {processed_s:.1f} s"
 
 
 def test_async_client_lists_cancels_and_deletes(emulator: RunningEmulator) -> None:

@@ -213,7 +213,7 @@ def test_a_prompt_the_count_puts_over_the_context_window_is_rejected_before_it_i
     summary = plan_summary(
         make_plan(iter_records(path), load_config(), NOW), load_config(), counts=_counts(task, 300_000)
     )
-    assert summary["rejected"] == 1 and "task_id dense: input_data:" in summary["rejections"][0]
+    assert summary.rejected == 1 and "task_id dense: input_data:" in summary.rejections[0]
 
 
 def _counts(task: Any, tokens: int) -> TokenCounts:
