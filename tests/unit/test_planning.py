@@ -261,7 +261,7 @@ def test_a_shared_system_prompt_is_one_string_for_every_task(config: Config) -> 
 
 def test_a_tasks_metadata_json_holds_its_bytes_not_an_encoder_buffer(config: Config) -> None:
     # orjson returns its bytes inside its ~4 KB write buffer (sys.getsizeof does not show it): kept in each planned
-    # task, that was ~4 KB a task, most of a run's peak memory (595 MiB instead of ~230 at 100k tasks).
+    # task, that was ~4 KB a task, most of a run's peak memory (598 MiB instead of 212 at 100k tasks).
     records = [{"task_id": f"t{i}", "task_type": "summarize", "input_data": {"document": "d"},
                 "metadata": {"source": "nightly", "seq": i}} for i in range(100)]  # fmt: skip
     make_plan(records_of(records), config, NOW)  # the caches planning fills once are filled before counting
