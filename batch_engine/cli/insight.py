@@ -16,8 +16,8 @@ from batch_engine.planning import make_plan
 from batch_engine.runner import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
+    from batch_engine.render.advice_report import ReportDocuments
     from batch_engine.state.usage_log import UsageRecord
-    from batch_engine.telemetry.advice import OptimizationReport
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,11 +120,8 @@ def _report(args: argparse.Namespace) -> int:
     from batch_engine.config import default_config_text
     from batch_engine.errors import ConfigError
     from batch_engine.files import atomic_write_bytes, read_text
-    from batch_engine.planning.budget import Estimator
-    from batch_engine.render.advice_markdown import render_report
-    from batch_engine.state.usage_log import observations, output_history
-    from batch_engine.telemetry.advice import SCOPES, analyze
-    from batch_engine.telemetry.config_patch import apply_changes, change_comment
+    from batch_engine.render.advice_report import ConfigSource, report_documents
+    from batch_engine.telemetry.advice import SCOPES
 
     if args.analyze_only and args.write_config is not None:
         raise ConfigError("--analyze-only writes nothing: drop --write-config, or drop --analyze-only")
@@ -138,47 +135,42 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model prices the model scope: use it with --scope model or all, not {args.scope}")
     records = _usage_records(args, args.days)
     config = load_config(args.config)
-    planned = None
-    if args.plan is not None:
-        plan = make_plan(iter_records(args.plan), config, datetime.now(UTC))
-        planned = (str(args.plan), plan, Estimator(config, output_history=output_history(observations(records))))
-    report = analyze(records, config, time.time(), scopes, args.model)
-    markdown = render_report(report, planned)
-    if args.analyze_only:
-        sys.stdout.write(markdown)
-        _report_charts(args, records, report)
-        return 0
-    written = None
+    plan = (
+        None if args.plan is None else (str(args.plan), make_plan(iter_records(args.plan), config, datetime.now(UTC)))
+    )
+    source = None
     if args.write_config is not None:
-        text = default_config_text() if args.config is None else read_text(args.config)
-        changes = [(rec.config_change, change_comment(rec, report.period)) for rec in report.config_changes]
-        source = "default_config.toml" if args.config is None else str(args.config)
-        written = apply_changes(text, config, [(c, note) for c, note in changes if c is not None], source)
-    atomic_write_bytes(args.output, markdown.encode())
+        if args.config is None:
+            source = ConfigSource(default_config_text(), "default_config.toml")
+        else:
+            source = ConfigSource(read_text(args.config), str(args.config))
+    documents = report_documents(records, config, time.time(), scopes, args.model, plan=plan, config_source=source)
+    if args.analyze_only:
+        sys.stdout.write(documents.markdown)
+        _report_charts(args, records, documents)
+        return 0
+    atomic_write_bytes(args.output, documents.markdown.encode())
     print(f"wrote {args.output}")
-    if written is not None:
-        atomic_write_bytes(args.write_config, written.encode())
-        print(f"wrote {args.write_config} ({len(report.config_changes)} changes; review, then use it with --config)")
-    _report_charts(args, records, report)
+    if documents.config_text is not None:
+        atomic_write_bytes(args.write_config, documents.config_text.encode())
+        changes = len(documents.report.config_changes)
+        print(f"wrote {args.write_config} ({changes} changes; review, then use it with --config)")
+    _report_charts(args, records, documents)
     return 0
 
 
-def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report: OptimizationReport) -> None:
+def _report_charts(args: argparse.Namespace, records: list[UsageRecord], documents: ReportDocuments) -> None:
     """The report's charts: one self-contained HTML page (--html), a Prefect Markdown artifact (--prefect-artifact)."""
     import os
 
     from batch_engine.errors import ConfigError
     from batch_engine.files import atomic_write_bytes
-    from batch_engine.render.charts import Advice, html_page, markdown_charts
+    from batch_engine.render.charts import html_page, markdown_charts
 
     if args.html is None and not args.prefect_artifact:
         return
-    found = [Advice(r.title, r.detail, r.saved_usd, "saves") for r in report.savings]
-    found += [Advice(r.title, r.detail, r.at_stake_usd, "at stake") for r in report.trials]
-    found += [Advice(r.title, r.detail, None, "frees budget, not the bill") for r in report.budget]
-    found += [Advice(r.title, r.detail, None, "no change to the bill") for r in report.no_bill_change]
     if args.html is not None:
-        atomic_write_bytes(args.html, html_page(records, found, args.days).encode())
+        atomic_write_bytes(args.html, html_page(records, documents.advice, args.days).encode())
         print(f"wrote {args.html}")
     if args.prefect_artifact:
         if not os.environ.get("PREFECT_API_URL"):
@@ -186,5 +178,5 @@ def _report_charts(args: argparse.Namespace, records: list[UsageRecord], report:
         from batch_engine.orchestration.report_charts import CHARTS_ARTIFACT_KEY, publish_report_charts
 
         quiet_prefect_console()
-        publish_report_charts(markdown_charts(records, found))
+        publish_report_charts(markdown_charts(records, documents.advice))
         print(f"published the Prefect artifact {CHARTS_ARTIFACT_KEY}")
