@@ -139,6 +139,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME|JSON",
         help='default global_rate_limit of every deployment: a limit name, or JSON {"model": "limit", "*": "limit"}',
     )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N flow runs at once in this process (default: no limit); 1 spreads a sharded job's "
+        "shards over the serving processes, one each",
+    )
     return parser.parse_args(argv)
 
 
@@ -150,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         cron=args.cron, timezone=args.timezone, collect_every_s=args.collect_every, global_rate_limit=limit
     )
     # Restarting this process (an upgrade, a reboot) must not silently pause the nightly schedule.
-    serve(*deployments, *scale_out_deployments(limit), pause_on_shutdown=False)
+    serve(*deployments, *scale_out_deployments(limit), pause_on_shutdown=False, limit=args.limit)
