@@ -151,7 +151,7 @@ def test_the_scheduler_creates_nightly_runs_and_a_worker_completes_an_interval_r
         assert done[0].state is not None and done[0].state.message == "0 of 0 waiting runs finished"
         # The worker's flow-run subprocesses exit a moment after it: wait for them, then nothing but the server.
         marker = f"PREFECT_HOME={server.home}".encode()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a collect run the worker started just before it stopped runs to its end
         while pids_with_env(marker) != [server.pid] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert pids_with_env(marker) == [server.pid]
