@@ -32,10 +32,9 @@ from batch_engine.bench.engine import REPLY_TOKENS, _emulator_stats, _write_task
 from batch_engine.client import ApiSettings, BatchBody
 from batch_engine.config import Config, load_config
 from batch_engine.emulator import emulator_process
-from batch_engine.models import TaskResult
 from batch_engine.planning import Plan, PlannedTask
 from batch_engine.planning.identity import run_identity
-from batch_engine.planning.outcome import succeeded
+from batch_engine.planning.outcome import FinishedRow, succeeded
 from batch_engine.planning.rows import RowEncoder
 from batch_engine.runner import Run, RunOptions, run
 
@@ -88,7 +87,7 @@ def _phase(phases: list[_Phase], name: str) -> Iterator[None]:
     phases.append(phase)
 
 
-def _synthetic_result(task: PlannedTask, config: Config) -> TaskResult:
+def _synthetic_result(task: PlannedTask, config: Config) -> FinishedRow:
     """What the batch lane records for a succeeded row (same constructor, a fixed reply)."""
     message = {
         "model": task.model,

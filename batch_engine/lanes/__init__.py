@@ -15,10 +15,10 @@ from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.models import BILLED_STATUSES, TaskResult
+from batch_engine.models import BILLED_STATUSES
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.budget import Budget, Estimator
-from batch_engine.planning.outcome import folded
+from batch_engine.planning.outcome import FinishedRow, folded
 from batch_engine.state.backend import RunLedger, UsageStore
 from batch_engine.state.usage_log import usage_record
 
@@ -52,7 +52,7 @@ class Progress:
     output_tokens: int = 0
     cost_usd: float = 0.0
 
-    def add(self, result: TaskResult) -> None:
+    def add(self, result: FinishedRow) -> None:
         ok = result.status == "succeeded"
         if result.route == "batch":
             self.batch_rows_done += ok
@@ -63,7 +63,7 @@ class Progress:
         if result.usage is not None:
             self.input_tokens += result.usage.prompt_tokens
             self.output_tokens += result.usage.output_tokens
-        self.cost_usd += result.cost_usd or 0.0
+        self.cost_usd += result.cost_usd
 
     def realtime_answered(self, seconds: float) -> None:
         """A realtime task answered `seconds` after its first request, retries and their waits included (the
@@ -127,7 +127,7 @@ class LaneContext:
     request_ids: dict[int, str] = field(default_factory=dict)  # input index → request-id of its billed reply
     shared_limit: SharedLimit | None = None  # on top of the local buckets, across every worker and flow run
 
-    def record(self, results: list[TaskResult], at: float | None = None) -> None:
+    def record(self, results: list[FinishedRow], at: float | None = None) -> None:
         """Log the billed rows, make every row durable, then count them (as finished `at`, default now).
 
         The usage log goes first: if the process dies between the two writes, a realtime task is sent again on
@@ -155,7 +155,7 @@ class LaneContext:
         for result in results:
             self.progress.add(result)
 
-    def log_billed_only(self, results: list[TaskResult], at: float) -> None:
+    def log_billed_only(self, results: list[FinishedRow], at: float) -> None:
         """Log the usage of billed rows whose results this run does not keep: rows of a superseded run's batch
         whose task's request changed (it is sent again). Keyed by batch id and custom_id, so logged once."""
         self.usage_log.append(
@@ -172,7 +172,7 @@ class LaneContext:
     def has_output_schemas(self) -> bool:
         return any(task.output is not None for task in self.tasks.values())
 
-    def _fold_retries(self, results: list[TaskResult]) -> list[TaskResult]:
+    def _fold_retries(self, results: list[FinishedRow]) -> list[FinishedRow]:
         # A row that replaces an invalid_output row is its retry: both requests were billed, so the row carries both.
         earlier = {row.index: row for row in self.ledger.invalid_outputs(self.run_key, (r.index for r in results))}
         if not earlier:

@@ -31,9 +31,9 @@ from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, LedgerError, PermanentApiError, TransientApiError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.lanes.limiter import RateLimiter
-from batch_engine.models import ErrorInfo, TaskResult
+from batch_engine.models import ErrorInfo
 from batch_engine.planning import PlannedTask
-from batch_engine.planning.outcome import failed, succeeded
+from batch_engine.planning.outcome import FinishedRow, failed, succeeded
 from batch_engine.planning.rows import RowEncoder
 from batch_engine.state.ledger import ChunkRecord
 
@@ -506,7 +506,7 @@ class BatchLane:
         assert record.batch_id is not None
         expected = {self.ctx.tasks[index].task_id: self.ctx.tasks[index] for index in record.task_indexes}
         seen: set[str] = set()
-        rows: list[TaskResult] = []
+        rows: list[FinishedRow] = []
         # Rows finish when their batch ended, not when someone collected them: the waiting flow and a later
         # `collect` then write the same output, and the batch duration does not depend on polling.
         ended_at = self.clock() if info.ended_at is None else min(info.ended_at, self.clock())
@@ -515,7 +515,7 @@ class BatchLane:
         # A superseded run's batch (its chunk key says `@run`) also carries the rows of tasks whose request changed:
         # billed all the same, so their usage is logged, but their results are not this run's.
         superseded = "@" in record.chunk_key
-        billed_only: list[TaskResult] = []
+        billed_only: list[FinishedRow] = []
         await self._slot(requests=2)  # the SDK retrieves the batch, then downloads its results
         async for row in batch_results(self.ctx.client, record.batch_id):
             task = expected.get(row.custom_id)
@@ -532,9 +532,9 @@ class BatchLane:
                 continue
             seen.add(row.custom_id)
             outcome = self._outcome(task, row, record)
-            if isinstance(outcome, TaskResult):
+            if isinstance(outcome, FinishedRow):
                 rows.append(outcome)
-                spent += outcome.cost_usd or 0.0
+                spent += outcome.cost_usd
             elif outcome == "retry":
                 retry.append(task)
             if len(rows) >= _FLUSH_ROWS:
@@ -547,7 +547,7 @@ class BatchLane:
         retry.extend(task for custom_id, task in expected.items() if custom_id not in seen)
         return retry, spent
 
-    def _outcome(self, task: PlannedTask, row: BatchRow, record: ChunkRecord) -> TaskResult | str | None:
+    def _outcome(self, task: PlannedTask, row: BatchRow, record: ChunkRecord) -> FinishedRow | str | None:
         """The row's final result, "retry", or None (left for the realtime fallback)."""
         attempts = self.ctx.attempts.get(task.index, 0)
         batch_id = record.batch_id

@@ -13,9 +13,9 @@ from batch_engine.client import Reply, error_headers, send_message
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, SpendLimitError
 from batch_engine.lanes import LaneContext, all_or_none
-from batch_engine.models import ErrorInfo, TaskResult
+from batch_engine.models import ErrorInfo
 from batch_engine.planning import PlannedTask
-from batch_engine.planning.outcome import failed, succeeded, usage_from_api
+from batch_engine.planning.outcome import FinishedRow, failed, succeeded, usage_from_api
 
 DEFAULT_RETRY_AFTER_S = 1.0
 # Tasks in hand per request slot. A task waiting out the backoff of a stray failure lends its slot to the next
@@ -63,12 +63,12 @@ class _GroupRecorder:
     (at the next row, or at `drain`).
     """
 
-    def __init__(self, record: Callable[[list[TaskResult]], None]) -> None:
+    def __init__(self, record: Callable[[list[FinishedRow]], None]) -> None:
         self._record = record
-        self._rows: list[TaskResult] = []
+        self._rows: list[FinishedRow] = []
         self._error: BaseException | None = None
 
-    def add(self, result: TaskResult) -> None:
+    def add(self, result: FinishedRow) -> None:
         if self._error is not None:
             raise self._error
         if not self._rows:
@@ -187,7 +187,7 @@ class RealtimeLane:
             )
         return reply
 
-    async def _send(self, task: PlannedTask) -> TaskResult:
+    async def _send(self, task: PlannedTask) -> FinishedRow:
         budget, estimator = self.ctx.budget, self.ctx.estimator
         if not budget.limited:
             return await self._send_unbudgeted(task)
@@ -203,18 +203,18 @@ class RealtimeLane:
                     task, "skipped_budget", "realtime", self.ctx.attempts.get(task.index, 0), budget.refusal()
                 )
             self._in_flight_usd += reservation
-        result: TaskResult | None = None
+        result: FinishedRow | None = None
         try:
             result = await self._send_unbudgeted(task)
         finally:
             # Settled before waking the waiters, so they see the real cost. Cut short, it may have cost it all.
-            budget.settle(reservation, reservation if result is None else result.cost_usd or 0.0)
+            budget.settle(reservation, reservation if result is None else result.cost_usd)
             async with self._settled:
                 self._in_flight_usd -= reservation
                 self._settled.notify_all()
         return result
 
-    async def _send_unbudgeted(self, task: PlannedTask) -> TaskResult:
+    async def _send_unbudgeted(self, task: PlannedTask) -> FinishedRow:
         limiter = self.ctx.limiter(task.model)
         holding = False
         started: float | None = None  # when the task got its first slot
@@ -258,6 +258,6 @@ class RealtimeLane:
         self.ctx.progress.realtime_answered(time.perf_counter() - started)
         return succeeded(task, reply.message, "realtime", self.ctx.attempts.get(task.index, 0), self.ctx.config)
 
-    def _failed(self, task: PlannedTask, exc: ApiError) -> TaskResult:
+    def _failed(self, task: PlannedTask, exc: ApiError) -> FinishedRow:
         error = ErrorInfo(type=exc.error_type or "api_error", message=exc.message, request_id=exc.request_id)
         return failed(task, "errored", "realtime", self.ctx.attempts.get(task.index, 0), error)

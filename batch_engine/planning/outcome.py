@@ -1,8 +1,17 @@
-"""Pure: turn an API answer (a message, an error, a batch row outcome) into the task's output row with cost."""
+"""Pure: turn an API answer (a message, an error, a batch row outcome) into the task's output row with cost.
+
+The row comes as a `FinishedRow`: the fields the lanes, the usage log and the ledger read, and the row's output
+JSON, built straight from the decoded answer. It is byte for byte what `TaskResult`'s JSON dump gives
+(tests/unit/test_finished_rows.py); building and dumping the pydantic model for each of a million rows was most
+of the CPU of storing them. `TaskResult` stays the schema of the output and what the ledger is read back into.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from batch_engine.config import Config, Route
 from batch_engine.models import ErrorInfo, Status, TaskResult, Usage
@@ -10,21 +19,62 @@ from batch_engine.planning import PlannedTask
 from batch_engine.planning.pricing import cost
 
 
-def usage_from_api(usage: dict[str, Any] | None) -> Usage:
-    """Flatten the API's usage object (cache writes split by TTL, thinking tokens from output details)."""
+@dataclass(frozen=True, slots=True)
+class FinishedRow:
+    """A finished task's output row, ready to store: what the lanes and the usage log read, and its output JSON."""
+
+    index: int
+    task_id: str | None
+    status: Status
+    route: Route | None
+    model: str | None
+    batch_id: str | None
+    attempts: int
+    cost_usd: float
+    usage: Usage | None  # the billed tokens; None when nothing was billed
+    json: bytes  # the row as the output file has it: a `TaskResult` dumped to JSON
+
+    @classmethod
+    def of(cls, result: TaskResult) -> FinishedRow:
+        """The row of a `TaskResult` (a retried row folded, a test's row)."""
+        return cls(
+            index=result.index,
+            task_id=result.task_id,
+            status=result.status,
+            route=result.route,
+            model=result.model,
+            batch_id=result.batch_id,
+            attempts=result.attempts,
+            cost_usd=result.cost_usd or 0.0,
+            usage=result.usage,
+            json=orjson.dumps(result.model_dump(mode="json")),
+        )
+
+    def result(self) -> TaskResult:
+        """The row as the output's model, validated."""
+        return TaskResult.model_validate_json(self.json)
+
+
+def _usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
+    """The API's usage object flattened, keyed and ordered as `Usage`'s fields (its JSON as the row has it)."""
     if not usage:
-        return Usage()
+        usage = {}
     creation = usage.get("cache_creation") or {}
     details = usage.get("output_tokens_details") or {}
-    return Usage(
-        input_tokens=int(usage.get("input_tokens") or 0),
-        output_tokens=int(usage.get("output_tokens") or 0),
-        cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0),
-        cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0),
-        cache_write_5m_tokens=int(creation.get("ephemeral_5m_input_tokens") or 0),
-        cache_write_1h_tokens=int(creation.get("ephemeral_1h_input_tokens") or 0),
-        thinking_tokens=int(details.get("thinking_tokens") or 0),
-    )
+    return {
+        "input_tokens": int(usage.get("input_tokens") or 0),
+        "output_tokens": int(usage.get("output_tokens") or 0),
+        "cache_read_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
+        "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+        "cache_write_5m_tokens": int(creation.get("ephemeral_5m_input_tokens") or 0),
+        "cache_write_1h_tokens": int(creation.get("ephemeral_1h_input_tokens") or 0),
+        "thinking_tokens": int(details.get("thinking_tokens") or 0),
+    }
+
+
+def usage_from_api(usage: dict[str, Any] | None) -> Usage:
+    """Flatten the API's usage object (cache writes split by TTL, thinking tokens from output details)."""
+    return Usage(**_usage_counts(usage))
 
 
 def message_text(content: list[dict[str, Any]]) -> str:
@@ -65,15 +115,16 @@ def succeeded(
     attempts: int,
     config: Config,
     batch_id: str | None = None,
-) -> TaskResult:
+) -> FinishedRow:
     """The output row of a task whose request was answered (a 200), costed at the route's price.
 
     Its status says whether the answer did the task (see `answer_status`); it is billed either way. Refused and
     incomplete rows are not retried: a second attempt is billed again and is likely to end the same way. With an
     output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
     """
-    usage = usage_from_api(message.get("usage"))
-    content = list(message.get("content") or [])
+    counts = _usage_counts(message.get("usage"))
+    usage = Usage(**counts)
+    content = message.get("content") or []
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
     text = message_text(content)
@@ -88,40 +139,68 @@ def succeeded(
             if stop in ("refusal", "max_tokens"):
                 reason = f"{reason} (stop_reason {stop})"
             error = ErrorInfo(type="invalid_output", message=reason)
-    return TaskResult(
-        task_id=task.task_id,
-        index=task.index,
-        status=status,
-        task_type=task.task_type,
-        route=route,
-        model=model,
-        batch_id=batch_id,
-        attempts=attempts,
-        text=text,
-        parsed=parsed,
-        content=content,
-        stop_reason=message.get("stop_reason"),
-        usage=usage,
-        cost_usd=round(cost(usage, spec, route, config.batch_discount), 10),
-        error=error,
-        metadata=task.metadata,
+    cost_usd = round(cost(usage, spec, route, config.batch_discount), 10)
+    # The keys and their order are `TaskResult`'s fields: the JSON its model dump gives.
+    row = {
+        "task_id": task.task_id,
+        "index": task.index,
+        "status": status,
+        "task_type": task.task_type,
+        "route": route,
+        "model": model,
+        "batch_id": batch_id,
+        "attempts": attempts,
+        "output_retries": 0,
+        "text": text,
+        "parsed": parsed,
+        "content": content,
+        "stop_reason": message.get("stop_reason"),
+        "usage": counts,
+        "cost_usd": cost_usd,
+        "error": None if error is None else error.model_dump(mode="json"),
+        "metadata": None,
+    }
+    return _finished(row, usage, task)
+
+
+def _finished(row: dict[str, Any], usage: Usage | None, task: PlannedTask) -> FinishedRow:
+    """The finished row of `row` (a `TaskResult`'s fields, in order, as JSON-ready values, its metadata left null),
+    with the task's metadata as planning kept it: already JSON."""
+    encoded = orjson.dumps(row)
+    if task.metadata_json is not None:
+        # `metadata` is the last field: `..."metadata":null}` becomes `..."metadata":{...}}`.
+        encoded = encoded[: -len(b"null}")] + task.metadata_json + b"}"
+    return FinishedRow(
+        row["index"],
+        row["task_id"],
+        row["status"],
+        row["route"],
+        row["model"],
+        row["batch_id"],
+        row["attempts"],
+        row["cost_usd"],
+        usage,
+        encoded,
     )
 
 
-def folded(earlier: TaskResult, later: TaskResult) -> TaskResult:
+def folded(earlier: TaskResult, later: FinishedRow) -> FinishedRow:
     """A retried row: the later answer, with the earlier request's usage and cost added (both were billed)."""
-    if earlier.usage is None or later.usage is None:
-        usage = later.usage or earlier.usage
+    answer = later.result()
+    if earlier.usage is None or answer.usage is None:
+        usage = answer.usage or earlier.usage
     else:
         usage = Usage(
-            **{name: getattr(earlier.usage, name) + getattr(later.usage, name) for name in Usage.model_fields}
+            **{name: getattr(earlier.usage, name) + getattr(answer.usage, name) for name in Usage.model_fields}
         )
-    return later.model_copy(
-        update={
-            "usage": usage,
-            "cost_usd": round((earlier.cost_usd or 0.0) + (later.cost_usd or 0.0), 10),
-            "output_retries": earlier.output_retries + 1,
-        }
+    return FinishedRow.of(
+        answer.model_copy(
+            update={
+                "usage": usage,
+                "cost_usd": round((earlier.cost_usd or 0.0) + (answer.cost_usd or 0.0), 10),
+                "output_retries": earlier.output_retries + 1,
+            }
+        )
     )
 
 
@@ -132,18 +211,25 @@ def failed(
     attempts: int,
     error: ErrorInfo | None,
     batch_id: str | None = None,
-) -> TaskResult:
+) -> FinishedRow:
     """The output row of a task that ended without a result (nothing billed: cost 0)."""
-    return TaskResult(
-        task_id=task.task_id,
-        index=task.index,
-        status=status,
-        task_type=task.task_type,
-        route=route,
-        model=task.model,
-        batch_id=batch_id,
-        attempts=attempts,
-        cost_usd=0.0,
-        error=error,
-        metadata=task.metadata,
-    )
+    row = {
+        "task_id": task.task_id,
+        "index": task.index,
+        "status": status,
+        "task_type": task.task_type,
+        "route": route,
+        "model": task.model,
+        "batch_id": batch_id,
+        "attempts": attempts,
+        "output_retries": 0,
+        "text": None,
+        "parsed": None,
+        "content": None,
+        "stop_reason": None,
+        "usage": None,
+        "cost_usd": 0.0,
+        "error": None if error is None else error.model_dump(mode="json"),
+        "metadata": None,
+    }
+    return _finished(row, None, task)

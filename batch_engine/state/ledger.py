@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from batch_engine.models import TaskResult
+from batch_engine.planning.outcome import FinishedRow
 from batch_engine.state.store import SqliteStore
 
 SCHEMA_VERSION = 1
@@ -382,7 +383,7 @@ class Ledger(SqliteStore):
 
     # --- results ---------------------------------------------------------------------------------------
 
-    def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
+    def save_results(self, run_key: str, results: Iterable[FinishedRow], now: float) -> None:
         """Store finished rows in one transaction. A later row for the same task replaces the earlier one only
         if that one did not succeed and the later one was not sent fewer times: collecting a batch again (a
         Prefect retry, a second collector) never replaces a paid success with an older error."""
@@ -392,9 +393,9 @@ class Ledger(SqliteStore):
                 r.index,
                 r.status,
                 r.route,
-                r.cost_usd or 0.0,
+                r.cost_usd,
                 now,
-                orjson.dumps(r.model_dump(mode="json")),
+                r.json,
                 r.attempts,
             )
             for r in results

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Self
 import orjson
 
 from batch_engine.models import TaskResult
+from batch_engine.planning.outcome import FinishedRow
 from batch_engine.state.ledger import ChunkRecord, ChunkStatus, Lease, RunRecord, RunStatus
 from batch_engine.state.postgres import connect, migrate
 from batch_engine.state.url import redact
@@ -403,7 +404,7 @@ class PgLedger:
 
     # --- results ---------------------------------------------------------------------------------------
 
-    def save_results(self, run_key: str, results: Iterable[TaskResult], now: float) -> None:
+    def save_results(self, run_key: str, results: Iterable[FinishedRow], now: float) -> None:
         """Store finished rows in one transaction, in one pipelined round trip or one COPY (see the SQLite ledger's
         rule for which row wins)."""
         rows = [
@@ -412,10 +413,10 @@ class PgLedger:
                 r.index,
                 r.status,
                 r.route,
-                r.cost_usd or 0.0,
+                r.cost_usd,
                 now,
                 r.attempts,
-                orjson.dumps(r.model_dump(mode="json")),
+                r.json,
             )
             for r in results
         ]

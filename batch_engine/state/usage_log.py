@@ -9,8 +9,9 @@ from operator import attrgetter
 from pathlib import Path
 
 from batch_engine.config import Config
-from batch_engine.models import TaskResult, Usage
+from batch_engine.models import Usage
 from batch_engine.planning import PlannedTask
+from batch_engine.planning.outcome import FinishedRow
 from batch_engine.planning.params import system_prefix, thinking_label
 from batch_engine.planning.pricing import baseline_cost
 from batch_engine.state.store import SqliteStore
@@ -126,7 +127,7 @@ class UsageLog(SqliteStore):
 
 def usage_record(
     task: PlannedTask,
-    result: TaskResult,
+    result: FinishedRow,
     run_key: str,
     at: float,
     latency_s: float | None,
@@ -166,7 +167,7 @@ def usage_record(
     )
 
 
-def request_key(task: PlannedTask, result: TaskResult, request_id: str | None) -> str | None:
+def request_key(task: PlannedTask, result: FinishedRow, request_id: str | None) -> str | None:
     """The key a billed request is logged under: its batch row, or its realtime request id."""
     if result.batch_id is not None:
         return f"batch:{result.batch_id}:{task.task_id}"
