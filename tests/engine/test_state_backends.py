@@ -17,6 +17,7 @@ import pytest
 
 from batch_engine.errors import ConfigError, LedgerError, RunBusyError
 from batch_engine.models import TaskResult, Usage
+from batch_engine.planning.outcome import FinishedRow
 from batch_engine.state import pg_ledger, pg_usage_log
 from batch_engine.state.backend import RunLedger, open_ledger, open_usage_log
 from batch_engine.state.lease import RunLease, holder_alive
@@ -30,8 +31,8 @@ def _ledger(url: str) -> RunLedger:
     return open_ledger(parse_state_url(url))
 
 
-def _result(index: int, status: str = "succeeded", attempts: int = 1, cost: float = 0.01) -> TaskResult:
-    return TaskResult(
+def _result(index: int, status: str = "succeeded", attempts: int = 1, cost: float = 0.01) -> FinishedRow:
+    result = TaskResult(
         index=index,
         task_id=f"t{index}",
         task_type="classify",
@@ -42,6 +43,7 @@ def _result(index: int, status: str = "succeeded", attempts: int = 1, cost: floa
         cost_usd=cost,
         usage=Usage(input_tokens=10, output_tokens=5),
     )
+    return FinishedRow.of(result)
 
 
 def _usage(request_key: str | None, at: float, output_tokens: int = 7, run_key: str = "r1") -> UsageRecord:

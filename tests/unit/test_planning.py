@@ -21,6 +21,7 @@ from batch_engine.models import Rejection, TaskRequest, TaskResult
 from batch_engine.planning import PlannedTask, make_plan
 from batch_engine.planning.chunking import chunk_tasks, row_bytes
 from batch_engine.planning.merge import in_input_order
+from batch_engine.planning.outcome import FinishedRow
 from batch_engine.planning.params import TemplateError, count_breakpoints, render
 from batch_engine.planning.routing import route_task
 from batch_engine.planning.rows import RowEncoder
@@ -181,8 +182,10 @@ def test_chunks_respect_limits_and_cover_every_task_once(
     assert chunk_tasks(tasks, max_requests, max_bytes) == chunks  # deterministic
 
 
-def result(i: int, status: str = "succeeded") -> TaskResult:
-    return TaskResult.model_validate({"task_id": f"t{i}", "index": i, "status": status, "text": f"{status} {i}"})
+def result(i: int, status: str = "succeeded") -> FinishedRow:
+    return FinishedRow.of(
+        TaskResult.model_validate({"task_id": f"t{i}", "index": i, "status": status, "text": f"{status} {i}"})
+    )
 
 
 @settings(max_examples=100, deadline=None)
