@@ -5,11 +5,10 @@ INSERT … ON CONFLICT DO NOTHING (a request key already logged is left as it is
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Self
 
 from batch_engine.state.postgres import connect, migrate
-from batch_engine.state.usage_log import _COLUMNS, _ROW, HISTORY_ROWS, UsageRecord
+from batch_engine.state.usage_log import _COLUMNS, ANNOTATIONS, HISTORY_ROWS, UsageRecord
 
 if TYPE_CHECKING:
     import psycopg
@@ -23,7 +22,7 @@ def _column(name: str, annotation: str) -> str:
     return f"{name} {_TYPES[base]}{'' if 'None' in annotation else ' NOT NULL'}"
 
 
-_COLUMN_DEFS = ",\n    ".join(_column(f.name, str(f.type)) for f in fields(UsageRecord))
+_COLUMN_DEFS = ",\n    ".join(_column(name, ANNOTATIONS[name]) for name in _COLUMNS)
 # Append only: a database migrated by an earlier version gets the ones it lacks, once.
 MIGRATIONS: Sequence[str] = (
     f"""
@@ -65,7 +64,7 @@ class PgUsageLog:
 
     def append(self, records: Iterable[UsageRecord]) -> None:
         """Log billed requests; one already logged under the same request key is left as it is."""
-        rows = [_ROW(record) for record in records]
+        rows = list(records)
         if not rows:
             return
         with self._db.transaction():

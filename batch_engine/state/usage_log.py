@@ -4,9 +4,9 @@ state directory. `cache-stats`, `report` and the budget's output history read it
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from batch_engine.config import Config
 from batch_engine.models import Usage
@@ -25,9 +25,13 @@ HISTORY_ROWS = 200_000
 HISTORY_PER_KEY = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One billed request: who, where, how many tokens of each kind, what it cost, how long it took."""
+class UsageRecord(NamedTuple):
+    """One billed request: who, where, how many tokens of each kind, what it cost, how long it took.
+
+    A named tuple, not a frozen dataclass: it is the log's row as the database takes it, built once per billed
+    request (a million at a nightly job's scale), and a frozen dataclass of 24 fields cost more to build than
+    the rest of the row's bookkeeping, and then a copy into a tuple.
+    """
 
     at: float  # epoch seconds
     run_key: str
@@ -64,9 +68,9 @@ class UsageRecord:
         return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
 
 
-_COLUMNS = [f.name for f in fields(UsageRecord)]
-# `dataclasses.astuple` deep-copies every field: a measurable share of the realtime lane's CPU per request.
-_ROW = attrgetter(*_COLUMNS)
+_COLUMNS = list(UsageRecord._fields)
+# Each column's annotation as written (`float | None`): the schema's types and NOT NULLs come from it.
+ANNOTATIONS = {name: hint.__forward_arg__ for name, hint in UsageRecord.__annotations__.items()}
 _TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
 
 
@@ -78,7 +82,7 @@ def _column(name: str, annotation: str) -> str:
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS usage (\n    "
-    + ",\n    ".join(_column(f.name, str(f.type)) for f in fields(UsageRecord))
+    + ",\n    ".join(_column(name, ANNOTATIONS[name]) for name in _COLUMNS)
     + "\n);\nCREATE INDEX IF NOT EXISTS usage_by_time ON usage (at);\n"
 )
 # Logs written before request keys existed get the column; their old rows keep NULL (never a conflict).
@@ -101,7 +105,7 @@ class UsageLog(SqliteStore):
 
     def append(self, records: Iterable[UsageRecord]) -> None:
         """Log billed requests; one already logged under the same request key is left as it is."""
-        rows = [_ROW(record) for record in records]
+        rows = list(records)
         if rows:
             placeholders = ", ".join("?" * len(_COLUMNS))
             self._db.execute("BEGIN")
@@ -136,9 +140,10 @@ def usage_record(
 ) -> UsageRecord:
     """The usage-log row of a billed result: succeeded, refused, incomplete, or invalid_output (answered, but not
     to the schema); `request_id` is a realtime reply's request-id."""
-    usage = result.usage or Usage()
-    spec = config.models.get(result.model or task.model) or config.models[task.model]
-    prefix_key, prefix_tokens, ttl = system_prefix(task.frame)
+    usage = result.usage or _NO_USAGE
+    model = result.model or task.model
+    spec = config.models.get(model) or config.models[task.model]
+    max_tokens, prefix_key, prefix_tokens, ttl, thinking = _frame_facts(task.frame)
     split = usage.cache_write_5m_tokens + usage.cache_write_1h_tokens
     return UsageRecord(
         at=at,
@@ -146,7 +151,7 @@ def usage_record(
         task_id=task.task_id,
         task_type=task.task_type,
         route=result.route or task.route,
-        model=result.model or task.model,
+        model=model,
         status=result.status,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
@@ -154,17 +159,38 @@ def usage_record(
         cache_write_5m_tokens=usage.cache_write_5m_tokens if split else usage.cache_creation_input_tokens,
         cache_write_1h_tokens=usage.cache_write_1h_tokens,
         thinking_tokens=usage.thinking_tokens,
-        cost_usd=result.cost_usd or 0.0,
+        cost_usd=result.cost_usd,
         baseline_usd=baseline_cost(usage, spec),
         latency_s=latency_s,
-        max_tokens=int(task.frame.get("max_tokens", 0)),
+        max_tokens=max_tokens,
         prefix_key=prefix_key,
         prefix_tokens=prefix_tokens,
         cache_ttl=ttl,
-        thinking=thinking_label(task.frame),
+        thinking=thinking,
         route_reason=task.route_reason,
         request_key=request_key(task, result, request_id),
     )
+
+
+_NO_USAGE = Usage()
+_FrameFacts = tuple[int, str | None, int, str | None, str | None]
+# id(frame) → (frame, its facts). Tasks that render alike share one frame object, so its prompt is looked at once,
+# not once per billed row. The frame is held, so its id is never reused while cached; cleared when full, so raw
+# params (a frame per task) do not grow it without end.
+_FACTS: dict[int, tuple[dict[str, Any], _FrameFacts]] = {}
+_MAX_FACTS = 4096
+
+
+def _frame_facts(frame: dict[str, Any]) -> _FrameFacts:
+    """(max_tokens, system prompt digest, its tokens, its breakpoint TTL, thinking label) of a request's frame."""
+    cached = _FACTS.get(id(frame))
+    if cached is not None and cached[0] is frame:
+        return cached[1]
+    facts = (int(frame.get("max_tokens", 0)), *system_prefix(frame), thinking_label(frame))
+    if len(_FACTS) >= _MAX_FACTS:
+        _FACTS.clear()
+    _FACTS[id(frame)] = (frame, facts)
+    return facts
 
 
 def request_key(task: PlannedTask, result: FinishedRow, request_id: str | None) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +356,7 @@ def _state(tmp_path: Path) -> tuple[Path, Path]:
     shift = time.time() - NOW
     state = tmp_path / "state"
     with UsageLog.open(state) as log:
-        log.append([replace(r, at=r.at + shift) for r in hand_log()])
+        log.append([r._replace(at=r.at + shift) for r in hand_log()])
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEXT)
     return state, config
