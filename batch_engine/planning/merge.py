@@ -29,6 +29,10 @@ def in_input_order(finished: Iterable[tuple[int, Row]], rejections: Iterable[Rej
         ((r.index, rejection_result(r)) for r in rejections), key=_index
     )
     rows: Iterable[tuple[int, Row | TaskResult]] = finished
+    if not rejected:  # the usual case: nothing to merge, and a heap per row is a share of writing the output
+        for _, row in rows:
+            yield row
+        return
     for _, row in heapq.merge(rows, rejected, key=_index):
         yield row
 

@@ -10,11 +10,13 @@ from typing import Any, Literal
 
 import orjson
 
-from batch_engine.config import Config
-from batch_engine.models import BatchSummary, CostSummary, RunCounts, RunSummary, TaskResult, TokenTotals
+from batch_engine.config import Config, ModelSpec
+from batch_engine.models import BatchSummary, CostSummary, RunCounts, RunSummary, TaskResult, TokenTotals, Usage
 from batch_engine.planning.pricing import baseline_tokens_cost
 
 OutputFormat = Literal["json", "jsonl", "parsed-jsonl"]
+_USAGE_FIELDS = tuple(Usage.model_fields)
+_UNSEEN: Any = object()
 
 
 class Tally:
@@ -24,8 +26,10 @@ class Tally:
         self.config = config
         self.by_status: Counter[str] = Counter()
         self.by_route: Counter[str] = Counter()
-        self.tokens = dict.fromkeys(TokenTotals.model_fields, 0)
+        # `TokenTotals` in the order of `Usage`'s fields (input, output, cache read, cache write, 5m, 1h, thinking).
+        self.tokens = [0] * len(_USAGE_FIELDS)
         self.spent = self.baseline = 0.0
+        self._specs: dict[str | None, ModelSpec | None] = {}
 
     def add(self, row: Mapping[str, Any]) -> None:
         """One row, as its output JSON decoded (what the ledger stores: validating 1M rows into `TaskResult`s
@@ -38,23 +42,26 @@ class Tally:
         usage = row.get("usage")
         if usage is None:
             return
-        # Spelled out, not looped over the names: this runs once per output row.
+        # Spelled out, not looped over the names: this runs once per output row. A stored row's usage has every
+        # field of `Usage`, in its order (rows are `TaskResult`s dumped), so its values are read in one go.
+        if len(usage) == len(_USAGE_FIELDS):
+            uncached, output, read, written, write_5m, write_1h, thinking = usage.values()
+        else:
+            uncached, output, read, written, write_5m, write_1h, thinking = (usage.get(f, 0) for f in _USAGE_FIELDS)
         tokens = self.tokens
-        uncached, read, written = (
-            usage.get("input_tokens", 0),
-            usage.get("cache_read_input_tokens", 0),
-            usage.get("cache_creation_input_tokens", 0),
-        )
-        tokens["input"] += uncached
-        tokens["output"] += usage.get("output_tokens", 0)
-        tokens["cache_read"] += read
-        tokens["cache_write"] += written
-        tokens["cache_write_5m"] += usage.get("cache_write_5m_tokens", 0)
-        tokens["cache_write_1h"] += usage.get("cache_write_1h_tokens", 0)
-        tokens["thinking"] += usage.get("thinking_tokens", 0)
-        spec = self.config.models.get(row.get("model") or "")
+        tokens[0] += uncached
+        tokens[1] += output
+        tokens[2] += read
+        tokens[3] += written
+        tokens[4] += write_5m
+        tokens[5] += write_1h
+        tokens[6] += thinking
+        model = row.get("model")
+        spec = self._specs.get(model, _UNSEEN)
+        if spec is _UNSEEN:
+            spec = self._specs[model] = self.config.models.get(model or "")
         if spec is not None:
-            self.baseline += baseline_tokens_cost(uncached + read + written, usage.get("output_tokens", 0), spec)
+            self.baseline += baseline_tokens_cost(uncached + read + written, output, spec)
 
     def summary(
         self,
@@ -71,7 +78,16 @@ class Tally:
     ) -> RunSummary:
         """The run summary of the rows added; `batches` are (chunk key, batch id, last request counts, lost: the
         API no longer knows the batch)."""
-        tokens = TokenTotals(**self.tokens)
+        input_, output, read, written, write_5m, write_1h, thinking = self.tokens
+        tokens = TokenTotals(
+            input=input_,
+            output=output,
+            cache_read=read,
+            cache_write=written,
+            cache_write_5m=write_5m,
+            cache_write_1h=write_1h,
+            thinking=thinking,
+        )
         prompt = tokens.input + tokens.cache_read + tokens.cache_write
         by_status = self.by_status
         succeeded = by_status.get("succeeded", 0)

@@ -446,9 +446,10 @@ class Ledger(SqliteStore):
 
     def result_json(self, run_key: str) -> Iterator[tuple[int, bytes]]:
         """Every finished row of the run as stored, (index, its output JSON), in input order, read as a stream."""
-        cursor = self._db.execute("SELECT idx, row FROM results WHERE run_key = ? ORDER BY idx", (run_key,))
-        for row in cursor:
-            yield row["idx"], bytes(row["row"])
+        cursor = self._db.cursor()
+        cursor.row_factory = None  # plain tuples: a `sqlite3.Row` per row was a share of writing the output
+        for index, row in cursor.execute("SELECT idx, row FROM results WHERE run_key = ? ORDER BY idx", (run_key,)):
+            yield index, bytes(row)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

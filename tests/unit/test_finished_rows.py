@@ -4,6 +4,7 @@ so the ledger and the output file do not change. The reference below is that pat
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +27,8 @@ from batch_engine.planning.outcome import (
     succeeded,
     usage_from_api,
 )
-from batch_engine.planning.pricing import cost
+from batch_engine.planning.pricing import baseline_cost, cost
+from batch_engine.planning.run_summary import Tally
 from batch_engine.structured_output import TOOL_NAME, OutputSpec
 
 CONFIG = load_config()
@@ -296,3 +298,44 @@ def test_a_retried_row_carries_both_requests_usage_and_cost() -> None:
         == Usage(**{name: getattr(earlier.usage, name) + getattr(later.usage, name) for name in Usage.model_fields})
     )
     assert FinishedRow.of(stored) == row
+
+
+def test_the_run_summary_adds_up_every_stored_rows_usage_and_cost() -> None:
+    tasks = _tasks()
+    rows = [succeeded(task, message, "batch", 1, CONFIG).json for task in tasks for message in MESSAGES.values()]
+    rows += [failed(task, "expired", "batch", 1, None).json for task in tasks]
+    # A row whose usage lacks a field (as a row written before that field existed would): counted as zero.
+    legacy = orjson.loads(rows[0])
+    del legacy["usage"]["thinking_tokens"]
+    rows.append(orjson.dumps(legacy))
+    tally = Tally(CONFIG)
+    for row in rows:
+        tally.add(orjson.loads(row))
+    summary = tally.summary(
+        run_key="k",
+        input_path="in",
+        output_path="out",
+        simulated=True,
+        started_at=0.0,
+        finished_at=1.0,
+        total=len(rows),
+        batches=[],
+        durations_s={},
+    )
+    results = [TaskResult.model_validate_json(row) for row in rows]
+    usages = [r.usage for r in results if r.usage is not None]
+    assert summary.tokens.model_dump() == {
+        "input": sum(u.input_tokens for u in usages),
+        "output": sum(u.output_tokens for u in usages),
+        "cache_read": sum(u.cache_read_input_tokens for u in usages),
+        "cache_write": sum(u.cache_creation_input_tokens for u in usages),
+        "cache_write_5m": sum(u.cache_write_5m_tokens for u in usages),
+        "cache_write_1h": sum(u.cache_write_1h_tokens for u in usages),
+        "thinking": sum(u.thinking_tokens for u in usages),
+    }
+    baseline = sum(
+        baseline_cost(r.usage, CONFIG.models[r.model]) for r in results if r.usage is not None and r.model is not None
+    )
+    assert summary.cost.baseline_usd == round(baseline, 6)
+    assert summary.cost.total_usd == round(sum(r.cost_usd or 0.0 for r in results), 6)
+    assert summary.counts.by_status == dict(sorted(Counter(r.status for r in results).items()))
