@@ -114,7 +114,14 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
     """
     from batch_engine.planning.chunking import chunk_tasks
-    from batch_engine.planning.params import TemplateError, build_request, cache_key, output_form
+    from batch_engine.planning.params import (
+        TemplateError,
+        build_request,
+        cache_key,
+        output_form,
+        render,
+        shared_frame_key,
+    )
     from batch_engine.planning.routing import route_task
     from batch_engine.planning.rows import RowEncoder
     from batch_engine.planning.tokens import estimate_params_tokens, estimate_tokens
@@ -130,6 +137,9 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
     # id(frame) → (frame, its tokens without the user message, its cache key): tasks that render alike share one
     # frame, and its ~5 KB system prompt is measured and hashed once, not once per task.
     frames: dict[int, tuple[dict[str, Any], int, str | None]] = {}
+    # `shared_frame_key` → (model, frame): the frame of tasks whose records put nothing of their own in it, built
+    # once; each such task only renders its user message.
+    shared: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
     total = 0
     for record in records:
         total += 1
@@ -173,7 +183,15 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
                 form = output_form(config.models[model], task_type.thinking)
                 output = outputs[key] = OutputSpec.of(task_type.output_schema, form)
         try:
-            model, frame, user_text = build_request(checked, task_type, config, task_route, output)
+            frame_key = shared_frame_key(checked, task_type, task_route)
+            built = None if frame_key is None else shared.get(frame_key)
+            if built is None:
+                model, frame, user_text = build_request(checked, task_type, config, task_route, output)
+                if frame_key is not None:
+                    shared[frame_key] = model, frame
+            else:
+                model, frame = built
+                user_text = render(task_type.user, checked.input_data)
         except TemplateError as exc:
             rejections.append(
                 Rejection(

@@ -122,6 +122,19 @@ def thinking_warning(task_type_name: str, task_type: TaskType, model: str, spec:
     return None
 
 
+def has_placeholders(template: str) -> bool:
+    return any(name is not None for _, name, _, _ in _parsed(template))
+
+
+def shared_frame_key(task: TaskRequest, task_type: TaskType, route: Route) -> tuple[Any, ...] | None:
+    """What decides a task's frame when nothing of its own record goes into it (no raw params, no system prompt
+    of its own, a system template without placeholders): tasks with the same key get the same frame from
+    `build_request`. None when the record's data goes into the frame."""
+    if task.params is not None or task.system is not None or has_placeholders(task_type.system):
+        return None
+    return task.task_type, task.model, task.model_tier, task.max_tokens, route
+
+
 def build_request(
     task: TaskRequest, task_type: TaskType, config: Config, route: Route, output: OutputSpec | None = None
 ) -> tuple[str, dict[str, Any], str | None]:

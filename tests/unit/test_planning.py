@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from batch_engine.config import Config, Route, load_config
+from batch_engine.config import Config, Route, default_config_text, load_config, parse_config
 from batch_engine.files import RawRecord
 from batch_engine.models import Rejection, TaskRequest, TaskResult
 from batch_engine.planning import PlannedTask, make_plan
@@ -284,3 +284,65 @@ def test_a_tasks_metadata_json_holds_its_bytes_not_an_encoder_buffer(config: Con
     assert [orjson.loads(raw or b"null")["seq"] for raw in kept] == list(range(TASKS))
     exact = sum(sys.getsizeof(raw) for raw in kept) + sys.getsizeof(kept)
     assert held < 2 * exact, f"{held} bytes held for {exact} bytes of metadata JSON"
+
+
+_RECORD = st.fixed_dictionaries(
+    {"task_type": st.sampled_from(["summarize", "long", "templated", "extract_invoice", "chat"])},
+    optional={
+        "model_tier": st.sampled_from(["cheap", "capable", "premium"]),
+        "model": st.sampled_from(["claude-haiku-5-5", "claude-sonnet-4-6"]),
+        "max_tokens": st.sampled_from([16, 512, 200_000]),
+        "mode": st.sampled_from(["auto", "batch", "realtime"]),
+        "system": st.sampled_from(["", "Be brief.", LONG]),
+        "max_latency_s": st.sampled_from([5.0, 10**9]),
+    },
+)
+
+
+# A long constant system prompt (its breakpoint's TTL depends on the route) and one with a placeholder.
+_SHARED_CONFIG = parse_config(
+    default_config_text()
+    + f'\n[task_types.long]\nmode = "batch"\ntier = "cheap"\nsystem = "{LONG}"\nuser = "{{document}}"\n'
+    + '\n[task_types.templated]\nmode = "realtime"\nsystem = "About {service}."\nuser = "{logs}"\n',
+    "test.toml",
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_RECORD, min_size=1, max_size=12), st.sampled_from([None, "batch", "realtime"]))
+@example([{"task_type": "long"}, {"task_type": "long", "mode": "realtime"}], None)
+@example([{"task_type": "summarize"}, {"task_type": "summarize", "model_tier": "premium"}], None)
+@example([{"task_type": "summarize"}, {"task_type": "summarize", "max_tokens": 16}], None)
+@example([{"task_type": "summarize"}, {"task_type": "summarize", "system": "Be brief."}], None)
+@example([{"task_type": "templated"}, {"task_type": "templated"}], None)
+def test_tasks_that_share_a_frame_are_planned_as_each_would_be_alone(
+    shapes: list[dict[str, object]], route: Route | None
+) -> None:
+    # A frame built for one task is reused for the next with the same key: every task must still get exactly the
+    # params, model and estimate it gets planned on its own.
+    config = _SHARED_CONFIG
+    records = [
+        {
+            "task_id": f"t{i}",
+            "input_data": {"document": "d", "service": f"s{i}", "logs": "x", "text": "I", "message": "m"},
+        }
+        | shape
+        for i, shape in enumerate(shapes)
+    ]
+    together = make_plan(records_of(records), config, NOW, route=route)
+    alone = [make_plan(records_of([record]), config, NOW, route=route) for record in records]
+    assert [r.index for r in together.rejections] == [i for i, plan in enumerate(alone) if plan.rejections]
+    planned = {task.index: task for task in together.tasks}
+    for index, plan in enumerate(alone):
+        if plan.rejections:
+            continue
+        (single,) = plan.tasks
+        task = planned[index]
+        assert (task.params, task.model, task.route, task.estimated_input_tokens, task.cache_key) == (
+            single.params,
+            single.model,
+            single.route,
+            single.estimated_input_tokens,
+            single.cache_key,
+        )
+        assert task.output is None if single.output is None else task.output is not None
