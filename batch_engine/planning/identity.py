@@ -22,29 +22,32 @@ def _digest(*parts: bytes) -> bytes:
     return hashlib.blake2b(framed, digest_size=16).digest()
 
 
+def _framed(part: bytes) -> bytes:
+    return len(part).to_bytes(8, "little") + part
+
+
 def iter_request_digests(plan: Plan) -> Iterator[tuple[int, bytes]]:
     """(input index, digest of the request its task sends: task id, route, streaming, rendered params), in plan
     order."""
-    frames: dict[int, bytes] = {}  # tasks rendered alike share one frame object: serialize it once
+    # Tasks rendered alike share one frame object: its middle part (route, streaming, the frame's digest, each
+    # after its length) is framed once, not per task. Raw params are a frame per task: not kept.
+    middles: dict[tuple[int, str, bool], bytes] = {}
 
-    def frame_digest(task: PlannedTask) -> bytes:
-        key = id(task.frame)
-        found = frames.get(key)
-        if found is None:
-            found = frames[key] = _digest(orjson.dumps(task.frame, option=orjson.OPT_SORT_KEYS))
-        return found
+    def middle(task: PlannedTask) -> bytes:
+        frame = _digest(orjson.dumps(task.frame, option=orjson.OPT_SORT_KEYS))
+        return _framed(task.route.encode()) + _framed(b"stream" if task.stream else b"") + _framed(frame)
 
     for task in plan.tasks:
-        yield (
-            task.index,
-            _digest(
-                task.task_id.encode(),
-                task.route.encode(),
-                b"stream" if task.stream else b"",
-                frame_digest(task),
-                b"\x00" if task.user_text is None else task.user_text.encode(),
-            ),
-        )
+        if task.user_text is None:
+            shared, user = middle(task), b"\x00"
+        else:
+            key = (id(task.frame), task.route, task.stream)
+            shared = middles.get(key) or middles.setdefault(key, middle(task))
+            user = task.user_text.encode()
+        task_id = task.task_id.encode()
+        # The same bytes `_digest` frames (each part after its length): run keys stay what they were.
+        framed = b"".join((len(task_id).to_bytes(8, "little"), task_id, shared, len(user).to_bytes(8, "little"), user))
+        yield task.index, hashlib.blake2b(framed, digest_size=16).digest()
 
 
 def request_digests(plan: Plan) -> dict[int, bytes]:

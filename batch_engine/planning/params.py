@@ -122,6 +122,7 @@ def thinking_warning(task_type_name: str, task_type: TaskType, model: str, spec:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def has_placeholders(template: str) -> bool:
     return any(name is not None for _, name, _, _ in _parsed(template))
 

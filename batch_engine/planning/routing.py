@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from batch_engine.config import Route, TaskType
@@ -19,4 +20,10 @@ def route_task(task: TaskRequest, task_type: TaskType, now: datetime, batch_sla_
         left = (deadline - now).total_seconds()
         if left < batch_sla_s:
             return "realtime", f"deadline in {left:.0f}s is sooner than the batch SLA of {batch_sla_s:g}s"
-    return task_type.mode, f"task type {task.task_type} defaults to {task_type.mode}"
+    return task_type.mode, _default_reason(task.task_type, task_type.mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _default_reason(task_type: str, mode: Route) -> str:
+    # One string per task type, not one per task (most tasks take their type's default).
+    return f"task type {task_type} defaults to {mode}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import sys
 import tracemalloc
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from batch_engine.files import RawRecord
 from batch_engine.models import Rejection, TaskRequest, TaskResult
 from batch_engine.planning import PlannedTask, make_plan
 from batch_engine.planning.chunking import chunk_tasks, row_bytes
+from batch_engine.planning.identity import request_digests
 from batch_engine.planning.merge import in_input_order
 from batch_engine.planning.outcome import FinishedRow
 from batch_engine.planning.params import TemplateError, count_breakpoints, render
@@ -346,3 +349,31 @@ def test_tasks_that_share_a_frame_are_planned_as_each_would_be_alone(
             single.cache_key,
         )
         assert task.output is None if single.output is None else task.output is not None
+
+
+def test_a_request_digest_frames_each_part_after_its_length(config: Config) -> None:
+    # Run keys must stay what earlier versions computed (a re-run re-attaches to its batches by them): each task's
+    # digest is blake2b-128 over its id, route, streaming flag, frame digest and user text, each after its length.
+    records = [
+        {"task_id": "a", "task_type": "summarize", "input_data": {"document": "ü"}},
+        {"task_id": "b", "task_type": "summarize", "input_data": {"document": ""}, "mode": "realtime"},
+        {"task_id": "c", "task_type": "chat", "params": {"messages": [{"role": "user", "content": "raw"}]}},
+    ]
+    plan = make_plan(records_of(records), config, NOW)
+    plan = replace(plan, tasks=(*plan.tasks, replace(plan.tasks[0], index=9, task_id="s", stream=True)))
+
+    def framed(*parts: bytes) -> bytes:
+        whole = b"".join(len(part).to_bytes(8, "little") + part for part in parts)
+        return hashlib.blake2b(whole, digest_size=16).digest()
+
+    expected = {
+        task.index: framed(
+            task.task_id.encode(),
+            task.route.encode(),
+            b"stream" if task.stream else b"",
+            framed(orjson.dumps(task.frame, option=orjson.OPT_SORT_KEYS)),
+            b"\x00" if task.user_text is None else task.user_text.encode(),
+        )
+        for task in plan.tasks
+    }
+    assert request_digests(plan) == expected
