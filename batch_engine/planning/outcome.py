@@ -79,6 +79,9 @@ def usage_from_api(usage: dict[str, Any] | None) -> Usage:
 
 def message_text(content: list[dict[str, Any]]) -> str:
     """The concatenated text blocks of a message (thinking and tool blocks stay in `content`)."""
+    if len(content) == 1:  # the usual answer: one text block (the text as it is, not joined)
+        block = content[0]
+        return str(block.get("text", "")) if block.get("type") == "text" else ""
     return "".join(str(block.get("text", "")) for block in content if block.get("type") == "text")
 
 
@@ -100,8 +103,7 @@ def answer_status(message: dict[str, Any], content: list[dict[str, Any]]) -> tup
         return "refused", ErrorInfo(type="refusal", message=f"{reason}: {explanation}" if explanation else reason)
     if stop_reason in _INCOMPLETE_STOP_REASONS:
         return "incomplete", ErrorInfo(type=str(stop_reason), message=_INCOMPLETE_STOP_REASONS[str(stop_reason)])
-    answered = any(block.get("type") in ("text", "tool_use") for block in content)
-    if stop_reason == "max_tokens" and not answered:
+    if stop_reason == "max_tokens" and not any(block.get("type") in ("text", "tool_use") for block in content):
         # Thinking counts toward max_tokens: a small max_tokens can be spent on thinking alone.
         message_text_ = "max_tokens was reached before any text (thinking may have used all of it)"
         return "incomplete", ErrorInfo(type="max_tokens", message=message_text_)
