@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -24,6 +25,7 @@ from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, AFTER_COMMIT_KINDS, FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
+from batch_engine.emulator.rows import PackedRows, split_rows
 from batch_engine.emulator.settings import ENDPOINTS
 from batch_engine.emulator.state import EmulatorState, write_state
 from batch_engine.emulator.wire import ApiFailure, error_body, invalid, new_id, rfc3339
@@ -52,7 +54,7 @@ class Incoming:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
-    body: bytes = b""
+    body: bytes | bytearray = b""
 
     def json(self) -> Any:
         try:
@@ -161,7 +163,8 @@ class EmulatorApp:
                 self._authenticate(headers)
             if body is None:
                 raise ApiFailure("request_too_large", "Request exceeds the maximum allowed number of bytes.")
-            incoming.body = body
+            # Held by `incoming` alone, so a handler can let go of a 200 MB batch body once it has read it.
+            incoming.body, body = body, b""
             outgoing = await route.handler(incoming, path_id)
         except ApiFailure as failure:
             outgoing = Outgoing.json(failure.body(request_id), failure.status, _with_should_retry(failure))
@@ -192,26 +195,27 @@ class EmulatorApp:
         return settings.max_message_body_bytes if route.body == "message" else settings.max_batch_body_bytes
 
     @staticmethod
-    async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes | None:
+    async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes | bytearray | None:
         """The body, or None when it is over `limit` (still drained, so the client gets to read the 413)."""
         declared = headers.get("content-length")
         over = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise DroppedConnection("client went away")
+        first: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            return None if over or len(first) > limit else first
+        # Grown in place: a list of chunks joined at the end would hold a 200 MB batch body twice.
+        body = bytearray() if over else bytearray(first)
+        while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise DroppedConnection("client went away")
-            chunk = message.get("body", b"")
             if not over:
-                size += len(chunk)
-                if size > limit:
-                    over, chunks = True, []
-                else:
-                    chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return None if over else b"".join(chunks)
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    over, body = True, bytearray()
+        return None if over else body
 
     def _authenticate(self, headers: dict[str, str]) -> None:
         key = headers.get("x-api-key")
@@ -365,6 +369,32 @@ class EmulatorApp:
     async def _batches_create(self, incoming: Incoming, _: str) -> Outgoing:
         fault = self._fault("batches_create")
         self._batch_rpm()
+        pieces = split_rows(incoming.body)
+        try:
+            custom_ids, rows = self._batch_rows(pieces if pieces is not None else self._requests(incoming))
+        except (ApiFailure, orjson.JSONDecodeError):
+            if pieces is None:
+                raise
+            # A row that is not one JSON value, or a refusal: answer exactly as if the whole body were parsed
+            # first (invalid JSON anywhere wins over a bad row).
+            custom_ids, rows = self._batch_rows(self._requests(incoming))
+        incoming.body = b""
+        wait = self.state.queue_room(len(custom_ids))
+        if wait is not None:
+            cap = self.state.settings.batch_queue_cap
+            raise _rate_limited(
+                Refusal("batch_queue", cap or 0, max(wait, 0.05)),
+                {},
+                f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
+            )
+        batch = self.state.create_batch(custom_ids, rows, incoming.api_version)
+        if fault in AFTER_COMMIT_KINDS:
+            raise self.state.faults.after_commit_failure(fault)  # created, yet the client sees an error
+        data = batch.to_json(incoming.base_url, self.state.clock.now())
+        return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
+
+    @staticmethod
+    def _requests(incoming: Incoming) -> list[Any]:
         payload = incoming.json()
         if not isinstance(payload, dict):
             raise invalid("Request body must be a JSON object.")
@@ -372,13 +402,21 @@ class EmulatorApp:
             if key != "requests":
                 raise invalid(f"{key}: Extra inputs are not permitted")
         requests = payload.get("requests")
+        return requests if isinstance(requests, list) else []  # not a list: refused like an empty one
+
+    def _batch_rows(self, requests: list[Any]) -> tuple[list[str], PackedRows]:
+        """Validate the items of `requests` (parsed, or JSON pieces parsed here one by one) and pack them."""
         maximum = self.state.settings.max_batch_requests
-        if not isinstance(requests, list) or not 1 <= len(requests) <= maximum:
+        if not 1 <= len(requests) <= maximum:
             raise invalid(f"requests: a batch holds between 1 and {maximum:,} requests")
         custom_ids: list[str] = []
-        params: list[Any] = []
+        rows = PackedRows()
         seen: set[str] = set()
-        for index, item in enumerate(requests):
+        for index in range(len(requests)):
+            # Each item is dropped once packed, so the parse tree of a large body shrinks as it is read.
+            item, requests[index] = requests[index], None
+            if isinstance(item, memoryview):
+                item = orjson.loads(item)
             if not isinstance(item, dict) or set(item) != {"custom_id", "params"}:
                 raise invalid(f"requests.{index}: each request needs exactly `custom_id` and `params`")
             custom_id, row_params = item["custom_id"], item["params"]
@@ -392,20 +430,8 @@ class EmulatorApp:
                 raise invalid(f"requests.{index}.params.stream: streaming is not supported in Message Batches")
             seen.add(custom_id)
             custom_ids.append(custom_id)
-            params.append(row_params)
-        wait = self.state.queue_room(len(custom_ids))
-        if wait is not None:
-            cap = self.state.settings.batch_queue_cap
-            raise _rate_limited(
-                Refusal("batch_queue", cap or 0, max(wait, 0.05)),
-                {},
-                f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
-            )
-        batch = self.state.create_batch(custom_ids, params, incoming.api_version)
-        if fault in AFTER_COMMIT_KINDS:
-            raise self.state.faults.after_commit_failure(fault)  # created, yet the client sees an error
-        data = batch.to_json(incoming.base_url, self.state.clock.now())
-        return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
+            rows.append(row_params)
+        return custom_ids, rows
 
     async def _batches_retrieve(self, incoming: Incoming, batch_id: str) -> Outgoing:
         fault = self._fault("batches_retrieve")
@@ -465,10 +491,9 @@ class EmulatorApp:
         if batch.status != "ended":
             raise invalid(f"Message Batch {batch_id} has not finished processing; results are not available yet.")
         lines = batch.results()
-        chunks = [
-            b"".join(line + b"\n" for line in lines[start : start + RESULTS_CHUNK_LINES])
-            for start in range(0, len(lines), RESULTS_CHUNK_LINES)
-        ]
+        chunks = []
+        while chunk := b"".join(line + b"\n" for line in itertools.islice(lines, RESULTS_CHUNK_LINES)):
+            chunks.append(chunk)
         return Outgoing(200, chunks, "application/x-jsonl", drop=fault == "drop")
 
     # --- Models ---------------------------------------------------------------------------------------------

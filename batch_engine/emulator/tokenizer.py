@@ -13,6 +13,8 @@ Tools and other structured blocks count by their JSON text; images and PDFs by f
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -25,14 +27,51 @@ _PIECE = re.compile(r" ?[A-Za-z]{1,6}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
 _FAMILY_TENTHS = {"legacy": 10, "new": 13}
 
 
-def text_tokens(text: str, family: str) -> int:
-    """Tokens of a text for a model family ("legacy" or "new"); deterministic."""
-    if not text:
-        return 0
+# Counts of long texts are remembered: a batch repeats the same few-KB system prompt on every row, and counting
+# it again per row was most of the emulator's CPU. Bounded by characters held, so huge documents cannot pile up.
+MEMO_MIN_CHARS = 256
+MEMO_MAX_CHARS = 32_000_000
+
+
+class _PieceCounts:
+    """A least-recently-used map from long texts to their piece counts, bounded by the characters it holds."""
+
+    def __init__(self, max_chars: int) -> None:
+        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._chars = 0
+        self._max_chars = max_chars
+
+    def pieces(self, text: str) -> int:
+        count = self._counts.get(text)
+        if count is not None:
+            self._counts.move_to_end(text)
+            return count
+        count = _count_pieces(text)
+        if len(text) <= self._max_chars:
+            self._counts[text] = count
+            self._chars += len(text)
+            while self._chars > self._max_chars:
+                oldest, _ = self._counts.popitem(last=False)
+                self._chars -= len(oldest)
+        return count
+
+
+def _count_pieces(text: str) -> int:
     pieces = len(_PIECE.findall(text))
     if not text.isascii():
         # Non-ASCII characters the pattern saw as punctuation: each multi-byte character costs one more token.
         pieces += sum(1 for char in text if ord(char) > 0x7F)
+    return pieces
+
+
+_MEMO = _PieceCounts(MEMO_MAX_CHARS)
+
+
+def text_tokens(text: str, family: str) -> int:
+    """Tokens of a text for a model family ("legacy" or "new"); deterministic."""
+    if not text:
+        return 0
+    pieces = _MEMO.pieces(text) if len(text) >= MEMO_MIN_CHARS else _count_pieces(text)
     return (pieces * _FAMILY_TENTHS[family] + 9) // 10
 
 
@@ -43,8 +82,10 @@ def prefix_within(text: str, tokens: int, family: str) -> str:
     if text.isascii():
         # ceil(pieces * tenths / 10) <= tokens  <=>  pieces <= tokens * 10 // tenths
         keep = tokens * 10 // _FAMILY_TENTHS[family]
-        ends = [match.end() for match in _PIECE.finditer(text, 0)]
-        return text[: ends[keep - 1]] if keep > 0 else ""
+        if keep <= 0:
+            return ""
+        last = next(islice(_PIECE.finditer(text), keep - 1, None))
+        return text[: last.end()]
     low, high = 0, len(text)
     while low < high:
         middle = (low + high + 1) // 2
