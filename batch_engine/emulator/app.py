@@ -603,7 +603,9 @@ def _with_should_retry(failure: ApiFailure) -> dict[str, str]:
 
 
 def _query(scope: Scope) -> dict[str, str]:
-    raw = scope.get("query_string", b"").decode("latin-1")
+    if not scope.get("query_string"):
+        return {}
+    raw = scope["query_string"].decode("latin-1")
     return {key: values[-1] for key, values in parse_qs(raw).items()}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from itertools import islice
 from typing import Any
 
 import orjson
@@ -77,15 +76,16 @@ def text_tokens(text: str, family: str) -> int:
 
 def prefix_within(text: str, tokens: int, family: str) -> str:
     """The longest prefix of `text`, cut between tokens, that counts at most `tokens`."""
+    if text.isascii():
+        # ceil(pieces * tenths / 10) <= tokens  <=>  pieces <= tokens * 10 // tenths. Every character is in some
+        # piece and pieces follow one another, so the first `keep` pieces' lengths add up to where to cut.
+        keep = max(0, tokens * 10 // _FAMILY_TENTHS[family])
+        pieces = _PIECE.findall(text)
+        if len(pieces) <= keep:
+            return text
+        return text[: sum(map(len, pieces[:keep]))]
     if text_tokens(text, family) <= tokens:
         return text
-    if text.isascii():
-        # ceil(pieces * tenths / 10) <= tokens  <=>  pieces <= tokens * 10 // tenths
-        keep = tokens * 10 // _FAMILY_TENTHS[family]
-        if keep <= 0:
-            return ""
-        last = next(islice(_PIECE.finditer(text), keep - 1, None))
-        return text[: last.end()]
     low, high = 0, len(text)
     while low < high:
         middle = (low + high + 1) // 2
