@@ -62,6 +62,12 @@ def _before(body: bytes | bytearray, end: int | None, start: int, mark: bytes) -
     return end
 
 
+def _exact(raw: bytes) -> bytes:
+    """A copy of `raw` in an allocation of its own size: orjson's output keeps its whole write buffer (4 KB at
+    least), which held per row would cost more than the row."""
+    return bytes(memoryview(raw))
+
+
 class PackedRows:
     """The params of a batch's rows as JSON bytes, large repeated values stored once; a row is freed when taken."""
 
@@ -84,9 +90,13 @@ class PackedRows:
                 continue
             raw = orjson.dumps(value)
             if len(raw) >= SHARED_MIN_BYTES:
-                shared.append((key, self._shared.setdefault(raw, raw)))
+                kept = self._shared.get(raw)
+                if kept is None:
+                    kept = _exact(raw)
+                    self._shared[kept] = kept
+                shared.append((key, kept))
                 rest[key] = None  # keeps the key's place, so the row reads back in its own key order
-        self._rows.append((orjson.dumps(rest), tuple(shared)))
+        self._rows.append((_exact(orjson.dumps(rest)), tuple(shared)))
 
     def params(self, index: int) -> dict[str, Any] | None:
         """The params of row `index` as they were sent; None once taken."""

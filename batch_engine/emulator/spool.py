@@ -26,7 +26,7 @@ class ResultSpool:
     def append(self, line: bytes) -> None:
         if self._file is None:
             # Unlinked at once on POSIX: the space returns to the disk when the spool is dropped or closed.
-            self._file = tempfile.TemporaryFile(prefix="emulator_results_")
+            self._file = tempfile.TemporaryFile(prefix="emulator_results_")  # noqa: SIM115 (lives as long as the batch)
         self._file.write(line)
         self._ends.append((self._ends[-1] if self._ends else 0) + len(line))
 

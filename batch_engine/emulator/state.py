@@ -21,8 +21,8 @@ from batch_engine.emulator.clock import ScaledClock
 from batch_engine.emulator.faults import FaultInjector
 from batch_engine.emulator.params import MessageRequest, parse_request
 from batch_engine.emulator.ratelimit import RateLimitBuckets
-from batch_engine.emulator.rows import PackedRows
 from batch_engine.emulator.replies import build_reply, message_json
+from batch_engine.emulator.rows import PackedRows
 from batch_engine.emulator.settings import EmulatorSettings
 from batch_engine.emulator.stats import Stats
 from batch_engine.emulator.wire import ApiFailure, error_body, new_id, rfc3339
@@ -146,9 +146,7 @@ class EmulatorState:
 
     # --- Batches --------------------------------------------------------------------------------------------
 
-    def create_batch(
-        self, custom_ids: list[str], rows: PackedRows, api_version: str = VERSION_2026_10_21
-    ) -> Batch:
+    def create_batch(self, custom_ids: list[str], rows: PackedRows, api_version: str = VERSION_2026_10_21) -> Batch:
         settings = self.settings
         faults = RowFaults(
             settings.batch_row_error_rate,
@@ -156,9 +154,7 @@ class EmulatorState:
             settings.batch_row_expire_rate,
             settings.batch_never_ends,
         )
-        batch = self.batches.create(
-            custom_ids, rows, self.clock.now(), settings.batch_duration_s, faults, api_version
-        )
+        batch = self.batches.create(custom_ids, rows, self.clock.now(), settings.batch_duration_s, faults, api_version)
         self.stats.record_batch(custom_ids)
         self.dirty = True
         self.wake.set()
