@@ -205,17 +205,32 @@ class EmulatorApp:
         first: bytes = message.get("body", b"")
         if not message.get("more_body", False):
             return None if over or len(first) > limit else first
-        # Grown in place: a list of chunks joined at the end would hold a 200 MB batch body twice.
-        body = bytearray() if over else bytearray(first)
+        # Filled in place, sized by content-length when sent: a list of chunks joined at the end would hold a 200 MB
+        # batch body twice, and a growing buffer keeps room to spare.
+        size = int(declared) if declared is not None and declared.isdigit() and not over else 0
+        body = bytearray(max(size, len(first)))
+        body[: len(first)] = first
+        filled = len(first)
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise DroppedConnection("client went away")
-            if not over:
-                body += message.get("body", b"")
-                if len(body) > limit:
-                    over, body = True, bytearray()
-        return None if over else body
+            chunk = message.get("body", b"")
+            if over or not chunk:
+                continue
+            if filled + len(chunk) > limit:
+                over, body = True, bytearray()
+                continue
+            if filled + len(chunk) <= len(body):
+                body[filled : filled + len(chunk)] = chunk
+            else:
+                del body[filled:]
+                body += chunk
+            filled += len(chunk)
+        if over:
+            return None
+        del body[filled:]
+        return body
 
     def _authenticate(self, headers: dict[str, str]) -> None:
         key = headers.get("x-api-key")
