@@ -25,7 +25,7 @@ from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, AFTER_COMMIT_KINDS, FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
-from batch_engine.emulator.rows import PackedRows, split_rows
+from batch_engine.emulator.rows import PackedRows, StreamedRows, check_item
 from batch_engine.emulator.settings import ENDPOINTS
 from batch_engine.emulator.state import EmulatorState, write_state
 from batch_engine.emulator.wire import ApiFailure, error_body, invalid, new_id, rfc3339
@@ -36,7 +36,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
-CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 SMALL_BODY = 1_000_000
 RESULTS_CHUNK_LINES = 2000
 PROCESS_SLICE_ROWS = 500
@@ -55,6 +54,7 @@ class Incoming:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes | bytearray = b""
+    rows: StreamedRows | None = None  # a batch create's body, taken in row by row as it arrived
 
     def json(self) -> Any:
         try:
@@ -156,15 +156,18 @@ class EmulatorApp:
         if route is not None and route.api:
             self.state.stats.record_arrival()
         try:
-            body = await self._read_body(receive, headers, self._body_limit(route))
+            if route is not None and route.body == "batch":
+                incoming.rows = await self._read_rows(receive, headers, self._body_limit(route))
+                body: bytes | bytearray | None = None if incoming.rows is None else b""
+            else:
+                body = await self._read_body(receive, headers, self._body_limit(route))
             if route is None:
                 raise ApiFailure("not_found_error", f"Not found: {scope['method']} {scope['path']}")
             if route.api:
                 self._authenticate(headers)
             if body is None:
                 raise ApiFailure("request_too_large", "Request exceeds the maximum allowed number of bytes.")
-            # Held by `incoming` alone, so a handler can let go of a 200 MB batch body once it has read it.
-            incoming.body, body = body, b""
+            incoming.body = body
             outgoing = await route.handler(incoming, path_id)
         except ApiFailure as failure:
             outgoing = Outgoing.json(failure.body(request_id), failure.status, _with_should_retry(failure))
@@ -174,6 +177,9 @@ class EmulatorApp:
             # A bug here must not look like a network failure to the client: answer as the API would.
             logger.exception("emulator: unexpected error answering %s %s", scope["method"], scope["path"])
             outgoing = Outgoing.json(error_body("api_error", "Internal server error", request_id), 500)
+        finally:
+            if incoming.rows is not None:
+                incoming.rows.close()
         if route is not None and route.endpoint.startswith(("POST /v1/messages/batches", "GET /v1/messages/batches")):
             # Batch endpoints report their own request limit too (polling counts against it).
             outgoing.headers = {**self.state.limiter.batch_headers(), **outgoing.headers}
@@ -231,6 +237,33 @@ class EmulatorApp:
             return None
         del body[filled:]
         return body
+
+    @staticmethod
+    async def _read_rows(receive: Receive, headers: dict[str, str], limit: int) -> StreamedRows | None:
+        """A batch create's body, its rows packed as they arrive; None when it is over `limit` (still drained)."""
+        declared = headers.get("content-length")
+        over = declared is not None and declared.isdigit() and int(declared) > limit
+        rows = None if over else StreamedRows()
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if rows is not None:
+                    rows.close()
+                raise DroppedConnection("client went away")
+            chunk = message.get("body", b"")
+            if rows is not None:
+                size += len(chunk)
+                if size > limit:
+                    rows.close()
+                    rows = None
+                else:
+                    rows.feed(chunk)
+            if not message.get("more_body", False):
+                break
+        if rows is not None:
+            rows.finish()
+        return rows
 
     def _authenticate(self, headers: dict[str, str]) -> None:
         key = headers.get("x-api-key")
@@ -384,16 +417,17 @@ class EmulatorApp:
     async def _batches_create(self, incoming: Incoming, _: str) -> Outgoing:
         fault = self._fault("batches_create")
         self._batch_rpm()
-        pieces = split_rows(incoming.body)
-        try:
-            custom_ids, rows = self._batch_rows(pieces if pieces is not None else self._requests(incoming))
-        except (ApiFailure, orjson.JSONDecodeError):
-            if pieces is None:
-                raise
-            # A row that is not one JSON value, or a refusal: answer exactly as if the whole body were parsed
-            # first (invalid JSON anywhere wins over a bad row).
+        streamed = incoming.rows
+        if streamed is not None and not streamed.whole:
+            # Every row parsed and passed its checks as it arrived, so the body is valid JSON of the usual shape.
+            custom_ids, rows = streamed.custom_ids, streamed.rows
+            self._check_count(len(custom_ids))
+        else:
+            # Another layout, a bad row or invalid JSON: parse the whole body, answering exactly as the API does.
+            if streamed is not None:
+                incoming.body = streamed.whole_body()
             custom_ids, rows = self._batch_rows(self._requests(incoming))
-        incoming.body = b""
+            incoming.body = b""
         wait = self.state.queue_room(len(custom_ids))
         if wait is not None:
             cap = self.state.settings.batch_queue_cap
@@ -419,33 +453,23 @@ class EmulatorApp:
         requests = payload.get("requests")
         return requests if isinstance(requests, list) else []  # not a list: refused like an empty one
 
-    def _batch_rows(self, requests: list[Any]) -> tuple[list[str], PackedRows]:
-        """Validate the items of `requests` (parsed, or JSON pieces parsed here one by one) and pack them."""
+    def _check_count(self, count: int) -> None:
         maximum = self.state.settings.max_batch_requests
-        if not 1 <= len(requests) <= maximum:
+        if not 1 <= count <= maximum:
             raise invalid(f"requests: a batch holds between 1 and {maximum:,} requests")
+
+    def _batch_rows(self, requests: list[Any]) -> tuple[list[str], PackedRows]:
+        """Check the parsed items of `requests` and pack them."""
+        self._check_count(len(requests))
         custom_ids: list[str] = []
         rows = PackedRows()
         seen: set[str] = set()
         for index in range(len(requests)):
             # Each item is dropped once packed, so the parse tree of a large body shrinks as it is read.
             item, requests[index] = requests[index], None
-            if isinstance(item, memoryview):
-                item = orjson.loads(item)
-            if not isinstance(item, dict) or set(item) != {"custom_id", "params"}:
-                raise invalid(f"requests.{index}: each request needs exactly `custom_id` and `params`")
-            custom_id, row_params = item["custom_id"], item["params"]
-            if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id):
-                raise invalid(f"requests.{index}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")
-            if custom_id in seen:
-                raise invalid(f"requests.{index}.custom_id: {custom_id!r} is not unique within the batch")
-            if not isinstance(row_params, dict):
-                raise invalid(f"requests.{index}.params: Input should be an object")
-            if "stream" in row_params:
-                raise invalid(f"requests.{index}.params.stream: streaming is not supported in Message Batches")
-            seen.add(custom_id)
+            custom_id, params = check_item(index, item, seen)
             custom_ids.append(custom_id)
-            rows.append(row_params)
+            rows.append(params)
         return custom_ids, rows
 
     async def _batches_retrieve(self, incoming: Incoming, batch_id: str) -> Outgoing:
