@@ -128,11 +128,20 @@ class _Child:
         await self._client.close()
 
 
+class _Output(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 async def _serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
+    transport, out = await loop.connect_write_pipe(_Output, stdout)
     try:
         first = await read_frame(reader)
     except asyncio.IncompleteReadError:
@@ -154,9 +163,8 @@ async def _serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
         await child.close()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         transport.write(frame([0, "bye", usage.ru_utime + usage.ru_stime, child.answered]))
-        while transport.get_write_buffer_size() and not transport.is_closing():
-            await asyncio.sleep(0.001)
         transport.close()
+        await out.closed  # once what was written is flushed
 
 
 def main() -> None:
