@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -647,11 +647,12 @@ class Run:
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
 
-    def finish(self) -> RunSummary:
+    def finish(self, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
         """Finish: write the merged output atomically, mark the run complete, and return its summary.
 
-        One pass over the ledger: each row is written as stored and counted into the summary on the way; the
-        summary, which the output puts first, is then written with the rows after it.
+        One pass over the ledger: each row is written as stored and counted into the summary on the way (and
+        handed, decoded, to `observe`: the flow's artifacts); the summary, which the output puts first, is then
+        written with the rows after it.
         """
         crash_point("output.before")
         write_at = time.time()
@@ -669,6 +670,8 @@ class Run:
         def counted() -> Iterator[bytes]:
             for row, decoded in self.output_rows():
                 tally.add(decoded)
+                if observe is not None:
+                    observe(decoded)
                 yield row
                 crash_point("output.partial")  # killed with the output part written
 
@@ -745,7 +748,7 @@ class Phases(Protocol):
     async def send_realtime(self, run: Run, lanes: Lanes) -> int: ...
     async def send_leftovers(self, run: Run, lanes: Lanes) -> int: ...
     async def park(self, run: Run) -> list[str]: ...
-    async def finish(self, run: Run) -> RunSummary: ...
+    async def finish(self, run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary: ...
 
 
 class DirectPhases:
@@ -772,8 +775,8 @@ class DirectPhases:
     async def park(self, run: Run) -> list[str]:
         return run.park()
 
-    async def finish(self, run: Run) -> RunSummary:
-        return run.finish()
+    async def finish(self, run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
+        return run.finish(observe)
 
 
 DIRECT_PHASES = DirectPhases()
