@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
-from batch_engine.client import RetryPolicy, error_headers
+from batch_engine.client import ApiSettings, RetryPolicy, error_headers, make_client
 from batch_engine.config import Config, TaskType, load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ApiError
+from batch_engine.lanes.sender import AUTO_PROCESS_REQUESTS, Sender, SenderMode
 from batch_engine.runner import RunOptions
 from batch_engine.sender_process import MODULE
 from tests.support.engine import NO_WAIT_POLICY, fast_config, messages_calls, run_engine, write_jsonl
@@ -70,6 +72,21 @@ def _comparable(output: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     run = {key: value for key, value in output.run.items() if key not in _RUN_FIELDS}
     rows = [{key: value for key, value in row.items() if key != "batch_id"} for row in output.rows]
     return run, rows
+
+
+def test_auto_uses_a_sender_process_only_for_a_big_lane_on_two_cpus() -> None:
+    api = ApiSettings(SecretStr("sk-test"), "http://127.0.0.1:9")
+    client = make_client(api)
+    log = logging.getLogger("batch_engine")
+
+    def pays(mode: SenderMode, requests: int, cpus: int) -> bool:
+        return Sender(client, api, mode, log, cpus=cpus).pays(requests)
+
+    assert pays("auto", AUTO_PROCESS_REQUESTS, cpus=2) and not pays("auto", AUTO_PROCESS_REQUESTS - 1, cpus=2)
+    assert not pays("auto", 10 * AUTO_PROCESS_REQUESTS, cpus=1)
+    assert pays("process", 1, cpus=1) and not pays("inline", 10 * AUTO_PROCESS_REQUESTS, cpus=2)
+    # The samples (63 realtime tasks) and the startup benchmark (1,000) stay inline.
+    assert AUTO_PROCESS_REQUESTS > 1000
 
 
 def test_a_run_through_the_sender_process_writes_what_an_inline_run_writes(
