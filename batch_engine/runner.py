@@ -27,6 +27,7 @@ from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
+from batch_engine.lanes.sender import Sender
 from batch_engine.models import ErrorInfo, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
@@ -364,14 +365,19 @@ class Run:
         """
         limits = self.config.limits
         logger = logger or log
-        client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
+        api = ApiSettings(api.api_key, api.base_url, limits.request_timeout_s)
+        client = make_client(api)
+        sender = Sender(client, api, limits.realtime_sender, logger)
         usage_log: UsageStore | None = None
         try:
+            # Started first, so a sender process has imported the SDK by the time the realtime lane starts.
+            await sender.expect(len(self.plan.tasks) - sum(len(chunk.task_positions) for chunk in self.plan.chunks))
             usage_log = open_usage_log(self.state)
             estimator = await self._estimator(client, usage_log, logger)
             tasks = self.tasks_by_index()
             ctx = LaneContext(
                 client=client,
+                sender=sender,
                 config=self.config,
                 ledger=self.ledger,
                 run_key=self.key,
@@ -392,7 +398,10 @@ class Run:
         finally:
             if usage_log is not None:
                 usage_log.close()
-            await client.close()
+            try:
+                await sender.close()
+            finally:
+                await client.close()
 
     async def _estimator(self, client: AsyncClient, usage_log: UsageStore, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}

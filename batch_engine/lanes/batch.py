@@ -266,8 +266,9 @@ class BatchLane:
         the chunk's send window (from its first create sent to its last plus a request timeout, widened by the
         clock skew), with the chunk's request count. An ended candidate is ours when its results' custom_ids
         are exactly the chunk's; a running candidate when it is the only candidate left and no other create of
-        the chunk's size is in doubt (in any unfinished run of the ledger). Otherwise running candidates are waited
-        for until they end (at most until the lane deadline), then told apart by their results. Two batches that both carry the chunk's rows need a human: LedgerError.
+        the chunk's size is in doubt (in any unfinished run of the ledger). Otherwise running candidates are
+        waited for until they end (at most until the lane deadline), then told apart by their results. Two
+        batches that both carry the chunk's rows need a human: LedgerError.
         """
         first_sent = record.sent_at if record.sent_at is not None else record.intent_at
         last_sent = record.last_sent_at if record.last_sent_at is not None else self.clock()
