@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,11 @@ toml_values = st.one_of(
 )
 
 
-def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def _config_case(
+    tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str], *, run: bool = False
+) -> None:
+    """`validate` and `plan` with one config value changed; then `run --emulate`, for every refused config (it must
+    refuse it the same way, before starting anything) and, with `run`, for every other one too."""
     lines = list(CONFIG_LINES)
     key = lines[line].split(" = ", 1)[0]
     lines[line] = f"{key} = {value}"
@@ -272,6 +277,7 @@ def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFi
     config.write_text("\n".join(lines) + "\n")
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_bytes(b"".join(orjson.dumps(task) + b"\n" for task in SMALL_TASKS))
+    codes = []
     for command in (["validate"], ["plan", "--json", "--state-dir", str(tmp_path / "none")]):
         code = main([command[0], str(tasks), "--config", str(config), *command[1:]])
         out, err = capsys.readouterr()
@@ -281,6 +287,12 @@ def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFi
             assert str(config) in err  # the error names the file (and the key)
         else:
             assert code in (0, 1) and not err, err
+        codes.append(code)
+    if 2 in codes or run:
+        flags = {"--config": str(config), "--route": "--realtime-only"}
+        code, _, err = _emulated_run(Path(tempfile.mkdtemp(dir=tmp_path)), tasks, flags, capsys)
+        if 2 in codes:
+            assert code == 2 and str(config) in err.splitlines()[-1], err
 
 
 @settings(CI, max_examples=300)
@@ -291,13 +303,21 @@ def test_any_config_value_gives_a_plan_or_one_clean_error(
     _config_case(tmp_path, line, value, capsys)
 
 
+@settings(CI, max_examples=20)
+@given(line=st.sampled_from(SETTABLE), value=toml_values)
+def test_any_config_value_runs_emulated_or_gives_one_clean_error(
+    tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _config_case(tmp_path, line, value, capsys, run=True)
+
+
 @pytest.mark.nightly
 @settings(CI, max_examples=5_000)
 @given(line=st.sampled_from(SETTABLE), value=toml_values)
 def test_nightly_any_config_value_gives_a_plan_or_one_clean_error(
     tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _config_case(tmp_path, line, value, capsys)
+    _config_case(tmp_path, line, value, capsys, run=True)
 
 
 # --- run --emulate: generated records, files and flags through a whole simulated run, in this process ----------
@@ -319,8 +339,8 @@ _LOG_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} \| (INFO   |WARNING) \| .+")
 
 def _emulated_run(
     tmp_path: Path, source: Path, flags: dict[str, str], capsys: pytest.CaptureFixture[str]
-) -> tuple[int, list[dict[str, Any]] | None]:
-    """`run SOURCE --emulate FLAGS` in this process: the exit code and the output's rows (None when exit 2).
+) -> tuple[int, list[dict[str, Any]] | None, str]:
+    """`run SOURCE --emulate FLAGS` in this process: the exit code, the output's rows (None when exit 2), stderr.
 
     Whatever happens, no traceback, every stderr line a log line but one final `Error:` line for exit 2, which
     leaves no output; for 0/1 every record of the file is in the output once, in order, and exit 0 means that
@@ -345,7 +365,7 @@ def _emulated_run(
         assert lines and lines[-1].startswith("Error: "), err
         assert all(_LOG_LINE.fullmatch(line) for line in lines[:-1]), err
         assert not output.exists()
-        return code, None
+        return code, None, err
     assert code in (0, 1), err
     assert all(_LOG_LINE.fullmatch(line) for line in lines), err
     if flags.get("--format") == "jsonl":
@@ -356,7 +376,7 @@ def _emulated_run(
         run, rows = written["run"], written["results"]
     assert [row["index"] for row in rows] == list(range(run["counts"]["total"]))
     assert (code == 0) == all(row["status"] == "succeeded" for row in rows)
-    return code, rows
+    return code, rows, err
 
 
 def _run_case(tmp_path: Path, data: bytes, flags: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -435,7 +455,7 @@ def _records_case(tmp_path: Path, rows: list[Any], flags: dict[str, str], capsys
     data = b"\n".join(orjson.dumps(row) for row in rows)
     rejected = _validate_and_plan(tmp_path, data, capsys)
     flags = {key: value for key, value in flags.items() if value != "auto"}
-    code, written = _emulated_run(tmp_path, tmp_path / "tasks.jsonl", {"--poll-interval": "0.1", **flags}, capsys)
+    code, written, _ = _emulated_run(tmp_path, tmp_path / "tasks.jsonl", {"--poll-interval": "0.1", **flags}, capsys)
     if rejected is None:  # a first line that is a JSON array: the file is read as one JSON document
         assert code == 2
         return
