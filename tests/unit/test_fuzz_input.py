@@ -415,7 +415,23 @@ _VALID_INPUTS = {
 
 
 _VALID_TASK_TYPES = st.sampled_from(sorted(_VALID_INPUTS))
-_CHANGED_FIELDS = st.lists(st.sampled_from(_RECORD_FIELDS), max_size=2, unique_by=lambda field: field[0])
+_CHANGED_PARAMS = st.lists(st.sampled_from(_PARAMS_FIELDS), max_size=2, unique_by=lambda field: field[0])
+
+
+@st.composite
+def near_valid_params(draw: st.DrawFn) -> dict[str, Any]:
+    """Raw params that would be sent as they are, but for one or two fields generated, right or wrong."""
+    params: dict[str, Any] = {"messages": [{"role": "user", "content": "Where is the orders table?"}], "max_tokens": 64}
+    for key, strategy in draw(_CHANGED_PARAMS):
+        params[key] = draw(strategy)
+    return params
+
+
+_CHANGED_FIELDS = st.lists(
+    st.sampled_from([*_RECORD_FIELDS, ("params", near_valid_params()), ("params", near_valid_params())]),
+    max_size=2,
+    unique_by=lambda field: field[0],
+)
 
 
 @st.composite
