@@ -121,6 +121,7 @@ def translate(exc: BaseException) -> ApiError:
             "request_id": exc.request_id,
             "retry_after_s": _retry_after_s(headers),
             "error_code": error_code,
+            "headers": headers,
         }
         text = f"{status} {error_type}: {message}"
         if (
@@ -250,10 +251,7 @@ class Reply:
 
 def error_headers(exc: ApiError) -> Mapping[str, str]:
     """Response headers behind a translated error (rate-limit state rides on 429s too), or none."""
-    cause = exc.__cause__
-    if isinstance(cause, anthropic.APIStatusError):
-        return cause.response.headers
-    return {}
+    return exc.headers
 
 
 _SDK_ONLY_PARAMETERS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})

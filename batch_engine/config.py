@@ -136,6 +136,9 @@ class Limits(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_retry_attempts: int = Field(default=8, ge=1)
     max_retry_time_s: float = Field(default=300.0, gt=0)
+    # Where the realtime lane's HTTP work runs: "auto" (a sender process for big lanes on 2+ CPUs), "inline" (in
+    # the engine's process), "process" (always a sender process). See batch_engine/lanes/sender.py.
+    realtime_sender: Literal["auto", "inline", "process"] = "auto"
 
 
 class Config(_Strict):

@@ -20,6 +20,8 @@ file still runs. SDK exceptions are translated into `ApiError` in exactly one pl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class BatchEngineError(Exception):
     """Base of every error batch_engine raises on purpose."""
@@ -73,6 +75,7 @@ class ApiError(BatchEngineError):
         request_id: str | None = None,
         retry_after_s: float | None = None,
         error_code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -81,6 +84,8 @@ class ApiError(BatchEngineError):
         self.request_id = request_id
         self.retry_after_s = retry_after_s
         self.error_code = error_code
+        # The error response's headers (rate-limit state rides on 429s too); empty when there was no response.
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
 
 
 class TransientApiError(ApiError):

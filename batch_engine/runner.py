@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -27,6 +27,7 @@ from batch_engine.files import atomic_write_chunks, file_digest, iter_records
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
+from batch_engine.lanes.sender import Sender
 from batch_engine.models import ErrorInfo, RunSummary, TaskResult
 from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
@@ -364,14 +365,19 @@ class Run:
         """
         limits = self.config.limits
         logger = logger or log
-        client = make_client(ApiSettings(api.api_key, api.base_url, limits.request_timeout_s))
+        api = ApiSettings(api.api_key, api.base_url, limits.request_timeout_s)
+        client = make_client(api)
+        sender = Sender(client, api, limits.realtime_sender, logger)
         usage_log: UsageStore | None = None
         try:
+            # Started first, so a sender process has imported the SDK by the time the realtime lane starts.
+            await sender.expect(len(self.plan.tasks) - sum(len(chunk.task_positions) for chunk in self.plan.chunks))
             usage_log = open_usage_log(self.state)
             estimator = await self._estimator(client, usage_log, logger)
             tasks = self.tasks_by_index()
             ctx = LaneContext(
                 client=client,
+                sender=sender,
                 config=self.config,
                 ledger=self.ledger,
                 run_key=self.key,
@@ -392,7 +398,10 @@ class Run:
         finally:
             if usage_log is not None:
                 usage_log.close()
-            await client.close()
+            try:
+                await sender.close()
+            finally:
+                await client.close()
 
     async def _estimator(self, client: AsyncClient, usage_log: UsageStore, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}
@@ -638,11 +647,12 @@ class Run:
         if missing:
             raise RuntimeError(f"{len(missing)} tasks have no result (first: {missing[0].task_id}); not writing")
 
-    def finish(self) -> RunSummary:
+    def finish(self, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
         """Finish: write the merged output atomically, mark the run complete, and return its summary.
 
-        One pass over the ledger: each row is written as stored and counted into the summary on the way; the
-        summary, which the output puts first, is then written with the rows after it.
+        One pass over the ledger: each row is written as stored and counted into the summary on the way (and
+        handed, decoded, to `observe`: the flow's artifacts); the summary, which the output puts first, is then
+        written with the rows after it.
         """
         crash_point("output.before")
         write_at = time.time()
@@ -660,6 +670,8 @@ class Run:
         def counted() -> Iterator[bytes]:
             for row, decoded in self.output_rows():
                 tally.add(decoded)
+                if observe is not None:
+                    observe(decoded)
                 yield row
                 crash_point("output.partial")  # killed with the output part written
 
@@ -736,7 +748,7 @@ class Phases(Protocol):
     async def send_realtime(self, run: Run, lanes: Lanes) -> int: ...
     async def send_leftovers(self, run: Run, lanes: Lanes) -> int: ...
     async def park(self, run: Run) -> list[str]: ...
-    async def finish(self, run: Run) -> RunSummary: ...
+    async def finish(self, run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary: ...
 
 
 class DirectPhases:
@@ -763,8 +775,8 @@ class DirectPhases:
     async def park(self, run: Run) -> list[str]:
         return run.park()
 
-    async def finish(self, run: Run) -> RunSummary:
-        return run.finish()
+    async def finish(self, run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
+        return run.finish(observe)
 
 
 DIRECT_PHASES = DirectPhases()

@@ -252,6 +252,7 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # --- ratelimit: the engine, a bare loop and the SDK's retries against an emulator enforcing limits ----------
 
 SDK_MAX_RETRIES = 10
+SENDERS = ("auto", "inline", "process")  # [limits] realtime_sender
 # The emulator's buckets start full and refill continuously (batch_engine.emulator.ratelimit): the first
 # successes are a burst of a full bucket plus what refills while that burst is answered (allow 5 s of it).
 BURST_REFILL_S = 5.0
@@ -407,6 +408,7 @@ def bench_faults(
     fault_rate: float,
     rpm: int | None = None,
     curator_python: str | None = None,
+    sender: str = "auto",
 ) -> dict[str, Any]:
     """The same realtime work through the engine and through bare SDK loops (`max_retries` 2 and 10, a
     semaphore of `concurrency`), and Curator when `curator_python` is given, each on a fresh emulator injecting
@@ -421,6 +423,7 @@ def bench_faults(
     if rpm is not None:
         options += ["--rpm", str(rpm)]
     config = load_config() if rpm is None else _limited_config(rpm, None)
+    config = config.model_copy(update={"limits": config.limits.model_copy(update={"realtime_sender": sender})})
     load_before = os.getloadavg()[0]
     names = [f"bare SDK, max_retries={retries}" for retries in FAULT_BARE_RETRIES] + ["engine"]
     if curator_python is not None:
@@ -459,6 +462,7 @@ def bench_faults(
         "latency_ms": round(latency_s * 1000, 3),
         "fault_rate": fault_rate,
         "server_rpm": rpm,
+        "realtime_sender": sender,
         "rounds": rounds,
         # A shared machine: the 1-minute load average when the bench started and when it ended.
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -482,6 +486,7 @@ def _print_faults(result: dict[str, Any]) -> None:
     print(
         f"{result['requests']} realtime tasks at concurrency {result['concurrency']}, latency {result['latency_ms']} "
         f"ms, {result['fault_rate']:.0%} of Messages calls faulted (429 retry-after 1 s / 529 / 500 = 4:3:3){rpm}; "
+        f"engine's realtime_sender {result['realtime_sender']}; "
         f"each client on a fresh emulator, median of {result['rounds']} alternating rounds, {result['cpus']} CPUs "
         f"at load {result['load_avg'][0]} → {result['load_avg'][1]}; latency per task, retries included"
     )
@@ -648,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults.add_argument("--latency", type=_duration, default=0.1, help="emulator latency (default 100ms)")
     faults.add_argument("--fault-rate", type=float, default=0.1, help="share of Messages calls that fail")
     faults.add_argument("--rpm", type=int, default=None, help="also enforce this RPM (the engine is told it)")
+    faults.add_argument("--sender", choices=SENDERS, default="auto", help="the engine's [limits] realtime_sender")
     faults.add_argument(
         "--curator-python",
         default=None,
@@ -675,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     million.add_argument("--tasks", type=int, default=1_000_000, help="develop with 100000")
     million.add_argument("--batch-duration", type=_duration, default=20.0, help="emulator batch duration (20s)")
     million.add_argument("--keep", type=Path, default=None, help="keep the files in this directory")
+    million.add_argument("--sender", choices=SENDERS, default="auto", help="[limits] realtime_sender (auto)")
     validate = sub.add_parser("validate", help="CPU per row to validate answers against a 10-field output schema")
     validate.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args(argv)
@@ -705,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.name == "million":
         from batch_engine.bench.million import bench_million
 
-        print_result(bench_million(args.tasks, args.batch_duration, args.keep))
+        print_result(bench_million(args.tasks, args.batch_duration, args.keep, args.sender))
     elif args.name == "validate":
         print_result(bench_validate(args.rows))
     elif args.name == "faults":
@@ -718,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.fault_rate,
                 args.rpm,
                 args.curator_python,
+                args.sender,
             )
         )
     elif args.name == "startup":

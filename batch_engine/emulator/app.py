@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -24,6 +25,7 @@ from batch_engine.emulator.catalog import OLDEST_VERSION
 from batch_engine.emulator.faults import AFTER_COMMIT_ENDPOINTS, AFTER_COMMIT_KINDS, FAULT_KINDS, failure_for
 from batch_engine.emulator.ratelimit import Refusal
 from batch_engine.emulator.replies import error_event, sse_events
+from batch_engine.emulator.rows import PackedRows, StreamedRows, check_item
 from batch_engine.emulator.settings import ENDPOINTS
 from batch_engine.emulator.state import EmulatorState, write_state
 from batch_engine.emulator.wire import ApiFailure, error_body, invalid, new_id, rfc3339
@@ -34,7 +36,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
-CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 SMALL_BODY = 1_000_000
 RESULTS_CHUNK_LINES = 2000
 PROCESS_SLICE_ROWS = 500
@@ -52,7 +53,8 @@ class Incoming:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
-    body: bytes = b""
+    body: bytes | bytearray = b""
+    rows: StreamedRows | None = None  # a batch create's body, taken in row by row as it arrived
 
     def json(self) -> Any:
         try:
@@ -154,7 +156,11 @@ class EmulatorApp:
         if route is not None and route.api:
             self.state.stats.record_arrival()
         try:
-            body = await self._read_body(receive, headers, self._body_limit(route))
+            if route is not None and route.body == "batch":
+                incoming.rows = await self._read_rows(receive, headers, self._body_limit(route))
+                body: bytes | bytearray | None = None if incoming.rows is None else b""
+            else:
+                body = await self._read_body(receive, headers, self._body_limit(route))
             if route is None:
                 raise ApiFailure("not_found_error", f"Not found: {scope['method']} {scope['path']}")
             if route.api:
@@ -171,6 +177,9 @@ class EmulatorApp:
             # A bug here must not look like a network failure to the client: answer as the API would.
             logger.exception("emulator: unexpected error answering %s %s", scope["method"], scope["path"])
             outgoing = Outgoing.json(error_body("api_error", "Internal server error", request_id), 500)
+        finally:
+            if incoming.rows is not None:
+                incoming.rows.close()
         if route is not None and route.endpoint.startswith(("POST /v1/messages/batches", "GET /v1/messages/batches")):
             # Batch endpoints report their own request limit too (polling counts against it).
             outgoing.headers = {**self.state.limiter.batch_headers(), **outgoing.headers}
@@ -192,26 +201,69 @@ class EmulatorApp:
         return settings.max_message_body_bytes if route.body == "message" else settings.max_batch_body_bytes
 
     @staticmethod
-    async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes | None:
+    async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes | bytearray | None:
         """The body, or None when it is over `limit` (still drained, so the client gets to read the 413)."""
         declared = headers.get("content-length")
         over = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise DroppedConnection("client went away")
+        first: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            return None if over or len(first) > limit else first
+        # Filled in place, sized by content-length when sent: a list of chunks joined at the end would hold a 200 MB
+        # batch body twice, and a growing buffer keeps room to spare.
+        size = int(declared) if declared is not None and declared.isdigit() and not over else 0
+        body = bytearray(max(size, len(first)))
+        body[: len(first)] = first
+        filled = len(first)
+        while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise DroppedConnection("client went away")
             chunk = message.get("body", b"")
-            if not over:
+            if over or not chunk:
+                continue
+            if filled + len(chunk) > limit:
+                over, body = True, bytearray()
+                continue
+            if filled + len(chunk) <= len(body):
+                body[filled : filled + len(chunk)] = chunk
+            else:
+                del body[filled:]
+                body += chunk
+            filled += len(chunk)
+        if over:
+            return None
+        del body[filled:]
+        return body
+
+    @staticmethod
+    async def _read_rows(receive: Receive, headers: dict[str, str], limit: int) -> StreamedRows | None:
+        """A batch create's body, its rows packed as they arrive; None when it is over `limit` (still drained)."""
+        declared = headers.get("content-length")
+        over = declared is not None and declared.isdigit() and int(declared) > limit
+        rows = None if over else StreamedRows()
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if rows is not None:
+                    rows.close()
+                raise DroppedConnection("client went away")
+            chunk = message.get("body", b"")
+            if rows is not None:
                 size += len(chunk)
                 if size > limit:
-                    over, chunks = True, []
+                    rows.close()
+                    rows = None
                 else:
-                    chunks.append(chunk)
+                    rows.feed(chunk)
             if not message.get("more_body", False):
                 break
-        return None if over else b"".join(chunks)
+        if rows is not None:
+            rows.finish()
+        return rows
 
     def _authenticate(self, headers: dict[str, str]) -> None:
         key = headers.get("x-api-key")
@@ -365,34 +417,17 @@ class EmulatorApp:
     async def _batches_create(self, incoming: Incoming, _: str) -> Outgoing:
         fault = self._fault("batches_create")
         self._batch_rpm()
-        payload = incoming.json()
-        if not isinstance(payload, dict):
-            raise invalid("Request body must be a JSON object.")
-        for key in payload:
-            if key != "requests":
-                raise invalid(f"{key}: Extra inputs are not permitted")
-        requests = payload.get("requests")
-        maximum = self.state.settings.max_batch_requests
-        if not isinstance(requests, list) or not 1 <= len(requests) <= maximum:
-            raise invalid(f"requests: a batch holds between 1 and {maximum:,} requests")
-        custom_ids: list[str] = []
-        params: list[Any] = []
-        seen: set[str] = set()
-        for index, item in enumerate(requests):
-            if not isinstance(item, dict) or set(item) != {"custom_id", "params"}:
-                raise invalid(f"requests.{index}: each request needs exactly `custom_id` and `params`")
-            custom_id, row_params = item["custom_id"], item["params"]
-            if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id):
-                raise invalid(f"requests.{index}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")
-            if custom_id in seen:
-                raise invalid(f"requests.{index}.custom_id: {custom_id!r} is not unique within the batch")
-            if not isinstance(row_params, dict):
-                raise invalid(f"requests.{index}.params: Input should be an object")
-            if "stream" in row_params:
-                raise invalid(f"requests.{index}.params.stream: streaming is not supported in Message Batches")
-            seen.add(custom_id)
-            custom_ids.append(custom_id)
-            params.append(row_params)
+        streamed = incoming.rows
+        if streamed is not None and not streamed.whole:
+            # Every row parsed and passed its checks as it arrived, so the body is valid JSON of the usual shape.
+            custom_ids, rows = streamed.custom_ids, streamed.rows
+            self._check_count(len(custom_ids))
+        else:
+            # Another layout, a bad row or invalid JSON: parse the whole body, answering exactly as the API does.
+            if streamed is not None:
+                incoming.body = streamed.whole_body()
+            custom_ids, rows = self._batch_rows(self._requests(incoming))
+            incoming.body = b""
         wait = self.state.queue_room(len(custom_ids))
         if wait is not None:
             cap = self.state.settings.batch_queue_cap
@@ -401,11 +436,41 @@ class EmulatorApp:
                 {},
                 f"Number of batch requests in the processing queue would exceed your limit of {cap:,}.",
             )
-        batch = self.state.create_batch(custom_ids, params, incoming.api_version)
+        batch = self.state.create_batch(custom_ids, rows, incoming.api_version)
         if fault in AFTER_COMMIT_KINDS:
             raise self.state.faults.after_commit_failure(fault)  # created, yet the client sees an error
         data = batch.to_json(incoming.base_url, self.state.clock.now())
         return Outgoing(200, [orjson.dumps(data)], drop=fault == "drop")
+
+    @staticmethod
+    def _requests(incoming: Incoming) -> list[Any]:
+        payload = incoming.json()
+        if not isinstance(payload, dict):
+            raise invalid("Request body must be a JSON object.")
+        for key in payload:
+            if key != "requests":
+                raise invalid(f"{key}: Extra inputs are not permitted")
+        requests = payload.get("requests")
+        return requests if isinstance(requests, list) else []  # not a list: refused like an empty one
+
+    def _check_count(self, count: int) -> None:
+        maximum = self.state.settings.max_batch_requests
+        if not 1 <= count <= maximum:
+            raise invalid(f"requests: a batch holds between 1 and {maximum:,} requests")
+
+    def _batch_rows(self, requests: list[Any]) -> tuple[list[str], PackedRows]:
+        """Check the parsed items of `requests` and pack them."""
+        self._check_count(len(requests))
+        custom_ids: list[str] = []
+        rows = PackedRows()
+        seen: set[str] = set()
+        for index in range(len(requests)):
+            # Each item is dropped once packed, so the parse tree of a large body shrinks as it is read.
+            item, requests[index] = requests[index], None
+            custom_id, params = check_item(index, item, seen)
+            custom_ids.append(custom_id)
+            rows.append(params)
+        return custom_ids, rows
 
     async def _batches_retrieve(self, incoming: Incoming, batch_id: str) -> Outgoing:
         fault = self._fault("batches_retrieve")
@@ -465,10 +530,9 @@ class EmulatorApp:
         if batch.status != "ended":
             raise invalid(f"Message Batch {batch_id} has not finished processing; results are not available yet.")
         lines = batch.results()
-        chunks = [
-            b"".join(line + b"\n" for line in lines[start : start + RESULTS_CHUNK_LINES])
-            for start in range(0, len(lines), RESULTS_CHUNK_LINES)
-        ]
+        chunks = []
+        while chunk := b"".join(line + b"\n" for line in itertools.islice(lines, RESULTS_CHUNK_LINES)):
+            chunks.append(chunk)
         return Outgoing(200, chunks, "application/x-jsonl", drop=fault == "drop")
 
     # --- Models ---------------------------------------------------------------------------------------------
@@ -578,7 +642,9 @@ def _with_should_retry(failure: ApiFailure) -> dict[str, str]:
 
 
 def _query(scope: Scope) -> dict[str, str]:
-    raw = scope.get("query_string", b"").decode("latin-1")
+    if not scope.get("query_string"):
+        return {}
+    raw = scope["query_string"].decode("latin-1")
     return {key: values[-1] for key, values in parse_qs(raw).items()}
 
 

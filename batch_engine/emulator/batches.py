@@ -8,13 +8,15 @@ ends every request counts as `processing`, as the API reports it; results are sh
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from batch_engine.emulator.catalog import OLDEST_VERSION
+from batch_engine.emulator.rows import PackedRows
+from batch_engine.emulator.spool import ResultSpool
 from batch_engine.emulator.wire import ApiFailure, invalid, new_id, rfc3339
 
 EXPIRY_S = 24 * 3600.0
@@ -41,7 +43,7 @@ class Batch:
     created_at: float
     duration_s: float
     custom_ids: list[str]
-    params: list[Any] | None
+    rows: PackedRows | None  # the params of rows not yet answered; None once the batch ends
     faults: RowFaults
     api_version: str
     next_row: int = 0
@@ -49,7 +51,7 @@ class Batch:
     ended_at: float | None = None
     cancel_initiated_at: float | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    lines: list[bytes] = field(default_factory=list)
+    spool: ResultSpool = field(default_factory=ResultSpool)
 
     @property
     def expires_at(self) -> float:
@@ -101,7 +103,7 @@ class Batch:
         done = 0
         while self.next_row < stop:
             line, outcome = answer(self, self.next_row)
-            self.lines.append(line)
+            self.spool.append(line)
             self.counts[outcome] += 1
             self.next_row += 1
             done += 1
@@ -113,17 +115,21 @@ class Batch:
         if unfinished_as is not None:
             for index in range(self.next_row, self.size):
                 line = {"custom_id": self.custom_ids[index], "result": {"type": unfinished_as}}
-                self.lines.append(orjson.dumps(line))
+                self.spool.append(orjson.dumps(line))
             self.counts[unfinished_as] += self.size - self.next_row
             self.next_row = self.size
         # Results come back in no particular order; clients must join on custom_id.
-        random.Random(f"{seed}:{self.id}").shuffle(self.lines)
-        self.params = None
+        self.spool.shuffle(random.Random(f"{seed}:{self.id}"))
+        self.rows = None
         self.status = "ended"
         self.ended_at = now
 
-    def results(self) -> list[bytes]:
-        return self.lines
+    def results(self) -> Iterator[bytes]:
+        return self.spool.lines()
+
+    def close(self) -> None:
+        """Give back the disk space of the results (the batch is deleted)."""
+        self.spool.close()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -131,7 +137,7 @@ class Batch:
             "created_at": self.created_at,
             "duration_s": self.duration_s,
             "custom_ids": self.custom_ids,
-            "params": self.params,
+            "params": None if self.rows is None else [self.rows.params(index) for index in range(len(self.rows))],
             "faults": [
                 self.faults.error_rate,
                 self.faults.error_type,
@@ -144,18 +150,23 @@ class Batch:
             "ended_at": self.ended_at,
             "cancel_initiated_at": self.cancel_initiated_at,
             "counts": self.counts,
-            "lines": [line.decode() for line in self.lines],
+            "lines": [line.decode() for line in self.spool.lines()],
         }
 
     @classmethod
     def restore(cls, data: dict[str, Any]) -> Batch:
         error_rate, error_type, expire_rate, never_ends = data["faults"]
+        rows = None
+        if data["params"] is not None:
+            rows = PackedRows()
+            for params in data["params"]:
+                rows.append(params)
         return cls(
             id=data["id"],
             created_at=data["created_at"],
             duration_s=data["duration_s"],
             custom_ids=data["custom_ids"],
-            params=data["params"],
+            rows=rows,
             faults=RowFaults(error_rate, error_type, expire_rate, never_ends),
             api_version=data.get("api_version", OLDEST_VERSION),
             next_row=data["next_row"],
@@ -163,7 +174,7 @@ class Batch:
             ended_at=data["ended_at"],
             cancel_initiated_at=data["cancel_initiated_at"],
             counts=data["counts"],
-            lines=[line.encode() for line in data["lines"]],
+            spool=ResultSpool(line.encode() for line in data["lines"]),
         )
 
 
@@ -184,13 +195,13 @@ class BatchStore:
     def create(
         self,
         custom_ids: list[str],
-        params: list[Any],
+        rows: PackedRows,
         now: float,
         duration_s: float,
         faults: RowFaults,
         api_version: str,
     ) -> Batch:
-        batch = Batch(new_id("msgbatch_"), now, duration_s, custom_ids, params, faults, api_version)
+        batch = Batch(new_id("msgbatch_"), now, duration_s, custom_ids, rows, faults, api_version)
         self.add(batch)
         return batch
 
@@ -209,6 +220,7 @@ class BatchStore:
             )
         del self._batches[batch_id]
         self._order.remove(batch_id)
+        batch.close()
 
     def active(self) -> list[Batch]:
         return [batch for batch in self._batches.values() if batch.status != "ended"]

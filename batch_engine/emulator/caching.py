@@ -8,6 +8,7 @@ Planning is separate from committing so a request refused by the rate limiter le
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,15 +48,26 @@ def _canonical(block: Any) -> bytes:
 
 def prefix_keys(model: str, segments: Sequence[Segment], upto: int) -> list[bytes]:
     """Cache key of every prefix ending at positions 0..upto."""
-    chain = hashlib.blake2b(model.encode(), digest_size=16)
-    keys: list[bytes] = []
-    for segment in segments[: upto + 1]:
+    first = segments[0]
+    chain = _first_link(model, first.tag, _canonical(first.block)).copy()
+    keys: list[bytes] = [chain.digest()]
+    for segment in segments[1 : upto + 1]:
         chain.update(segment.tag)
         chain.update(b"\x00")
         chain.update(_canonical(segment.block))
         chain.update(b"\x00")
         keys.append(chain.copy().digest())
     return keys
+
+
+# The first block is the one thousands of rows share (their system prompt or tools): its link of the chain is
+# hashed once. Few entries, since the blocks can be large.
+@functools.lru_cache(maxsize=16)
+def _first_link(model: str, tag: bytes, canonical: bytes) -> Any:
+    chain = hashlib.blake2b(model.encode(), digest_size=16)
+    for part in (tag, b"\x00", canonical, b"\x00"):
+        chain.update(part)
+    return chain
 
 
 class PromptCache:

@@ -156,12 +156,14 @@ def build_reply(
         text = text[: text.find(stop_sequence)]
         stop_reason = "stop_sequence"
     family = request.spec.tokenizer
-    if text_tokens(text, family) > available:
+    text_count = text_tokens(text, family)
+    if text_count > available:
         text = prefix_within(text, available, family)
+        text_count = text_tokens(text, family)
         stop_reason, stop_sequence = limit_reason, None
     if text:
         content.append({"type": "text", "text": text})
-    output_tokens = max(1, thinking_tokens + text_tokens(text, family))
+    output_tokens = max(1, thinking_tokens + text_count)
     return GeneratedReply(content, stop_reason, stop_sequence, output_tokens, thinking_tokens)
 
 

@@ -48,6 +48,9 @@ def _uvicorn_config(app: EmulatorApp, host: str, port: int, log_level: str) -> u
         timeout_graceful_shutdown=2,
         # Quiet logging config of our own: uvicorn's default dictConfig would reconfigure the host process.
         log_config=None,
+        # httptools when installed (a dependency for this): ~0.4 ms less CPU per request than h11, about a third
+        # of what the emulator spends on a Messages call; uvicorn falls back to h11 without it.
+        http="auto",
     )
 
 

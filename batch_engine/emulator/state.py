@@ -22,6 +22,7 @@ from batch_engine.emulator.faults import FaultInjector
 from batch_engine.emulator.params import MessageRequest, parse_request
 from batch_engine.emulator.ratelimit import RateLimitBuckets
 from batch_engine.emulator.replies import build_reply, message_json
+from batch_engine.emulator.rows import PackedRows
 from batch_engine.emulator.settings import EmulatorSettings
 from batch_engine.emulator.stats import Stats
 from batch_engine.emulator.wire import ApiFailure, error_body, new_id, rfc3339
@@ -145,7 +146,7 @@ class EmulatorState:
 
     # --- Batches --------------------------------------------------------------------------------------------
 
-    def create_batch(self, custom_ids: list[str], params: list[Any], api_version: str = VERSION_2026_10_21) -> Batch:
+    def create_batch(self, custom_ids: list[str], rows: PackedRows, api_version: str = VERSION_2026_10_21) -> Batch:
         settings = self.settings
         faults = RowFaults(
             settings.batch_row_error_rate,
@@ -153,9 +154,7 @@ class EmulatorState:
             settings.batch_row_expire_rate,
             settings.batch_never_ends,
         )
-        batch = self.batches.create(
-            custom_ids, params, self.clock.now(), settings.batch_duration_s, faults, api_version
-        )
+        batch = self.batches.create(custom_ids, rows, self.clock.now(), settings.batch_duration_s, faults, api_version)
         self.stats.record_batch(custom_ids)
         self.dirty = True
         self.wake.set()
@@ -219,10 +218,9 @@ class EmulatorState:
         return any(batch.status != "ended" for batch in self.batches.all())
 
     def _answer_row(self, batch: Batch, index: int) -> tuple[bytes, str]:
-        assert batch.params is not None
+        assert batch.rows is not None
         custom_id = batch.custom_ids[index]
-        params = batch.params[index]
-        batch.params[index] = None  # answered rows no longer need their prompt in memory
+        params = batch.rows.take(index)
         self.stats.batch_rows_processed += 1
         self.dirty = True
         fate = self._row_fate(batch, index)

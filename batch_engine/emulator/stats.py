@@ -66,7 +66,7 @@ class Stats:
             self.duplicate_successes += 1
         self.custom_id_successes[custom_id] = seen + 1
 
-    def record_realtime_success(self, body: bytes) -> None:
+    def record_realtime_success(self, body: bytes | bytearray) -> None:
         self.messages_succeeded += 1
         digest = hashlib.blake2b(body, digest_size=16).digest()
         if digest in self._realtime_bodies:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 # HTTP status of each error type, as the API documents them.
@@ -59,4 +61,17 @@ def new_id(prefix: str) -> str:
 
 
 def rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """`datetime.fromtimestamp(timestamp, UTC)` as `%Y-%m-%dT%H:%M:%S.%fZ`, rounded as datetime rounds (half to
+    even microseconds); every Messages response carries a few, so the date part is formatted once a second."""
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_utc_second(int(whole))}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

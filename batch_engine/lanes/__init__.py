@@ -15,6 +15,7 @@ from batch_engine.client import AsyncClient, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
+from batch_engine.lanes.sender import Sender
 from batch_engine.models import BILLED_STATUSES, TaskResult
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.budget import Budget, Estimator
@@ -107,6 +108,7 @@ class LaneContext:
     """Everything a lane needs for one run."""
 
     client: AsyncClient
+    sender: Sender  # where the realtime lane's requests go: inline on `client`, or a sender process
     config: Config
     ledger: RunLedger
     run_key: str

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, overload
 
@@ -43,6 +43,9 @@ _JITTER = random.Random()
 _UNLIMITED = 10**12  # the Batches API limits requests per minute only
 _FLUSH_ROWS = 1000  # ledger transaction size while streaming results
 _POLL_GROWTH = 1.5
+# Creates in flight at once: their uploads (up to 256 MB each) overlap, and the next chunk's body is produced while
+# the previous one is still being taken in.
+_CONCURRENT_CREATES = 3
 # How far outside its send window a batch of ours may seem to have been created (clock skew with the API).
 _RECONCILE_SKEW_S = 60.0
 
@@ -53,6 +56,47 @@ class ChunkWork:
 
     key: str
     task_indexes: tuple[int, ...]
+
+
+class _CreateGate:
+    """Up to `limit` creates at once (`shared`), or one reconciliation with no create in flight (`alone`).
+
+    A reconciliation waiting for its turn holds back new creates, so it is not starved by them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._creating = 0
+        self._waiting_alone = 0  # reconciliations waiting or running: no new create starts meanwhile
+        self._turns = asyncio.Lock()  # fair (FIFO): one reconciliation at a time, in the order they came
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._waiting_alone and self._creating < self._limit)
+            self._creating += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._creating -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_alone += 1
+        try:
+            # First come, first served: the create whose answer was lost first is reconciled first.
+            async with self._turns:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: not self._creating)
+                yield
+        finally:
+            async with self._changed:
+                self._waiting_alone -= 1
+                self._changed.notify_all()
 
 
 async def _sleep(seconds: float) -> None:
@@ -80,9 +124,10 @@ class BatchLane:
         self.timeout_s = limits.batch_timeout_s
         self.rpm = RateLimiter(limits.batch_rpm, _UNLIMITED, _UNLIMITED)
         self.rows = RowEncoder()  # each distinct frame (its ~5 KB system prompt) encoded once for all creates
-        # One create (or reconciliation) at a time: while a create's answer is in doubt, no other chunk's
-        # fresh, not-yet-recorded batch of the same size can be mistaken for it.
-        self._creating = asyncio.Lock()
+        # Several creates at once (each streams its body, so the uploads overlap), but none while a create's
+        # outcome is being reconciled: a fresh, not-yet-recorded batch of the same size could be mistaken for the
+        # lost one.
+        self._gate = _CreateGate(_CONCURRENT_CREATES)
         # False in `collect`: a resubmitted batch is only created, and a later collect finishes it, so no
         # process waits hours for it.
         self.wait_for_resubmissions = True
@@ -123,21 +168,23 @@ class BatchLane:
             crash_point("batch.intent")
         if record.batch_id is not None or record.status == "failed":
             return record if record.batch_id is not None else None
-        async with self._creating:
-            if ambiguous:
-                # An earlier process wrote the intent and died before recording an id: the batch may exist.
+        if ambiguous:
+            # An earlier process wrote the intent and died before recording an id: the batch may exist.
+            async with self._gate.alone():
                 adopted = await self._reconcile(record)
                 if adopted is not None:
-                    return self._record_batch(record, adopted, adopted=True)
-            while True:
-                try:
-                    info = await self.ctx.policy.call(lambda: self._create_once(record))
-                except ApiError as exc:
-                    if isinstance(exc, TransientApiError) and exc.status == 429 and await self._wait_for_room(exc):
-                        continue
-                    self._create_failed(record, exc)
-                    return None
-                return self._record_batch(record, info, adopted=False)
+                    self._record_batch_id(record, adopted)
+            if adopted is not None:
+                return self._recorded(record, adopted, adopted=True)
+        while True:
+            try:
+                info, was_adopted = await self.ctx.policy.call(lambda: self._create_once(record))
+            except ApiError as exc:
+                if isinstance(exc, TransientApiError) and exc.status == 429 and await self._wait_for_room(exc):
+                    continue
+                self._create_failed(record, exc)
+                return None
+            return self._recorded(record, info, adopted=was_adopted)
 
     async def _wait_for_room(self, exc: TransientApiError) -> bool:
         """After a 429 on create, wait for room (False at the lane deadline).
@@ -184,25 +231,33 @@ class BatchLane:
             estimate = sum(estimator.max_cost(self.ctx.tasks[i], "batch") for i in record.task_indexes)
             budget.settle(estimate, actual_usd)
 
-    async def _create_once(self, record: ChunkRecord) -> BatchInfo:
+    async def _create_once(self, record: ChunkRecord) -> tuple[BatchInfo, bool]:
+        """One create, its batch id recorded before another chunk's reconciliation can look (the batch, and
+        whether it was adopted from an interrupted attempt)."""
         tasks, encode = self.ctx.tasks, self.rows.row
         body = BatchBody(lambda: (encode(tasks[index]) for index in record.task_indexes))
         await self._slot()
-        self.ctx.lease_check()
-        self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
-        crash_point("batch.create.before")
         try:
-            info = await create_batch(self.ctx.client, body)
+            async with self._gate.shared():
+                self.ctx.lease_check()
+                self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
+                crash_point("batch.create.before")
+                info = await create_batch(self.ctx.client, body)
+                crash_point("batch.create.after")
+                self._record_batch_id(record, info)
+                return info, False
         except ApiError as exc:
-            if _outcome_unknown(exc):
-                # The create may have landed (the API has no idempotency key): adopt it rather than pay twice.
+            if not _outcome_unknown(exc):
+                raise
+            # The create may have landed (the API has no idempotency key): adopt it rather than pay twice, once
+            # no other create is in flight (their batches are recorded by then, so none is taken for this one).
+            async with self._gate.alone():
                 sent = self.ctx.ledger.chunk(record.run_key, record.chunk_key)
                 adopted = await self._reconcile(sent or record)
-                if adopted is not None:
-                    return adopted
-            raise
-        crash_point("batch.create.after")
-        return info
+                if adopted is None:
+                    raise
+                self._record_batch_id(record, adopted)
+            return adopted, True
 
     async def _reconcile(self, record: ChunkRecord) -> BatchInfo | None:
         """The batch an interrupted create made for this chunk, or None when the API has none.
@@ -210,9 +265,10 @@ class BatchLane:
         Only a batch proven ours is adopted. Candidates are batches no run in the ledger knows, created inside
         the chunk's send window (from its first create sent to its last plus a request timeout, widened by the
         clock skew), with the chunk's request count. An ended candidate is ours when its results' custom_ids
-        are exactly the chunk's; a running candidate when it is the only candidate left. Several running
-        candidates are waited for until they end (at most until the lane deadline), then told apart by their
-        results. Two batches that both carry the chunk's rows need a human: LedgerError.
+        are exactly the chunk's; a running candidate when it is the only candidate left and no other create of
+        the chunk's size is in doubt (in any unfinished run of the ledger). Otherwise running candidates are
+        waited for until they end (at most until the lane deadline), then told apart by their results. Two
+        batches that both carry the chunk's rows need a human: LedgerError.
         """
         first_sent = record.sent_at if record.sent_at is not None else record.intent_at
         last_sent = record.last_sent_at if record.last_sent_at is not None else self.clock()
@@ -240,7 +296,10 @@ class BatchLane:
                     f"know carry its rows ({ids}), so it was submitted more than once; delete all but one with "
                     "`batch-engine batches delete BATCH_ID`, then re-run: the one left is adopted"
                 )
-            adopted = matches[0] if matches else running[0] if len(running) == 1 else None
+            # A lone running candidate is ours only if no other create of this size is in doubt: else it may be
+            # that create's batch, and only its results (once it ends) can tell.
+            lone = running[0] if len(running) == 1 and not self._peers_in_doubt(record) else None
+            adopted = matches[0] if matches else lone
             if adopted is not None:
                 self.ctx.logger.warning(
                     "chunk %s: adopted batch %s created by an interrupted attempt", record.chunk_key, adopted.id
@@ -266,6 +325,21 @@ class BatchLane:
             candidates = [await self._retrieve(b.id) for b in running]
         return None
 
+    def _peers_in_doubt(self, record: ChunkRecord) -> bool:
+        """Whether another chunk of the same size, of any unfinished run in the ledger, has a create whose
+        outcome is unknown (sent, no batch recorded): its batch would be a candidate here too."""
+        ledger, size = self.ctx.ledger, len(record.task_indexes)
+        return any(
+            chunk.status == "intent"
+            and chunk.sent_at is not None
+            and chunk.batch_id is None
+            and len(chunk.task_indexes) == size
+            and (chunk.run_key, chunk.chunk_key) != (record.run_key, record.chunk_key)
+            for run in ledger.runs()
+            if run.status in ("running", "submitted")
+            for chunk in ledger.chunks(run.run_key)
+        )
+
     async def _retrieve(self, batch_id: str) -> BatchInfo:
         return await self.ctx.policy.call(lambda: self._slot(retrieve_batch(self.ctx.client, batch_id)))
 
@@ -285,8 +359,10 @@ class BatchLane:
 
         return await self.ctx.policy.call(check)
 
-    def _record_batch(self, record: ChunkRecord, info: BatchInfo, *, adopted: bool) -> ChunkRecord:
+    def _record_batch_id(self, record: ChunkRecord, info: BatchInfo) -> None:
         self.ctx.ledger.record_batch(record.run_key, record.chunk_key, info.id, info.created_at)
+
+    def _recorded(self, record: ChunkRecord, info: BatchInfo, *, adopted: bool) -> ChunkRecord:
         crash_point("batch.resubmit.recorded" if "~" in record.chunk_key else "batch.recorded")
         for index in record.task_indexes:
             self.ctx.attempts[index] = self.ctx.attempts.get(index, 0) + 1

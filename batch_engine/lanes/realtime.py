@@ -9,7 +9,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
-from batch_engine.client import Reply, error_headers, send_message
+from batch_engine.client import Reply, error_headers
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, SpendLimitError
 from batch_engine.lanes import LaneContext, all_or_none
@@ -111,6 +111,7 @@ class RealtimeLane:
         """Send every task; each ends with a row in the ledger, whatever happens to its request."""
         if not tasks:
             return
+        await self.ctx.sender.expect(len(tasks))
         pending = iter(tasks)
         recorder = _GroupRecorder(self.ctx.record)
 
@@ -161,7 +162,7 @@ class RealtimeLane:
         started = time.perf_counter()
         crash_point("realtime.sending")
         try:
-            reply = await send_message(self.ctx.client, task.params, stream=task.stream)
+            reply = await self.ctx.sender.send(task.params, stream=task.stream)
         except ApiError as exc:
             headers = error_headers(exc)
             limiter.observe(headers, permit)

@@ -14,6 +14,7 @@ retried task or a new flow run with the same inputs re-attaches to the batches a
 # types (`NonNegativeFloat`, ...) the copy lacks, and every served run failed validating its parameters.
 
 import logging
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
@@ -158,15 +159,15 @@ async def park(run: Run) -> list[str]:
 
 
 @task(name="merge-and-write", cache_policy=NO_CACHE)
-async def merge_and_write(run: Run) -> RunSummary:
-    """Merge the ledger's rows with the rejections in input order, write the output atomically; run complete."""
-    return run.finish()
+async def merge_and_write(run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
+    """Merge the ledger's rows with the rejections in input order, write the output atomically; run complete.
+    Each row is handed to `observe` on the way (the artifacts' breakdown), so the ledger is read once."""
+    return run.finish(observe)
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
-async def publish_artifacts(run: Run, summary: RunSummary) -> None:
+async def publish_artifacts(summary: RunSummary, breakdown: RunBreakdown) -> None:
     """The run summary (Markdown) and the task type x route x model table, under keys that stay the same."""
-    breakdown = RunBreakdown.of(run.rows())
     await acreate_markdown_artifact(
         summary_markdown(summary, breakdown), key=SUMMARY_KEY, description=summary_headline(summary)
     )
@@ -201,8 +202,8 @@ class TaskPhases:
     async def park(self, run: Run) -> list[str]:
         return await park(unwalked(run))
 
-    async def finish(self, run: Run) -> RunSummary:
-        return await merge_and_write(unwalked(run))
+    async def finish(self, run: Run, observe: Callable[[dict[str, Any]], object] | None = None) -> RunSummary:
+        return await merge_and_write(unwalked(run), unwalked(observe))
 
 
 TASK_PHASES = TaskPhases()
@@ -414,8 +415,9 @@ def _describe_shared_limit(shared: SharedLimit, run: Run, logger: Logger, *, des
 
 
 async def _finish(run: Run, logger: Logger) -> RunSummary:
-    summary = await TASK_PHASES.finish(run)
-    await publish_artifacts(unwalked(run), summary)
+    breakdown = RunBreakdown()
+    summary = await TASK_PHASES.finish(run, breakdown.add)
+    await publish_artifacts(summary, unwalked(breakdown))
     counts, cost = summary.counts, summary.cost
     log = logger.info if summary.all_succeeded else logger.warning
     log(

@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from batch_engine.models import RunSummary, TaskResult
 
@@ -76,40 +77,45 @@ class RunBreakdown:
     def of(cls, rows: Iterable[TaskResult]) -> RunBreakdown:
         breakdown = cls()
         for row in rows:
-            breakdown.add(row)
+            breakdown.add(row.model_dump(mode="json"))
         return breakdown
 
-    def add(self, row: TaskResult) -> None:
-        key = (row.task_type or NONE, row.route or NOT_SENT, row.model or NONE)
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Count one output row, as the output file holds it (decoded JSON): `Run.finish` hands each row here on
+        its one pass over the ledger, so the artifacts cost no pass of their own."""
+        key = (row.get("task_type") or NONE, row.get("route") or NOT_SENT, row.get("model") or NONE)
         group = self.groups.setdefault(key, _Group())
         group.tasks += 1
-        if row.status == "succeeded":
+        status = row["status"]
+        if status == "succeeded":
             group.succeeded += 1
         else:
-            if row.status == "rejected":
+            if status == "rejected":
                 group.rejected += 1
             else:
                 group.failed += 1
             self._add_failure(row)
-        if row.usage is not None:
-            group.input_tokens += row.usage.input_tokens
-            group.cache_read_tokens += row.usage.cache_read_input_tokens
-            group.cache_write_tokens += row.usage.cache_creation_input_tokens
-            group.output_tokens += row.usage.output_tokens
-        group.cost_usd += row.cost_usd or 0.0
+        usage = row.get("usage")
+        if usage is not None:
+            group.input_tokens += usage.get("input_tokens", 0)
+            group.cache_read_tokens += usage.get("cache_read_input_tokens", 0)
+            group.cache_write_tokens += usage.get("cache_creation_input_tokens", 0)
+            group.output_tokens += usage.get("output_tokens", 0)
+        group.cost_usd += row.get("cost_usd") or 0.0
 
-    def _add_failure(self, row: TaskResult) -> None:
-        error = row.error
-        message = _one_line(error.message if error else "")
+    def _add_failure(self, row: Mapping[str, Any]) -> None:
+        error = row.get("error")
+        status = row["status"]
+        message = _one_line((error.get("message") or "") if error else "")
         where = _WHERE.match(message)
         if where:
             message = message[where.end() :]
-        reason = (row.status, error.type if error else row.status, message)
+        reason = (status, error["type"] if error else status, message)
         self._failures[reason] += 1
         examples = self._examples.setdefault(reason, [])
         if len(examples) < _MAX_EXAMPLES:
-            example = " ".join(part for part in (row.task_id, where and f"({where['where']})") if part)
-            examples.append(example or f"(record {row.index})")
+            example = " ".join(part for part in (row.get("task_id"), where and f"({where['where']})") if part)
+            examples.append(example or f"(record {row['index']})")
 
     def total(self) -> _Group:
         total = _Group()

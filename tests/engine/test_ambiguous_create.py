@@ -204,3 +204,33 @@ def _create(base_url: str, custom_ids: list[str]) -> str:
             await client.close()
 
     return asyncio.run(create())
+
+
+def test_concurrent_creates_of_equal_chunks_never_take_each_others_batch(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    # Two chunks of the same size are created at once. The first create to arrive is refused with a 500 before
+    # anything is made; the second makes its batch and its answer is lost (a dropped connection). Both outcomes
+    # are unknown to the engine. The refused chunk finds one unrecorded running batch of its size, but it is the
+    # other chunk's: only that batch's results, once it ends, can tell, so neither chunk adopts a batch before then.
+    tasks = generated_tasks(30)
+    write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    config_file(
+        tmp_path / "config.toml", batch_poll_initial_s=0.05, batch_poll_interval_s=0.2, max_requests_per_batch=15
+    )
+    emulator.configure(batch_duration_s=1.0)
+    emulator.script_fault("batches_create", "500")
+    emulator.script_fault("batches_create", "drop")
+
+    ran = run_driver(tmp_path, emulator.base_url, ARGS)
+    assert ran.returncode == 0, ran.stderr
+    chunks = _chunks(tmp_path / "state")
+    assert len(chunks) == 2 and len({chunk.batch_id for chunk in chunks}) == 2
+    assert emulator.stats()["batches_created"] == 2  # the dropped one adopted, the refused one created again
+    assert emulator.stats()["duplicate_succeeded_custom_ids"] == 0
+    carried = {info.id: custom_ids for info, custom_ids in emulator_batches(emulator.base_url)}
+    for chunk in chunks:
+        assert carried[chunk.batch_id] == {tasks[i]["task_id"] for i in chunk.task_indexes}
+    _, rows = read_output(tmp_path / "out.json")
+    assert [row["task_id"] for row in rows] == [task["task_id"] for task in tasks]
+    assert {row["route"] for row in rows} == {"batch"}

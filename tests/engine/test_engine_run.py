@@ -11,6 +11,8 @@ import pytest
 
 from batch_engine.config import Config, load_config
 from batch_engine.emulator import RunningEmulator
+from batch_engine.models import TaskResult
+from batch_engine.render.artifacts import RunBreakdown
 from batch_engine.runner import Run, RunOptions
 from tests.support.engine import (
     SAMPLE_CONFIG,
@@ -175,3 +177,34 @@ def test_a_run_keeps_its_plan_out_of_the_collectors_sight_only_while_it_is_open(
     finally:
         prepared.close()
     assert gc.get_freeze_count() == 0  # a long-lived process (a Prefect worker) does not keep the plan
+
+
+def test_the_artifacts_breakdown_is_counted_on_the_output_pass_without_reading_the_ledger_again(
+    emulator: RunningEmulator, tmp_path: Path, sample_config: Config
+) -> None:
+    tasks = generated_tasks(30)
+    tasks[4] = {"task_id": "bad", "task_type": "no_such_type", "input_data": {}}  # a rejection in the table too
+    input_path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    output = run_engine(emulator, input_path, tmp_path, config=sample_config)
+    expected = RunBreakdown.of(TaskResult(**row) for row in output.rows)
+
+    # The completed run reopened: finishing it writes the output again, from one read of the ledger's rows.
+    prepared = Run.prepare(input_path, output.path, sample_config, RunOptions(state_dir=tmp_path / "state"))
+    reads = 0
+    result_json = prepared.ledger.result_json
+
+    def counted_reads(run_key: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return result_json(run_key)
+
+    prepared.ledger.result_json = counted_reads  # type: ignore[method-assign]
+    breakdown = RunBreakdown()
+    try:
+        prepared.finish(breakdown.add)
+    finally:
+        prepared.close()
+
+    assert reads == 1
+    assert breakdown.table() == expected.table() and len(breakdown.table()) >= 3
+    assert breakdown.failures() == expected.failures() and breakdown.failures()[0].status == "rejected"

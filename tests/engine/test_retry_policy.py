@@ -23,7 +23,7 @@ from batch_engine.client import (
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ApiError, PermanentApiError, TransientApiError
 from batch_engine.runner import RunOptions
-from tests.support.engine import generated_tasks, messages_calls, run_engine, write_jsonl
+from tests.support.engine import fast_config, generated_tasks, messages_calls, run_engine, write_jsonl
 
 HAIKU = "claude-haiku-5-5"
 HELLO: dict[str, Any] = {
@@ -181,6 +181,8 @@ def test_permanent_errors_are_not_retried(
         ("spend_limit_402", "402", "billing_error", "spend limit"),
     ],
 )
+# The realtime lane's requests sent from this process, or through a sender process: the same stop.
+@pytest.mark.parametrize("sender", ["inline", "process"])
 def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
     emulator: RunningEmulator,
     tmp_path: Path,
@@ -189,6 +191,7 @@ def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
     status: str,
     error_type: str,
     message: str,
+    sender: str,
 ) -> None:
     emulator.script_fault("messages", fault)
     tasks = generated_tasks(40, realtime_every=2)  # 20 realtime, 20 batch
@@ -199,6 +202,7 @@ def test_a_spend_limit_stops_the_realtime_lane_and_every_task_is_still_reported(
             emulator,
             write_jsonl(tmp_path / "tasks.jsonl", tasks),
             tmp_path,
+            config=fast_config(realtime_sender=sender),
             options=RunOptions(state_dir=tmp_path / "state", concurrency=4),
             policy=RetryPolicy(sleep=waits.sleep),
         )
