@@ -130,8 +130,6 @@ def _run_here(
     """The run loop in this process, no Prefect: the same phases the flow runs as task runs, called directly."""
     import asyncio
 
-    from rich.console import Console
-
     from batch_engine.client import api_from_environment
     from batch_engine.render.terminal import live_progress
     from batch_engine.runner import emulated_api, process_started_at, run
@@ -145,7 +143,7 @@ def _run_here(
             logger.warning("SIMULATED: running against the built-in emulator at %s; nothing is billed", api.base_url)
 
         async def go() -> RunSummary:
-            async with live_progress(Console(stderr=True), progress, records):
+            async with live_progress(progress, records):
                 return await run(
                     args.input,
                     args.output,
@@ -190,8 +188,6 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
     """Run the `batch-orchestrator` Prefect flow in this process, exactly as a deployment run would."""
     import asyncio
 
-    from rich.console import Console
-
     from batch_engine.orchestration import orchestrator
     from batch_engine.orchestration.ephemeral import start_ephemeral_server
     from batch_engine.render.terminal import live_progress
@@ -202,7 +198,7 @@ def _run_flow(args: argparse.Namespace, progress: Progress, records: int) -> Run
     async def go() -> RunSummary | None:  # None only for wait=false
         # Set inside the task asyncio.run makes, so it ends with this run (tests call `main` again in-process).
         orchestrator.live_progress.set(progress)
-        async with live_progress(Console(stderr=True), progress, records):
+        async with live_progress(progress, records):
             return await orchestrator.batch_orchestrator(
                 input_path=str(args.input),
                 output_path=str(args.output),

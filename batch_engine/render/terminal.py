@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.table import Table
 
-from batch_engine.lanes import Progress
-from batch_engine.models import RunSummary
+    from batch_engine.lanes import Progress
+    from batch_engine.models import RunSummary
+
+REFRESH_S = 0.25  # how often the live table is redrawn
 
 
 def progress_table(progress: Progress, total: int) -> Table:
     """One row per lane: batches, rows done/failed, in flight; tokens and cost so far."""
+    from rich.table import Table
+
     table = Table(title=f"batch_engine: {total} tasks", title_justify="left")
     for column in ("lane", "batches (submitted/ended)", "done", "failed", "in flight"):
         table.add_column(column, justify="right" if column != "lane" else "left")
@@ -36,23 +43,49 @@ def progress_table(progress: Progress, total: int) -> Table:
 
 
 @asynccontextmanager
-async def live_progress(console: Console, progress: Progress, total: int) -> AsyncIterator[None]:
-    """Redraw the progress table while the body runs (only on a terminal; logs stay clean elsewhere)."""
-    if not console.is_terminal:
+async def live_progress(progress: Progress, total: int) -> AsyncIterator[None]:
+    """Redraw the progress table on stderr while the body runs (only on a terminal; logs stay clean elsewhere).
+
+    The table first shows one refresh interval into the body, once its first requests are on their way: rich is
+    imported then, not on the way to the first request (a tenth of a second of a run's start-up), and never when
+    stderr cannot be a terminal.
+    """
+    if not _may_be_terminal():
         yield
         return
+    display = asyncio.create_task(_redraw(progress, total))
+    try:
+        yield
+    finally:
+        display.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await display
+
+
+def _may_be_terminal() -> bool:
+    # False only where rich's `Console(stderr=True).is_terminal` is False too: no tty, and neither of the variables
+    # that make rich treat a non-tty as a terminal (TTY_COMPATIBLE=1, a non-empty FORCE_COLOR).
+    environ = os.environ
+    if environ.get("TTY_COMPATIBLE") == "1" or environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
+async def _redraw(progress: Progress, total: int) -> None:
+    await asyncio.sleep(REFRESH_S)
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return
     with Live(progress_table(progress, total), console=console, transient=True) as live:
-
-        async def refresh() -> None:
-            while True:
-                await asyncio.sleep(0.25)
-                live.update(progress_table(progress, total))
-
-        ticker = asyncio.create_task(refresh())
-        try:
-            yield
-        finally:
-            ticker.cancel()
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            live.update(progress_table(progress, total))
 
 
 def render_summary(summary: RunSummary) -> str:

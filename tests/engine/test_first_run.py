@@ -69,3 +69,65 @@ def test_the_run_durations_cover_the_whole_wall_time_of_the_command(tmp_path: Pa
     assert set(durations) == {*phases, "total"}
     assert all(durations[phase] >= 0 for phase in phases)
     assert durations["total"] == pytest.approx(sum(durations[phase] for phase in phases), abs=0.005)
+
+
+# What `run` imports before its first request is start-up the user waits through (`bench startup`): Prefect (~1 s)
+# only runs as the flow, the emulator only with --emulate, rich only draws the live table on a terminal.
+_FIRST_REQUEST_IMPORTS = """
+import json, sys
+address = ("127.0.0.1", {port})
+imported = []
+
+def at_first_request(event, args):
+    if event == "socket.connect" and not imported and tuple(args[1])[:2] == address:
+        imported.append(sorted(sys.modules))
+
+sys.addaudithook(at_first_request)
+from batch_engine.cli import main
+code = main({args!r})
+print(json.dumps({{"code": code, "modules": imported[0] if imported else None}}))
+"""
+
+
+def test_a_run_imports_neither_prefect_nor_the_emulator_nor_rich_before_its_first_request(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_bytes(b"".join(orjson.dumps(task) + b"\n" for task in _QUESTIONS))
+    args = ["run", str(tasks), "-o", str(tmp_path / "out.json"), "--state-dir", str(tmp_path / "state")]
+    script = _FIRST_REQUEST_IMPORTS.format(port=emulator.port, args=args)
+    env = _clean_env() | {"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": emulator.base_url}
+
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+    report = orjson.loads(done.stdout.splitlines()[-1])
+    assert report["code"] == 0, done.stderr
+    modules = report["modules"]
+    assert "anthropic" in modules  # taken as the first request went out, not before the run began
+    late = [m for m in modules if m.split(".")[0] in ("prefect", "rich", "uvicorn") or m.startswith(_NOT_YET)]
+    assert late == [], late
+
+
+_NOT_YET = ("batch_engine.emulator", "batch_engine.orchestration")
+_QUESTIONS = [
+    {"task_id": f"q{i}", "task_type": "user_query", "input_data": {"question": f"Table {i}?"}, "mode": "realtime"}
+    for i in range(4)
+]
+
+
+def test_a_run_on_a_terminal_draws_the_live_progress_table(tmp_path: Path, emulator: RunningEmulator) -> None:
+    # rich takes FORCE_COLOR for a terminal. The table is drawn once the first requests are on their way (rich is
+    # imported then), and cleared when the run ends: its title is in what stderr received.
+    emulator.configure(latency_s=0.3)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_bytes(b"".join(orjson.dumps(task) + b"\n" for task in _QUESTIONS))
+    command = [sys.executable, "-m", "batch_engine.cli", "run", str(tasks), "-o", str(tmp_path / "out.json")]
+    command += ["--state-dir", str(tmp_path / "state"), "--concurrency", "1"]
+    env = _clean_env() | {"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": emulator.base_url, "FORCE_COLOR": "1"}
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert "batch_engine: 4 tasks" in done.stderr
+    assert "realtime lane: 4 tasks, 4 succeeded" in done.stderr
+    assert "4 tasks: 4 succeeded" in done.stdout

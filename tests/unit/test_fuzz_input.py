@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from hypothesis import strategies as st
 
 from batch_engine.cli import main
 from batch_engine.config import load_config
-from batch_engine.emulator import RunningEmulator
 from batch_engine.planning.params import render
 
 CONFIG = load_config()
@@ -160,8 +160,11 @@ def _one_error_line(err: str) -> None:
     assert err.startswith("Error: ") and err.count("\n") == 1, err
 
 
-def _validate_and_plan(tmp_path: Path, data: bytes, capsys: pytest.CaptureFixture[str]) -> None:
-    """`validate` then `plan --json` of one generated file: the same records, each a task or a rejection."""
+def _validate_and_plan(tmp_path: Path, data: bytes, capsys: pytest.CaptureFixture[str]) -> list[str] | None:
+    """`validate` then `plan --json` of one generated file: the same records, each a task or a rejection.
+
+    Returns `validate`'s rejection lines, in record order; None when the file as a whole is refused (exit 2).
+    """
     path = tmp_path / "tasks.jsonl"
     path.write_bytes(data)
     code = main(["validate", str(path)])
@@ -171,7 +174,7 @@ def _validate_and_plan(tmp_path: Path, data: bytes, capsys: pytest.CaptureFixtur
         _one_error_line(err)
         assert main(["plan", str(path), "--json", "--state-dir", str(tmp_path / "none")]) == 2
         _one_error_line(capsys.readouterr().err)
-        return
+        return None
     assert code in (0, 1) and not err
     # One line per rejection, naming its record and field, then warnings, then the tally: every record once.
     *lines, tally = out.splitlines()
@@ -193,6 +196,7 @@ def _validate_and_plan(tmp_path: Path, data: bytes, capsys: pytest.CaptureFixtur
     # take a task type's whole max_tokens): one line each.
     assert set(warnings) <= set(summary["warnings"])
     assert all(w.startswith("warning: ") and "\n" not in w for w in summary["warnings"])
+    return rejections
 
 
 @settings(CI, max_examples=1000)
@@ -261,7 +265,11 @@ toml_values = st.one_of(
 )
 
 
-def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def _config_case(
+    tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str], *, run: bool = False
+) -> None:
+    """`validate` and `plan` with one config value changed; then `run --emulate`, for every refused config (it must
+    refuse it the same way, before starting anything) and, with `run`, for every other one too."""
     lines = list(CONFIG_LINES)
     key = lines[line].split(" = ", 1)[0]
     lines[line] = f"{key} = {value}"
@@ -269,6 +277,7 @@ def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFi
     config.write_text("\n".join(lines) + "\n")
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_bytes(b"".join(orjson.dumps(task) + b"\n" for task in SMALL_TASKS))
+    codes = []
     for command in (["validate"], ["plan", "--json", "--state-dir", str(tmp_path / "none")]):
         code = main([command[0], str(tasks), "--config", str(config), *command[1:]])
         out, err = capsys.readouterr()
@@ -278,6 +287,12 @@ def _config_case(tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFi
             assert str(config) in err  # the error names the file (and the key)
         else:
             assert code in (0, 1) and not err, err
+        codes.append(code)
+    if 2 in codes or run:
+        flags = {"--config": str(config), "--route": "--realtime-only"}
+        code, _, err = _emulated_run(Path(tempfile.mkdtemp(dir=tmp_path)), tasks, flags, capsys)
+        if 2 in codes:
+            assert code == 2 and str(config) in err.splitlines()[-1], err
 
 
 @settings(CI, max_examples=300)
@@ -288,16 +303,24 @@ def test_any_config_value_gives_a_plan_or_one_clean_error(
     _config_case(tmp_path, line, value, capsys)
 
 
+@settings(CI, max_examples=20)
+@given(line=st.sampled_from(SETTABLE), value=toml_values)
+def test_any_config_value_runs_emulated_or_gives_one_clean_error(
+    tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _config_case(tmp_path, line, value, capsys, run=True)
+
+
 @pytest.mark.nightly
 @settings(CI, max_examples=5_000)
 @given(line=st.sampled_from(SETTABLE), value=toml_values)
 def test_nightly_any_config_value_gives_a_plan_or_one_clean_error(
     tmp_path: Path, line: int, value: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _config_case(tmp_path, line, value, capsys)
+    _config_case(tmp_path, line, value, capsys, run=True)
 
 
-# --- run: generated files and flags through a whole run against the emulator (in this process) ----------------
+# --- run --emulate: generated records, files and flags through a whole simulated run, in this process ----------
 
 flag_values = st.fixed_dictionaries(
     {},
@@ -310,65 +333,167 @@ flag_values = st.fixed_dictionaries(
         "--route": st.sampled_from(["--realtime-only", "--batch-only"]),
     },
 )
+# A run's log line on stderr (the CLI's format): nothing else may reach stderr, ERROR lines and tracebacks least.
+_LOG_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} \| (INFO   |WARNING) \| .+")
 
 
-def _run_case(
-    tmp_path: Path, data: bytes, flags: dict[str, str], emulator_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    source = tmp_path / "tasks.jsonl"
-    source.write_bytes(data)
+def _emulated_run(
+    tmp_path: Path, source: Path, flags: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, list[dict[str, Any]] | None, str]:
+    """`run SOURCE --emulate FLAGS` in this process: the exit code, the output's rows (None when exit 2), stderr.
+
+    Whatever happens, no traceback, every stderr line a log line but one final `Error:` line for exit 2, which
+    leaves no output; for 0/1 every record of the file is in the output once, in order, and exit 0 means that
+    every one succeeded.
+    """
     output = tmp_path / "out.json"
     output.unlink(missing_ok=True)
-    args = ["run", str(source), "-o", str(output), "--state-dir", str(tmp_path / "state"), "--poll-interval", "0.1"]
+    args = ["run", str(source), "-o", str(output), "--state-dir", str(tmp_path / "state"), "--emulate"]
     for flag, value in flags.items():
         args += [value] if flag == "--route" else [flag, value]
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANTHROPIC_API_KEY", "sk-fuzz")
-        env.setenv("ANTHROPIC_BASE_URL", emulator_url)
-        env.delenv("PREFECT_API_URL", raising=False)
+        for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "PREFECT_API_URL"):
+            env.delenv(name, raising=False)  # --emulate needs no key, and runs without Prefect
         try:
             code = main(args)
         except SystemExit as exc:  # argparse: a bad flag
             code = int(exc.code or 0)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
+    lines = err.splitlines()
     if code == 2:
-        _one_error_line(err)
+        assert lines and lines[-1].startswith("Error: "), err
+        assert all(_LOG_LINE.fullmatch(line) for line in lines[:-1]), err
         assert not output.exists()
-        return
+        return code, None, err
     assert code in (0, 1), err
-    lines = output.read_bytes().splitlines()
-    rows = [orjson.loads(line) for line in lines[1:]] if flags.get("--format") == "jsonl" else None
-    if rows is None:
-        written = orjson.loads(output.read_bytes())
-        rows, run = written["results"], written["run"]
+    assert all(_LOG_LINE.fullmatch(line) for line in lines), err
+    if flags.get("--format") == "jsonl":
+        head, *rest = output.read_bytes().splitlines()
+        run, rows = orjson.loads(head)["run"], [orjson.loads(line) for line in rest]
     else:
-        run = orjson.loads(lines[0])["run"]
-    # Every record of the file is in the output, once, in order; exit 0 exactly when every one succeeded.
+        written = orjson.loads(output.read_bytes())
+        run, rows = written["run"], written["results"]
     assert [row["index"] for row in rows] == list(range(run["counts"]["total"]))
     assert (code == 0) == all(row["status"] == "succeeded" for row in rows)
+    return code, rows, err
+
+
+def _run_case(tmp_path: Path, data: bytes, flags: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "tasks.jsonl"
+    source.write_bytes(data)
+    _emulated_run(tmp_path, source, {"--poll-interval": "0.1", **flags}, capsys)
 
 
 @settings(CI, max_examples=40)
 @given(data=task_files(), flags=flag_values)
 def test_generated_runs_write_every_record_or_one_clean_error(
-    tmp_path_factory: pytest.TempPathFactory,
-    _emulator_server: RunningEmulator,
-    data: bytes,
-    flags: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, flags: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _run_case(tmp_path_factory.mktemp("run"), data, flags, _emulator_server.base_url, capsys)
+    _run_case(tmp_path_factory.mktemp("run"), data, flags, capsys)
 
 
 @pytest.mark.nightly
 @settings(CI, max_examples=2_000)
 @given(data=task_files(), flags=flag_values)
 def test_nightly_generated_runs_write_every_record_or_one_clean_error(
-    tmp_path_factory: pytest.TempPathFactory,
-    _emulator_server: RunningEmulator,
-    data: bytes,
-    flags: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, flags: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _run_case(tmp_path_factory.mktemp("run"), data, flags, _emulator_server.base_url, capsys)
+    _run_case(tmp_path_factory.mktemp("run"), data, flags, capsys)
+
+
+# Records in runs of 25: a run's start-up (the emulator, the ledger) is paid once for 25 generated records. Most
+# records near-valid (a valid task with one or two fields generated, right or wrong) so that most runs send: the
+# rest as hostile as above. Most runs realtime only: a batch takes the emulator's 2 s to end, whatever its size.
+RECORDS_PER_RUN = 25
+_VALID_INPUTS = {
+    "classify_bulk": {"text": "The invoice total is wrong."},
+    "summarize": {"document": "Disk usage rose 40% after the deploy."},
+    "user_query": {"question": "Where is the orders table?"},
+    "chat": {"message": "How do I rotate a key?"},
+}
+
+
+_VALID_TASK_TYPES = st.sampled_from(sorted(_VALID_INPUTS))
+_CHANGED_PARAMS = st.lists(st.sampled_from(_PARAMS_FIELDS), max_size=2, unique_by=lambda field: field[0])
+
+
+@st.composite
+def near_valid_params(draw: st.DrawFn) -> dict[str, Any]:
+    """Raw params that would be sent as they are, but for one or two fields generated, right or wrong."""
+    params: dict[str, Any] = {"messages": [{"role": "user", "content": "Where is the orders table?"}], "max_tokens": 64}
+    for key, strategy in draw(_CHANGED_PARAMS):
+        params[key] = draw(strategy)
+    return params
+
+
+_CHANGED_FIELDS = st.lists(
+    st.sampled_from([*_RECORD_FIELDS, ("params", near_valid_params()), ("params", near_valid_params())]),
+    max_size=2,
+    unique_by=lambda field: field[0],
+)
+
+
+@st.composite
+def near_valid_records(draw: st.DrawFn, index: int) -> dict[str, Any]:
+    task_type = draw(_VALID_TASK_TYPES)
+    record = {"task_id": f"n{index}", "task_type": task_type, "input_data": dict(_VALID_INPUTS[task_type])}
+    for key, strategy in draw(_CHANGED_FIELDS):
+        record[key] = draw(strategy)
+    return record
+
+
+# One strategy per position, built once (see above): three near-valid records (a unique task_id) to one hostile.
+_RECORD_SLOTS = [
+    st.one_of(near_valid_records(i), near_valid_records(i), near_valid_records(i), records())
+    for i in range(RECORDS_PER_RUN)
+]
+
+
+@st.composite
+def record_runs(draw: st.DrawFn) -> list[Any]:
+    return [draw(slot) for slot in _RECORD_SLOTS]
+
+
+record_run_flags = st.fixed_dictionaries(
+    {"--route": st.sampled_from(["--realtime-only"] * 5 + ["auto"])},
+    optional={
+        "--concurrency": st.sampled_from(["1", "8"]),
+        "--format": st.sampled_from(["json", "jsonl"]),
+        "--max-cost-usd": st.sampled_from(["0.000001", "100"]),
+    },
+)
+
+
+def _records_case(tmp_path: Path, rows: list[Any], flags: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Each generated record through `validate`, `plan` and `run --emulate`: the run rejects exactly the records
+    `validate` rejects, with the same line, and every other record ends as a row (sent, or failed by the API)."""
+    data = b"\n".join(orjson.dumps(row) for row in rows)
+    rejected = _validate_and_plan(tmp_path, data, capsys)
+    flags = {key: value for key, value in flags.items() if value != "auto"}
+    code, written, _ = _emulated_run(tmp_path, tmp_path / "tasks.jsonl", {"--poll-interval": "0.1", **flags}, capsys)
+    if rejected is None:  # a first line that is a JSON array: the file is read as one JSON document
+        assert code == 2
+        return
+    if written is None:  # only a budget the plan's estimate is over stops a run of valid flags, before it sends
+        assert flags.get("--max-cost-usd") == "0.000001"
+        return
+    assert len(written) == len(rows)
+    assert [row["error"]["message"] for row in written if row["status"] == "rejected"] == rejected
+
+
+@settings(CI, max_examples=40)
+@given(rows=record_runs(), flags=record_run_flags)
+def test_generated_records_are_rejected_as_validate_says_or_run_emulated(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[Any], flags: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _records_case(tmp_path_factory.mktemp("records"), rows, flags, capsys)
+
+
+@pytest.mark.nightly
+@settings(CI, max_examples=1_000)
+@given(rows=record_runs(), flags=record_run_flags)
+def test_nightly_generated_records_are_rejected_as_validate_says_or_run_emulated(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[Any], flags: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _records_case(tmp_path_factory.mktemp("records"), rows, flags, capsys)
