@@ -249,11 +249,6 @@ class Reply:
     request_id: str | None
 
 
-def error_headers(exc: ApiError) -> Mapping[str, str]:
-    """Response headers behind a translated error (rate-limit state rides on 429s too), or none."""
-    return exc.headers
-
-
 _SDK_ONLY_PARAMETERS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
 
 

@@ -23,7 +23,6 @@ from batch_engine.client import (
     batch_results,
     cancel_batch,
     create_batch,
-    error_headers,
     list_batches,
     retrieve_batch,
 )
@@ -504,7 +503,7 @@ class BatchLane:
         than the account has learns the real limit instead of polling into 429s.
         """
         if exc.status == 429:
-            self.rpm.observe(error_headers(exc))
+            self.rpm.observe(exc.headers)
 
     async def _cancel(self, record: ChunkRecord) -> None:
         assert record.batch_id is not None

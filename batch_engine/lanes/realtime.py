@@ -9,7 +9,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
-from batch_engine.client import Reply, error_headers
+from batch_engine.client import Reply
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, SpendLimitError
 from batch_engine.lanes import LaneContext, all_or_none
@@ -164,7 +164,7 @@ class RealtimeLane:
         try:
             reply = await self.ctx.sender.send(task.params, stream=task.stream)
         except ApiError as exc:
-            headers = error_headers(exc)
+            headers = exc.headers
             limiter.observe(headers, permit)
             if exc.status == 429 and not isinstance(exc, SpendLimitError):
                 # Only a 429 that shows the capacity gone holds the other workers; 529s and 500s never do.

@@ -15,15 +15,14 @@ import orjson
 from batch_engine.planning import Plan, PlannedTask
 
 
-def _digest(*parts: bytes) -> bytes:
-    # Each part after its length, hashed in one call (one per task at 1M tasks): the same digest as updating
-    # part by part, so run keys stay what earlier versions computed.
-    framed = b"".join(len(part).to_bytes(8, "little") + part for part in parts)
-    return hashlib.blake2b(framed, digest_size=16).digest()
-
-
 def _framed(part: bytes) -> bytes:
+    # Each part after its length: the framing every digest here hashes, so run keys stay what earlier versions
+    # computed.
     return len(part).to_bytes(8, "little") + part
+
+
+def _digest(*parts: bytes) -> bytes:
+    return hashlib.blake2b(b"".join(map(_framed, parts)), digest_size=16).digest()
 
 
 def iter_request_digests(plan: Plan) -> Iterator[tuple[int, bytes]]:
@@ -44,9 +43,8 @@ def iter_request_digests(plan: Plan) -> Iterator[tuple[int, bytes]]:
             key = (id(task.frame), task.route, task.stream)
             shared = middles.get(key) or middles.setdefault(key, middle(task))
             user = task.user_text.encode()
-        task_id = task.task_id.encode()
-        # The same bytes `_digest` frames (each part after its length): run keys stay what they were.
-        framed = b"".join((len(task_id).to_bytes(8, "little"), task_id, shared, len(user).to_bytes(8, "little"), user))
+        # `_digest(task id, route, stream, frame, user)`, its shared middle framed once.
+        framed = _framed(task.task_id.encode()) + shared + _framed(user)
         yield task.index, hashlib.blake2b(framed, digest_size=16).digest()
 
 

@@ -142,8 +142,43 @@ def succeeded(
                 reason = f"{reason} (stop_reason {stop})"
             error = ErrorInfo(type="invalid_output", message=reason)
     cost_usd = round(cost(usage, spec, route, config.batch_discount), 10)
-    # The keys and their order are `TaskResult`'s fields: the JSON its model dump gives.
-    row = {
+    row = _row(
+        task,
+        status,
+        route,
+        model,
+        batch_id,
+        attempts,
+        error,
+        text=text,
+        parsed=parsed,
+        content=content,
+        stop_reason=message.get("stop_reason"),
+        usage=counts,
+        cost_usd=cost_usd,
+    )
+    return _finished(row, usage, task)
+
+
+def _row(
+    task: PlannedTask,
+    status: Status,
+    route: Route,
+    model: str,
+    batch_id: str | None,
+    attempts: int,
+    error: ErrorInfo | None,
+    *,
+    text: str | None = None,
+    parsed: Any = None,
+    content: list[dict[str, Any]] | None = None,
+    stop_reason: str | None = None,
+    usage: dict[str, int] | None = None,
+    cost_usd: float = 0.0,
+) -> dict[str, Any]:
+    """A row's JSON-ready fields: `TaskResult`'s, in its order (the JSON its model dump gives), metadata left null
+    for `_finished` to splice in."""
+    return {
         "task_id": task.task_id,
         "index": task.index,
         "status": status,
@@ -156,13 +191,12 @@ def succeeded(
         "text": text,
         "parsed": parsed,
         "content": content,
-        "stop_reason": message.get("stop_reason"),
-        "usage": counts,
+        "stop_reason": stop_reason,
+        "usage": usage,
         "cost_usd": cost_usd,
         "error": None if error is None else error.model_dump(mode="json"),
         "metadata": None,
     }
-    return _finished(row, usage, task)
 
 
 def _finished(row: dict[str, Any], usage: Usage | None, task: PlannedTask) -> FinishedRow:
@@ -215,23 +249,5 @@ def failed(
     batch_id: str | None = None,
 ) -> FinishedRow:
     """The output row of a task that ended without a result (nothing billed: cost 0)."""
-    row = {
-        "task_id": task.task_id,
-        "index": task.index,
-        "status": status,
-        "task_type": task.task_type,
-        "route": route,
-        "model": task.model,
-        "batch_id": batch_id,
-        "attempts": attempts,
-        "output_retries": 0,
-        "text": None,
-        "parsed": None,
-        "content": None,
-        "stop_reason": None,
-        "usage": None,
-        "cost_usd": 0.0,
-        "error": None if error is None else error.model_dump(mode="json"),
-        "metadata": None,
-    }
+    row = _row(task, status, route, task.model, batch_id, attempts, error)
     return _finished(row, None, task)

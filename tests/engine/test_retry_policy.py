@@ -15,7 +15,6 @@ from pydantic import SecretStr
 from batch_engine.client import (
     ApiSettings,
     RetryPolicy,
-    error_headers,
     make_client,
     retrieve_batch,
     send_message,
@@ -45,7 +44,7 @@ class Waits:
         self.requested.append(seconds)
 
     def on_retry(self, error: ApiError, _wait: float) -> None:
-        self.headers.append(dict(error_headers(error)))
+        self.headers.append(dict(error.headers))
 
 
 def _call(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from batch_engine.client import ApiSettings, RetryPolicy, error_headers, make_client
+from batch_engine.client import ApiSettings, RetryPolicy, make_client
 from batch_engine.config import Config, TaskType, load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ApiError
@@ -127,7 +127,7 @@ class _Retries:
         return None
 
     def on_retry(self, error: ApiError, _wait: float) -> None:
-        headers = error_headers(error)
+        headers = error.headers
         limits = sorted(name for name in headers if name.startswith("anthropic-ratelimit-requests"))
         self.seen.append((error.status, type(error).__name__, error.retry_after_s, headers.get("retry-after"), limits))
 
