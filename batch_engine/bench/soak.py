@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.client import ApiSettings, list_batches, make_client
+from batch_engine.client import ApiSettings, RetryPolicy, list_batches, make_client
 from batch_engine.config import default_config_text, parse_config
 from batch_engine.emulator import EmulatorProcess, emulator_process
 from batch_engine.files import atomic_write_bytes, iter_records
@@ -218,7 +218,8 @@ def _whole_chunk_resubmissions(chunks: list[ChunkRecord]) -> int:
 async def _batch_ids(base_url: str) -> set[str]:
     client = make_client(ApiSettings(SecretStr("sk-soak"), base_url))
     try:
-        return {info.id for info in await list_batches(client, created_after=0)}
+        # The emulator injects faults on every endpoint, this one too: listed as the engine would list, retried.
+        return {info.id for info in await RetryPolicy().call(lambda: list_batches(client, created_after=0))}
     finally:
         await client.close()
 
