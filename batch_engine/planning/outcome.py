@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from batch_engine.config import Config, Route
-from batch_engine.models import ErrorInfo, Status, TaskResult, Usage
+from batch_engine.models import ErrorInfo, Status, TaskResult, Tokens, Usage
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.pricing import cost
 
@@ -31,7 +31,7 @@ class FinishedRow:
     batch_id: str | None
     attempts: int
     cost_usd: float
-    usage: Usage | None  # the billed tokens; None when nothing was billed
+    usage: Tokens | None  # the billed tokens; None when nothing was billed
     json: bytes  # the row as the output file has it: a `TaskResult` dumped to JSON
 
     @classmethod
@@ -46,7 +46,7 @@ class FinishedRow:
             batch_id=result.batch_id,
             attempts=result.attempts,
             cost_usd=result.cost_usd or 0.0,
-            usage=result.usage,
+            usage=None if result.usage is None else Tokens.of(result.usage),
             json=orjson.dumps(result.model_dump(mode="json")),
         )
 
@@ -125,7 +125,7 @@ def succeeded(
     output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
     """
     counts = _usage_counts(message.get("usage"))
-    usage = Usage(**counts)
+    usage = Tokens(*counts.values())  # the counts are in `Usage`'s order, as `Tokens` takes them
     content = message.get("content") or []
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
@@ -199,7 +199,7 @@ def _row(
     }
 
 
-def _finished(row: dict[str, Any], usage: Usage | None, task: PlannedTask) -> FinishedRow:
+def _finished(row: dict[str, Any], usage: Tokens | None, task: PlannedTask) -> FinishedRow:
     """The finished row of `row` (a `TaskResult`'s fields, in order, as JSON-ready values, its metadata left null),
     with the task's metadata as planning kept it: already JSON."""
     encoded = orjson.dumps(row)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from batch_engine.config import Config, ModelSpec, Route
-from batch_engine.models import Usage
+from batch_engine.models import Tokens, Usage
 
 _PER_TOKEN = 1e-6  # prices are per million tokens
 
 
-def cost(usage: Usage, spec: ModelSpec, route: Route, batch_discount: float = 0.5) -> float:
+def cost(usage: Usage | Tokens, spec: ModelSpec, route: Route, batch_discount: float = 0.5) -> float:
     """USD billed for `usage`: each token class at its price, times the batch discount on the batch route.
 
     Cache writes without a TTL breakdown are billed as 5-minute writes, which is the API's default TTL.
@@ -26,7 +26,7 @@ def cost(usage: Usage, spec: ModelSpec, route: Route, batch_discount: float = 0.
     return dollars * (batch_discount if route == "batch" else 1.0)
 
 
-def baseline_cost(usage: Usage, spec: ModelSpec) -> float:
+def baseline_cost(usage: Usage | Tokens, spec: ModelSpec) -> float:
     """What the same request would have cost realtime with no prompt caching."""
     return baseline_tokens_cost(usage.prompt_tokens, usage.output_tokens, spec)
 

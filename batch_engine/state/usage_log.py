@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from batch_engine.config import Config
-from batch_engine.models import Usage
+from batch_engine.models import Tokens
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import FinishedRow
 from batch_engine.planning.params import system_prefix, thinking_label
@@ -173,7 +173,7 @@ def usage_record(
     )
 
 
-_NO_USAGE = Usage()
+_NO_USAGE = Tokens()
 _FrameFacts = tuple[int, str | None, int, str | None, str | None]
 # id(frame) → (frame, its facts). Tasks that render alike share one frame object, so its prompt is looked at once,
 # not once per billed row. The frame is held, so its id is never reused while cached; cleared when full, so raw

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from batch_engine.config import Config, Route, load_config
 from batch_engine.files import RawRecord
-from batch_engine.models import ErrorInfo, Status, TaskResult, Usage
+from batch_engine.models import ErrorInfo, Status, TaskResult, Tokens, Usage
 from batch_engine.planning import PlannedTask, compact_json, make_plan
 from batch_engine.planning.outcome import (
     FinishedRow,
@@ -213,11 +213,12 @@ def test_a_succeeded_row_is_stored_as_the_pydantic_path_stored_it(name: str) -> 
                 stored.route,
                 stored.model,
             )
+            assert stored.usage is not None
             assert (row.batch_id, row.attempts, row.cost_usd, row.usage) == (
                 stored.batch_id,
                 stored.attempts,
                 stored.cost_usd,
-                stored.usage,
+                Tokens.of(stored.usage),
             )
 
 
@@ -280,7 +281,12 @@ def test_any_json_in_an_answer_or_in_metadata_is_stored_the_same(
     }
     message = _message([*blocks, {"type": "text", "text": text}], usage=usage)
     for route in ("batch", "realtime"):
-        assert succeeded(task, message, route, 1, CONFIG).json == _as_model(task, message, route, 1, CONFIG, None)
+        row = succeeded(task, message, route, 1, CONFIG)
+        assert row.json == _as_model(task, message, route, 1, CONFIG, None)
+        stored = TaskResult.model_validate_json(row.json).usage
+        # The row's tokens are what the lanes, the usage log and the cost read: the stored usage, field by field.
+        assert stored is not None and row.usage is not None
+        assert row.usage._asdict() == stored.model_dump()
 
 
 def test_a_retried_row_carries_both_requests_usage_and_cost() -> None:
@@ -292,11 +298,10 @@ def test_a_retried_row_carries_both_requests_usage_and_cost() -> None:
     assert (stored.status, stored.output_retries, row.status) == ("succeeded", 1, "succeeded")
     assert stored.cost_usd == row.cost_usd == round(earlier.cost_usd + later.cost_usd, 10)
     assert earlier.usage is not None and later.usage is not None
-    assert (
-        row.usage
-        == stored.usage
-        == Usage(**{name: getattr(earlier.usage, name) + getattr(later.usage, name) for name in Usage.model_fields})
-    )
+    assert stored.usage is not None
+    both = Usage(**{name: getattr(earlier.usage, name) + getattr(later.usage, name) for name in Usage.model_fields})
+    assert stored.usage == both
+    assert row.usage == Tokens.of(both)
     assert FinishedRow.of(stored) == row
 
 
