@@ -4,6 +4,7 @@ with the rows of the rejected records. What `Run.rows` and `Run.row_json` write.
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -29,13 +30,12 @@ def in_input_order(finished: Iterable[tuple[int, Row]], rejections: Iterable[Rej
         ((r.index, rejection_result(r)) for r in rejections), key=_index
     )
     rows: Iterable[tuple[int, Row | TaskResult]] = finished
-    if not rejected:  # the usual case: nothing to merge, and a heap per row is a share of writing the output
-        for _, row in rows:
-            yield row
-        return
-    for _, row in heapq.merge(rows, rejected, key=_index):
-        yield row
+    if not rejected:
+        # The usual case: nothing to merge. Each row taken from its pair in C: a heap, or a generator frame, per
+        # row was a share of writing the output.
+        return map(_row, rows)
+    return map(_row, heapq.merge(rows, rejected, key=_index))
 
 
-def _index(pair: tuple[int, object]) -> int:
-    return pair[0]
+_index = operator.itemgetter(0)
+_row = operator.itemgetter(1)

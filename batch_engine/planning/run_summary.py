@@ -159,10 +159,12 @@ def encode_rows(rows: Iterable[TaskResult | bytes], output_format: OutputFormat)
             yield orjson.dumps(line) + b"\n"
     elif output_format == "jsonl":
         for row in rows:
-            yield _row_json(row) + b"\n"
+            yield (row if isinstance(row, bytes) else _row_json(row)) + b"\n"
     else:
-        for position, row in enumerate(rows):
-            yield (b"," if position else b"") + _row_json(row)
+        separator = b""
+        for row in rows:
+            yield separator + (row if isinstance(row, bytes) else _row_json(row))
+            separator = b","
 
 
 def encode_output(

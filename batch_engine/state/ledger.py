@@ -447,9 +447,13 @@ class Ledger(SqliteStore):
     def result_json(self, run_key: str) -> Iterator[tuple[int, bytes]]:
         """Every finished row of the run as stored, (index, its output JSON), in input order, read as a stream."""
         cursor = self._db.cursor()
-        cursor.row_factory = None  # plain tuples: a `sqlite3.Row` per row was a share of writing the output
-        for index, row in cursor.execute("SELECT idx, row FROM results WHERE run_key = ? ORDER BY idx", (run_key,)):
-            yield index, bytes(row)
+        # Plain tuples, as the cursor gives them (a BLOB comes back as bytes): a `sqlite3.Row`, or a generator
+        # re-yielding each tuple, per row was a share of writing the output.
+        cursor.row_factory = None
+        rows: Iterator[tuple[int, bytes]] = cursor.execute(
+            "SELECT idx, row FROM results WHERE run_key = ? ORDER BY idx", (run_key,)
+        )
+        return rows
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
