@@ -144,6 +144,8 @@ def emulated_api(state_dir: Path, config_path: Path | None) -> Iterator[ApiSetti
         yield ApiSettings(SecretStr("emulated"), emulator.base_url)
 
 
+_ROWS_BUFFER = 1 << 20  # the output's rows are written to, and read back from, their temporary file in MiB blocks
+
 # state_url: where the ledger is (it may carry a password), not what the run is.
 _NOT_STORED = frozenset({"state_dir", "resume_run", "supersede", "state_url"})
 
@@ -676,7 +678,9 @@ class Run:
                 crash_point("output.partial")  # killed with the output part written
 
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self.output_path.parent) as rows:
+        # A 1 MiB buffer: with the default 8 KiB, a write call every ~11 rows was ~1.5 µs of each row's ~13 µs of
+        # writing the output (`bench plan`, 100k rows).
+        with tempfile.TemporaryFile(dir=self.output_path.parent, buffering=_ROWS_BUFFER) as rows:
             rows.writelines(encode_rows(counted(), output_format))
             # The invocation that completes the run records its phases; a rewrite gets them back.
             kept = self.ledger.keep_durations(self.key, self.timeline.durations(write_at, time.time()))
@@ -693,7 +697,7 @@ class Run:
                 durations_s=durations,
             )
             rows.seek(0)
-            body = iter(functools.partial(rows.read, 1 << 20), b"")
+            body = iter(functools.partial(rows.read, _ROWS_BUFFER), b"")
             output = itertools.chain([encode_head(summary, output_format)], body, [encode_tail(output_format)])
             atomic_write_chunks(self.output_path, output)
         crash_point("output.renamed")
