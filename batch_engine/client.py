@@ -347,6 +347,7 @@ class Connection:
                 base_url=base_url,
                 timeout=self.settings.timeout_s,
                 limits=_POOL,
+                follow_redirects=True,  # as the SDK's client
                 headers={
                     "Authorization": f"Bearer {self.settings.api_key.get_secret_value()}",
                     "anthropic-version": API_VERSION,

@@ -24,9 +24,9 @@ from batch_engine.sender_process import MODULE, frame, read_frame, rebuilt_error
 
 SenderMode = Literal["auto", "inline", "process"]
 # `auto` starts a sender process for a lane of at least this many requests, on a machine with 2+ CPUs. The
-# process costs ~1 s of CPU to start on a quiet machine (importing the SDK; 3-8 s at load 5), on the other core,
-# and moves ~2.5-4 ms of CPU per request off this process; requests go inline until it is ready, so a lane never
-# waits for it. Below this, its start is a large share of what it could move (docs/performance.md).
+# process costs ~0.4 s of CPU to start on a quiet machine (it does not import the SDK), on the other core, and
+# moves ~2 ms of CPU per request off this process; requests go inline until it is ready, so a lane never waits
+# for it. Below this, the frames to and from it are a large share of what it could move (docs/performance.md).
 AUTO_PROCESS_REQUESTS = 2000
 # The child runs this very package, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(batch_engine.__file__).resolve().parents[1])
