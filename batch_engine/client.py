@@ -1,10 +1,19 @@
-"""The only importer of `anthropic`: client construction, SDK error translation, the retry policy, and thin
-calls that hand plain data (dicts, dataclasses) to the lanes so nothing else depends on SDK types."""
+"""The only module that talks to the API, and the only importer of `anthropic`: client construction, error
+translation, the retry policy, and thin calls that hand plain data (dicts, dataclasses) to the lanes so nothing
+else depends on SDK types.
+
+A run's non-streamed Messages requests go over HTTP directly (`Connection.send_message`), with the headers the SDK
+sends: the SDK's import (its ~1,500 pydantic models) is 2-3 s of CPU before a first request could go out, and its
+request building and reply parsing ~1 ms of CPU per request, for JSON params in and a JSON reply out that the
+engine keeps as JSON. Everything else (streaming, token counts, batches) goes through the SDK, imported on first use.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
+import importlib
 import inspect
 import os
 import random
@@ -13,24 +22,26 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-import anthropic
 import httpx2
 import orjson
-from anthropic.resources.messages import AsyncMessages
-from anthropic.types.messages import MessageBatch
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.stop import stop_base
 
+import batch_engine
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
+
+if TYPE_CHECKING:
+    import anthropic
+
+    AsyncClient: TypeAlias = anthropic.AsyncAnthropic
 
 T = TypeVar("T")
 # A generator of our own: jitter must not disturb (or depend on) the global random state.
 _JITTER = random.Random()
 RETRY_AFTER_JITTER = 0.1  # a retry-after wait is stretched by up to this share
-AsyncClient = anthropic.AsyncAnthropic
 
 # 429s whose details.error_code says the money ran out: retrying cannot succeed until the limit resets.
 SPEND_LIMIT_CODES = frozenset(
@@ -40,9 +51,6 @@ SELF_SET_SPEND_LIMIT = "reached your specified API usage limits"
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Error types of the API's error statuses, for an SSE `error` event, which arrives after the stream's 200.
 _STREAM_ERROR_STATUS = {"rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
-# What a call can raise: the SDK's errors, and transport errors it lets through unwrapped once a streamed body
-# (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway through.
-_CALL_ERRORS = (anthropic.AnthropicError, httpx2.TransportError)
 # The SDK refuses non-streaming calls it expects to take over 10 minutes: 3600 s * max_tokens / 128,000.
 MAX_NONSTREAMING_TOKENS = 21_333
 
@@ -71,6 +79,8 @@ def api_from_environment() -> ApiSettings | None:
 def make_client(settings: ApiSettings, *, max_retries: int = 0) -> AsyncClient:
     """One client per run; SDK retries off unless asked (a benchmark): our policy owns them, so attempts never
     multiply."""
+    import anthropic
+
     return anthropic.AsyncAnthropic(
         api_key=settings.api_key.get_secret_value(),
         base_url=settings.base_url,
@@ -99,57 +109,83 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
+def status_error(
+    status: int, headers: Mapping[str, str], body: object, fallback: str, request_id: str | None
+) -> ApiError:
+    """The error for an API response of `status` (or an SSE `error` event, status < 400) and its decoded body;
+    `fallback` is the message when the body has none."""
+    error: dict[str, Any] = {}
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+    details: dict[str, Any] = error["details"] if isinstance(error.get("details"), dict) else {}
+    error_type = str(error.get("type") or "api_error")
+    if status < 400:
+        # An `error` event in a stream that began with a 200: the status that error would have had.
+        status = _STREAM_ERROR_STATUS.get(error_type, status)
+    error_code = details.get("error_code")
+    message = str(error.get("message") or fallback)
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "error_type": error_type,
+        "request_id": request_id,
+        "retry_after_s": _retry_after_s(headers),
+        "error_code": error_code,
+        "headers": headers,
+    }
+    text = f"{status} {error_type}: {message}"
+    if (
+        (status == 429 and error_code in SPEND_LIMIT_CODES)
+        # A linked organisation's spend limit is a 402 billing_error; one the organisation set for itself is a
+        # 400 whose message says so (no error_code documented for it; docs: /api/rate-limits, /api/errors).
+        or status == 402
+        or (status == 400 and SELF_SET_SPEND_LIMIT in message)
+    ):
+        return SpendLimitError(text, **kwargs)
+    should_retry = headers.get("x-should-retry")
+    retryable = status in _RETRYABLE_STATUS or status >= 500
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    return (TransientApiError if retryable else PermanentApiError)(text, **kwargs)
+
+
+def transport_error(exc: httpx2.TransportError) -> TransientApiError:
+    """A request that got no response: timed out, or the connection failed or dropped."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return TransientApiError("request timed out", error_type="timeout_error")
+    return TransientApiError(f"connection error: {exc}", error_type="connection_error")
+
+
+def _call_errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """What an SDK call can raise (and `more`): the SDK's errors, and transport errors it lets through unwrapped
+    once a streamed body (SSE events, batch results JSONL) is being read, e.g. a connection dropped halfway
+    through. A function, so that naming them does not import the SDK; an `except` clause calls it only when
+    something was raised."""
+    import anthropic
+
+    return (anthropic.AnthropicError, httpx2.TransportError, *more)
+
+
 def translate(exc: BaseException) -> ApiError:
     """The one place SDK exceptions become our error tree."""
+    import anthropic
+
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        headers = exc.response.headers
-        body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
-        error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
-        details: dict[str, Any] = error["details"] if isinstance(error.get("details"), dict) else {}
-        error_type = str(error.get("type") or "api_error")
-        if status < 400:
-            # An `error` event in a stream that began with a 200: the status that error would have had.
-            status = _STREAM_ERROR_STATUS.get(error_type, status)
-        error_code = details.get("error_code")
-        message = str(error.get("message") or exc.message)
-        kwargs: dict[str, Any] = {
-            "status": status,
-            "error_type": error_type,
-            "request_id": exc.request_id,
-            "retry_after_s": _retry_after_s(headers),
-            "error_code": error_code,
-            "headers": headers,
-        }
-        text = f"{status} {error_type}: {message}"
-        if (
-            (status == 429 and error_code in SPEND_LIMIT_CODES)
-            # A linked organisation's spend limit is a 402 billing_error; one the organisation set for itself is a
-            # 400 whose message says so (no error_code documented for it; docs: /api/rate-limits, /api/errors).
-            or status == 402
-            or (status == 400 and SELF_SET_SPEND_LIMIT in message)
-        ):
-            return SpendLimitError(text, **kwargs)
-        should_retry = headers.get("x-should-retry")
-        retryable = status in _RETRYABLE_STATUS or status >= 500
-        if should_retry in ("true", "false"):
-            retryable = should_retry == "true"
-        return (TransientApiError if retryable else PermanentApiError)(text, **kwargs)
-    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return status_error(exc.status_code, exc.response.headers, exc.body, exc.message, exc.request_id)
+    if isinstance(exc, anthropic.APITimeoutError):
         return TransientApiError("request timed out", error_type="timeout_error")
     if isinstance(exc, anthropic.APIConnectionError):
         return TransientApiError(f"connection error: {exc.__cause__ or exc}", error_type="connection_error")
     if isinstance(exc, httpx2.TransportError):
-        return TransientApiError(f"connection error: {exc}", error_type="connection_error")
+        return transport_error(exc)
     return PermanentApiError(f"{type(exc).__name__}: {exc}", error_type="client_error")
 
 
 async def _translated(call: Awaitable[T]) -> T:
     try:
         return await call
-    except (*_CALL_ERRORS, ValueError) as exc:
+    except _call_errors(ValueError) as exc:
         raise translate(exc) from exc
 
 
@@ -252,46 +288,130 @@ class Reply:
 _SDK_ONLY_PARAMETERS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
 
 
-def _api_fields(method: Callable[..., Any]) -> frozenset[str]:
-    return frozenset(inspect.signature(method).parameters) - _SDK_ONLY_PARAMETERS
+@functools.cache
+def _fields(method: str) -> frozenset[str]:
+    """The API fields of `AsyncMessages.<method>` (its keyword parameters but the SDK's own)."""
+    from anthropic.resources.messages import AsyncMessages
+
+    return frozenset(inspect.signature(getattr(AsyncMessages, method)).parameters) - _SDK_ONLY_PARAMETERS
 
 
-_CREATE_FIELDS = _api_fields(AsyncMessages.create)
-_STREAM_FIELDS = _api_fields(AsyncMessages.stream)
-_COUNT_FIELDS = _api_fields(AsyncMessages.count_tokens)
-
-
-def _keywords(params: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
-    """`params` as keywords of a typed SDK method. Fields it does not name go in `extra_body`, so the API, not a
-    TypeError, judges them. Sampling params never get here: API version 2026-10-21 (what SDK 2.x sends) refuses
-    temperature/top_p/top_k on every model, so planning rejects such records up front (validate.py)."""
+def _keywords(params: dict[str, Any], method: str) -> dict[str, Any]:
+    """`params` as keywords of the typed SDK method `AsyncMessages.<method>`. Fields it does not name go in
+    `extra_body`, so the API, not a TypeError, judges them. Sampling params never get here: API version 2026-10-21
+    (what SDK 2.x sends) refuses temperature/top_p/top_k on every model, so planning rejects such records up front
+    (validate.py)."""
+    fields = _fields(method)
     extra = {key: value for key, value in params.items() if key not in fields}
     if not extra:
         return params
     return {key: value for key, value in params.items() if key in fields} | {"extra_body": extra}
 
 
-async def send_message(client: AsyncClient, params: dict[str, Any], *, stream: bool) -> Reply:
-    """One Messages request (streamed when asked or when max_tokens needs it); errors are translated."""
-    try:
+# The API version SDK 2.x sends (anthropic/_constants.py ANTHROPIC_API_VERSION): requests sent without the SDK
+# send the same (tests/engine/test_connection.py checks that they agree, header by header).
+API_VERSION = "2026-10-21"
+# The SDK's connection pool (anthropic/_constants.py DEFAULT_CONNECTION_LIMITS).
+_POOL = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+
+
+class Connection:
+    """One run's way to the API: Messages requests over HTTP directly, and the SDK client for everything else.
+
+    `send_message` posts a non-streamed request itself, with the SDK's headers (Bearer key, API version, JSON),
+    and reads the reply as the API sent it; its errors are the ones `translate` makes of the SDK's. `sdk` is the
+    SDK client, made on first use; `load_sdk` makes it with `anthropic` imported in a worker thread, so requests
+    already going out keep going while it loads.
+    """
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self._http: httpx2.AsyncClient | None = None
+        self._sdk: AsyncClient | None = None
+
+    @property
+    def sdk(self) -> AsyncClient:
+        if self._sdk is None:
+            self._sdk = make_client(self.settings)
+        return self._sdk
+
+    async def load_sdk(self) -> AsyncClient:
+        if self._sdk is None:
+            await asyncio.to_thread(importlib.import_module, "anthropic")
+        return self.sdk
+
+    def _client(self) -> httpx2.AsyncClient:
+        if self._http is None:
+            base_url = self.settings.base_url or os.environ.get(BASE_URL_ENV) or "https://api.anthropic.com"
+            self._http = httpx2.AsyncClient(
+                base_url=base_url,
+                timeout=self.settings.timeout_s,
+                limits=_POOL,
+                follow_redirects=True,  # as the SDK's client
+                headers={
+                    "Authorization": f"Bearer {self.settings.api_key.get_secret_value()}",
+                    "anthropic-version": API_VERSION,
+                    "Accept": "application/json",
+                    "Content-Type": "application/json",
+                    "User-Agent": f"batch-engine/{batch_engine.__version__}",
+                },
+            )
+        return self._http
+
+    async def send_message(self, params: dict[str, Any], *, stream: bool) -> Reply:
+        """One Messages request (streamed, through the SDK, when asked or when max_tokens needs it); errors are
+        translated."""
         if stream or int(params.get("max_tokens", 0)) > MAX_NONSTREAMING_TOKENS:
-            async with client.messages.stream(**_keywords(params, _STREAM_FIELDS)) as events:
-                message = await events.get_final_message()
-                # exclude_unset: the fields the API sent, as a non-streamed reply or a batch row has them.
-                reply = message.model_dump(mode="json", exclude_unset=True)
-                return Reply(reply, events.response.headers, events.request_id)
-        raw = await client.messages.with_raw_response.create(**_keywords(params, _CREATE_FIELDS))
-        # The body as the API sent it: building the SDK's Message model only to dump it again costs more CPU
-        # per request than everything else the engine does with the reply.
-        return Reply(orjson.loads(await raw.read()), raw.headers, raw.request_id)
-    except (*_CALL_ERRORS, ValueError) as exc:
+            return await stream_message(await self.load_sdk(), params)
+        try:
+            response = await self._client().post("/v1/messages", content=orjson.dumps(params))
+        except httpx2.TransportError as exc:
+            raise transport_error(exc) from exc
+        request_id = response.headers.get("request-id")
+        if not response.is_success:
+            raise _response_error(response, request_id)
+        try:
+            return Reply(orjson.loads(response.content), response.headers, request_id)
+        except ValueError as exc:
+            raise translate(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            if self._http is not None:
+                await self._http.aclose()
+        finally:
+            if self._sdk is not None:
+                await self._sdk.close()
+
+
+def _response_error(response: httpx2.Response, request_id: str | None) -> ApiError:
+    """`status_error` of an error response, its body decoded (and its fallback message worded) as the SDK does."""
+    text = response.text.strip()
+    body: object = text
+    try:
+        body = orjson.loads(text)
+        fallback = f"Error code: {response.status_code} - {body}"
+    except ValueError:
+        fallback = text or f"Error code: {response.status_code}"
+    return status_error(response.status_code, response.headers, body, fallback, request_id)
+
+
+async def stream_message(client: AsyncClient, params: dict[str, Any]) -> Reply:
+    """One streamed Messages request through the SDK, kept as the message it adds up to; errors are translated."""
+    try:
+        async with client.messages.stream(**_keywords(params, "stream")) as events:
+            message = await events.get_final_message()
+            # exclude_unset: the fields the API sent, as a non-streamed reply or a batch row has them.
+            reply = message.model_dump(mode="json", exclude_unset=True)
+            return Reply(reply, events.response.headers, events.request_id)
+    except _call_errors(ValueError) as exc:
         raise translate(exc) from exc
 
 
 async def count_tokens(client: AsyncClient, params: dict[str, Any]) -> int:
     """Exact input tokens of a request, from `messages.count_tokens` (max_tokens is not part of it)."""
     body = {key: value for key, value in params.items() if key != "max_tokens"}
-    counted = await _translated(client.messages.count_tokens(**_keywords(body, _COUNT_FIELDS)))
+    counted = await _translated(client.messages.count_tokens(**_keywords(body, "count_tokens")))
     return int(counted.input_tokens)
 
 
@@ -379,6 +499,8 @@ class BatchBody:
 async def create_batch(client: AsyncClient, body: BatchBody) -> BatchInfo:
     """`batches.create` (the SDK's own path and model, the body streamed), exactly one HTTP attempt: a retry here
     could create a second batch."""
+    from anthropic.types.messages import MessageBatch
+
     headers = {"Content-Length": str(len(body))}
     created = client.post(
         "/v1/messages/batches", cast_to=MessageBatch, content=body.stream(), options={"headers": headers}
@@ -404,7 +526,7 @@ async def list_batches(client: AsyncClient, created_after: float, limit: int | N
             if info.created_at < created_after or (limit is not None and len(found) >= limit):
                 break
             found.append(info)
-    except _CALL_ERRORS as exc:
+    except _call_errors() as exc:
         raise translate(exc) from exc
     return found
 
@@ -461,5 +583,5 @@ async def batch_results(client: AsyncClient, batch_id: str) -> AsyncGenerator[Ba
                 yield _batch_row(orjson.loads(pending))
         finally:
             await decoder.close()
-    except (*_CALL_ERRORS, ValueError) as exc:
+    except _call_errors(ValueError) as exc:
         raise translate(exc) from exc

@@ -8,11 +8,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch_engine.client import (
     ApiSettings,
-    AsyncClient,
     BatchInfo,
     RetryPolicy,
     cancel_batch,
@@ -26,6 +25,9 @@ from batch_engine.runner import Run
 from batch_engine.state.backend import RunLedger, open_ledger
 from batch_engine.state.ledger import ChunkRecord, RunRecord
 from batch_engine.state.url import StateUrl, resolve_state_url
+
+if TYPE_CHECKING:
+    from batch_engine.client import AsyncClient
 
 log = logging.getLogger("batch_engine")
 _POLICY = RetryPolicy(attempts=5, max_time_s=60.0)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from batch_engine.client import ApiSettings, AsyncClient, RetryPolicy, make_client
+from batch_engine.client import ApiSettings, Connection, RetryPolicy
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
@@ -360,7 +360,7 @@ class Run:
         policy: RetryPolicy | None = None,
         shared_limit: SharedLimit | None = None,
     ) -> AsyncIterator[Lanes]:
-        """Both lanes over one client (closed on exit); `shared_limit` throttles realtime across processes.
+        """Both lanes over one connection (closed on exit); `shared_limit` throttles realtime across processes.
 
         The lanes' context is complete here: the usage log, the cost estimator (exact input counts first when
         `count_tokens` is asked) and the budget (unlimited without `max_cost_usd`).
@@ -368,17 +368,17 @@ class Run:
         limits = self.config.limits
         logger = logger or log
         api = ApiSettings(api.api_key, api.base_url, limits.request_timeout_s)
-        client = make_client(api)
-        sender = Sender(client, api, limits.realtime_sender, logger)
+        connection = Connection(api)
+        sender = Sender(connection, limits.realtime_sender, logger)
         usage_log: UsageStore | None = None
         try:
             # Started first, so a sender process has imported the SDK by the time the realtime lane starts.
             await sender.expect(len(self.plan.tasks) - sum(len(chunk.task_positions) for chunk in self.plan.chunks))
             usage_log = open_usage_log(self.state)
-            estimator = await self._estimator(client, usage_log, logger)
+            estimator = await self._estimator(connection, usage_log, logger)
             tasks = self.tasks_by_index()
             ctx = LaneContext(
-                client=client,
+                api=connection,
                 sender=sender,
                 config=self.config,
                 ledger=self.ledger,
@@ -403,11 +403,12 @@ class Run:
             try:
                 await sender.close()
             finally:
-                await client.close()
+                await connection.aclose()
 
-    async def _estimator(self, client: AsyncClient, usage_log: UsageStore, logger: Logger) -> Estimator:
+    async def _estimator(self, connection: Connection, usage_log: UsageStore, logger: Logger) -> Estimator:
         counted: dict[int, int] = {}
         if self.options.count_tokens:
+            client = await connection.load_sdk()
             counts = await count_plan_tokens(client, self.plan.tasks, self.config.limits.count_tokens_rpm)
             counted = counts.by_index
             if counts.note:

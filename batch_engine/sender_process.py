@@ -1,9 +1,9 @@
 """The realtime lane's sender process, `python -m batch_engine.sender_process`, and the frames it speaks.
 
-The SDK's HTTP stack costs ~2.5 ms of CPU per Messages request, the lane's own bookkeeping a fraction of that: a
-big realtime lane in the engine's process starves whatever else that one busy core does (planning, batch bodies,
+The HTTP stack costs ~2 ms of CPU per Messages request, the lane's own bookkeeping a fraction of that: a big
+realtime lane in the engine's process starves whatever else that one busy core does (planning, batch bodies,
 storing results). So the engine can hand the HTTP part to this child process, which runs on another core: it
-sends each request it is given through `client.send_message` (the same function the lane calls inline, so
+sends each request it is given through `Connection.send_message` (the same method the lane calls inline, so
 streaming, the max_tokens rule and error translation are the same) and answers with the reply or the error.
 Everything else — rate limits, request slots, the retry policy, the ledger — stays with the lane in the parent.
 
@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import SecretStr
 
-from batch_engine.client import ApiSettings, make_client, send_message
+from batch_engine.client import ApiSettings, Connection
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
 
 MODULE = "batch_engine.sender_process"
@@ -94,7 +94,7 @@ def _plain(headers: Mapping[str, str]) -> dict[str, str]:
 
 class _Child:
     def __init__(self, settings: ApiSettings, write: Callable[[bytes], None]) -> None:
-        self._client = make_client(settings)
+        self._api = Connection(settings)
         self._write = write
         self._requests: dict[int, asyncio.Task[None]] = {}
         self.answered = 0
@@ -111,7 +111,7 @@ class _Child:
 
     async def _answer(self, request_id: int, stream: bool, params: dict[str, Any]) -> None:
         try:
-            reply = await send_message(self._client, params, stream=stream)
+            reply = await self._api.send_message(params, stream=stream)
         except ApiError as exc:
             answer = [request_id, "error", error_fields(exc)]
         except Exception as exc:  # not an API answer: the parent raises it, as the lane would have inline
@@ -125,7 +125,7 @@ class _Child:
         for task in list(self._requests.values()):
             task.cancel()
         await asyncio.gather(*self._requests.values(), return_exceptions=True)
-        await self._client.close()
+        await self._api.aclose()
 
 
 class _Output(asyncio.Protocol):

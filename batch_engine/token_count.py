@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
-from batch_engine.client import AsyncClient, RetryPolicy, count_tokens
+from batch_engine.client import RetryPolicy, count_tokens
 from batch_engine.errors import ApiError
 from batch_engine.lanes import all_or_none
 from batch_engine.lanes.limiter import RateLimiter
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.tokens import TokenCounts
+
+if TYPE_CHECKING:
+    from batch_engine.client import AsyncClient
 
 _UNLIMITED = 10**12
 COUNT_CONCURRENCY = 16

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from batch_engine.client import AsyncClient, RetryPolicy
+from batch_engine.client import Connection, RetryPolicy
 from batch_engine.config import Config
 from batch_engine.crashpoints import crash_point
 from batch_engine.lanes.limiter import RateLimiter
@@ -107,8 +107,8 @@ class SharedLimit:
 class LaneContext:
     """Everything a lane needs for one run."""
 
-    client: AsyncClient
-    sender: Sender  # where the realtime lane's requests go: inline on `client`, or a sender process
+    api: Connection
+    sender: Sender  # where the realtime lane's requests go: inline on `api`, or a sender process
     config: Config
     ledger: RunLedger
     run_key: str

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, overload
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from batch_engine.client import (
     RETRY_AFTER_JITTER,
@@ -35,6 +35,9 @@ from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import FinishedRow, failed, succeeded
 from batch_engine.planning.rows import RowEncoder
 from batch_engine.state.ledger import ChunkRecord
+
+if TYPE_CHECKING:
+    from batch_engine.client import AsyncClient
 
 T = TypeVar("T")
 # A generator of our own: jitter must not disturb (or depend on) the global random state.
@@ -131,6 +134,11 @@ class BatchLane:
         # process waits hours for it.
         self.wait_for_resubmissions = True
 
+    @property
+    def _client(self) -> AsyncClient:
+        """The SDK client: each entry point below has it loaded off the event loop first (`Connection.load_sdk`)."""
+        return self.ctx.api.sdk
+
     @overload
     async def _slot(self, call: None = None, requests: int = 1) -> None: ...
     @overload
@@ -154,6 +162,7 @@ class BatchLane:
 
     async def submit(self, work: ChunkWork) -> ChunkRecord | None:
         """The chunk's batch: the recorded one, or a new one created exactly once. None if it cannot be created."""
+        await self.ctx.api.load_sdk()
         ledger, key = self.ctx.ledger, self.ctx.run_key
         record = ledger.chunk(key, work.key)
         # An intent whose create was sent (a crash, or a lost answer, since): the batch may exist. One never sent
@@ -241,7 +250,7 @@ class BatchLane:
                 self.ctx.lease_check()
                 self.ctx.ledger.record_send(record.run_key, record.chunk_key, self.clock())
                 crash_point("batch.create.before")
-                info = await create_batch(self.ctx.client, body)
+                info = await create_batch(self._client, body)
                 crash_point("batch.create.after")
                 self._record_batch_id(record, info)
                 return info, False
@@ -273,7 +282,7 @@ class BatchLane:
         last_sent = record.last_sent_at if record.last_sent_at is not None else self.clock()
         window_end = last_sent + self.ctx.config.limits.request_timeout_s + _RECONCILE_SKEW_S
         found = await self.ctx.policy.call(
-            lambda: self._slot(list_batches(self.ctx.client, created_after=first_sent - _RECONCILE_SKEW_S))
+            lambda: self._slot(list_batches(self._client, created_after=first_sent - _RECONCILE_SKEW_S))
         )
         known = self.ctx.ledger.known_batch_ids()
         candidates = [
@@ -340,7 +349,7 @@ class BatchLane:
         )
 
     async def _retrieve(self, batch_id: str) -> BatchInfo:
-        return await self.ctx.policy.call(lambda: self._slot(retrieve_batch(self.ctx.client, batch_id)))
+        return await self.ctx.policy.call(lambda: self._slot(retrieve_batch(self._client, batch_id)))
 
     async def _carries(self, batch_id: str, custom_ids: set[str]) -> bool:
         """Whether an ended batch's results are exactly the rows of `custom_ids` (a foreign batch fails at its
@@ -349,7 +358,7 @@ class BatchLane:
         async def check() -> bool:
             await self._slot(requests=2)
             seen: set[str] = set()
-            async with contextlib.aclosing(batch_results(self.ctx.client, batch_id)) as rows:
+            async with contextlib.aclosing(batch_results(self._client, batch_id)) as rows:
                 async for row in rows:
                     if row.custom_id not in custom_ids:
                         return False
@@ -409,6 +418,7 @@ class BatchLane:
         """Collect the batch if it has ended, is gone (404: marked lost, its rows sent again) or is past the
         deadline (cancelled first, as a waiting run would); True then. False, untouched, while it still runs."""
         assert record.batch_id is not None
+        await self.ctx.api.load_sdk()
         if self.clock() < self.deadline:
             try:
                 info = await self._retrieve(record.batch_id)
@@ -422,6 +432,7 @@ class BatchLane:
         return True
 
     async def wait_and_collect(self, record: ChunkRecord) -> None:
+        await self.ctx.api.load_sdk()
         try:
             info = await self.wait(record)
         except PermanentApiError as exc:
@@ -458,7 +469,7 @@ class BatchLane:
         while True:
             asked_s = 0.0  # the server's retry-after for this batch's next poll
             try:
-                info = await self._slot(retrieve_batch(self.ctx.client, batch_id))
+                info = await self._slot(retrieve_batch(self._client, batch_id))
             except TransientApiError as exc:
                 # Only this batch's polling backs off: a fault on one poll says nothing of the other batches,
                 # and never holds the realtime lane.
@@ -512,7 +523,7 @@ class BatchLane:
         # Recorded first: a re-run after a crash here must treat cancelled rows as ours, not the API's.
         self.ctx.ledger.update_chunk(record.run_key, record.chunk_key, canceled_by_us=True)
         crash_point("batch.cancel.recorded")
-        await self.ctx.policy.call(lambda: self._slot(cancel_batch(self.ctx.client, batch_id)))
+        await self.ctx.policy.call(lambda: self._slot(cancel_batch(self._client, batch_id)))
         crash_point("batch.canceled")
 
     # --- collect -------------------------------------------------------------------------------------------
@@ -592,7 +603,7 @@ class BatchLane:
         superseded = "@" in record.chunk_key
         billed_only: list[FinishedRow] = []
         await self._slot(requests=2)  # the SDK retrieves the batch, then downloads its results
-        async for row in batch_results(self.ctx.client, record.batch_id):
+        async for row in batch_results(self._client, record.batch_id):
             task = expected.get(row.custom_id)
             if task is None and superseded and row.message is not None and row.custom_id not in seen:
                 changed = self.ctx.by_task_id.get(row.custom_id)

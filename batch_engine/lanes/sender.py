@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import batch_engine
-from batch_engine.client import ApiSettings, AsyncClient, Reply, send_message
+from batch_engine.client import ApiSettings, Connection, Reply
 from batch_engine.errors import TransientApiError
 from batch_engine.sender_process import MODULE, frame, read_frame, rebuilt_error
 
 SenderMode = Literal["auto", "inline", "process"]
 # `auto` starts a sender process for a lane of at least this many requests, on a machine with 2+ CPUs. The
-# process costs ~1 s of CPU to start on a quiet machine (importing the SDK; 3-8 s at load 5), on the other core,
-# and moves ~2.5-4 ms of CPU per request off this process; requests go inline until it is ready, so a lane never
-# waits for it. Below this, its start is a large share of what it could move (docs/performance.md).
+# process costs ~0.4 s of CPU to start on a quiet machine (it does not import the SDK), on the other core, and
+# moves ~2 ms of CPU per request off this process; requests go inline until it is ready, so a lane never waits
+# for it. Below this, the frames to and from it are a large share of what it could move (docs/performance.md).
 AUTO_PROCESS_REQUESTS = 2000
 # The child runs this very package, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(batch_engine.__file__).resolve().parents[1])
@@ -46,13 +46,11 @@ class Sender:
 
     def __init__(
         self,
-        client: AsyncClient,
-        api: ApiSettings,
+        api: Connection,
         mode: SenderMode,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         cpus: int | None = None,
     ) -> None:
-        self._client = client
         self._api = api
         self._mode = mode
         self._logger = logger
@@ -68,10 +66,10 @@ class Sender:
     async def expect(self, requests: int) -> None:
         """`requests` are about to be sent: start the sender process now if they make it pay (once per run)."""
         if self._process is None and requests and self.pays(requests):
-            self._process = await SenderProcess.start(self._api, self._logger)
+            self._process = await SenderProcess.start(self._api.settings, self._logger)
 
     async def send(self, params: dict[str, Any], *, stream: bool) -> Reply:
-        """One Messages request, as `client.send_message` sends it (errors translated)."""
+        """One Messages request, as `Connection.send_message` sends it (errors translated)."""
         process = self._process
         # Forced: wait for the process. Automatic: inline until it is ready (it starts in about a second).
         if (
@@ -80,7 +78,7 @@ class Sender:
             and (process.ready or (self._mode == "process" and await process.wait_ready()))
         ):
             return await process.send(params, stream)
-        return await send_message(self._client, params, stream=stream)
+        return await self._api.send_message(params, stream=stream)
 
     async def close(self) -> None:
         if self._process is not None:

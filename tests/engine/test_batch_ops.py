@@ -11,14 +11,14 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import pytest
 from pydantic import SecretStr
 
 from batch_engine import operations
-from batch_engine.client import ApiSettings, AsyncClient, make_client
+from batch_engine.client import ApiSettings, make_client
 from batch_engine.config import load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import LedgerError
@@ -29,6 +29,9 @@ from tests.support.engine import expected_text_prefix, generated_tasks, read_out
 T = TypeVar("T")
 RUN_ARGS = ["tasks.jsonl", "-o", "out.json", "--state-dir", "state", "--config", "config.toml"]
 THIRTY_DAYS_S = 30 * 86_400.0
+
+if TYPE_CHECKING:
+    from batch_engine.client import AsyncClient
 
 
 def _setup(tmp_path: Path, count: int = 40, max_requests: int = 20) -> list[dict[str, Any]]:

@@ -12,13 +12,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from batch_engine.client import (
-    ApiSettings,
-    RetryPolicy,
-    make_client,
-    retrieve_batch,
-    send_message,
-)
+from batch_engine.client import ApiSettings, Connection, RetryPolicy, retrieve_batch
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ApiError, PermanentApiError, TransientApiError
 from batch_engine.runner import RunOptions
@@ -54,17 +48,17 @@ def _call(
     api_key: str = "sk-test",
 ) -> Any:
     async def go() -> Any:
-        client = make_client(ApiSettings(SecretStr(api_key), emulator.base_url))
+        connection = Connection(ApiSettings(SecretStr(api_key), emulator.base_url))
         try:
-            return await policy.call(lambda: request(client))
+            return await policy.call(lambda: request(connection))
         finally:
-            await client.close()
+            await connection.aclose()
 
     return asyncio.run(go())
 
 
 def _hello(params: dict[str, Any] = HELLO) -> Callable[[Any], Awaitable[Any]]:
-    return lambda client: send_message(client, params, stream=False)
+    return lambda connection: connection.send_message(params, stream=False)
 
 
 def test_waits_are_the_servers_retry_after(emulator: RunningEmulator) -> None:
@@ -136,7 +130,7 @@ def _unauthorized(emulator: RunningEmulator) -> tuple[Callable[[Any], Awaitable[
 
 
 def _not_found(_: RunningEmulator) -> tuple[Callable[[Any], Awaitable[Any]], str]:
-    return lambda client: retrieve_batch(client, "msgbatch_that_does_not_exist"), "sk-test"
+    return lambda connection: retrieve_batch(connection.sdk, "msgbatch_that_does_not_exist"), "sk-test"
 
 
 def _too_large(emulator: RunningEmulator) -> tuple[Callable[[Any], Awaitable[Any]], str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from batch_engine.client import ApiSettings, RetryPolicy, make_client
+from batch_engine.client import ApiSettings, Connection, RetryPolicy
 from batch_engine.config import Config, TaskType, load_config
 from batch_engine.emulator import RunningEmulator
 from batch_engine.errors import ApiError
@@ -76,11 +76,10 @@ def _comparable(output: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def test_auto_uses_a_sender_process_only_for_a_big_lane_on_two_cpus() -> None:
     api = ApiSettings(SecretStr("sk-test"), "http://127.0.0.1:9")
-    client = make_client(api)
     log = logging.getLogger("batch_engine")
 
     def pays(mode: SenderMode, requests: int, cpus: int) -> bool:
-        return Sender(client, api, mode, log, cpus=cpus).pays(requests)
+        return Sender(Connection(api), mode, log, cpus=cpus).pays(requests)
 
     assert pays("auto", AUTO_PROCESS_REQUESTS, cpus=2) and not pays("auto", AUTO_PROCESS_REQUESTS - 1, cpus=2)
     assert not pays("auto", 10 * AUTO_PROCESS_REQUESTS, cpus=1)
