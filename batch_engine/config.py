@@ -47,7 +47,7 @@ class ModelSpec(_Strict):
     thinking_off: Literal["disabled", "between_tools", "none"] = "disabled"
     # Tokens per token of the offline estimate's base rule (Claude 4.6 and older): Claude 4.7+ and all 5.x count
     # "about 30 percent more tokens" for the same text (docs: /models/haiku-5-5/whats-new-haiku-5-5).
-    tokenizer_factor: float = Field(default=1.0, gt=0)
+    tokenizer_factor: float = Field(default=1.0, gt=0, le=10)  # ~1.0-1.3 for every model the docs list
     # Structured outputs (output_config.format with a JSON schema): which models take them is listed on the
     # structured-outputs page (platform.claude.com/docs/en/build-with-claude/structured-outputs); a model that
     # does not gets a fallback form (see structured_output.py).

@@ -497,3 +497,9 @@ def test_nightly_generated_records_are_rejected_as_validate_says_or_run_emulated
     tmp_path_factory: pytest.TempPathFactory, rows: list[Any], flags: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _records_case(tmp_path_factory.mktemp("records"), rows, flags, capsys)
+
+
+def test_a_huge_tokenizer_factor_is_one_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Found by the test above: `tokenizer_factor = 1e308` overflowed the token estimate (a traceback in validate).
+    line = next(n for n in SETTABLE if CONFIG_LINES[n].startswith("tokenizer_factor = "))
+    _config_case(tmp_path, line, "1e308", capsys)
