@@ -334,7 +334,10 @@ def _json_type(value: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    text = orjson.dumps(value).decode()
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits: valid JSON, which orjson does not write
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -427,3 +427,13 @@ def test_any_json_as_a_schema_is_accepted_or_refused_with_a_reason_never_a_trace
             assert exc.reason and "\n" not in str(exc)
             continue
         OutputSpec.of(candidate, "output_config").validate({"a": 1}, "$")
+
+
+def test_an_integer_beyond_64_bits_is_judged_not_raised() -> None:
+    # Found by the test above: JSON allows any integer, but orjson writes only 64-bit ones, and the message of the
+    # error naming the value raised TypeError instead.
+    schema = ORACLE_SCHEMAS[1]
+    value = {"items": [{"k": -(2**63) - 1}]}
+    error = OutputSpec.of(schema, "output_config").validate(value, "$")
+    assert (error is None) == jsonschema.Draft202012Validator(schema).is_valid(value)
+    assert error is None or "-9223372036854775809" in error
