@@ -102,15 +102,7 @@ class Tokens(NamedTuple):
 
     @classmethod
     def of(cls, usage: Usage) -> Tokens:
-        return cls(
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_read_input_tokens,
-            usage.cache_creation_input_tokens,
-            usage.cache_write_5m_tokens,
-            usage.cache_write_1h_tokens,
-            usage.thinking_tokens,
-        )
+        return cls(**usage.model_dump())
 
     @property
     def prompt_tokens(self) -> int:

@@ -372,7 +372,7 @@ class Run:
         sender = Sender(connection, limits.realtime_sender, logger)
         usage_log: UsageStore | None = None
         try:
-            # Started first, so a sender process has imported the SDK by the time the realtime lane starts.
+            # Started first, so a sender process is ready by the time the realtime lane starts.
             await sender.expect(len(self.plan.tasks) - sum(len(chunk.task_positions) for chunk in self.plan.chunks))
             usage_log = open_usage_log(self.state)
             estimator = await self._estimator(connection, usage_log, logger)

@@ -112,6 +112,23 @@ def answer_status(message: dict[str, Any], content: list[dict[str, Any]]) -> tup
     return "succeeded", None
 
 
+def answer_outcome(
+    task: PlannedTask, message: dict[str, Any], content: list[dict[str, Any]], text: str
+) -> tuple[Status, Any, ErrorInfo | None]:
+    """The status of an answered task, its parsed output (with an output schema) and the reason when it did not
+    succeed. Refused or incomplete first: such an answer did not do the task, whatever its shape."""
+    status, error = answer_status(message, content)
+    if status != "succeeded" or task.output is None:
+        return status, None, error
+    parsed, reason = task.output.parse(content, text)
+    if reason is None:
+        return status, parsed, None
+    stop = message.get("stop_reason")
+    if stop in ("refusal", "max_tokens"):
+        reason = f"{reason} (stop_reason {stop})"
+    return "invalid_output", parsed, ErrorInfo(type="invalid_output", message=reason)
+
+
 def succeeded(
     task: PlannedTask,
     message: dict[str, Any],
@@ -122,27 +139,17 @@ def succeeded(
 ) -> FinishedRow:
     """The output row of a task whose request was answered (a 200), costed at the route's price.
 
-    Its status says whether the answer did the task (see `answer_status`); it is billed either way. Refused and
+    Its status says whether the answer did the task (see `answer_outcome`); it is billed either way. Refused and
     incomplete rows are not retried: a second attempt is billed again and is likely to end the same way. With an
     output schema the answer is validated: `parsed` when it matches, else status `invalid_output`.
     """
     counts = _usage_counts(message.get("usage"))
-    usage = Tokens(*counts.values())  # the counts are in `Usage`'s order, as `Tokens` takes them
+    usage = Tokens(**counts)
     content = message.get("content") or []
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
     text = message_text(content)
-    parsed: Any = None
-    # Refused or incomplete first: such an answer did not do the task, whatever its shape.
-    status, error = answer_status(message, content)
-    if status == "succeeded" and task.output is not None:
-        parsed, reason = task.output.parse(content, text)
-        if reason is not None:
-            status = "invalid_output"
-            stop = message.get("stop_reason")
-            if stop in ("refusal", "max_tokens"):
-                reason = f"{reason} (stop_reason {stop})"
-            error = ErrorInfo(type="invalid_output", message=reason)
+    status, parsed, error = answer_outcome(task, message, content, text)
     cost_usd = round(cost(usage, spec, route, config.batch_discount), 10)
     row = _row(
         task,

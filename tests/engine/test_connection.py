@@ -222,12 +222,8 @@ def test_the_cases_cover_every_class_and_retryability() -> None:
     classes = set()
     for answer in _ERROR_CASES.values():
         body = orjson.loads(answer.body) if answer.body.startswith(b"{") else answer.body
-        classes.add(type(_answer_error(answer, body)))
+        classes.add(type(status_error(answer.status, answer.headers, body, "fallback", None)))
     assert classes == {SpendLimitError, PermanentApiError, TransientApiError}
-
-
-def _answer_error(answer: Answer, body: object) -> ApiError:
-    return status_error(answer.status, answer.headers, body, "fallback", None)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from batch_engine.models import ErrorInfo, Status, TaskResult, Tokens, Usage
 from batch_engine.planning import PlannedTask, compact_json, make_plan
 from batch_engine.planning.outcome import (
     FinishedRow,
-    answer_status,
+    answer_outcome,
     failed,
     folded,
     message_text,
@@ -60,16 +60,41 @@ def _as_model(
     model = str(message.get("model") or task.model)
     spec = config.models.get(model) or config.models[task.model]
     text = message_text(content)
-    parsed: Any = None
-    status, error = answer_status(message, content)
-    if status == "succeeded" and task.output is not None:
-        parsed, reason = task.output.parse(content, text)
-        if reason is not None:
-            status = "invalid_output"
-            stop = message.get("stop_reason")
-            if stop in ("refusal", "max_tokens"):
-                reason = f"{reason} (stop_reason {stop})"
-            error = ErrorInfo(type="invalid_output", message=reason)
+    status, parsed, error = answer_outcome(task, message, content, text)
+    cost_usd = round(cost(usage, spec, route, config.batch_discount), 10)
+    return _dumped(
+        task,
+        status,
+        route,
+        model,
+        attempts,
+        error,
+        batch_id,
+        text=text,
+        parsed=parsed,
+        content=content,
+        stop_reason=message.get("stop_reason"),
+        usage=usage,
+        cost_usd=cost_usd,
+    )
+
+
+def _failed_as_model(
+    task: PlannedTask, status: Status, route: Route, attempts: int, error: ErrorInfo | None, batch_id: str | None
+) -> bytes:
+    return _dumped(task, status, route, task.model, attempts, error, batch_id, cost_usd=0.0)
+
+
+def _dumped(
+    task: PlannedTask,
+    status: Status,
+    route: Route,
+    model: str,
+    attempts: int,
+    error: ErrorInfo | None,
+    batch_id: str | None,
+    **answer: Any,
+) -> bytes:
     result = TaskResult(
         task_id=task.task_id,
         index=task.index,
@@ -79,33 +104,9 @@ def _as_model(
         model=model,
         batch_id=batch_id,
         attempts=attempts,
-        text=text,
-        parsed=parsed,
-        content=content,
-        stop_reason=message.get("stop_reason"),
-        usage=usage,
-        cost_usd=round(cost(usage, spec, route, config.batch_discount), 10),
         error=error,
         metadata=task.metadata,
-    )
-    return orjson.dumps(result.model_dump(mode="json"))
-
-
-def _failed_as_model(
-    task: PlannedTask, status: Status, route: Route, attempts: int, error: ErrorInfo | None, batch_id: str | None
-) -> bytes:
-    result = TaskResult(
-        task_id=task.task_id,
-        index=task.index,
-        status=status,
-        task_type=task.task_type,
-        route=route,
-        model=task.model,
-        batch_id=batch_id,
-        attempts=attempts,
-        cost_usd=0.0,
-        error=error,
-        metadata=task.metadata,
+        **answer,
     )
     return orjson.dumps(result.model_dump(mode="json"))
 
