@@ -34,12 +34,13 @@ def render(template: str, variables: dict[str, Any]) -> str:
     """Fill `{name}` placeholders; attribute access, indexing and format specs are refused.
 
     str.format would let `{x.__class__}` or `{x[key]}` walk objects, so only bare names are allowed. A template
-    without placeholders is returned as it is: every task then shares the one string (and its cached hash), so a
-    ~5 KB system prompt is neither copied nor hashed again per task.
+    without placeholders renders to its one literal (`{{` and `}}` unescaped), the same string object for every
+    task (the parse is cached): every task then shares it (and its cached hash), so a ~5 KB system prompt is
+    neither copied nor hashed again per task.
     """
     parsed = _parsed(template)
     if len(parsed) == 1 and parsed[0][1] is None:
-        return template
+        return parsed[0][0]
     out: list[str] = []
     for literal, name, spec, conversion in parsed:
         out.append(literal)

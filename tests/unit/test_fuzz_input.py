@@ -503,3 +503,10 @@ def test_a_huge_tokenizer_factor_is_one_clean_error(tmp_path: Path, capsys: pyte
     # Found by the test above: `tokenizer_factor = 1e308` overflowed the token estimate (a traceback in validate).
     line = next(n for n in SETTABLE if CONFIG_LINES[n].startswith("tokenizer_factor = "))
     _config_case(tmp_path, line, "1e308", capsys)
+
+
+def test_a_template_without_placeholders_has_its_escaped_braces_rendered() -> None:
+    # Found by the test above: a template with `{{` but no placeholder was returned as written, braces doubled.
+    # (str.format's parser gives one literal, and no placeholder, when the only escape ends the template.)
+    assert render("Close every object with }}", {}) == "Close every object with }"
+    assert render("{{", {}) == "{"
