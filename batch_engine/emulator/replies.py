@@ -16,7 +16,7 @@ import orjson
 
 from batch_engine.emulator.params import MessageRequest
 from batch_engine.emulator.structured import Generator
-from batch_engine.emulator.tokenizer import json_tokens, prefix_within, text_tokens
+from batch_engine.emulator.tokenizer import json_tokens, prefix_keeping_head, prefix_within, text_tokens
 from batch_engine.emulator.wire import new_id
 
 _WORDS = (
@@ -141,22 +141,23 @@ def build_reply(
         generator = Generator(request.json_schema, echo, seed)
         answer = generator.broken(request.json_schema) if invalid_output else generator.value(request.json_schema)
         text = answer if isinstance(answer, str) and invalid_output else orjson.dumps(answer).decode()
+        text_count = text_tokens(text, request.spec.tokenizer)
     else:
         target = reply_tokens if reply_tokens is not None else 20 + seed % 41
-        text = echo + " " + _filler(max(0, target * 8 - len(echo) - 1), seed)
+        filler = " " + _filler(max(0, target * 8 - len(echo) - 1), seed)
         # The reply is `target` tokens long, but never shorter than its echo (the proof of what it answers).
         family = request.spec.tokenizer
-        text = prefix_within(text, max(target, text_tokens(echo, family)), family).rstrip()
+        text, text_count = prefix_keeping_head(echo, filler, target, family)
     stop_reason, stop_sequence = "end_turn", None
     for sequence in request.stop_sequences:
         position = text.find(sequence)
         if position >= 0 and (stop_sequence is None or position < text.find(stop_sequence)):
             stop_sequence = sequence
+    family = request.spec.tokenizer
     if stop_sequence is not None:
         text = text[: text.find(stop_sequence)]
         stop_reason = "stop_sequence"
-    family = request.spec.tokenizer
-    text_count = text_tokens(text, family)
+        text_count = text_tokens(text, family)
     if text_count > available:
         text = prefix_within(text, available, family)
         text_count = text_tokens(text, family)

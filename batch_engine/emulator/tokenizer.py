@@ -106,6 +106,35 @@ def _first_pieces(count: int) -> re.Pattern[str]:
     return re.compile(f"(?:{_PIECE.pattern}){{{count}}}")
 
 
+def prefix_keeping_head(head: str, tail: str, tokens: int, family: str) -> tuple[str, int]:
+    """`prefix_within(head + tail, max(tokens, text_tokens(head)), family).rstrip()` and its tokens: the longest
+    prefix within `tokens` that keeps `head` whole. The cut of `tail` is remembered.
+
+    A reply is a one-off head (its echo) and a tail of filler that many replies share. When `head` ends in
+    non-whitespace and `tail` starts with a space, no piece spans the join (a piece holds a space only at its
+    start or in a run of whitespace), so the head's pieces are counted and the tail is cut on its own.
+    """
+    if not (head and not head[-1].isspace() and tail.startswith(" ") and head.isascii() and tail.isascii()):
+        text = prefix_within(head + tail, max(tokens, text_tokens(head, family)), family).rstrip()
+        return text, text_tokens(text, family)
+    tenths = _FAMILY_TENTHS[family]
+    head_pieces = _count_pieces(head)
+    # Within max(tokens, text_tokens(head)) means at most max(tokens * 10 // tenths, head_pieces) pieces: the
+    # head's own token count, ceil(head_pieces * tenths / 10), allows exactly head_pieces.
+    cut, cut_pieces = _tail_cut(tail, max(0, tokens * 10 // tenths - head_pieces))
+    return head + cut, ((head_pieces + cut_pieces) * tenths + 9) // 10
+
+
+# Bounded: replies draw their tails from one filler text, at a few dozen offsets and lengths.
+@functools.lru_cache(maxsize=8192)
+def _tail_cut(tail: str, keep: int) -> tuple[str, int]:
+    """The first `keep` pieces of an ASCII `tail` (all of it when it has fewer), without trailing whitespace, and
+    their pieces."""
+    cut = tail if _count_pieces(tail) <= keep else tail[: _first_pieces(keep).match(tail).end()]  # type: ignore[union-attr]
+    cut = cut.rstrip()
+    return cut, _count_pieces(cut)
+
+
 def json_tokens(value: Any, family: str) -> int:
     return text_tokens(orjson.dumps(value).decode(), family)
 
