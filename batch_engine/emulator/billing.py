@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from batch_engine.emulator.caching import CachePlan
 from batch_engine.emulator.catalog import ModelRules
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request: read-only by `Final` fields, not `frozen=True` (see `Segment` in params.py).
+@dataclass(slots=True)
 class Billed:
-    input_tokens: int
-    output_tokens: int
-    cache_read: int
-    write_5m: int
-    write_1h: int
-    thinking_tokens: int
+    input_tokens: Final[int]
+    output_tokens: Final[int]
+    cache_read: Final[int]
+    write_5m: Final[int]
+    write_1h: Final[int]
+    thinking_tokens: Final[int]
 
     @classmethod
     def of(cls, total_input: int, plan: CachePlan, output_tokens: int, thinking_tokens: int) -> Billed:

@@ -12,7 +12,7 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -24,13 +24,14 @@ LOOKBACK_BLOCKS = 20
 _PRUNE_EVERY = 4096
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request: read-only by `Final` fields, not `frozen=True` (see `Segment` in params.py).
+@dataclass(slots=True)
 class CachePlan:
-    read_tokens: int = 0
-    write_5m_tokens: int = 0
-    write_1h_tokens: int = 0
-    hit: bytes | None = None
-    writes: tuple[tuple[bytes, str], ...] = ()
+    read_tokens: Final[int] = 0
+    write_5m_tokens: Final[int] = 0
+    write_1h_tokens: Final[int] = 0
+    hit: Final[bytes | None] = None
+    writes: Final[tuple[tuple[bytes, str], ...]] = ()
 
     @property
     def creation_tokens(self) -> int:
@@ -49,25 +50,42 @@ def _canonical(block: Any) -> bytes:
 def prefix_keys(model: str, segments: Sequence[Segment], upto: int) -> list[bytes]:
     """Cache key of every prefix ending at positions 0..upto."""
     first = segments[0]
-    chain = _first_link(model, first.tag, _canonical(first.block)).copy()
-    keys: list[bytes] = [chain.digest()]
-    for segment in segments[1 : upto + 1]:
-        chain.update(segment.tag)
-        chain.update(b"\x00")
-        chain.update(_canonical(segment.block))
-        chain.update(b"\x00")
-        keys.append(chain.copy().digest())
+    link, first_key = _first_link(model, first.tag, _link_key(first.block))
+    keys: list[bytes] = [first_key]
+    if upto > 0:
+        chain = link.copy()
+        for segment in segments[1 : upto + 1]:
+            chain.update(segment.tag)
+            chain.update(b"\x00")
+            chain.update(_canonical(segment.block))
+            chain.update(b"\x00")
+            keys.append(chain.copy().digest())
     return keys
+
+
+_TEXT_BLOCK_KEYS = frozenset({"type", "text", "cache_control"})
+
+
+def _link_key(block: Any) -> str | bytes:
+    """What the first link is remembered by: a plain text block's text (a string whose hash Python keeps, so a
+    prompt shared by a batch's rows is not hashed again per row), else the block's canonical JSON."""
+    if isinstance(block, dict) and block.keys() <= _TEXT_BLOCK_KEYS and block.get("type") == "text":
+        text = block.get("text")
+        if isinstance(text, str):
+            return text
+    return _canonical(block)
 
 
 # The first block is the one thousands of rows share (their system prompt or tools): its link of the chain is
 # hashed once. Few entries, since the blocks can be large.
 @functools.lru_cache(maxsize=16)
-def _first_link(model: str, tag: bytes, canonical: bytes) -> Any:
+def _first_link(model: str, tag: bytes, key: str | bytes) -> tuple[Any, bytes]:
+    # A text key stands for the canonical JSON of {"type": "text", "text": key} (keys sorted, as `_canonical` does).
+    canonical = orjson.dumps({"text": key, "type": "text"}) if isinstance(key, str) else key
     chain = hashlib.blake2b(model.encode(), digest_size=16)
     for part in (tag, b"\x00", canonical, b"\x00"):
         chain.update(part)
-    return chain
+    return chain, chain.digest()
 
 
 class PromptCache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -35,14 +35,15 @@ def reply_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request: read-only by `Final` fields, not `frozen=True` (see `Segment` in params.py).
+@dataclass(slots=True)
 class GeneratedReply:
-    content: list[dict[str, Any]]
-    stop_reason: str
-    stop_sequence: str | None
-    output_tokens: int
-    thinking_tokens: int
-    stop_details: dict[str, Any] | None = None
+    content: Final[list[dict[str, Any]]]
+    stop_reason: Final[str]
+    stop_sequence: Final[str | None]
+    output_tokens: Final[int]
+    thinking_tokens: Final[int]
+    stop_details: Final[dict[str, Any] | None] = None
 
 
 # A refusal: `stop_reason: "refusal"` with `stop_details` {type, category, explanation} (SDK 2.x

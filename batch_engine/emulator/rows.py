@@ -158,11 +158,17 @@ def _exact(raw: bytes) -> bytes:
 
 
 class PackedRows:
-    """The params of a batch's rows as JSON bytes, large repeated values stored once; a row is freed when taken."""
+    """The params of a batch's rows as JSON bytes, large repeated values parsed and stored once; a row is freed when
+    taken.
+
+    The rows that repeat a value get the same parsed object: it is parsed once per batch, and what is derived from
+    it (its token count, its cache key) is looked up by a string whose hash Python keeps. Readers never mutate
+    params (the emulator only reads a request), so sharing is safe.
+    """
 
     def __init__(self) -> None:
-        self._rows: list[tuple[bytes, tuple[tuple[str, bytes], ...]] | None] = []
-        self._shared: dict[bytes, bytes] = {}
+        self._rows: list[tuple[bytes, tuple[tuple[str, Any], ...]] | None] = []
+        self._shared: dict[bytes, Any] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -173,7 +179,7 @@ class PackedRows:
             self._rows.append(None)
             return
         rest = dict(params)
-        shared: list[tuple[str, bytes]] = []
+        shared: list[tuple[str, Any]] = []
         for key, value in params.items():
             if key == "messages" or not isinstance(value, str | list | dict):
                 continue
@@ -181,21 +187,22 @@ class PackedRows:
             if len(raw) >= SHARED_MIN_BYTES:
                 kept = self._shared.get(raw)
                 if kept is None:
-                    kept = _exact(raw)
-                    self._shared[kept] = kept
+                    # Parsed from its JSON, not the caller's object: the row reads back as sent even if the caller
+                    # changes its params later.
+                    kept = self._shared[_exact(raw)] = orjson.loads(raw)
                 shared.append((key, kept))
                 rest[key] = None  # keeps the key's place, so the row reads back in its own key order
         self._rows.append((_exact(orjson.dumps(rest)), tuple(shared)))
 
     def params(self, index: int) -> dict[str, Any] | None:
-        """The params of row `index` as they were sent; None once taken."""
+        """The params of row `index` as they were sent (the shared values are shared); None once taken."""
         row = self._rows[index]
         if row is None:
             return None
         raw, shared = row
         params: dict[str, Any] = orjson.loads(raw)
         for key, value in shared:
-            params[key] = orjson.loads(value)
+            params[key] = value
         return params
 
     def take(self, index: int) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -35,12 +35,13 @@ BATCH_DISCOUNT = 0.5
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request: read-only by `Final` fields, not `frozen=True` (see `Segment` in params.py).
+@dataclass(slots=True)
 class Prepared:
     """A validated Messages request and what it would read from / write to the cache."""
 
-    request: MessageRequest
-    plan: CachePlan
+    request: Final[MessageRequest]
+    plan: Final[CachePlan]
 
     @property
     def rate_limited_input(self) -> int:
@@ -231,14 +232,12 @@ class EmulatorState:
             return self._errored(custom_id, failure), "errored"
         try:
             # Rows are validated as the create request's API version says (checked only when processed).
-            prepared = self.prepare_message(params, api_version=batch.api_version)
-            if prepared.plan.hit is not None and not self._batch_cache_hits(batch, index):
-                request = prepared.request
-                miss = self.cache.plan(
-                    request.model, request.segments, request.spec.min_cacheable_tokens, self.clock.now(), may_hit=False
-                )
-                prepared = Prepared(request, miss)
-            message, _ = self.answer(prepared, custom_id=custom_id, lane="batch")
+            request = parse_request(params, self.models, api_version=batch.api_version)
+            # A row whose draw says miss is planned as a miss from the start (the same plan as a hit turned miss).
+            may_hit = self._batch_cache_hits(batch, index)
+            minimum, now = request.spec.min_cacheable_tokens, self.clock.now()
+            plan = self.cache.plan(request.model, request.segments, minimum, now, may_hit=may_hit)
+            message, _ = self.answer(Prepared(request, plan), custom_id=custom_id, lane="batch")
         except ApiFailure as failure:
             return self._errored(custom_id, failure), "errored"
         except Exception:

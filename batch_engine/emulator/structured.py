@@ -208,8 +208,8 @@ class Generator:
         value = self.value(node)
         required = node.get("required")
         if isinstance(value, dict) and isinstance(required, list) and required:
-            value.pop(required[0], None)
-            return value
+            # A copy: the value may be the schema's own `const` (params are shared between batch rows).
+            return {key: item for key, item in value.items() if key != required[0]}
         return f"Sorry, I can only answer in prose ({self.echo})."
 
 
