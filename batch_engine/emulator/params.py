@@ -36,6 +36,7 @@ COUNT_PARAMS = frozenset(
     }
 )
 SAMPLING_PARAMS = frozenset({"temperature", "top_p", "top_k"})
+_CURRENT_MESSAGE_PARAMS = MESSAGE_PARAMS - SAMPLING_PARAMS  # COUNT_PARAMS has none of them
 MAX_BREAKPOINTS = 4
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 CACHE_TTLS = ("5m", "1h")
@@ -75,11 +76,8 @@ class MessageRequest:
     stop_sequences: Final[tuple[str, ...]]
     forced_tool: Final[dict[str, Any] | None]
     json_schema: Final[dict[str, Any] | None]
+    total_tokens: Final[int]  # of all segments
     server_tool: Final[str | None] = None  # the name of the first server tool in `tools`, if any
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(segment.tokens for segment in self.segments)
 
 
 def parse_request(
@@ -90,11 +88,12 @@ def parse_request(
         raise invalid("Request body must be a JSON object.")
     current = api_version >= VERSION_2026_10_21
     allowed = COUNT_PARAMS if counting else MESSAGE_PARAMS
-    for key in params:
-        # 2026-10-21 dropped the sampling params from the schema on every model, even at their default values
-        # (docs: /api/migration-2026-10-21; reference §0.1). 2023-06-01 keeps the per-model rules of `_sampling`.
-        if key not in allowed or (current and key in SAMPLING_PARAMS):
-            raise invalid(f"{key}: Extra inputs are not permitted")
+    if not params.keys() <= (_CURRENT_MESSAGE_PARAMS if current and not counting else allowed):
+        for key in params:
+            # 2026-10-21 dropped the sampling params from the schema on every model, even at their default values
+            # (docs: /api/migration-2026-10-21; reference §0.1). 2023-06-01 keeps the per-model rules of `_sampling`.
+            if key not in allowed or (current and key in SAMPLING_PARAMS):
+                raise invalid(f"{key}: Extra inputs are not permitted")
     model, spec = _model(params, models)
     max_tokens = 0 if counting else _max_tokens(params, model, spec)
     messages = params.get("messages")
@@ -133,6 +132,7 @@ def parse_request(
         stop_sequences=_stop_sequences(params.get("stop_sequences")),
         forced_tool=forced_tool,
         json_schema=json_schema,
+        total_tokens=total,
         server_tool=next((name for name, tool in tools.items() if _is_server_tool(tool)), None),
     )
 
