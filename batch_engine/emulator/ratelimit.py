@@ -151,20 +151,21 @@ class RateLimitBuckets:
         wall = time.time()
         headers: dict[str, str] = {}
         tightest: tuple[float, str] | None = None
+        now_text = rfc3339(wall)  # the reset of every limit that is off
         for name in ("requests", "input-tokens", "output-tokens"):
             bucket = buckets.get(name)
             prefix = f"anthropic-ratelimit-{name}"
             if bucket is None:
                 limit = remaining = UNLIMITED[name]
-                reset = wall
+                reset = now_text
             else:
                 limit, remaining = bucket.limit, bucket.remaining(now)
-                reset = wall + bucket.seconds_to_full(now)
+                reset = rfc3339(wall + bucket.seconds_to_full(now))
                 if name != "requests" and (tightest is None or remaining / limit < tightest[0]):
                     tightest = (remaining / limit, name)
             headers[f"{prefix}-limit"] = str(limit)
             headers[f"{prefix}-remaining"] = str(remaining)
-            headers[f"{prefix}-reset"] = rfc3339(reset)
+            headers[f"{prefix}-reset"] = reset
         # tokens-* shows the most restrictive token limit in effect.
         source = tightest[1] if tightest is not None else "input-tokens"
         for field in ("limit", "remaining", "reset"):

@@ -169,6 +169,9 @@ class PackedRows:
     def __init__(self) -> None:
         self._rows: list[tuple[bytes, tuple[tuple[str, Any], ...]] | None] = []
         self._shared: dict[bytes, Any] = {}
+        # Per param name, the last shared value (JSON, parsed): the next row's usually matches, found without
+        # hashing its JSON.
+        self._last: dict[str, tuple[bytes, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -185,11 +188,16 @@ class PackedRows:
                 continue
             raw = orjson.dumps(value)
             if len(raw) >= SHARED_MIN_BYTES:
-                kept = self._shared.get(raw)
-                if kept is None:
-                    # Parsed from its JSON, not the caller's object: the row reads back as sent even if the caller
-                    # changes its params later.
-                    kept = self._shared[_exact(raw)] = orjson.loads(raw)
+                last = self._last.get(key)
+                if last is not None and last[0] == raw:
+                    kept = last[1]
+                else:
+                    kept = self._shared.get(raw)
+                    if kept is None:
+                        # Parsed from its JSON, not the caller's object: the row reads back as sent even if the
+                        # caller changes its params later.
+                        kept = self._shared[_exact(raw)] = orjson.loads(raw)
+                    self._last[key] = (raw, kept)
                 shared.append((key, kept))
                 rest[key] = None  # keeps the key's place, so the row reads back in its own key order
         self._rows.append((_exact(orjson.dumps(rest)), tuple(shared)))

@@ -1,5 +1,5 @@
-"""What the emulator remembers to save CPU (reply cuts, per-prompt facts, parsed shared params) answers exactly as
-the computation it replaces: same text, same counts, same keys."""
+"""What the emulator does to save CPU (reply cuts and cache links remembered, shared params parsed once, pieces
+counted without a regex match each) answers exactly as the computation it replaces: same text, counts and keys."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from batch_engine.emulator.params import Segment
 from batch_engine.emulator.replies import _filler
 from batch_engine.emulator.rows import PackedRows
 from batch_engine.emulator.structured import Generator
-from batch_engine.emulator.tokenizer import prefix_keeping_head, prefix_within, text_tokens
+from batch_engine.emulator.tokenizer import (
+    _PIECE,
+    _count_ascii_pieces,
+    _count_pieces,
+    prefix_keeping_head,
+    prefix_within,
+    text_tokens,
+)
 
 # Letters, digits, punctuation, several kinds of whitespace and non-ASCII: every branch of the piece pattern.
 _CHARS = st.sampled_from("abcdefgXYZ0123456789 .:_-\t\n\u00a0é漢")
@@ -106,8 +113,31 @@ def test_rows_share_one_parsed_copy_of_a_repeated_value_and_read_back_as_sent() 
     assert list(first) == ["model", "max_tokens", "system", "messages"]
 
 
+def test_rows_alternating_between_shared_values_read_back_as_sent() -> None:
+    systems = [[{"type": "text", "text": f"Prompt {name}. " * 40}] for name in "ABA"]
+    tools = [[{"name": "t", "input_schema": {"type": "object"}, "description": "x" * n}] for n in (300, 300, 400)]
+    sent = [
+        {"model": "m", "system": system, "tools": tool, "messages": [{"role": "user", "content": "q"}]}
+        for system, tool in zip(systems * 2, tools + tools[::-1], strict=True)
+    ]
+    rows = PackedRows()
+    for params in sent:
+        rows.append(params)
+    assert [rows.params(index) for index in range(len(sent))] == sent
+
+
 def test_a_broken_json_answer_leaves_the_schema_it_came_from_as_sent() -> None:
     # Batch rows share their parsed output schema: generating an answer must not change it for the next row.
     schema = {"type": "object", "const": {"a": 1, "b": 2}, "required": ["a"]}
     assert Generator(schema, "echo", 0).broken(schema) == {"b": 2}
     assert schema == {"type": "object", "const": {"a": 1, "b": 2}, "required": ["a"]}
+
+
+_ASCII = st.characters(max_codepoint=0x7F)
+_RUNS = st.sampled_from(["a", "abcdefg", "0", "12345", " ", "  ", "\t", "\n ", " \x1c", "\x0b", ".", "-:", "aA1 "])
+
+
+@given(st.text(_ASCII, max_size=300) | st.lists(_RUNS, max_size=80).map("".join))
+def test_ascii_pieces_counted_by_classes_are_the_regex_matches(text: str) -> None:
+    assert _count_ascii_pieces(text) == _PIECE.subn("", text)[1]
+    assert _count_pieces(text) == _PIECE.subn("", text)[1]
