@@ -22,6 +22,7 @@ _HEAD = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"requests"[ \t\n\r]*:[ \t\n\r]*\[[ \
 _WHITESPACE = b" \t\n\r"  # JSON's whitespace (RFC 8259), narrower than regex \s
 _HEAD_WAIT_BYTES = 256  # a head longer than this (much whitespace) is left to the whole-body parse
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_JSON_CONTAINERS = (str, list, dict)  # a tuple, not `str | list | dict`, which builds a union on every call
 
 
 def check_item(index: int, item: Any, seen: set[str]) -> tuple[str, dict[str, Any]]:
@@ -184,7 +185,7 @@ class PackedRows:
         rest = dict(params)
         shared: list[tuple[str, Any]] = []
         for key, value in params.items():
-            if key == "messages" or not isinstance(value, str | list | dict):
+            if key == "messages" or not isinstance(value, _JSON_CONTAINERS):
                 continue
             raw = orjson.dumps(value)
             if len(raw) >= SHARED_MIN_BYTES:

@@ -9,6 +9,8 @@ from array import array
 from collections.abc import Iterable, Iterator
 from typing import IO
 
+SPOOL_BUFFER_BYTES = 1 << 16
+
 
 class ResultSpool:
     """JSONL lines appended as rows are answered, read back in the (shuffled) order results are served in."""
@@ -26,7 +28,8 @@ class ResultSpool:
     def append(self, line: bytes) -> None:
         if self._file is None:
             # Unlinked at once on POSIX: the space returns to the disk when the spool is dropped or closed.
-            self._file = tempfile.TemporaryFile(prefix="emulator_results_")  # noqa: SIM115 (lives as long as the batch)
+            # A 64 KiB buffer: a write call per ~60 lines instead of per ~8 (half the CPU of an append).
+            self._file = tempfile.TemporaryFile(prefix="emulator_results_", buffering=SPOOL_BUFFER_BYTES)  # noqa: SIM115 (lives as long as the batch)
         self._file.write(line)
         self._ends.append((self._ends[-1] if self._ends else 0) + len(line))
 
