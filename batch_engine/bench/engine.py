@@ -13,6 +13,7 @@
     python -m batch_engine.bench prefect --tasks 10000
     python -m batch_engine.bench validate --rows 100000
     python -m batch_engine.bench million --tasks 1000000
+    python -m batch_engine.bench emulator-cpu --tasks 20000 --rounds 3
     python -m batch_engine.bench startup --requests 1000 --latency 250ms
     python -m batch_engine.bench state --state-url postgresql://localhost/bench --realtime 10000 --batch 100000
 
@@ -684,6 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     million.add_argument("--sender", choices=SENDERS, default="auto", help="[limits] realtime_sender (auto)")
     validate = sub.add_parser("validate", help="CPU per row to validate answers against a 10-field output schema")
     validate.add_argument("--rows", type=int, default=100_000)
+    emulator_cpu = sub.add_parser("emulator-cpu", help="the emulator's CPU per batch row and per Messages request")
+    emulator_cpu.add_argument("--tasks", type=int, default=20_000, help="tasks of the million benchmark's mix")
+    emulator_cpu.add_argument("--rounds", type=int, default=3, help="the least CPU of this many rounds is printed")
     args = parser.parse_args(argv)
     # The engine logs each lane's progress; a benchmark prints only its figures.
     logging.getLogger("batch_engine").setLevel(logging.WARNING)
@@ -715,6 +719,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_result(bench_million(args.tasks, args.batch_duration, args.keep, args.sender))
     elif args.name == "validate":
         print_result(bench_validate(args.rows))
+    elif args.name == "emulator-cpu":
+        from batch_engine.bench.emulator_cpu import bench_emulator_cpu
+
+        print_result(bench_emulator_cpu(args.tasks, args.rounds))
     elif args.name == "faults":
         _print_faults(
             bench_faults(
