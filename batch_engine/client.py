@@ -238,6 +238,21 @@ class RetryPolicy:
         bound holds within one request: no wait starts that would end past `max_time_s` since the first attempt
         (time counted as the waits asked for, or the wall clock if that is more)."""
 
+        started = time.monotonic()
+        try:
+            # The first attempt outside tenacity: most calls succeed at once, and tenacity's machinery was ~20 %
+            # of the realtime lane's CPU per request (measured: py-spy, 20k requests).
+            return await fn()
+        except TransientApiError as error:
+            failures = [error]
+
+        async def again() -> T:
+            # Tenacity's first attempt is the one that just failed, replayed (not sent again): its attempt
+            # numbers, waits and stop conditions are the policy's as if it had run every attempt.
+            if failures:
+                raise failures.pop()
+            return await fn()
+
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
             attempt = state.attempt_number
@@ -246,7 +261,7 @@ class RetryPolicy:
         waited = [0.0]
 
         def out_of_time(state: RetryCallState) -> bool:
-            elapsed = max(state.seconds_since_start or 0.0, waited[0])
+            elapsed = max(time.monotonic() - started, waited[0])
             return elapsed + (state.upcoming_sleep or 0.0) > self.max_time_s
 
         async def sleep(seconds: float) -> None:
@@ -263,7 +278,7 @@ class RetryPolicy:
         )
         async for attempt in retrying:
             with attempt:
-                return await fn()
+                return await again()
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
 
