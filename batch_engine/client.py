@@ -19,6 +19,8 @@ import importlib
 import inspect
 import os
 import random
+import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -332,6 +334,21 @@ def _keywords(params: dict[str, Any], method: str) -> dict[str, Any]:
 API_VERSION = "2026-10-21"
 # The SDK's connection pool (anthropic/_constants.py DEFAULT_CONNECTION_LIMITS).
 _POOL = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+
+
+def preload_sdk() -> None:
+    """Start importing `anthropic` in a background thread (once), for a run that will need it: its batch lane.
+
+    Called while the plan is being made, at its first batch task, so the import (2-3 s of CPU, many times that in
+    wall time when it competes for the GIL with a busy realtime lane) overlaps planning instead of holding up the
+    first create. `Connection.load_sdk` then finds it imported, or waits on the import lock for the rest."""
+    global _preloading
+    if _preloading is None and "anthropic" not in sys.modules:
+        _preloading = threading.Thread(target=importlib.import_module, args=("anthropic",), daemon=True)
+        _preloading.start()
+
+
+_preloading: threading.Thread | None = None
 
 
 class Connection:
