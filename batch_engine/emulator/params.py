@@ -398,6 +398,8 @@ def _tool_choice(
 
 def _sampling(params: dict[str, Any], spec: ModelRules, thinking: ThinkingRequest | None) -> None:
     # Reached with sampling params only under API version 2023-06-01 (2026-10-21 rejects them up front).
+    if params.keys().isdisjoint(SAMPLING_PARAMS):
+        return  # every rule below is about a sampling param that was sent
     temperature = params.get("temperature")
     for name in ("temperature", "top_p", "top_k"):
         value = params.get(name)
