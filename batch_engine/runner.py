@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from batch_engine.client import ApiSettings, Connection, RetryPolicy
+from batch_engine.client import ApiSettings, Connection, RetryPolicy, preload_sdk
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
@@ -799,7 +799,8 @@ class _Opened:
 
 def _plan_at(input_path: Path, config: Config, started_at: float, mode: Route | None) -> Plan:
     # Planning with the run's own start time keeps deadline-based routing, and so the chunks, stable.
-    return make_plan(iter_records(input_path), config, datetime.fromtimestamp(started_at, UTC), route=mode)
+    now = datetime.fromtimestamp(started_at, UTC)
+    return make_plan(iter_records(input_path), config, now, route=mode, on_batch_work=preload_sdk)
 
 
 def _recorded_config(record: RunRecord, fallback: Config) -> Config:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import batch_engine
 from batch_engine.client import ApiSettings, Connection, Reply
 from batch_engine.errors import TransientApiError
-from batch_engine.sender_process import MODULE, frame, read_frame, rebuilt_error
+from batch_engine.sender_process import MODULE, Frames, frame, read_frame, rebuilt_error
 
 SenderMode = Literal["auto", "inline", "process"]
 # `auto` starts a sender process for a lane of at least this many requests, on a machine with 2+ CPUs. The
@@ -92,6 +92,7 @@ class SenderProcess:
         assert process.stdin is not None and process.stdout is not None
         self._process = process
         self._stdin = process.stdin
+        self._frames = Frames(self._stdin.write)
         self._stdout = process.stdout
         self._logger = logger
         self._ids = itertools.count(1)
@@ -113,7 +114,7 @@ class SenderProcess:
         sender = cls(process, logger)
         # The key goes in the first frame, never on the command line.
         settings = {"api_key": api.api_key.get_secret_value(), "base_url": api.base_url, "timeout_s": api.timeout_s}
-        sender._stdin.write(frame(settings))
+        sender._frames(frame(settings))
         logger.info("realtime sender process %d started", process.pid)
         return sender
 
@@ -129,13 +130,13 @@ class SenderProcess:
         request_id = next(self._ids)
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
-        self._stdin.write(frame([request_id, stream, params]))
+        self._frames(frame([request_id, stream, params]))
         self.sent += 1
         try:
             result = await answer
         except asyncio.CancelledError:
             if self.alive:
-                self._stdin.write(frame([request_id]))
+                self._frames(frame([request_id]))
             raise
         finally:
             del self._pending[request_id]
@@ -190,6 +191,7 @@ class SenderProcess:
         self._closing = True
         try:
             if not self._stdin.is_closing():
+                self._frames.flush()
                 self._stdin.close()
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), _CLOSE_TIMEOUT_S)

@@ -6,7 +6,7 @@ The types below are the contract between planning and the lanes that execute a p
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -112,7 +112,13 @@ def over_context_window(
     return over
 
 
-def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route: Route | None = None) -> Plan:
+def make_plan(
+    records: Iterable[RawRecord],
+    config: Config,
+    now: datetime,
+    route: Route | None = None,
+    on_batch_work: Callable[[], None] | None = None,
+) -> Plan:
     """Validate, route, render and chunk every record; bad records become rejections.
 
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
@@ -170,6 +176,9 @@ def make_plan(records: Iterable[RawRecord], config: Config, now: datetime, route
             task_route, reason = route_task(checked, task_type, now, config.batch_sla_s)
         else:
             task_route, reason = route, f"every task forced to {route} for this run"
+        if task_route == "batch" and on_batch_work is not None:
+            on_batch_work()  # once, at the first batch task: what the batch lane needs can start loading
+            on_batch_work = None
         model = checked.model or config.model_for_tier(checked.model_tier or task_type.tier)
         output: OutputSpec | None = None
         if checked.params is not None:

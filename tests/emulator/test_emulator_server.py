@@ -19,7 +19,7 @@ import pytest
 
 from batch_engine.bench.emulator import main as bench_main
 from batch_engine.cli import main
-from batch_engine.emulator import EmulatorSettings, start_emulator
+from batch_engine.emulator import EmulatorSettings, RunningEmulator, start_emulator
 from batch_engine.emulator.faults import FAULT_KINDS
 
 HAIKU = "claude-haiku-5-5"
@@ -221,3 +221,20 @@ def test_the_emulator_help_documents_every_setting_and_fault_kind(capsys: pytest
             assert flag in text, name
     for kind in FAULT_KINDS:
         assert kind in text, kind
+
+
+def test_a_request_body_is_read_in_large_pieces(emulator: RunningEmulator) -> None:
+    # A 256 MB batch create read 256 KiB per event-loop turn, between turns answering realtime requests, took
+    # 15-25 s to arrive under realtime load: the emulator's connections read READ_BYTES at a time.
+    from batch_engine.emulator.server import READ_BYTES
+
+    with socket.create_connection((emulator.host, emulator.port)) as client:
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")  # half a request
+        deadline = time.monotonic() + 5
+        sizes: list[int] = []
+        while not sizes and time.monotonic() < deadline:
+            connections = emulator._call(lambda: list(emulator._server.server_state.connections))
+            sizes = [protocol.transport.max_size for protocol in connections]
+            time.sleep(0.02)
+
+    assert sizes and set(sizes) == {READ_BYTES} and READ_BYTES >= 4 * 2**20

@@ -231,3 +231,37 @@ def test_no_wait_starts_that_would_end_past_the_time_bound(emulator: RunningEmul
     (waited,) = waits.requested  # the retry-after, plus its jitter
     assert 200 <= waited <= 300
     assert messages_calls(emulator.stats()) == {"429": 2}
+
+
+def test_the_time_bound_counts_the_first_attempts_own_time() -> None:
+    # A first attempt that took 0.25 s of a 0.3 s budget leaves no room for even the shortest backoff (0.05-0.1 s):
+    # the policy gives up after it, as it would after any other attempt.
+    calls: list[float] = []
+
+    async def slow_failure() -> None:
+        calls.append(0.0)
+        await asyncio.sleep(0.25)
+        raise TransientApiError("overloaded", status=529, error_type="overloaded_error")
+
+    waits = Waits()
+    policy = RetryPolicy(attempts=8, max_time_s=0.3, initial_wait_s=0.1, max_wait_s=0.1, sleep=waits.sleep)
+    with pytest.raises(TransientApiError):
+        asyncio.run(policy.call(slow_failure))
+
+    assert (len(calls), waits.requested) == (1, [])
+
+
+def test_a_first_failure_is_retried_once_per_attempt_not_sent_twice() -> None:
+    # The first attempt runs outside the retry machinery; its failure must count as attempt 1, not be sent again.
+    calls: list[int] = []
+
+    async def failing() -> None:
+        calls.append(len(calls))
+        raise TransientApiError("overloaded", status=529, error_type="overloaded_error")
+
+    waits = Waits()
+    with pytest.raises(TransientApiError):
+        asyncio.run(RetryPolicy(attempts=3, sleep=waits.sleep).call(failing))
+
+    assert len(calls) == 3 and len(waits.requested) == 2
+    assert 0.25 <= waits.requested[0] <= 0.5 <= waits.requested[1] <= 1.0  # backoff steps 1 and 2: (0.25-0.5], (0.5-1]

@@ -155,3 +155,19 @@ def test_lines_are_read_whole_across_read_blocks(tmp_path: Path) -> None:
     path.write_bytes(b"\n".join(lines) + b"\n")
     assert [r.value for r in iter_records(path)] == [orjson.loads(line) for line in lines]
     assert count_records(path) == 40
+
+
+@pytest.mark.parametrize(("mode", "calls"), [(None, 1), ("realtime", 0), ("batch", 1)])
+def test_the_batch_lanes_preparation_starts_once_at_the_first_batch_task(mode: str | None, calls: int) -> None:
+    # `on_batch_work` (the runner starts importing the SDK there) is called once if any task goes to a batch.
+    seen: list[int] = []
+    plan = make_plan(
+        iter_records(SAMPLES / "nightly_tasks.json"),
+        load_config(SAMPLES / "config.toml"),
+        NOW,
+        route=mode,  # type: ignore[arg-type]
+        on_batch_work=lambda: seen.append(1),
+    )
+
+    assert len(seen) == calls
+    assert any(task.route == "batch" for task in plan.tasks) is (calls == 1)
