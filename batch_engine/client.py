@@ -515,14 +515,16 @@ class BatchBody:
     """The JSON body of `batches.create` from its encoded rows (`{"custom_id":...,"params":...}` each), joined
     1,000 rows at a time.
 
-    A batch of up to 100,000 rows (256 MB) is never held whole: its length is measured in one pass and the body
-    streamed in a second, under that Content-Length. `rows` must give the same rows on every call.
+    A batch of up to 100,000 rows (256 MB) is never held whole: its length is measured first and the body streamed
+    after, under that Content-Length. `rows` must give the same rows on every call; `sizes`, when given, their
+    lengths without building them (else the length is measured by a pass over the rows).
     """
 
     BLOCK_ROWS = 1000
 
-    def __init__(self, rows: Callable[[], Iterable[bytes]]) -> None:
+    def __init__(self, rows: Callable[[], Iterable[bytes]], sizes: Callable[[], Iterable[int]] | None = None) -> None:
         self._rows = rows
+        self._sizes = sizes
         self._length: int | None = None
 
     @classmethod
@@ -542,6 +544,13 @@ class BatchBody:
         yield b"]}"
 
     def __len__(self) -> int:
+        if self._length is None and self._sizes is not None:
+            count = total = 0
+            for size in self._sizes():
+                count += 1
+                total += size
+            # '{"requests":[' rows joined by commas ']}'
+            self._length = len(b'{"requests":[') + total + max(0, count - 1) + len(b"]}")
         if self._length is None:
             self._length = sum(len(block) for block in self.blocks())
         return self._length

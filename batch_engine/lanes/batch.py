@@ -242,8 +242,11 @@ class BatchLane:
     async def _create_once(self, record: ChunkRecord) -> tuple[BatchInfo, bool]:
         """One create, its batch id recorded before another chunk's reconciliation can look (the batch, and
         whether it was adopted from an interrupted attempt)."""
-        tasks, encode = self.ctx.tasks, self.rows.row
-        body = BatchBody(lambda: (encode(tasks[index]) for index in record.task_indexes))
+        tasks, encode, size = self.ctx.tasks, self.rows.row, self.rows.size
+        indexes = record.task_indexes
+        body = BatchBody(
+            lambda: map(encode, map(tasks.__getitem__, indexes)), lambda: map(size, map(tasks.__getitem__, indexes))
+        )
         await self._slot()
         try:
             async with self._gate.shared():

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -322,3 +325,85 @@ def test_a_connection_used_again_from_another_event_loop_starts_afresh() -> None
 
     assert first.message == second.message == MESSAGE
     assert box["accepted"] == [0, 1]
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_https_is_verified_with_the_trust_the_sdk_has(
+    trusted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SSL_CERT_FILE is honoured as by httpx2's client (the SDK's): a server it trusts answers; one it does not is
+    # a connection error, never a request sent in the clear or unverified.
+    cert_path, key_path = _certificate(tmp_path)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    seen: list[str] = []
+
+    async def go() -> Reply | ApiError:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request_line, _ = await read_request(reader)
+                seen.append(request_line)
+                writer.write(_head("HTTP/1.1 200 OK", f"Content-Length: {len(BODY)}") + BODY)
+                await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        connection = Connection(_settings(f"https://127.0.0.1:{port}"))
+        assert connection._lean is not None
+        try:
+            return await _send(connection)
+        except ApiError as exc:
+            return exc
+        finally:
+            await connection.aclose()
+            server.close()
+
+    outcome = asyncio.run(go())
+
+    if trusted:
+        assert isinstance(outcome, Reply) and outcome.message == MESSAGE
+        assert seen == ["POST /v1/messages HTTP/1.1"]
+    else:
+        assert isinstance(outcome, TransientApiError) and outcome.error_type == "connection_error"
+        assert "CERTIFICATE_VERIFY_FAILED" in str(outcome)
+        assert seen == []
