@@ -138,17 +138,19 @@ class LaneContext:
         """
         now = time.time() if at is None else at
         self.usage_log.append(
-            usage_record(
-                self.tasks[r.index],
-                r,
-                self.run_key,
-                now,
-                self.latencies.pop(r.index, None),
-                self.config,
-                self.request_ids.pop(r.index, None),
-            )
-            for r in results
-            if r.status in BILLED
+            [
+                usage_record(
+                    self.tasks[r.index],
+                    r,
+                    self.run_key,
+                    now,
+                    self.latencies.pop(r.index, None),
+                    self.config,
+                    self.request_ids.pop(r.index, None),
+                )
+                for r in results
+                if r.status in BILLED
+            ]
         )
         crash_point("usage.logged")
         if self.has_output_schemas:

@@ -15,7 +15,7 @@ from batch_engine.errors import ApiError, SpendLimitError
 from batch_engine.lanes import LaneContext, all_or_none
 from batch_engine.models import ErrorInfo
 from batch_engine.planning import PlannedTask
-from batch_engine.planning.outcome import FinishedRow, failed, succeeded, usage_from_api
+from batch_engine.planning.outcome import FinishedRow, failed, succeeded, tokens_from_api
 
 DEFAULT_RETRY_AFTER_S = 1.0
 # Tasks in hand per request slot. A task waiting out the backoff of a stray failure lends its slot to the next
@@ -180,7 +180,7 @@ class RealtimeLane:
         if reply.request_id is not None:
             self.ctx.request_ids[task.index] = reply.request_id
         limiter.observe(reply.headers, permit)
-        usage = usage_from_api(reply.message.get("usage"))
+        usage = tokens_from_api(reply.message.get("usage"))
         limiter.settle(permit, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
         if task.cache_key and (usage.cache_read_input_tokens or usage.cache_creation_input_tokens):
             self.ctx.cached_prefix_tokens[task.cache_key] = (

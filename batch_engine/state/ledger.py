@@ -78,14 +78,17 @@ CREATE TABLE IF NOT EXISTS results (
 
 
 # The row blob is JSON text from orjson; `attempts` is read from it rather than kept in a column of its own, so
-# ledgers written before this rule keep working.
-_SAVE_RESULT = """
-INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+# ledgers written before this rule keep working. The incoming row's `attempts` is read from its JSON too (the same
+# number: a `FinishedRow`'s JSON is what its fields say), so rows can be inserted many to a statement; only a
+# conflict, which is rare, reads the JSON.
+_INSERT_RESULT = "INSERT INTO results"
+_ON_RESULT_CONFLICT = """
 ON CONFLICT (run_key, idx) DO UPDATE SET
     status = excluded.status, route = excluded.route, cost_usd = excluded.cost_usd,
     recorded_at = excluded.recorded_at, row = excluded.row
 WHERE results.status <> 'succeeded'
-    AND COALESCE(json_extract(CAST(results.row AS TEXT), '$.attempts'), 0) <= ?8
+    AND COALESCE(json_extract(CAST(results.row AS TEXT), '$.attempts'), 0)
+        <= json_extract(CAST(excluded.row AS TEXT), '$.attempts')
 """
 
 
@@ -387,23 +390,11 @@ class Ledger(SqliteStore):
         """Store finished rows in one transaction. A later row for the same task replaces the earlier one only
         if that one did not succeed and the later one was not sent fewer times: collecting a batch again (a
         Prefect retry, a second collector) never replaces a paid success with an older error."""
-        rows = [
-            (
-                run_key,
-                r.index,
-                r.status,
-                r.route,
-                r.cost_usd,
-                now,
-                r.json,
-                r.attempts,
-            )
-            for r in results
-        ]
+        rows = [(run_key, r.index, r.status, r.route, r.cost_usd, now, r.json) for r in results]
         if not rows:
             return
         with self._transaction():
-            self._db.executemany(_SAVE_RESULT, rows)
+            self._insert_rows(_INSERT_RESULT, 7, rows, _ON_RESULT_CONFLICT)
 
     def spent(self, run_key: str) -> float:
         """USD billed so far for the run's finished rows."""

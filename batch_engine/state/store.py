@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from batch_engine.errors import LedgerError
+
+# Rows per INSERT statement when writing many. `executemany` binds and steps one row at a time, re-entering SQLite
+# (and leaving and taking the GIL) per row; statements of 64 rows' VALUES took ~17 % less CPU to append usage rows
+# (23 columns) and to save result rows (100k rows in blocks of 1000, alternating with executemany); 250 or 1000
+# rows a statement gained nothing more. 64 rows of 23 values stay far under SQLite's 32,766 variables.
+BLOCK_ROWS = 64
+
+
+@functools.cache
+def _inserts(insert: str, width: int, conflict: str) -> tuple[str, str]:
+    """(the statement of `BLOCK_ROWS` rows, the statement of one row) of `insert … VALUES … conflict`."""
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{insert} VALUES {', '.join([one] * BLOCK_ROWS)} {conflict}", f"{insert} VALUES {one} {conflict}"
 
 
 class SqliteStore:
@@ -30,6 +46,19 @@ class SqliteStore:
                 raise LedgerError(f"{path}: {what} schema {found['value']} is not {version}")
         except sqlite3.Error as exc:
             raise LedgerError(f"{path}: cannot use the {what}: {exc}") from exc
+
+    def _insert_rows(self, insert: str, width: int, rows: Sequence[tuple[Any, ...]], conflict: str = "") -> None:
+        """Run `insert VALUES (row) conflict` for each of `rows` (of `width` values), in order, `BLOCK_ROWS` rows a
+        statement. Row by row as `executemany` would: a row conflicting with an earlier one of the same statement
+        sees it. Inside the caller's transaction."""
+        block, one = _inserts(insert, width, conflict)
+        full = len(rows) - len(rows) % BLOCK_ROWS
+        for start in range(0, full, BLOCK_ROWS):
+            self._db.execute(block, tuple(chain.from_iterable(rows[start : start + BLOCK_ROWS])))
+        if full < len(rows):
+            # Plain tuples: sqlite3 binds a tuple subclass (a named tuple) item by item through the sequence
+            # protocol, ~2 µs a row slower.
+            self._db.executemany(one, [tuple(row) for row in rows[full:]])
 
     def close(self) -> None:
         self._db.close()

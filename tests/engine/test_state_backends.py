@@ -186,6 +186,24 @@ def test_the_usage_log_keeps_one_row_per_request_key_and_reads_the_newest_first(
         assert log.records()[0] == _usage("batch:b1:t1", 10.0, 1)
 
 
+def test_a_large_block_of_usage_records_keeps_one_row_per_request_key(state_url: str) -> None:
+    """A batch's usage arrives in blocks of thousands (SQLite inserts them many rows a statement): a key repeated
+    inside one block, or logged by an earlier block, is logged once, as first written, and the order holds."""
+    state = parse_state_url(state_url)
+    with open_usage_log(state) as log:
+        log.append([_usage("batch:b1:t0", 1.0, 1)])
+        block = [_usage(f"batch:b1:t{i}", 10.0 + i, 100 + i) for i in range(200)]
+        block[5] = _usage("batch:b1:t3", 15.0, 999)  # repeats a key earlier in the same statement's rows
+        block[150] = _usage("batch:b1:t149", 160.0, 999)  # ... in a later statement's
+        block += [_usage(None, 300.0, 7), _usage(None, 301.0, 7)]  # without a key: always new
+        log.append(block)
+    with open_usage_log(state) as log:
+        records = log.records()
+    kept = [1] + [100 + i for i in range(1, 200) if i not in (5, 150)] + [7, 7]
+    assert [r.output_tokens for r in records] == kept
+    assert records[1] == _usage("batch:b1:t1", 11.0, 101)
+
+
 def test_a_lease_is_taken_over_only_when_its_owner_is_gone(state_url: str) -> None:
     here = socket.gethostname()
     dead = multiprocessing.get_context("spawn").Process(target=int)

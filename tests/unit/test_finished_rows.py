@@ -25,10 +25,13 @@ from batch_engine.planning.outcome import (
     folded,
     message_text,
     succeeded,
+    tokens_from_api,
     usage_from_api,
 )
+from batch_engine.planning.params import system_prefix, thinking_label
 from batch_engine.planning.pricing import baseline_cost, cost
 from batch_engine.planning.run_summary import Tally
+from batch_engine.state.usage_log import UsageRecord, usage_record
 from batch_engine.structured_output import TOOL_NAME, OutputSpec
 
 CONFIG = load_config()
@@ -288,6 +291,62 @@ def test_any_json_in_an_answer_or_in_metadata_is_stored_the_same(
         # The row's tokens are what the lanes, the usage log and the cost read: the stored usage, field by field.
         assert stored is not None and row.usage is not None
         assert row.usage._asdict() == stored.model_dump()
+        assert tokens_from_api(usage)._asdict() == usage_from_api(usage).model_dump()
+        assert usage_record(task, row, "r", 5.0, 0.5, CONFIG, "req_1") == _usage_as_before(row, 0.5, "req_1")
+
+
+def _usage_as_before(row: FinishedRow, latency_s: float | None, request_id: str | None) -> UsageRecord:
+    """The usage-log row as the engine built it before: field by field, by name, from the stored row."""
+    task = next(t for t in _tasks() if t.index == row.index and t.task_id == row.task_id)
+    stored = TaskResult.model_validate_json(row.json)
+    usage = stored.usage or Usage()
+    model = stored.model or task.model
+    spec = CONFIG.models.get(model) or CONFIG.models[task.model]
+    split = usage.cache_write_5m_tokens + usage.cache_write_1h_tokens
+    prefix_key, prefix_tokens, ttl = system_prefix(task.frame)
+    if stored.batch_id is not None:
+        key: str | None = f"batch:{stored.batch_id}:{task.task_id}"
+    else:
+        key = None if request_id is None else f"request:{request_id}"
+    return UsageRecord(
+        at=5.0,
+        run_key="r",
+        task_id=task.task_id,
+        task_type=task.task_type,
+        route=stored.route or task.route,
+        model=model,
+        status=stored.status,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_input_tokens,
+        cache_write_5m_tokens=usage.cache_write_5m_tokens if split else usage.cache_creation_input_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        thinking_tokens=usage.thinking_tokens,
+        cost_usd=stored.cost_usd or 0.0,
+        baseline_usd=baseline_cost(usage, spec),
+        latency_s=latency_s,
+        max_tokens=int(task.frame.get("max_tokens", 0)),
+        prefix_key=prefix_key,
+        prefix_tokens=prefix_tokens,
+        cache_ttl=ttl,
+        thinking=thinking_label(task.frame),
+        route_reason=task.route_reason,
+        request_key=key,
+    )
+
+
+def test_a_billed_row_is_logged_with_the_usage_record_built_field_by_field() -> None:
+    for task in _tasks():
+        for message in MESSAGES.values():
+            for route, batch_id, latency_s, request_id in (
+                ("batch", "msgbatch_01", None, None),
+                ("realtime", None, 0.25, "req_01"),
+                ("realtime", None, None, None),
+            ):
+                row = succeeded(task, message, route, 1, CONFIG, batch_id=batch_id)  # type: ignore[arg-type]
+                logged = usage_record(task, row, "r", 5.0, latency_s, CONFIG, request_id)
+                assert logged == _usage_as_before(row, latency_s, request_id)
+                assert type(logged) is UsageRecord
 
 
 def test_a_retried_row_carries_both_requests_usage_and_cost() -> None:
