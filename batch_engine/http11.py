@@ -111,6 +111,10 @@ class _Exchange(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:
+            # An informational answer (103 Early Hints, a 100 Continue): the real one follows on the same request.
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
         waiter, self._waiter = self._waiter, None
         if waiter is None or waiter.done():
             return
@@ -173,8 +177,10 @@ class Http11Pool:
         self._host = url.hostname or ""
         self._port = url.port or DEFAULT_PORTS[url.scheme]
         self._prefix = url.path.rstrip("/")
-        self._ssl = (ssl_context or _default_ssl()) if url.scheme == "https" else None
-        host_header = self._host if url.port is None else f"{self._host}:{url.port}"
+        self._tls = url.scheme == "https"
+        self._ssl = ssl_context  # made on the first connection when not given
+        named = f"[{self._host}]" if ":" in self._host else self._host  # an IPv6 literal keeps its brackets
+        host_header = named if url.port is None else f"{named}:{url.port}"
         fixed = {"Host": host_header, **headers, "Accept-Encoding": "gzip"}
         self._head = "".join(f"{name}: {value}\r\n" for name, value in fixed.items()).encode("latin-1")
         self._timeout_s = timeout_s
@@ -232,8 +238,10 @@ class Http11Pool:
 
     async def _connect(self) -> _Exchange:
         loop = asyncio.get_running_loop()
+        if self._tls and self._ssl is None:
+            self._ssl = _default_ssl()
         _, exchange = await loop.create_connection(
-            _Exchange, self._host, self._port, ssl=self._ssl, server_hostname=self._host if self._ssl else None
+            _Exchange, self._host, self._port, ssl=self._ssl, server_hostname=self._host if self._tls else None
         )
         return exchange
 

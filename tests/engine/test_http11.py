@@ -407,3 +407,32 @@ def test_https_is_verified_with_the_trust_the_sdk_has(
         assert isinstance(outcome, TransientApiError) and outcome.error_type == "connection_error"
         assert "CERTIFICATE_VERIFY_FAILED" in str(outcome)
         assert seen == []
+
+
+def test_an_informational_answer_is_not_the_answer() -> None:
+    early = _head("HTTP/1.1 103 Early Hints", "Link: </style.css>; rel=preload")
+    (reply,), _ = run(answering(early + _head("HTTP/1.1 200 OK", f"Content-Length: {len(BODY)}", "request-id: r")))
+
+    assert (
+        isinstance(reply, Reply)
+        and reply.message == MESSAGE
+        and reply.headers
+        == {
+            "content-length": str(len(BODY)),
+            "request-id": "r",
+        }
+    )
+
+
+def test_the_host_header_names_the_base_urls_host_and_port() -> None:
+    from urllib.parse import urlsplit
+
+    from batch_engine.http11 import Http11Pool
+
+    def host(base_url: str) -> bytes:
+        head = Http11Pool(urlsplit(base_url), {}, 1.0)._head
+        return next(line for line in head.split(b"\r\n") if line.startswith(b"Host: "))
+
+    assert host("http://[::1]:8080") == b"Host: [::1]:8080"
+    assert host("https://api.anthropic.com") == b"Host: api.anthropic.com"
+    assert host("http://127.0.0.1:9") == b"Host: 127.0.0.1:9"
