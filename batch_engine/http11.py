@@ -111,7 +111,8 @@ class _Exchange(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self._parser.get_status_code() < 200:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
             # An informational answer (103 Early Hints, a 100 Continue): the real one follows on the same request.
             self._headers, self._body, self._headers_done = {}, [], False
             return
@@ -119,7 +120,7 @@ class _Exchange(asyncio.Protocol):
         if waiter is None or waiter.done():
             return
         try:
-            answer = Answer(self._parser.get_status_code(), self._headers, _decoded(self._headers, self._body))
+            answer = Answer(status, self._headers, _decoded(self._headers, self._body))
         except (zlib.error, BrokenAnswer) as exc:
             self.close()
             waiter.set_exception(BrokenAnswer(f"undecodable answer body: {exc}"))

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from batch_engine.client import ApiSettings, Connection, Reply, make_client, status_error, translate
 from batch_engine.errors import ApiError, PermanentApiError, SpendLimitError, TransientApiError
+from tests.support.wire import MESSAGE, read_request
 
 PARAMS: dict[str, Any] = {
     "model": "claude-haiku-4-5",
@@ -26,16 +27,6 @@ PARAMS: dict[str, Any] = {
     "messages": [{"role": "user", "content": "héllo"}],
     "metadata": {"user_id": "u-1"},
     "some_future_field": {"nested": [1, 2]},  # not in the SDK's signature: it goes as extra_body, as is
-}
-MESSAGE = {
-    "id": "msg_01",
-    "type": "message",
-    "role": "assistant",
-    "model": "claude-haiku-4-5",
-    "content": [{"type": "text", "text": "hi"}],
-    "stop_reason": "end_turn",
-    "stop_sequence": None,
-    "usage": {"input_tokens": 12, "output_tokens": 1},
 }
 
 
@@ -62,16 +53,9 @@ async def scripted_server(answer: Answer) -> AsyncIterator[tuple[str, list[Seen]
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *lines = head.decode("latin-1").split("\r\n")
-                headers = {}
-                for line in lines:
-                    if line:
-                        name, _, value = line.partition(":")
-                        headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                method, path, _ = request_line.split(" ", 2)
-                seen.append(Seen(method, path, headers, body))
+                request = await read_request(reader)
+                method, path, _ = request.line.split(" ", 2)
+                seen.append(Seen(method, path, request.headers, request.body))
                 reply = [f"HTTP/1.1 {answer.status} X", f"content-length: {len(answer.body)}"]
                 reply += [f"{name}: {value}" for name, value in answer.headers.items()]
                 writer.write(("\r\n".join(reply) + "\r\n\r\n").encode("latin-1") + answer.body)

@@ -22,32 +22,12 @@ from pydantic import SecretStr
 from batch_engine.client import ApiSettings, Connection, Reply, make_client, translate
 from batch_engine.errors import ApiError, TransientApiError
 from batch_engine.http11 import plain_route
+from tests.support.wire import MESSAGE, read_request
 
 PARAMS: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
-MESSAGE = {
-    "id": "msg_1",
-    "type": "message",
-    "role": "assistant",
-    "model": "claude-haiku-4-5",
-    "content": [{"type": "text", "text": "hi"}],
-    "stop_reason": "end_turn",
-    "stop_sequence": None,
-    "usage": {"input_tokens": 3, "output_tokens": 1},
-}
 BODY = orjson.dumps(MESSAGE)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    request_line, *lines = head.decode("latin-1").split("\r\n")
-    length = 0
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value)
-    return request_line, await reader.readexactly(length)
 
 
 @asynccontextmanager
@@ -254,7 +234,7 @@ def test_a_late_answer_is_never_read_as_the_next_requests() -> None:
 def test_a_redirect_is_followed_as_the_sdk_follows_it() -> None:
     async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         while True:
-            request_line, _ = await read_request(reader)
+            request_line = (await read_request(reader)).line
             if " /v1/messages " in request_line:
                 moved = ("HTTP/1.1 307 Temporary Redirect", "Location: /moved/v1/messages", "Content-Length: 0")
                 writer.write(_head(*moved))
@@ -377,7 +357,7 @@ def test_https_is_verified_with_the_trust_the_sdk_has(
     async def go() -> Reply | ApiError:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                request_line, _ = await read_request(reader)
+                request_line = (await read_request(reader)).line
                 seen.append(request_line)
                 writer.write(_head("HTTP/1.1 200 OK", f"Content-Length: {len(BODY)}") + BODY)
                 await writer.drain()
