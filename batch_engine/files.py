@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
@@ -125,7 +125,11 @@ def _array_records(path: Path, data: bytes) -> Iterator[RawRecord]:
         yield RawRecord(index=index, line=None, value=item)
 
 
-def _lines(head: bytes, handle: IO[bytes]) -> Iterator[bytes]:
+class _Reader(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _lines(head: bytes, handle: _Reader) -> Iterator[bytes]:
     """The lines of `head` and then the rest of `handle`, without their newlines (the last one may be empty).
 
     Split a block at a time in C: cutting each line off the front of a 64 KiB buffer copied the rest of the
@@ -155,6 +159,92 @@ def _jsonl_records(path: Path, head: bytes, handle: IO[bytes]) -> Iterator[RawRe
         raise InputError(f"{path}: the file is empty")
     if not parsed_any:
         raise InputError(f"{path}: not JSON or JSONL (no line parses as JSON)")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlSplit:
+    """A JSONL file cut in two at a line boundary: `iter_records` gives the records of the first part, then
+    those of the second, which start at byte `offset`, record `index` and line `line` (1-based)."""
+
+    offset: int
+    index: int
+    line: int
+
+
+def split_jsonl(path: Path, min_bytes: int) -> JsonlSplit | None:
+    """Where to cut a JSONL file of at least `min_bytes` in two halves, for two processes to read; None for a
+    smaller file, or one `iter_records` does not read as JSONL (a JSON array, one pretty-printed object)."""
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < min_bytes:
+                return None
+            head = handle.read(1 << 16)
+            first = head.removeprefix(_BOM).split(b"\n", 1)[0]
+            if not first.lstrip().startswith(b"{") or not _parses(first):
+                return None
+            handle.seek(size // 2)
+            cut = size // 2 + len(_line_rest(handle))
+            if cut >= size:
+                return None
+            handle.seek(0)
+            index = lines = 0
+            for raw in _lines(b"", _Prefix(handle, cut - 1)):  # without the newline before the cut
+                index += bool(raw.strip())
+                lines += 1
+    except OSError:
+        return None  # `iter_records` says what is wrong with the file
+    return JsonlSplit(offset=cut, index=index, line=lines + 1)
+
+
+class _Prefix:
+    """The first `size` bytes of a binary file, from its position, read as a file."""
+
+    def __init__(self, handle: IO[bytes], size: int) -> None:
+        self._handle = handle
+        self._left = size
+
+    def read(self, size: int) -> bytes:
+        data = self._handle.read(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+
+def _line_rest(handle: IO[bytes]) -> bytes:
+    """From the handle's position to the end of its line, the newline included."""
+    rest = b""
+    while block := handle.read(1 << 16):
+        end = block.find(b"\n")
+        if end >= 0:
+            return rest + block[: end + 1]
+        rest += block
+    return rest
+
+
+def iter_jsonl_part(path: Path, split: JsonlSplit, second: bool) -> Iterator[RawRecord]:
+    """The records of one part of a split JSONL file (`split_jsonl`), numbered as `iter_records` numbers them."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with handle:
+        if second:
+            handle.seek(split.offset)
+            stream: _Reader = handle
+            index, lineno = split.index, split.line
+        else:
+            stream = _Prefix(handle, split.offset - 1)  # without the newline before the cut
+            index, lineno = 0, 1
+        for raw in _lines(b"", stream):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            if raw.strip():
+                try:
+                    yield RawRecord(index=index, line=lineno, value=orjson.loads(raw))
+                except orjson.JSONDecodeError as exc:
+                    yield RawRecord(index=index, line=lineno, error=f"not valid JSON ({exc.msg})")
+                index += 1
+            lineno += 1
 
 
 def count_records(path: Path) -> int:

@@ -23,13 +23,14 @@ from batch_engine.client import ApiSettings, Connection, RetryPolicy, preload_sd
 from batch_engine.config import Config, Route, load_config
 from batch_engine.crashpoints import crash_point
 from batch_engine.errors import ApiError, BatchUnfinishedError, BudgetError, LedgerError, RunChangedError
-from batch_engine.files import atomic_write_chunks, file_digest, iter_records
+from batch_engine.files import atomic_write_chunks, file_digest
 from batch_engine.lanes import LaneContext, Progress, SharedLimit, all_or_none
 from batch_engine.lanes.batch import BatchLane, ChunkWork
 from batch_engine.lanes.realtime import RealtimeLane
 from batch_engine.lanes.sender import Sender
 from batch_engine.models import ErrorInfo, RunSummary, TaskResult
-from batch_engine.planning import Plan, PlannedTask, make_plan, over_context_window
+from batch_engine.parallel_plan import plan_file
+from batch_engine.planning import Plan, PlannedTask, over_context_window
 from batch_engine.planning.budget import Budget, Estimator
 from batch_engine.planning.identity import request_digests, run_identity
 from batch_engine.planning.merge import in_input_order
@@ -800,7 +801,7 @@ class _Opened:
 def _plan_at(input_path: Path, config: Config, started_at: float, mode: Route | None) -> Plan:
     # Planning with the run's own start time keeps deadline-based routing, and so the chunks, stable.
     now = datetime.fromtimestamp(started_at, UTC)
-    return make_plan(iter_records(input_path), config, now, route=mode, on_batch_work=preload_sdk)
+    return plan_file(input_path, config, now, route=mode, on_batch_work=preload_sdk)
 
 
 def _recorded_config(record: RunRecord, fallback: Config) -> Config:

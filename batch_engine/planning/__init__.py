@@ -6,7 +6,7 @@ The types below are the contract between planning and the lanes that execute a p
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -112,6 +112,21 @@ def over_context_window(
     return over
 
 
+# (source of the max_tokens, model, requested, cap) → [tasks capped, where the first one is]
+Capped = dict[tuple[str, str, int, int], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPart:
+    """The records of one stretch of the input planned, not yet chunked: what `make_plan` joins (a stretch of a
+    large JSONL file may be planned by another process, `batch_engine.parallel_plan`)."""
+
+    tasks: list[PlannedTask]
+    rejections: list[Rejection]
+    capped: Capped
+    total: int  # records read, rejected ones included
+
+
 def make_plan(
     records: Iterable[RawRecord],
     config: Config,
@@ -123,7 +138,51 @@ def make_plan(
 
     `route` forces every task onto one lane (`--realtime-only` / `--batch-only`).
     """
+    return join_parts([plan_records(records, config, now, route, on_batch_work)], config)
+
+
+def join_parts(parts: Sequence[PlannedPart], config: Config) -> Plan:
+    """The plan of consecutive parts of one input (in input order), chunked. The parts must not share a task_id
+    (`plan_records` rejects a repeat within its own part; across parts the caller checks)."""
     from batch_engine.planning.chunking import chunk_tasks
+    from batch_engine.planning.rows import RowEncoder
+
+    tasks = [task for part in parts for task in part.tasks] if len(parts) > 1 else parts[0].tasks
+    rejections = [rejection for part in parts for rejection in part.rejections]
+    capped: Capped = {}
+    for part in parts:
+        for key, (count, first) in part.capped.items():
+            capped.setdefault(key, [0, first])[0] += count
+    batch_positions = [pos for pos, task in enumerate(tasks) if task.route == "batch"]
+    chunks = chunk_tasks(
+        tasks,
+        config.limits.max_requests_per_batch,
+        config.limits.max_bytes_per_batch,
+        positions=batch_positions,
+        encoder=RowEncoder(),
+    )
+    warnings = tuple(
+        f"warning: {source} {requested} is above {model}'s output limit; capped at {cap} for {count} tasks "
+        f"(first: {first})"
+        for (source, model, requested, cap), (count, first) in capped.items()
+    )
+    return Plan(
+        tasks=tuple(tasks),
+        rejections=tuple(rejections),
+        chunks=tuple(chunks),
+        total_records=sum(part.total for part in parts),
+        warnings=warnings,
+    )
+
+
+def plan_records(
+    records: Iterable[RawRecord],
+    config: Config,
+    now: datetime,
+    route: Route | None = None,
+    on_batch_work: Callable[[], None] | None = None,
+) -> PlannedPart:
+    """Validate, route and render `records` (a stretch of the input, in order); bad records become rejections."""
     from batch_engine.planning.params import (
         TemplateError,
         build_request,
@@ -133,14 +192,13 @@ def make_plan(
         shared_frame_key,
     )
     from batch_engine.planning.routing import route_task
-    from batch_engine.planning.rows import RowEncoder
     from batch_engine.planning.tokens import estimate_params_tokens, estimate_tokens
     from batch_engine.planning.validate import validate_record
     from batch_engine.structured_output import OutputSpec
 
     tasks: list[PlannedTask] = []
     rejections: list[Rejection] = []
-    capped: dict[tuple[str, str, int, int], list[Any]] = {}
+    capped: Capped = {}
     seen: set[str] = set()
     # One compiled schema per task type and model (or per distinct raw-params schema), shared by its tasks.
     outputs: dict[tuple[str, str], OutputSpec] = {}
@@ -268,19 +326,4 @@ def make_plan(
                 output=output,
             )
         )
-    batch_positions = [pos for pos, task in enumerate(tasks) if task.route == "batch"]
-    chunks = chunk_tasks(
-        tasks,
-        config.limits.max_requests_per_batch,
-        config.limits.max_bytes_per_batch,
-        positions=batch_positions,
-        encoder=RowEncoder(),
-    )
-    warnings = tuple(
-        f"warning: {source} {requested} is above {model}'s output limit; capped at {cap} for {count} tasks "
-        f"(first: {first})"
-        for (source, model, requested, cap), (count, first) in capped.items()
-    )
-    return Plan(
-        tasks=tuple(tasks), rejections=tuple(rejections), chunks=tuple(chunks), total_records=total, warnings=warnings
-    )
+    return PlannedPart(tasks, rejections, capped, total)

@@ -13,7 +13,7 @@ from typing import Literal
 from batch_engine.config import Config, ModelSpec, Route
 from batch_engine.models import ErrorInfo
 from batch_engine.planning import PlannedTask
-from batch_engine.planning.params import system_prefix
+from batch_engine.planning.params import frame_prefix
 from batch_engine.planning.pricing import estimate_cost
 
 
@@ -83,7 +83,7 @@ def cache_write_of(task: PlannedTask, spec: ModelSpec) -> tuple[int, str] | None
     """(estimated tokens, TTL) of the task's system prompt when it carries a cache breakpoint, else None."""
     if task.cache_key is None:
         return None
-    _, tokens, ttl = system_prefix(task.frame)
+    _, tokens, ttl = frame_prefix(task.frame)
     return (math.ceil(tokens * spec.tokenizer_factor), ttl or "5m") if ttl is not None else None
 
 

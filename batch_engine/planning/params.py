@@ -261,6 +261,26 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
     return digest, tokens, ttl
 
 
+_Prefix = tuple[str | None, int, str | None]
+# id(frame) → (frame, its `system_prefix`). Tasks that render alike share one frame object, so a run's million
+# estimates (the budget's, before anything is sent) look at its prompt once, not once per task. The frame is held,
+# so its id is never reused while cached; cleared when full, so raw params (a frame per task) do not grow it.
+_FRAME_PREFIXES: dict[int, tuple[dict[str, Any], _Prefix]] = {}
+_MAX_FRAME_PREFIXES = 4096
+
+
+def frame_prefix(frame: dict[str, Any]) -> _Prefix:
+    """`system_prefix` of a task's frame (shared by the tasks that render alike, never mutated), once per frame."""
+    cached = _FRAME_PREFIXES.get(id(frame))
+    if cached is not None and cached[0] is frame:
+        return cached[1]
+    prefix = system_prefix(frame)
+    if len(_FRAME_PREFIXES) >= _MAX_FRAME_PREFIXES:
+        _FRAME_PREFIXES.clear()
+    _FRAME_PREFIXES[id(frame)] = (frame, prefix)
+    return prefix
+
+
 # Keyed by the prompt strings themselves: tasks that share a frame share those string objects, whose hash Python
 # keeps, so a lookup does not read a ~5 KB prompt again. Bounded, so per-task prompts do not grow it without end.
 @functools.lru_cache(maxsize=1024)

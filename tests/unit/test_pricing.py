@@ -61,3 +61,23 @@ def test_baseline_is_all_prompt_tokens_at_input_price_realtime() -> None:
         output_tokens=1000,
     )
     assert baseline_cost(usage, SONNET) == pytest.approx(1_000_000 * 2e-6 + 1000 * 10e-6)
+
+
+def test_frame_prefix_is_system_prefix_looked_at_once_per_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget estimates every task of a run before it sends: each frame's prompt is measured once."""
+    from batch_engine.planning import params
+
+    seen: list[object] = []
+    real = params.system_prefix
+
+    def counting(frame: dict[str, object]) -> tuple[str | None, int, str | None]:
+        seen.append(frame)
+        return real(frame)
+
+    monkeypatch.setattr(params, "system_prefix", counting)
+    cached = {"model": "m", "system": [{"type": "text", "text": "x" * 4000, "cache_control": {"type": "ephemeral"}}]}
+    plain = {"model": "m", "system": "y" * 100}
+    for _ in range(3):
+        assert params.frame_prefix(cached) == real(cached)
+        assert params.frame_prefix(plain) == real(plain)
+    assert seen == [cached, plain]
