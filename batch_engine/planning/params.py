@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from batch_engine.config import Config, ModelSpec, Route, TaskType, Thinking
 from batch_engine.models import TaskRequest
@@ -261,24 +262,28 @@ def system_prefix(params: dict[str, Any]) -> tuple[str | None, int, str | None]:
     return digest, tokens, ttl
 
 
-_Prefix = tuple[str | None, int, str | None]
-# id(frame) → (frame, its `system_prefix`). Tasks that render alike share one frame object, so a run's million
-# estimates (the budget's, before anything is sent) look at its prompt once, not once per task. The frame is held,
-# so its id is never reused while cached; cleared when full, so raw params (a frame per task) do not grow it.
-_FRAME_PREFIXES: dict[int, tuple[dict[str, Any], _Prefix]] = {}
-_MAX_FRAME_PREFIXES = 4096
+T = TypeVar("T")
+_MAX_FRAMES = 4096
 
 
-def frame_prefix(frame: dict[str, Any]) -> _Prefix:
-    """`system_prefix` of a task's frame (shared by the tasks that render alike, never mutated), once per frame."""
-    cached = _FRAME_PREFIXES.get(id(frame))
-    if cached is not None and cached[0] is frame:
-        return cached[1]
-    prefix = system_prefix(frame)
-    if len(_FRAME_PREFIXES) >= _MAX_FRAME_PREFIXES:
-        _FRAME_PREFIXES.clear()
-    _FRAME_PREFIXES[id(frame)] = (frame, prefix)
-    return prefix
+def per_frame(compute: Callable[[dict[str, Any]], T]) -> Callable[[dict[str, Any]], T]:
+    """`compute(frame)` once per frame object: tasks that render alike share one frame (never mutated), so what is
+    read from its ~5 KB prompt for each of a million tasks (the budget's estimate, each billed row's usage facts) is
+    read once. The frames are held, so an id is never another frame's while it is cached; cleared when full, so raw
+    params (a frame per task) do not grow it without end."""
+    cache: dict[int, tuple[dict[str, Any], T]] = {}
+
+    def cached(frame: dict[str, Any]) -> T:
+        hit = cache.get(id(frame))
+        if hit is not None and hit[0] is frame:
+            return hit[1]
+        value = compute(frame)
+        if len(cache) >= _MAX_FRAMES:
+            cache.clear()
+        cache[id(frame)] = (frame, value)
+        return value
+
+    return cached
 
 
 # Keyed by the prompt strings themselves: tasks that share a frame share those string objects, whose hash Python
@@ -300,3 +305,7 @@ def thinking_label(params: dict[str, Any]) -> str | None:
         return f"manual:{thinking.get('budget_tokens')}"
     effort = (params.get("output_config") or {}).get("effort", "default")
     return f"{thinking.get('type')}:{effort}"
+
+
+# `system_prefix` of a task's frame, looked at once per frame.
+frame_prefix = per_frame(system_prefix)

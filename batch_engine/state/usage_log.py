@@ -12,7 +12,7 @@ from batch_engine.config import Config
 from batch_engine.models import Tokens
 from batch_engine.planning import PlannedTask
 from batch_engine.planning.outcome import FinishedRow
-from batch_engine.planning.params import system_prefix, thinking_label
+from batch_engine.planning.params import per_frame, system_prefix, thinking_label
 from batch_engine.planning.pricing import baseline_tokens_cost
 from batch_engine.state.store import SqliteStore
 
@@ -177,23 +177,13 @@ def usage_record(
 
 _NO_USAGE = Tokens()
 _FrameFacts = tuple[int, str | None, int, str | None, str | None]
-# id(frame) → (frame, its facts). Tasks that render alike share one frame object, so its prompt is looked at once,
-# not once per billed row. The frame is held, so its id is never reused while cached; cleared when full, so raw
-# params (a frame per task) do not grow it without end.
-_FACTS: dict[int, tuple[dict[str, Any], _FrameFacts]] = {}
-_MAX_FACTS = 4096
 
 
+@per_frame
 def _frame_facts(frame: dict[str, Any]) -> _FrameFacts:
-    """(max_tokens, system prompt digest, its tokens, its breakpoint TTL, thinking label) of a request's frame."""
-    cached = _FACTS.get(id(frame))
-    if cached is not None and cached[0] is frame:
-        return cached[1]
-    facts = (int(frame.get("max_tokens", 0)), *system_prefix(frame), thinking_label(frame))
-    if len(_FACTS) >= _MAX_FACTS:
-        _FACTS.clear()
-    _FACTS[id(frame)] = (frame, facts)
-    return facts
+    """(max_tokens, system prompt digest, its tokens, its breakpoint TTL, thinking label) of a request's frame: tasks
+    that render alike share one frame object, so its prompt is looked at once, not once per billed row."""
+    return (int(frame.get("max_tokens", 0)), *system_prefix(frame), thinking_label(frame))
 
 
 def request_key(task: PlannedTask, result: FinishedRow, request_id: str | None) -> str | None:

@@ -25,6 +25,7 @@ from batch_engine.state.ledger import Lease
 from batch_engine.state.url import ENV_STATE_URL, parse_state_url, redact, resolve_state_url
 from batch_engine.state.usage_log import UsageRecord
 from tests.support.postgres import PostgresServer
+from tests.support.usage import usage_row
 
 
 def _ledger(url: str) -> RunLedger:
@@ -47,28 +48,15 @@ def _result(index: int, status: str = "succeeded", attempts: int = 1, cost: floa
 
 
 def _usage(request_key: str | None, at: float, output_tokens: int = 7, run_key: str = "r1") -> UsageRecord:
-    return UsageRecord(
+    return usage_row(
         at=at,
         run_key=run_key,
-        task_id="t",
         task_type="classify",
-        route="batch",
-        model="claude-haiku-5-5",
-        status="succeeded",
         input_tokens=10,
         output_tokens=output_tokens,
-        cache_read_tokens=0,
-        cache_write_5m_tokens=0,
-        cache_write_1h_tokens=0,
-        thinking_tokens=0,
         cost_usd=0.001,
         baseline_usd=0.002,
-        latency_s=None,
         max_tokens=100,
-        prefix_key=None,
-        prefix_tokens=0,
-        cache_ttl=None,
-        thinking=None,
         route_reason="bulk",
         request_key=request_key,
     )

@@ -63,21 +63,21 @@ def test_baseline_is_all_prompt_tokens_at_input_price_realtime() -> None:
     assert baseline_cost(usage, SONNET) == pytest.approx(1_000_000 * 2e-6 + 1000 * 10e-6)
 
 
-def test_frame_prefix_is_system_prefix_looked_at_once_per_frame(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The budget estimates every task of a run before it sends: each frame's prompt is measured once."""
+def test_per_frame_computes_once_per_frame_object() -> None:
+    """The budget estimates every task of a run before it sends (`frame_prefix`), and the usage log describes every
+    billed row: each frame's prompt is looked at once, and each frame object gets its own answer."""
     from batch_engine.planning import params
 
     seen: list[object] = []
-    real = params.system_prefix
 
-    def counting(frame: dict[str, object]) -> tuple[str | None, int, str | None]:
+    def length(frame: dict[str, object]) -> int:
         seen.append(frame)
-        return real(frame)
+        return len(str(frame["system"]))
 
-    monkeypatch.setattr(params, "system_prefix", counting)
-    cached = {"model": "m", "system": [{"type": "text", "text": "x" * 4000, "cache_control": {"type": "ephemeral"}}]}
-    plain = {"model": "m", "system": "y" * 100}
+    measured = params.per_frame(length)
+    first, second, alike = {"system": "x" * 4000}, {"system": "y" * 100}, {"system": "y" * 100}
     for _ in range(3):
-        assert params.frame_prefix(cached) == real(cached)
-        assert params.frame_prefix(plain) == real(plain)
-    assert seen == [cached, plain]
+        assert [measured(first), measured(second), measured(alike)] == [4000, 100, 100]
+    assert seen == [first, second, alike] and seen[2] is alike
+    cached = {"model": "m", "system": [{"type": "text", "text": "z" * 4000, "cache_control": {"type": "ephemeral"}}]}
+    assert params.frame_prefix(cached) == params.system_prefix(cached)

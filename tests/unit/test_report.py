@@ -28,6 +28,7 @@ from batch_engine.render.advice_markdown import render_report
 from batch_engine.runner import RunOptions, run
 from batch_engine.state.usage_log import UsageLog, UsageRecord
 from batch_engine.telemetry.advice import OptimizationReport, Recommendation, analyze
+from tests.support.usage import usage_row
 
 NOW = 1_800_000_000.0
 DAY = 86_400.0
@@ -42,29 +43,11 @@ def _record(**fields: Any) -> UsageRecord:
     base: dict[str, Any] = {
         "at": NOW - 2.5 * DAY,
         "run_key": "run1",
-        "task_id": "t",
         "task_type": "chat",
         "route": "realtime",
         "model": "claude-sonnet-5-5",
-        "status": "succeeded",
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "cache_read_tokens": 0,
-        "cache_write_5m_tokens": 0,
-        "cache_write_1h_tokens": 0,
-        "thinking_tokens": 0,
-        "cost_usd": 0.0,
-        "baseline_usd": 0.0,
-        "latency_s": None,
-        "max_tokens": 1024,
-        "prefix_key": None,
-        "prefix_tokens": 0,
-        "cache_ttl": None,
-        "thinking": None,
-        "route_reason": "",
     }
-    base.update(fields)
-    return UsageRecord(**base)
+    return usage_row(**(base | fields))
 
 
 def hand_log() -> list[UsageRecord]:

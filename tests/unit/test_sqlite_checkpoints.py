@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from batch_engine.state.usage_log import UsageLog, UsageRecord
+from tests.support.usage import usage_row
 
 
 def _checkpoint_threads() -> list[threading.Thread]:
@@ -16,31 +17,7 @@ def _checkpoint_threads() -> list[threading.Thread]:
 
 
 def _record(i: int) -> UsageRecord:
-    return UsageRecord(
-        at=float(i),
-        run_key="r",
-        task_id=f"t{i}",
-        task_type="summarize",
-        route="batch",
-        model="m",
-        status="succeeded",
-        input_tokens=100,
-        output_tokens=10,
-        cache_read_tokens=0,
-        cache_write_5m_tokens=0,
-        cache_write_1h_tokens=0,
-        thinking_tokens=0,
-        cost_usd=0.001,
-        baseline_usd=0.002,
-        latency_s=None,
-        max_tokens=1024,
-        prefix_key=None,
-        prefix_tokens=0,
-        cache_ttl=None,
-        thinking=None,
-        route_reason="x" * 200,
-        request_key=f"batch:b:t{i}",
-    )
+    return usage_row(at=float(i), task_id=f"t{i}", input_tokens=100, route_reason="x" * 200, request_key=f"b:t{i}")
 
 
 def test_commits_never_checkpoint_and_the_thread_does(tmp_path: Path) -> None:
