@@ -27,6 +27,7 @@ from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as flow_run_runtime
 from prefect.states import Crashed
 
 from batch_engine.config import Route
@@ -186,9 +187,8 @@ async def batch_sharded(
     async def run_shard(shard: ShardFile, parameters: dict[str, Any]) -> None:
         number = shard.spec.number
         dead_owners: set[str] = set()
-        for _ in range(SHARD_RERUNS + 1):
-            # Async-dispatched: called from async code it returns a coroutine (typed as either).
-            flow_run = await cast(Awaitable[FlowRun], run_deployment(deployment, parameters=parameters, timeout=0))
+        for attempt in range(SHARD_RERUNS + 1):
+            flow_run = await _start_shard_run(deployment, parameters, number, attempt)
             flow_run, lost = await _watch_shard(flow_run, shard, shared, worker_check_s, dead_owners)
             if not lost:
                 break
@@ -225,6 +225,23 @@ async def batch_sharded(
         output_path,
     )
     return summary
+
+
+async def _start_shard_run(deployment: str, parameters: dict[str, Any], number: int, attempt: int) -> FlowRun:
+    """Create the flow run of one shard's attempt, once.
+
+    Prefect's client sends the create again when an answer is slow to come (a busy server): without an idempotency
+    key, the server then makes a second flow run of the same shard, which a worker starts beside the first (its run
+    lease refuses it, and the shard is reported failed while its first run works on unwatched). With the key, the
+    server answers the retry with the run it made ("a unique value to recognize retries of the same run, and
+    prevent creating multiple flow runs": `run_deployment`'s docs). The key names this flow run and its retry
+    count, the shard and the attempt: a rerun of a lost shard, or a retry of this flow, makes a new run.
+    """
+    parent = flow_run_runtime.get_id() or "no-flow-run"
+    key = f"{parent}:{flow_run_runtime.get_run_count()}:shard-{number}:attempt-{attempt}"
+    # Async-dispatched: called from async code it returns a coroutine (typed as either).
+    started = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key)
+    return await cast(Awaitable[FlowRun], started)
 
 
 async def _watch_shard(
