@@ -143,22 +143,31 @@ def _lines(head: bytes, handle: _Reader) -> Iterator[bytes]:
 
 
 def _jsonl_records(path: Path, head: bytes, handle: IO[bytes]) -> Iterator[RawRecord]:
-    index = 0
+    count = 0
     parsed_any = False
-    for lineno, raw in enumerate(_lines(head, handle), start=1):
+    for record in _numbered(_lines(head, handle), index=0, lineno=1):
+        count += 1
+        parsed_any = parsed_any or record.error is None
+        yield record
+    if count == 0:
+        raise InputError(f"{path}: the file is empty")
+    if not parsed_any:
+        raise InputError(f"{path}: not JSON or JSONL (no line parses as JSON)")
+
+
+def _numbered(lines: Iterable[bytes], index: int, lineno: int) -> Iterator[RawRecord]:
+    """JSONL lines as records: blank lines skipped, the first line's BOM dropped, numbered from `index` (records)
+    and `lineno` (lines, 1-based)."""
+    for raw in lines:
         if lineno == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if raw.strip():
             try:
                 yield RawRecord(index=index, line=lineno, value=orjson.loads(raw))
-                parsed_any = True
             except orjson.JSONDecodeError as exc:
                 yield RawRecord(index=index, line=lineno, error=f"not valid JSON ({exc.msg})")
             index += 1
-    if index == 0:
-        raise InputError(f"{path}: the file is empty")
-    if not parsed_any:
-        raise InputError(f"{path}: not JSON or JSONL (no line parses as JSON)")
+        lineno += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,21 +239,10 @@ def iter_jsonl_part(path: Path, split: JsonlSplit, second: bool) -> Iterator[Raw
     with handle:
         if second:
             handle.seek(split.offset)
-            stream: _Reader = handle
-            index, lineno = split.index, split.line
+            yield from _numbered(_lines(b"", handle), split.index, split.line)
         else:
-            stream = _Prefix(handle, split.offset - 1)  # without the newline before the cut
-            index, lineno = 0, 1
-        for raw in _lines(b"", stream):
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if raw.strip():
-                try:
-                    yield RawRecord(index=index, line=lineno, value=orjson.loads(raw))
-                except orjson.JSONDecodeError as exc:
-                    yield RawRecord(index=index, line=lineno, error=f"not valid JSON ({exc.msg})")
-                index += 1
-            lineno += 1
+            # Without the newline before the cut.
+            yield from _numbered(_lines(b"", _Prefix(handle, split.offset - 1)), index=0, lineno=1)
 
 
 def count_records(path: Path) -> int:

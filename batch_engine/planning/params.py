@@ -275,7 +275,7 @@ def per_frame(compute: Callable[[dict[str, Any]], T]) -> Callable[[dict[str, Any
 
     def cached(frame: dict[str, Any]) -> T:
         hit = cache.get(id(frame))
-        if hit is not None and hit[0] is frame:
+        if hit is not None:
             return hit[1]
         value = compute(frame)
         if len(cache) >= _MAX_FRAMES:
